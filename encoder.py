@@ -1,0 +1,353 @@
+"""h_phi: the Qwen3 encoder that maps a token sequence to K register vectors.
+
+Paper map:
+- Sec. 4.1 "Encoder": z_0 = h_phi(x_0), trained jointly with the demasker (Algorithm 1, line 4).
+- App. C: a Qwen embedding backbone (Qwen3-Embedding-0.6B, Sec. 5) with K-1 learned suffix
+  register embeddings appended after the text, plus the usual last-valid-token summary:
+      z_0 = (z^(1), ..., z^(K)),  z^(1) = state at the last valid token (Qwen's pooling),
+                                  z^(j) = state at suffix register slot j-1,
+  each register normalised to unit length and rescaled by sqrt(d).
+  Nested dropout: per example only the first k registers are exposed (`keep`).
+- App. E (ConWithinDisc): the same encoder embeds a partially masked sequence x^(r) "with an
+  attention mask that blocks information flow through masked positions" (`hide`).
+
+Architecture (../shared/reference/qwen3.md §3): token embedding (no scaling) -> N pre-norm
+blocks (GQA attention with per-head q/k RMSNorm before rotate-half RoPE, SwiGLU MLP, no
+biases) -> final RMSNorm. Attention is causal.
+
+Sequence layout. For a batch of L token slots (padding anywhere, usually left or right) the
+model runs on one buffer of T = L + K - 1 slots:
+    [ x_1 .. x_L (valid tokens and padding) | r_1 .. r_{K-1} (suffix registers) ]
+- Token positions are cumsum(attention_mask) - 1, so a valid token's RoPE position is its
+  index among the valid tokens of its row, whatever the padding.
+- Suffix register j gets position n_valid + j (directly after the last valid token).
+- A key is visible iff it is a valid, non-hidden token or a register slot; attention is
+  causal in buffer order. Among valid tokens buffer order is sequence order and the
+  registers come after all of them, so every row computes exactly what it would compute
+  alone and unpadded: padding never changes a result (up to float summation order).
+
+Hiding (`hide`, App. E): a hidden position is invisible as a key to every query in every
+layer, and its input embedding is replaced by zeros. Its slot still exists and keeps its
+position, so visible tokens keep their positions (the model sees where the gaps are), but
+the token ids at hidden positions cannot influence any output. A hidden position's own
+output depends only on the visible tokens before it (this matters only if the last valid
+token is hidden: register 0 is then that slot's output).
+
+Init from scratch follows Qwen's `initializer_range` 0.02 (truncated at +-3 std) for every
+linear and the embedding, norms at 1. The suffix registers start as N(0, s^2) with s the
+std of the token-embedding matrix (0.02 from scratch; the pretrained value when loading), so
+they enter the network at the scale of ordinary tokens; they are renormalised at the output.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from checkpoint import (CheckpointError, assign_weights, materialize_, read_config, read_safetensors,
+                        rename_keys, resolve_model_dir, save_model_dir, swap_columns)
+from layers import Block, RMSNorm, init_linear_, rope_angles, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class EncoderConfig:
+    vocab_size: int = 151669
+    hidden_size: int = 1024            # d, the width of every register
+    num_layers: int = 28
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 3072
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768
+    num_registers: int = 128           # K (paper Sec. 5: 1 <= k <= 128)
+    pad_token_id: int = 151643         # Qwen pads with <|endoftext|>
+    eos_token_id: int = 151643         # <|endoftext|>, appended by the data pipeline
+    mask_token_id: Optional[int] = None  # only for `hidden_positions`; the encoder never sees [M] otherwise
+
+    @classmethod
+    def tiny(cls, **overrides):
+        fields = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                      intermediate_size=128, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                      max_position_embeddings=1024, num_registers=8, pad_token_id=0, eos_token_id=0,
+                      mask_token_id=None)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def qwen3_embedding_0_6b(cls, **overrides):
+        """The public Qwen/Qwen3-Embedding-0.6B config.json (qwen3.md §1) plus our K."""
+        return cls(**overrides)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields):
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known - {"crocodil_model"})
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**{key: value for key, value in fields.items() if key in known})
+
+    @classmethod
+    def from_hf_config(cls, hf, **overrides):
+        """Build from a public Qwen3 config.json dict (v4 `rope_theta` or v5 `rope_parameters`)."""
+        if hf.get("model_type", "qwen3") != "qwen3":
+            raise ValueError(f"model_type {hf.get('model_type')!r} is not 'qwen3'; the encoder only loads Qwen3 "
+                             f"checkpoints (e.g. Qwen/Qwen3-Embedding-0.6B)")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        problems = []
+        if rope_type != "default":
+            problems.append(f"rope type {rope_type!r} (only plain RoPE is implemented)")
+        if hf.get("attention_bias", False):
+            problems.append("attention_bias=true (the encoder has no biases)")
+        if hf.get("use_sliding_window", False):
+            problems.append("use_sliding_window=true (only full attention is implemented)")
+        if hf.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act={hf['hidden_act']!r} (only silu)")
+        if problems:
+            raise ValueError("unsupported Qwen3 config: " + "; ".join(problems))
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id", 151643)
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        pad = hf.get("pad_token_id")
+        fields = dict(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            intermediate_size=hf["intermediate_size"],
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),  # Qwen3Config's default
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            eos_token_id=eos, pad_token_id=eos if pad is None else pad)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+# Public Qwen3 key -> our module name. Qwen3-Embedding stores the bare Qwen3Model (no "model."
+# prefix); a leading "model." (reranker / CausalLM checkpoints) is stripped before this table.
+HF_KEY_TABLE = [
+    ("embed_tokens.weight", "embed_tokens.weight"),
+    ("layers.{}.input_layernorm.weight", "blocks.{}.attn_norm.weight"),
+    ("layers.{}.self_attn.q_proj.weight", "blocks.{}.attn.q_proj.weight"),
+    ("layers.{}.self_attn.k_proj.weight", "blocks.{}.attn.k_proj.weight"),
+    ("layers.{}.self_attn.v_proj.weight", "blocks.{}.attn.v_proj.weight"),
+    ("layers.{}.self_attn.o_proj.weight", "blocks.{}.attn.o_proj.weight"),
+    ("layers.{}.self_attn.q_norm.weight", "blocks.{}.attn.q_norm.weight"),
+    ("layers.{}.self_attn.k_norm.weight", "blocks.{}.attn.k_norm.weight"),
+    ("layers.{}.post_attention_layernorm.weight", "blocks.{}.mlp_norm.weight"),
+    ("layers.{}.mlp.gate_proj.weight", "blocks.{}.mlp.gate_proj.weight"),
+    ("layers.{}.mlp.up_proj.weight", "blocks.{}.mlp.up_proj.weight"),
+    ("layers.{}.mlp.down_proj.weight", "blocks.{}.mlp.down_proj.weight"),
+    ("norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),  # untied checkpoints only; ignored when tied
+]
+NEW_PARAMETERS = ("suffix_registers",)  # not in any public checkpoint
+
+
+def register_keep_mask(keep, num_registers):
+    """(B,) counts k -> (B, K) bool, True for the registers 0..k-1 that are exposed."""
+    return torch.arange(num_registers, device=keep.device).unsqueeze(0) < keep.unsqueeze(1)
+
+
+def sample_keep(batch_size, num_registers, generator=None, device=None):
+    """Nested dropout (App. C): k ~ U{1, ..., K} per example -> (B,) long."""
+    device = device if device is not None else (generator.device if generator is not None else "cpu")
+    return torch.randint(1, num_registers + 1, (batch_size,), generator=generator, device=device)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.num_registers < 1:
+            raise ValueError(f"num_registers must be >= 1 (got {cfg.num_registers})")
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps,
+                  qk_norm=True) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(D, cfg.vocab_size, bias=False)
+        self.suffix_registers = nn.Parameter(torch.empty(cfg.num_registers - 1, D))  # (K-1, D)
+        self.gradient_checkpointing = False
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights_()
+
+    # ----------------------------------------------------------------- init
+    def init_weights_(self):
+        """Qwen-style init: N(0, 0.02) truncated at 3 std, norms at 1 (see module docstring)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                init_linear_(module, 0.02)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.init_registers_()
+
+    @torch.no_grad()
+    def init_registers_(self, start=0):
+        """Suffix registers start..K-2 ~ N(0, std(token embeddings)^2)."""
+        std = self.embed_tokens.weight.float().std().item()
+        fresh = torch.randn(self.suffix_registers[start:].shape, device=self.suffix_registers.device) * std
+        self.suffix_registers[start:] = fresh.to(self.suffix_registers.dtype)
+
+    # ------------------------------------------------------------- backbone
+    def backbone(self, input_ids, attention_mask=None, hide=None, extra_embeddings=None):
+        """Post-final-norm hidden states of [tokens | extra_embeddings] -> (B, L + E, D).
+
+        input_ids (B, L) long; attention_mask (B, L) bool, True = valid token (None = all valid);
+        hide (B, L) bool, True = hidden (see module docstring); extra_embeddings (B, E, D) are
+        appended after the buffer with positions n_valid, n_valid + 1, ... and always visible.
+        With extra_embeddings=None this is a causal LM feature extractor (see `lm_logits`).
+        """
+        B, L = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        if attention_mask.shape != (B, L):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, L)}")
+        visible = attention_mask  # (B, L) keys that may be attended to
+        x = self.embed_tokens(input_ids)  # (B, L, D)
+        if hide is not None:
+            if hide.shape != (B, L):
+                raise ValueError(f"hide has shape {tuple(hide.shape)}, expected {(B, L)}")
+            hide = hide.bool() & attention_mask
+            visible = attention_mask & ~hide
+            x = x.masked_fill(hide.unsqueeze(-1), 0.0)
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
+        if extra_embeddings is not None:
+            E = extra_embeddings.shape[1]
+            n_valid = attention_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
+            extra_positions = n_valid + torch.arange(E, device=input_ids.device)  # (B, E)
+            x = torch.cat([x, extra_embeddings.to(x.dtype)], dim=1)  # (B, L + E, D)
+            positions = torch.cat([positions, extra_positions], dim=1)
+            visible = torch.cat([visible, torch.ones(B, E, dtype=torch.bool, device=visible.device)], dim=1)
+        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=input_ids.device)
+        cos, sin = rope_cos_sin(rope_angles(positions, inv_freq))  # (B, 1, T, head_dim) fp32
+        # Key mask (True = visible); None lets SDPA use its fused causal kernel.
+        allowed = None if bool(visible.all()) else visible[:, None, None, :]  # (B, 1, 1, T)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = activation_checkpoint(block, x, cos, sin, allowed, True, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, allowed=allowed, causal=True)
+        return self.norm(x)  # (B, T, D)
+
+    def lm_logits(self, hidden):
+        """Next-token logits from backbone states: (B, T, D) -> (B, T, V); tied = embedding matrix."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    # -------------------------------------------------------------- forward
+    def forward(self, input_ids, attention_mask=None, hide=None, keep=None):
+        """Registers z_0 = h_phi(x): (B, K, D), each of norm sqrt(D); registers >= keep[b] zeroed.
+
+        input_ids (B, L) long; attention_mask (B, L) bool (valid, non-pad; None = all valid; every
+        row needs >= 1 valid token); hide (B, L) bool masked positions to hide (App. E);
+        keep (B,) long in [0, K], number of registers exposed per example (App. C nested dropout).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        K, D = self.cfg.num_registers, self.cfg.hidden_size
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        if not bool(attention_mask.any(dim=1).all()):
+            raise ValueError("a row of attention_mask has no valid token; every sequence needs at least one "
+                             "token (the data pipeline appends <|endoftext|>)")
+        suffix = self.suffix_registers.unsqueeze(0).expand(B, K - 1, D)  # (B, K-1, D)
+        hidden = self.backbone(input_ids, attention_mask, hide=hide, extra_embeddings=suffix)  # (B, L+K-1, D)
+        slot_index = torch.arange(L, device=input_ids.device).expand(B, L)
+        last_valid = torch.where(attention_mask, slot_index, -1).max(dim=1).values  # (B,)
+        summary = hidden[torch.arange(B, device=hidden.device), last_valid]  # (B, D)
+        registers = torch.cat([summary.unsqueeze(1), hidden[:, L:]], dim=1)  # (B, K, D)
+        registers = (F.normalize(registers.float(), dim=-1) * math.sqrt(D)).to(hidden.dtype)
+        if keep is not None:
+            if keep.shape != (B,):
+                raise ValueError(f"keep must have shape ({B},), got {tuple(keep.shape)}")
+            if bool((keep < 0).any()) or bool((keep > K).any()):
+                raise ValueError(f"keep must lie in [0, {K}] (number of registers exposed), got {keep.tolist()}")
+            registers = registers * register_keep_mask(keep, K).unsqueeze(-1).to(registers.dtype)
+        return registers
+
+    def hidden_positions(self, input_ids, attention_mask=None):
+        """hide mask for a sequence that carries mask tokens: input_ids == cfg.mask_token_id (and valid)."""
+        if self.cfg.mask_token_id is None:
+            raise ValueError("EncoderConfig.mask_token_id is None; set it or pass `hide` explicitly")
+        hide = input_ids == self.cfg.mask_token_id
+        return hide if attention_mask is None else hide & attention_mask.bool()
+
+    # ------------------------------------------------------------------- io
+    def save_pretrained(self, folder):
+        config = {**self.cfg.to_dict(), "crocodil_model": "encoder"}
+        return save_model_dir(folder, self.state_dict(), config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None, device="cpu", **overrides):
+        """Load our checkpoint or a public Qwen3(-Embedding) one; see BRIEF conventions.
+
+        overrides replace config fields (e.g. num_registers=16). Keeps the checkpoint dtype
+        unless `dtype` is given. Suffix registers missing from the checkpoint are initialised
+        and reported; a native checkpoint with more registers than asked is truncated (exact:
+        register j only sees registers before it).
+        """
+        folder = resolve_model_dir(name_or_path)
+        config = read_config(folder)
+        state = read_safetensors(folder, dtype=dtype, device=device)
+        native = "crocodil_model" in config
+        if native:
+            if config["crocodil_model"] != "encoder":
+                raise CheckpointError(f"{folder} holds a crocodil {config['crocodil_model']!r}, not an encoder")
+            cfg = EncoderConfig.from_dict({**config, **overrides})
+            unexpected = []
+            stored = state.get("suffix_registers")
+            if stored is not None and stored.shape[0] > cfg.num_registers - 1:
+                state["suffix_registers"] = stored[:cfg.num_registers - 1].clone()
+        else:
+            cfg = EncoderConfig.from_hf_config(config, **overrides)
+            if "model.embed_tokens.weight" in state:  # reranker / CausalLM layout
+                state = {key.removeprefix("model."): value for key, value in state.items()}
+            ignore = [r"lm_head\..*"] if cfg.tie_word_embeddings else []
+            state, unexpected = rename_keys(state, HF_KEY_TABLE, ignore=ignore)
+        with torch.device("meta"):
+            model = cls(cfg)
+        partial = None
+        if "suffix_registers" in state and state["suffix_registers"].shape[0] < cfg.num_registers - 1:
+            partial = state.pop("suffix_registers")
+        try:
+            new = assign_weights(model, state, new_ok=NEW_PARAMETERS, unexpected=unexpected, source=str(folder))
+        except CheckpointError as error:
+            if native:
+                raise
+            raise CheckpointError(f"{error}\n{_public_names_hint(model, state)}") from None
+        materialize_(model, device, dtype or model.embed_tokens.weight.dtype)
+        if new:
+            model.init_registers_()
+            if partial is not None:
+                with torch.no_grad():
+                    model.suffix_registers[:partial.shape[0]] = partial.to(model.suffix_registers.dtype)
+            print(f"Encoder.from_pretrained: initialised new parameters {new} "
+                  f"({0 if partial is None else partial.shape[0]} of {cfg.num_registers - 1} suffix registers "
+                  f"came from the checkpoint)")
+        return model
+
+
+def _public_names_hint(model, state):
+    """The missing / mis-shaped tensors named as in the public checkpoint."""
+    expected = model.state_dict()
+    ours = [key for key in expected if key not in state and not key.startswith(NEW_PARAMETERS)]
+    ours += [key for key in state if key in expected and state[key].shape != expected[key].shape]
+    public, _ = rename_keys(dict.fromkeys(ours), swap_columns(HF_KEY_TABLE))
+    return "In the public Qwen3 naming these are: " + (", ".join(sorted(public)[:20]) or "(none)")
