@@ -1,0 +1,319 @@
+"""Tests for sample.py: exact parity with LLaDA's generate(), NFE, guidance, decoding, CER."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sample as S
+
+V, MASK = 37, 36
+
+
+class TinyMixer(nn.Module):
+    """Stand-in demasker: token + position embedding, one random bidirectional mixing layer, linear head.
+    Registers (B, k, d) are averaged (over register_mask) and added to every position."""
+
+    def __init__(self, vocab=V, d=16, max_len=64, seed=0, mask_bias=-1e4):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.tok = nn.Parameter(torch.randn(vocab, d, generator=g))
+        self.pos = nn.Parameter(torch.randn(max_len, d, generator=g))
+        self.mix = nn.Parameter(torch.randn(max_len, max_len, generator=g) / math.sqrt(max_len))
+        self.head = nn.Parameter(torch.randn(d, vocab, generator=g) * 2)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+        with torch.no_grad():
+            self.bias[MASK] = mask_bias  # a trained demasker never predicts [M] (default)
+        self.calls, self.seen_registers = 0, []
+
+    def forward(self, x, registers=None, register_mask=None, attention_mask=None):
+        self.calls += 1
+        self.seen_registers.append(registers)
+        B, L = x.shape
+        h = self.tok[x] + self.pos[:L]  # (B, L, d)
+        mix = self.mix[:L, :L].expand(B, L, L)
+        if attention_mask is not None:
+            mix = mix * attention_mask[:, None, :].float()
+        h = h + torch.tanh(mix @ h)
+        if registers is not None:
+            w = torch.ones(registers.shape[:2]) if register_mask is None else register_mask.float()
+            h = h + (registers * w[..., None]).sum(1, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None]
+        return h @ self.head + self.bias  # (B, L, V)
+
+
+def reference_generate(model, prompt, steps, gen_length, block_length, temperature, remasking, mask_id,
+                       attention_mask=None):
+    """Independent re-statement of LLaDA's reference generate() (ML-GSAI/LLaDA generate.py), plain loops,
+    global RNG: torch.rand_like(float64) for Gumbel when T > 0, then torch.rand((B, L)) for random remasking."""
+    B, P = prompt.shape
+    total = P + gen_length
+    seq = torch.full((B, total), mask_id, dtype=torch.long)
+    seq[:, :P] = prompt
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=torch.bool)], 1)
+    n_blocks = gen_length // block_length
+    per_block = steps // n_blocks
+    for blk in range(n_blocks):
+        lo, hi = P + blk * block_length, P + (blk + 1) * block_length
+        plan = []
+        for b in range(B):
+            n = sum(1 for pos in range(lo, hi) if seq[b, pos].item() == mask_id)
+            plan.append([n // per_block + (1 if s < n % per_block else 0) for s in range(per_block)])
+        for s in range(per_block):
+            is_mask = seq == mask_id
+            logits = model(seq, attention_mask=attention_mask)
+            if temperature > 0:
+                l64 = logits.to(torch.float64)
+                u = torch.rand_like(l64, dtype=torch.float64)
+                scores = l64.exp() / (-torch.log(u)) ** temperature
+            else:
+                scores = logits
+            pred = scores.argmax(-1)
+            if remasking == "low_confidence":
+                probs, picks = torch.softmax(logits, dim=-1).tolist(), pred.tolist()
+                conf = [[probs[b][pos][picks[b][pos]] for pos in range(total)] for b in range(B)]
+            else:
+                conf = torch.rand((B, total)).tolist()
+            for b in range(B):
+                for pos in range(total):
+                    if pos >= hi or not is_mask[b, pos]:
+                        conf[b][pos] = -float("inf")
+            conf = torch.tensor(conf, dtype=logits.dtype if remasking == "low_confidence" else torch.float32)
+            new_seq = seq.clone()
+            for b in range(B):
+                chosen = torch.topk(conf[b], k=plan[b][s]).indices.tolist()
+                for pos in chosen:
+                    new_seq[b, pos] = pred[b, pos]
+            seq = new_seq
+    return seq
+
+
+CASES = [  # (seed, temperature, remasking, gen_length, block_length, steps, prompt_len, batch)
+    (0, 0.0, "low_confidence", 24, 24, 24, 0, 3),
+    (1, 0.0, "low_confidence", 24, 8, 12, 3, 2),
+    (2, 1.0, "low_confidence", 24, 24, 8, 0, 3),
+    (3, 0.7, "low_confidence", 24, 6, 8, 5, 2),
+    (4, 0.0, "random", 20, 10, 10, 2, 3),
+    (5, 1.0, "random", 24, 12, 6, 0, 2),
+    (6, 0.5, "random", 18, 6, 9, 4, 2),
+    (7, 2.0, "low_confidence", 16, 4, 16, 1, 4),
+]
+
+
+@pytest.mark.parametrize("seed,temperature,remasking,gen_length,block_length,steps,plen,batch", CASES)
+def test_generate_matches_llada_reference(seed, temperature, remasking, gen_length, block_length, steps, plen, batch):
+    model = TinyMixer(seed=seed)
+    prompt = torch.randint(0, MASK, (batch, plen), generator=torch.Generator().manual_seed(100 + seed))
+    torch.manual_seed(seed)
+    ref = reference_generate(model, prompt, steps, gen_length, block_length, temperature, remasking, MASK)
+    torch.manual_seed(seed)
+    out, nfe = S.generate(model, prompt if plen else batch, gen_length, block_length, steps, temperature,
+                          remasking, mask_id=MASK)
+    assert torch.equal(out, ref)
+    assert nfe == steps
+    assert (out != MASK).all() and torch.equal(out[:, :plen], prompt)
+    # the explicit generator reproduces the global-RNG stream
+    out_g, _ = S.generate(model, prompt if plen else batch, gen_length, block_length, steps, temperature,
+                          remasking, mask_id=MASK, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(out_g, ref)
+
+
+@pytest.mark.parametrize("temperature,remasking", [(0.0, "low_confidence"), (1.0, "random")])
+def test_generate_parity_when_the_model_predicts_mask(temperature, remasking):
+    # A revealed [M] stays a candidate in later steps and blocks (LLaDA's semantics, kept exactly).
+    model = TinyMixer(seed=8, mask_bias=6.0)
+    torch.manual_seed(4)
+    ref = reference_generate(model, torch.zeros(2, 0, dtype=torch.long), 12, 24, 8, temperature, remasking, MASK)
+    torch.manual_seed(4)
+    out, _ = S.generate(model, 2, 24, 8, 12, temperature, remasking, mask_id=MASK)
+    assert (ref == MASK).any()  # the case really happens
+    assert torch.equal(out, ref)
+
+
+def test_add_gumbel_noise_is_llada_expression_and_leaves_input_alone():
+    for dtype in [torch.float32, torch.float64, torch.bfloat16]:
+        logits = torch.randn(2, 5, 11).to(dtype)
+        before = logits.clone()
+        for temperature in [0.5, 1.0, 2.0]:
+            torch.manual_seed(0)
+            l64 = logits.to(torch.float64)
+            ref = l64.exp() / (-torch.log(torch.rand_like(l64, dtype=torch.float64))) ** temperature
+            torch.manual_seed(0)
+            assert torch.equal(S.add_gumbel_noise(logits, temperature), ref)
+            assert torch.equal(logits, before)
+    assert S.add_gumbel_noise(logits, 0.0) is logits
+
+
+class FlatModel(nn.Module):
+    """Same logits at every position: every confidence ties, so only identical top-k calls agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(V, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x, registers=None, register_mask=None, attention_mask=None):
+        return self.logits.expand(*x.shape, V).clone()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_parity_when_confidences_tie(temperature):
+    model = FlatModel()
+    torch.manual_seed(0)
+    ref = reference_generate(model, torch.zeros(3, 0, dtype=torch.long), 10, 40, 20, temperature,
+                             "low_confidence", MASK)
+    torch.manual_seed(0)
+    out, _ = S.generate(model, 3, 40, 20, 10, temperature, mask_id=MASK)
+    assert torch.equal(out, ref)
+
+
+def test_generate_parity_with_left_padded_prompt_and_attention_mask():
+    model = TinyMixer(seed=11)
+    prompt = torch.tensor([[0, 0, 5, 6, 7], [9, 8, 7, 6, 5]])
+    att = torch.tensor([[False, False, True, True, True], [True] * 5])
+    torch.manual_seed(3)
+    ref = reference_generate(model, prompt, 8, 16, 8, 0.8, "low_confidence", MASK, attention_mask=att)
+    torch.manual_seed(3)
+    out, _ = S.generate(model, prompt, 16, 8, 8, 0.8, "low_confidence", mask_id=MASK, attention_mask=att)
+    assert torch.equal(out, ref)
+    unmasked, _ = S.generate(model, prompt, 16, 8, 8, 0.0, mask_id=MASK)
+    masked, _ = S.generate(model, prompt, 16, 8, 8, 0.0, mask_id=MASK, attention_mask=att)
+    assert not torch.equal(unmasked[0], masked[0])  # the mask reaches the model
+
+
+def test_nfe_counts_forward_calls_and_blocks_fill_left_to_right():
+    model = TinyMixer(seed=2)
+    snapshots = []
+
+    def record(step, x, registers, register_mask):
+        snapshots.append(x.clone())
+        return None
+
+    out, nfe = S.generate(model, 2, gen_length=24, block_length=8, steps=12, mask_id=MASK, refresh_registers=record)
+    assert nfe == model.calls == 12 == len(snapshots)
+    # before step 4 (first step of block 1) block 0 is complete and blocks 1, 2 are untouched
+    x4 = snapshots[4]
+    assert (x4[:, :8] != MASK).all() and (x4[:, 8:] == MASK).all()
+    # each step of a block reveals ceil/floor(8 / 4) = 2 tokens per row
+    revealed = [(s == MASK).sum(1) for s in snapshots] + [(out == MASK).sum(1)]
+    for a, b in zip(revealed, revealed[1:]):
+        assert ((a - b) == 2).all()
+
+
+def test_steps_more_than_tokens_still_costs_forwards():
+    model = TinyMixer(seed=3)
+    out, nfe = S.generate(model, 1, gen_length=4, block_length=4, steps=8, mask_id=MASK)
+    assert nfe == model.calls == 8 and (out != MASK).all()
+
+
+def test_registers_reach_the_model_and_refresh_replaces_them():
+    model = TinyMixer(seed=4)
+    regs = torch.randn(2, 3, 16)
+    out_plain, _ = S.generate(model, 2, 12, 12, 6, mask_id=MASK)
+    model.seen_registers.clear()
+    out_guided, _ = S.generate(model, 2, 12, 12, 6, mask_id=MASK, registers=regs)
+    assert all(r is regs for r in model.seen_registers) and len(model.seen_registers) == 6
+    assert not torch.equal(out_plain, out_guided)
+
+    new = torch.randn(2, 3, 16)
+
+    def refresh_at_3(step, x, registers, register_mask):
+        assert registers is (regs if step <= 3 else new)  # the callback sees the registers in use
+        return (new, None) if step == 3 else None
+
+    model.seen_registers.clear()
+    S.generate(model, 2, 12, 12, 6, mask_id=MASK, registers=regs, refresh_registers=refresh_at_3)
+    assert [r is new for r in model.seen_registers] == [False] * 3 + [True] * 3
+
+
+def test_schedule_errors_name_the_fix():
+    model = TinyMixer()
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        S.generate(model, 1, 10, 4, 10, mask_id=MASK)
+    with pytest.raises(ValueError, match="multiple of the number of blocks"):
+        S.generate(model, 1, 12, 4, 10, mask_id=MASK)
+    with pytest.raises(ValueError, match="remasking"):
+        S.generate(model, 1, 8, 8, 8, mask_id=MASK, remasking="greedy")
+    with pytest.raises(ValueError, match="mask_id"):
+        S.generate(model, 1, 8, 8, 8)
+
+
+class StandInEncoder(nn.Module):
+    """Registers from a mean-pooled embedding, K of them, norm sqrt(d); zeroed beyond keep."""
+
+    def __init__(self, K=4, d=16):
+        super().__init__()
+        self.emb = nn.Parameter(torch.randn(V, K, d, generator=torch.Generator().manual_seed(9)))
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None, hide=None, keep=None):
+        self.calls += 1
+        m = torch.ones_like(input_ids, dtype=torch.float) if attention_mask is None else attention_mask.float()
+        z = (self.emb[input_ids] * m[..., None, None]).sum(1) / m.sum(1)[:, None, None]  # (B, K, d)
+        z = torch.nn.functional.normalize(z, dim=-1) * math.sqrt(z.shape[-1])
+        if keep is not None:
+            z = z * (torch.arange(z.shape[1])[None, :] < keep[:, None]).float()[..., None]
+        return z
+
+
+def test_autoencode_is_generate_with_fixed_encoder_registers():
+    enc, dem = StandInEncoder(), TinyMixer(seed=5)
+    ids = torch.randint(0, MASK, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[0, 7:] = False
+    out, nfe = S.autoencode(enc, dem, ids, mask, gen_length=16, block_length=8, steps=8, mask_id=MASK)
+    assert enc.calls == 1 and nfe == 8 and out.shape == (3, 16)
+    z = enc(ids, attention_mask=mask)
+    ref, _ = S.generate(dem, 3, 16, 8, 8, mask_id=MASK, registers=z)
+    assert torch.equal(out, ref)
+    # keep as an int drops registers; keep per example hides them through register_mask
+    out_k, _ = S.autoencode(enc, dem, ids, mask, 16, 8, 8, mask_id=MASK, keep=2)
+    assert dem.seen_registers[-1].shape == (3, 2, 16)
+    keep = torch.tensor([2, 2, 2])
+    out_kb, _ = S.autoencode(enc, dem, ids, mask, 16, 8, 8, mask_id=MASK, keep=keep)
+    assert torch.equal(out_k, out_kb)
+
+
+def test_generate_runs_on_tiny_demasker_with_and_without_registers():
+    demasker = pytest.importorskip("demasker")
+    torch.manual_seed(0)
+    cfg = demasker.DemaskerConfig.tiny()
+    model = demasker.Demasker(cfg).eval()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    prompt = torch.full((2, 1), cfg.bos_token_id)
+    torch.manual_seed(1)
+    out, nfe = S.generate(model, prompt, gen_length=32, block_length=16, steps=8, temperature=1.0)
+    assert nfe == len(calls) == 8 and out.shape == (2, 33)
+    torch.manual_seed(1)
+    ref = reference_generate(lambda x, attention_mask=None: model(x), prompt, 8, 32, 16, 1.0,
+                             "low_confidence", cfg.mask_token_id)
+    assert torch.equal(out, ref)
+    regs = torch.randn(2, 4, cfg.register_dim)
+    out_r, _ = S.generate(model, 2, 16, 16, 4, registers=regs, register_mask=torch.ones(2, 4, dtype=torch.bool))
+    assert out_r.shape == (2, 16)
+
+
+class CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_decode_programs_drops_bos_and_text_after_first_eos():
+    EOS, BOS = 30, 31
+    tokens = torch.tensor([[BOS, 0, 1, 2, EOS, 3, EOS],
+                           [0, 1, EOS, EOS, EOS, EOS, EOS],
+                           [BOS, 2, 2, 2, 2, 2, 2],
+                           [EOS, 1, 1, 1, 1, 1, 1]])
+    assert S.decode_programs(CharTokenizer(), tokens, EOS, BOS) == ["abc", "ab", "cccccc", ""]
+    # without bos_id a leading BOS is kept
+    assert S.decode_programs(CharTokenizer(), tokens[:1], EOS)[0] == chr(ord("a") + BOS) + "abc"
+
+
+def test_levenshtein_and_cer():
+    assert S.levenshtein("kitten", "sitting") == 3
+    assert S.levenshtein("", "abc") == 3 and S.levenshtein("abc", "") == 3
+    assert S.levenshtein("flaw", "lawn") == 2
+    assert S.cer("abcd", "abcd") == 0.0
+    assert S.cer("abcd", "abed") == 0.25
+    assert S.cer("", "") == 0.0 and S.cer("", "xy") == 2.0
