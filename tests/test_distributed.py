@@ -142,6 +142,7 @@ def _rank_main(rank, port, folder):
     run("fsdp_ac", "fsdp", activation_checkpointing=True)
     model = run("fsdp_bf16", "fsdp", mixed_precision="bf16")
     out["fsdp_bf16/dtypes"] = {p.dtype for p in model.parameters()}
+    run("fsdp_bf16_ac", "fsdp", mixed_precision="bf16", activation_checkpointing=True)
 
     # Staged training: the first block frozen for 2 steps, frozen BEFORE wrapping.
     for mode in ("ddp", "fsdp"):
@@ -274,6 +275,9 @@ def test_fsdp_bf16_keeps_fp32_master_weights_and_tracks_fp32(runs):
     losses = ranks["fsdp_bf16"][0]
     assert losses == pytest.approx(runs["ref"]["losses"], rel=2e-2)
     assert losses != pytest.approx(runs["ref"]["losses"], rel=1e-6)  # bf16 really was used
+    # the paper-preset combination: bf16 + activation checkpointing recomputes the same numbers
+    assert ranks["fsdp_bf16_ac"][0] == pytest.approx(losses, rel=1e-4)
+    assert_states_close(ranks["fsdp_bf16_ac/state"], ranks["fsdp_bf16/state"])
 
 
 def test_staged_freezing_matches_one_process(runs):
