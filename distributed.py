@@ -15,7 +15,7 @@ and torch.distributed.checkpoint.state_dict for gathering / scattering full stat
     optimizer = torch.optim.AdamW(model.parameters(), lr=2.5e-5, weight_decay=0.1)  # AFTER wrap_model
     accum = accumulation_steps(global_batch=512, micro_batch=2, world_size=env.world_size)
     step = load_checkpoint(resume_dir, model, optimizer, env)["step"] if resume_dir else 0
-    for i, batch in enumerate(micro_batches):       # this rank's examples only (data.shard_indices)
+    for i, batch in enumerate(micro_batches):       # this rank's examples only (shard_indices)
         with grad_sync(model, enabled=(i + 1) % accum == 0), autocast(env, amp):  # amp="bf16" for DDP
             (loss_fn(model, batch) / accum).backward()   # loss = MEAN over the micro-batch
         if (i + 1) % accum == 0:
@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -392,6 +393,32 @@ def clip_grad_norm(model, max_norm):
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, already reduced over the shards
         norm = norm.full_tensor()
     return float(norm)
+
+
+# ---------------------------------------------------------------------------
+# Data sharding
+# ---------------------------------------------------------------------------
+
+def shard_indices(n, rank, world_size, epoch=0, seed=0):
+    """This rank's example indices for one epoch: every example goes to exactly one rank.
+
+    A permutation of range(n) drawn from (seed, epoch) (seed=None: no shuffling, for
+    evaluation and sampling), dealt round-robin: rank r gets perm[r::world_size]. Dealing
+    round-robin keeps global batches independent of the world size: micro-steps
+    j*G/W .. (j+1)*G/W - 1 of every rank together hold exactly perm[j*G : (j+1)*G], the
+    same examples a single process takes for global batch j. So runs on 1 and N ranks see
+    the same global batches, and a data position saved as "examples consumed" resumes on
+    any M ranks. Shards differ in length by at most one; training loops take
+    n // global_batch steps per epoch so that every rank runs the same number of steps.
+    Returns an int64 numpy array.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    if seed is None:
+        order = np.arange(n, dtype=np.int64)
+    else:
+        order = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+    return order[rank::world_size]
 
 
 # ---------------------------------------------------------------------------
