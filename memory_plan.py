@@ -180,15 +180,18 @@ def markdown(params, rows, args):
     ddp_states = 16 * params["total"]
     lines += ["", f"DDP instead of FSDP would replicate the states: {gib(ddp_states)} GiB per GPU "
               f"before any activation, so FSDP (`--fsdp`) is required."]
-    fitting = [r for r in rows if r["fits"] and r["accum"] is not None]
-    if fitting:
-        best = max(fitting, key=lambda r: (r["micro"], not r["checkpointing"]))
-        flags = "--fsdp --bf16" + (" --activation-checkpointing" if best["checkpointing"] else "")
-        lines.append(f"Largest fitting micro batch: {best['micro']} ({best['accum']} accumulation "
-                     f"steps) with `{flags} --micro-batch {best['micro']}` "
-                     f"({gib(best['total'])} GiB of {args.gpu_gib}).")
-    else:
-        lines.append("Nothing fits: more GPUs, a shorter L or fewer logit positions are needed.")
+    for checkpointing in (False, True):
+        fitting = [r for r in rows if r["fits"] and r["accum"] is not None
+                   and r["checkpointing"] == checkpointing]
+        flags = "--fsdp --bf16" + (" --activation-checkpointing" if checkpointing else "")
+        if not fitting:
+            lines.append(f"`{flags}`: no tabulated micro batch fits.")
+            continue
+        best = max(fitting, key=lambda r: r["micro"])
+        cost = ("recomputes each block's forward in backward (about 1/3 more compute)" if checkpointing
+                else "no recomputation")
+        lines.append(f"`{flags} --micro-batch {best['micro']}`: fits ({gib(best['total'])} of "
+                     f"{args.gpu_gib} GiB, {best['accum']} accumulation steps; {cost}).")
     return "\n".join(lines)
 
 
