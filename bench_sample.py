@@ -62,6 +62,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=None, help="demasker folder (Demasker.from_pretrained); default: "
                         "DemaskerConfig.tiny() with random weights")
+    parser.add_argument("--d-model", type=int, default=None, help="override the tiny config's width "
+                        "(n_heads kept, MLP 2.7x) to see how the overhead shrinks as the model grows")
+    parser.add_argument("--n-layers", type=int, default=None, help="override the tiny config's depth")
     parser.add_argument("--gen-length", type=int, default=256, help="tokens generated per sequence (L)")
     parser.add_argument("--steps", type=int, default=64, help="sampling steps (= NFE) per run")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8], help="batch sizes to time")
@@ -75,8 +78,13 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    overrides = {"max_sequence_length": args.gen_length}
+    if args.d_model:
+        overrides.update(d_model=args.d_model, mlp_hidden_size=int(2.6875 * args.d_model))
+    if args.n_layers:
+        overrides["n_layers"] = args.n_layers
     model = (Demasker.from_pretrained(args.ckpt, device=args.device) if args.ckpt
-             else Demasker(DemaskerConfig.tiny(max_sequence_length=args.gen_length)).to(args.device))
+             else Demasker(DemaskerConfig.tiny(**overrides)).to(args.device))
     timed = TimedModel(model.eval())
     cfg = model.cfg
     print(f"device={args.device} threads={torch.get_num_threads()} model: d_model={cfg.d_model} "

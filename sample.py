@@ -24,13 +24,15 @@ Per step, and nothing else:
 A `generator` (torch.Generator on the model's device) makes the same draws from it instead.
 
 NFE (network function evaluations) = number of demasker forward calls = `steps`; returned by every decoder.
+
+CLI: `python sample.py --ckpt RUN --method base|autoencode ...` prints decoded programs (autoencode: source,
+reconstruction and CER) and writes JSONL; see --help. Overhead benchmark: bench_sample.py.
 """
 
 import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -279,3 +281,158 @@ def cer(reference, hypothesis):
     """Character error rate = levenshtein(reference, hypothesis) / len(reference) (the paper's CER, Tab. 1-2).
     An empty reference gives 0 for an empty hypothesis and len(hypothesis) otherwise."""
     return levenshtein(reference, hypothesis) / max(len(reference), 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: python sample.py --ckpt DIR --method base|autoencode ...
+# ------------------------------------------------------------------------------------------------
+
+
+def load_run(ckpt, need_encoder, device="cpu", dtype=None):
+    """(demasker, encoder | None, tokenizer) from a train_ae.py folder: demasker/, encoder/, tokenizer.json.
+    A folder that is itself a demasker checkpoint (config.json) also works for --method base."""
+    from pathlib import Path
+
+    from data import load_tokenizer
+    from demasker import Demasker
+    from encoder import Encoder
+
+    folder = Path(ckpt)
+    demasker_dir = folder / "demasker" if (folder / "demasker").is_dir() else folder
+    if not (demasker_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no demasker/ (or config.json); pass --ckpt a train_ae.py output folder")
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        tokenizer_file = demasker_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {folder}; train_ae.py writes one next to demasker/")
+    demasker = Demasker.from_pretrained(str(demasker_dir), dtype=dtype, device=device).eval()
+    encoder = None
+    if need_encoder:
+        if not (folder / "encoder").is_dir():
+            raise FileNotFoundError(f"{folder} has no encoder/; --method autoencode needs an encoder-demasker "
+                                    f"checkpoint (train_ae.py without --no-registers)")
+        encoder = Encoder.from_pretrained(str(folder / "encoder"), dtype=dtype, device=device).eval()
+    return demasker, encoder, load_tokenizer(str(tokenizer_file))
+
+
+def through_first_eos(ids, eos_id):
+    """(B, L) ids BOS..EOS padded with EOS -> (B, L) bool, True up to and including the first EOS (the
+    encoder's attention_mask: the program and its EOS are valid, the EOS padding is not)."""
+    is_eos = ids == eos_id
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
+    return torch.arange(ids.shape[1], device=ids.device)[None, :] <= first[:, None]
+
+
+def validation_sources(data_dir, num, tokenizer, demasker_cfg, encoder_cfg):
+    """Held-out programs for --method autoencode: the first `num` of data.py's validation split.
+
+    Uses data.load_split(data_dir, "val") -> mapping with "ids" (N, L) demasker token ids (BOS..EOS padded
+    with EOS to L) and, when the encoder has its own tokenizer, "encoder_ids" (N, L_enc) in the same layout.
+    Returns {"texts": [str], "enc_ids": (n, L_enc) long, "enc_mask": (n, L_enc) bool, "length": L}.
+    """
+    from data import load_split
+
+    split = load_split(data_dir, "val")
+    ids = torch.as_tensor(np.asarray(split["ids"][:num]), dtype=torch.long)  # (n, L)
+    if ids.shape[0] < num:
+        raise ValueError(f"the validation split of {data_dir} has only {ids.shape[0]} programs; lower --num")
+    has_own = "encoder_ids" in split and split["encoder_ids"] is not None
+    enc_ids = torch.as_tensor(np.asarray(split["encoder_ids"][:num]), dtype=torch.long) if has_own else ids
+    texts = decode_programs(tokenizer, ids, demasker_cfg.eos_token_id, demasker_cfg.bos_token_id)
+    enc_eos = encoder_cfg.eos_token_id if has_own else demasker_cfg.eos_token_id
+    return {"texts": texts, "enc_ids": enc_ids, "enc_mask": through_first_eos(enc_ids, enc_eos),
+            "length": ids.shape[1]}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Decode programs with the masked diffusion sampler (LLaDA generate). "
+                    "base: the unguided MDM from an all-[M] start; autoencode: encode held-out programs with "
+                    "h_phi and decode them with the guided MDM (Alg. 6), printing the CER.")
+    parser.add_argument("--ckpt", required=True, help="train_ae.py output folder (demasker/, encoder/, tokenizer.json)")
+    parser.add_argument("--method", choices=["base", "autoencode"], default="base",
+                        help="base = unconditional MDM; autoencode = reconstruct validation programs (Alg. 6)")
+    parser.add_argument("--data", default=None, help="data cache folder (data.py) holding the validation split; "
+                        "autoencode only")
+    parser.add_argument("--gen-length", type=int, default=None, help="tokens to generate (default: the data "
+                        "sequence length for autoencode, 256 for base)")
+    parser.add_argument("--block-length", type=int, default=None,
+                        help="semi-autoregressive block length (default: gen-length, one block as in the paper)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps = NFE (default: gen-length, one token per step)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max temperature (0 = greedy)")
+    parser.add_argument("--remasking", choices=REMASKING, default="low_confidence",
+                        help="which predictions to keep each step: most confident, or random")
+    parser.add_argument("--keep", type=int, default=None, help="autoencode: use only the first k registers")
+    parser.add_argument("--num", type=int, default=8, help="number of programs to decode")
+    parser.add_argument("--batch-size", type=int, default=8, help="programs decoded in parallel")
+    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed before sampling (LLaDA RNG order)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="model dtype (default: as stored in the checkpoint)")
+    parser.add_argument("--out", default=None, help="JSONL file: one record per program (text, tokens, nfe, ...)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the programs")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    autoencoding = args.method == "autoencode"
+    demasker, encoder, tokenizer = load_run(args.ckpt, autoencoding, args.device, dtype)
+    cfg = demasker.cfg
+    sources = None
+    if autoencoding:
+        if args.data is None:
+            raise ValueError("--method autoencode needs --data, the data cache folder written by data.py")
+        sources = validation_sources(args.data, args.num, tokenizer, cfg, encoder.cfg)
+        gen_length = args.gen_length or sources["length"]
+    else:
+        gen_length = args.gen_length or 256
+    block_length, steps = args.block_length or gen_length, args.steps or gen_length
+    check_schedule(gen_length, block_length, steps)
+    torch.manual_seed(args.seed)
+
+    out = open(args.out + ".tmp", "w") if args.out else None
+    errors, total_nfe, start = [], 0, time.time()
+    for first in tqdm(range(0, args.num, args.batch_size), desc=f"{args.method} L={gen_length} steps={steps}"):
+        count = min(args.batch_size, args.num - first)
+        if autoencoding:
+            enc_ids = sources["enc_ids"][first:first + count].to(args.device)
+            enc_mask = sources["enc_mask"][first:first + count].to(args.device)
+            tokens, nfe = autoencode(encoder, demasker, enc_ids, enc_mask, gen_length, block_length, steps,
+                                     args.temperature, args.remasking, keep=args.keep)
+        else:
+            tokens, nfe = generate(demasker, count, gen_length, block_length, steps, args.temperature, args.remasking)
+        total_nfe += nfe
+        texts = decode_programs(tokenizer, tokens, cfg.eos_token_id, cfg.bos_token_id)
+        for i, text in enumerate(texts):
+            record = {"index": first + i, "method": args.method, "text": text, "tokens": tokens[i].tolist(),
+                      "nfe": nfe, "gen_length": gen_length, "block_length": block_length, "steps": steps,
+                      "temperature": args.temperature, "remasking": args.remasking, "seed": args.seed}
+            if autoencoding:
+                record["source"] = sources["texts"][first + i]
+                record["cer"] = cer(record["source"], text)
+                errors.append(record["cer"])
+            if not args.quiet:
+                tqdm.write(f"===== program {first + i} (NFE {nfe})" + (f", CER {record['cer']:.3f}" if autoencoding else ""))
+                if autoencoding:
+                    tqdm.write("--- source\n" + record["source"] + "\n--- reconstruction")
+                tqdm.write(text)
+            if out:
+                out.write(json.dumps(record) + "\n")
+    if out:
+        out.close()
+        os.replace(args.out + ".tmp", args.out)
+    summary = f"{args.num} programs, NFE {total_nfe} in total ({steps} per batch), {time.time() - start:.1f}s"
+    if errors:
+        summary += f", mean CER {sum(errors) / len(errors):.4f}"
+    print(summary)
+    return errors
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """Tests for sample.py: exact parity with LLaDA's generate(), NFE, guidance, decoding, CER."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -317,3 +318,54 @@ def test_levenshtein_and_cer():
     assert S.cer("abcd", "abcd") == 0.0
     assert S.cer("abcd", "abed") == 0.25
     assert S.cer("", "") == 0.0 and S.cer("", "xy") == 2.0
+
+
+def test_through_first_eos():
+    ids = torch.tensor([[1, 5, 6, 2, 2, 2], [1, 5, 5, 5, 5, 5], [2, 2, 2, 2, 2, 2]])
+    expected = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(S.through_first_eos(ids, 2), expected)
+
+
+def test_cli_base_and_autoencode_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
+    """main() end to end on a saved tiny encoder + demasker, with a stub `data` module (tokenizer, val split)."""
+    import json
+    import types
+
+    demasker_mod = pytest.importorskip("demasker")
+    encoder_mod = pytest.importorskip("encoder")
+    torch.manual_seed(0)
+    dcfg = demasker_mod.DemaskerConfig.tiny()
+    ecfg = encoder_mod.EncoderConfig.tiny(vocab_size=dcfg.vocab_size, hidden_size=dcfg.register_dim,
+                                          eos_token_id=dcfg.eos_token_id, pad_token_id=dcfg.eos_token_id)
+    demasker_mod.Demasker(dcfg).save_pretrained(tmp_path / "run" / "demasker")
+    encoder_mod.Encoder(ecfg).save_pretrained(tmp_path / "run" / "encoder")
+    (tmp_path / "run" / "tokenizer.json").write_text("{}")
+    L = 16
+    val = torch.full((5, L), dcfg.eos_token_id)
+    val[:, 0] = dcfg.bos_token_id
+    val[:, 1:6] = torch.arange(25).view(5, 5) + 40
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(chr(33 + i % 90) for i in ids)
+
+    stub = types.SimpleNamespace(load_tokenizer=lambda path: Tok(),
+                                 load_split=lambda data_dir, split: {"ids": val.numpy()})
+    monkeypatch.setitem(sys.modules, "data", stub)
+
+    out = tmp_path / "base.jsonl"
+    S.main(["--ckpt", str(tmp_path / "run"), "--method", "base", "--gen-length", "16", "--steps", "8",
+            "--num", "3", "--batch-size", "2", "--out", str(out), "--device", "cpu"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and all(r["nfe"] == 8 and len(r["tokens"]) == 16 for r in records)
+    assert records[0]["text"] == Tok().decode(S.program_ids(records[0]["tokens"], dcfg.eos_token_id, dcfg.bos_token_id))
+
+    out = tmp_path / "ae.jsonl"
+    errors = S.main(["--ckpt", str(tmp_path / "run"), "--method", "autoencode", "--data", "unused", "--steps", "4",
+                     "--num", "4", "--batch-size", "3", "--out", str(out), "--device", "cpu"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4 and len(errors) == 4
+    assert records[1]["source"] == Tok().decode(list(range(45, 50)))
+    assert all(r["cer"] == S.cer(r["source"], r["text"]) and len(r["tokens"]) == L for r in records)
+    printed = capsys.readouterr().out
+    assert "--- source" in printed and "mean CER" in printed
