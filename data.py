@@ -1,33 +1,36 @@
-"""Data: an offline corpus of Python programs, a tokenizer, and memmapped token arrays.
+"""Data: an offline corpus of Python programs, tokenizers, and memmapped token arrays.
 
-Paper map (arXiv 2603.20210, Sec. 5): the models are trained on Python programs (the Python
-subset of StarCoder, lengths up to 4096 tokens), each wrapped in BOS ... EOS ("This model
-thus generates similar programs of varying lengths, with BOS and EOS tokens to indicate their
-beginning and ending"). The encoder (Qwen3-Embedding) and the demasker (LLaDA) have different
-tokenizers, so one program is tokenized twice.
+Paper map (arXiv 2603.20210): Sec. 5 trains and evaluates on Python programs (the Python subset
+of StarCoder; validation programs of lengths up to 4096 tokens), each wrapped in BOS ... EOS so
+that the models generate "programs of varying lengths, with BOS and EOS tokens to indicate their
+beginning and ending". App. C: the encoder h_phi is a Qwen3-Embedding model and the demasker
+f_theta is LLaDA, which have different tokenizers, so one program is tokenized twice:
+  demasker ids (LLaDA): BOS program EOS, padded with EOS up to L (LLaDA's convention; EOS = PAD);
+  encoder ids (Qwen3):  program EOS, padded with Qwen's pad id; the last valid position (the
+                        appended <|endoftext|>) is the summary token, register 0 of App. C.
+In tiny mode both models share one tokenizer and the encoder reads the demasker row itself.
 
-Offline stand-in for StarCoder: the running interpreter's own standard library source
-(`sysconfig.get_paths()["stdlib"]`), present on every machine with no download. Any folder of
-.py files, or a JSONL file of {"text": ...} lines, works the same way.
+Offline stand-in for StarCoder: the running interpreter's standard library source
+(`sysconfig.get_paths()["stdlib"]`), present on every machine without a download. Any folder of
+.py files, or a JSONL file of {"text": ..., "path": optional} lines (one program per line), works
+the same way.
 
-Pipeline (`build_dataset`):
-  1. find source files; unreadable (non-UTF-8) or unparsable files are skipped and counted;
-  2. split every file into self-contained programs: its top-level functions and classes
+Pipeline (`build_dataset`, CLI `python data.py --out data/stdlib`):
+  1. find the source files; non-UTF-8 and unparsable files are skipped and counted, never fatal;
+  2. split each file into self-contained programs: its top-level functions and classes
      (decorators included) via `ast`, or the whole file when it is small (--whole-file-lines);
-  3. drop exact duplicates (whitespace-normalised hash);
-  4. split train/val/test by FILE (a hash of its relative path), never by program, so no file
-     contributes to two splits;
-  5. train a byte-level BPE (`tokenizers`) on the train split, with the special tokens
-     <|bos|>, <|eos|>, <|pad|>, <|mask|>, or load a public tokenizer.json (LLaDA, Qwen3);
-  6. tokenize once into memmapped int32 arrays (N, L) per split, reused by every script:
-     demasker ids = BOS program EOS, padded with EOS to L (LLaDA's convention); when the encoder
-     has its own tokenizer, encoder ids = program EOS (Qwen appends <|endoftext|>, whose
-     position is the summary token), padded with its pad id. Programs longer than L are cut
-     (the last token stays EOS) or dropped (--overlong).
-A meta.json records the settings and a hash of the corpus file list: changed settings rebuild.
+  3. drop exact duplicates (hash of the whitespace-normalised text);
+  4. assign train/val/test by FILE (a hash of its relative path), never by program;
+  5. train a byte-level BPE on the train split (special tokens <|bos|>=0, <|eos|>=1, <|pad|>=2,
+     <|mask|>=3) or load a public tokenizer.json (LLaDA, Qwen3) from a folder or the hub;
+  6. tokenize once into int32 arrays on disk (nanoGPT-style .bin memmaps) with their valid
+     lengths; programs longer than L are cut (the last token stays EOS) or dropped (--overlong).
+meta.json holds the settings and a hash of the corpus file list; it is written last, and a cache
+whose settings differ is rebuilt.
 
-Batches: `TokenData(folder, split)` serves rows by index; `shard_indices` (distributed.py)
-deals each epoch's permutation across ranks, so a data position (epoch, step) resumes exactly.
+Batches: `TokenData(folder, split).batches(batch_size, seed, position, rank, world_size)` serves
+torch tensors in a (seed, epoch) permutation dealt across ranks by `shard_indices`; the position
+(epoch, step) it yields resumes the stream exactly.
 """
 
 import argparse
@@ -38,18 +41,24 @@ import os
 import re
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"]  # ids 0..3 in a tokenizer we train
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"]  # ids 0, 1, 2, 3 in a BPE we train
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+TEST_DIRS = {"test", "tests", "idle_test"}
+SKIP_FILES = {"pydoc_data/topics.py"}  # a generated 750 KB string table, not a program
+FORMAT_VERSION = 2
+CHUNK = 512  # programs tokenized (and written) at a time
 
 
 # ------------------------------------------------------------------------------------------------
-# 1-4. Corpus: files -> programs -> deduplicated, split by file
+# Corpus: files -> programs -> deduplicated, assigned to a split by file
 # ------------------------------------------------------------------------------------------------
 
 def default_corpus_dir():
@@ -58,150 +67,180 @@ def default_corpus_dir():
 
 
 def find_source_files(root, include_tests=False):
-    """Sorted .py files under root, skipping site-packages (and test folders unless asked)."""
+    """Sorted .py files under root, skipping site-packages, generated tables and (unless asked) tests."""
     root = Path(root)
+    skip = SKIP_DIRS if include_tests else SKIP_DIRS | TEST_DIRS
     files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = set(path.relative_to(root).parts[:-1])
-        if "site-packages" in parts or "dist-packages" in parts or "__pycache__" in parts:
-            continue
-        if not include_tests and parts & {"test", "tests", "idle_test"}:
-            continue
-        files.append(path)
-    return files
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in skip]  # prune: never walk into them
+        for name in names:
+            path = Path(folder) / name
+            if name.endswith(".py") and path.relative_to(root).as_posix() not in SKIP_FILES:
+                files.append(path)
+    return sorted(files)
 
 
 def split_programs(source, whole_file_lines=40):
-    """Self-contained programs of one file: top-level functions and classes, or the whole file.
+    """Self-contained programs of one file: the whole file if small, else its top-level defs/classes.
 
-    Raises SyntaxError for unparsable source (the caller counts and skips it).
+    Raises SyntaxError (or ValueError for NUL bytes) on unparsable source; the caller counts it.
     """
     tree = ast.parse(source)
-    if len(source.splitlines()) <= whole_file_lines:
-        return [source.strip("\n")] if source.strip() else []
     lines = source.splitlines()
+    if len(lines) <= whole_file_lines:
+        return [source.strip("\n")] if source.strip() else []
     programs = []
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
             programs.append("\n".join(lines[first - 1:node.end_lineno]))
     return programs
 
 
 def split_of(relative_path, val_fraction=0.05, test_fraction=0.05):
-    """Deterministic split of a file from a hash of its relative path (never of its programs)."""
-    digest = int(hashlib.sha256(str(relative_path).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    if digest < val_fraction:
+    """'train' | 'val' | 'test' from a hash of the file's relative path (the same on every machine)."""
+    digest = hashlib.sha256(Path(relative_path).as_posix().encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2 ** 64  # uniform in [0, 1)
+    if u < val_fraction:
         return "val"
-    if digest < val_fraction + test_fraction:
+    if u < val_fraction + test_fraction:
         return "test"
     return "train"
 
 
-def _normalised_hash(text):
+def normalised_hash(text):
+    """Duplicate key: programs equal up to runs of whitespace share it."""
     return hashlib.sha256(re.sub(r"\s+", " ", text).strip().encode()).hexdigest()
 
 
 def collect_programs(source, whole_file_lines=40, include_tests=False, val_fraction=0.05,
                      test_fraction=0.05, files=None):
-    """{'train'|'val'|'test': [program text]} plus counts. `source`: a folder or a .jsonl file.
+    """({split: [(relative file path, program text)]}, stats) from a folder or a .jsonl file.
 
-    files: an explicit list of .py files under the folder (default: all of find_source_files).
-
-    A JSONL line is one program; its "path" field (or its line number) decides its split.
+    files: the .py files to read under the folder (default: find_source_files). A JSONL line is
+    one program; its "path" field (default: its line number) decides its split. The first copy of a
+    duplicated program (in sorted file order) is kept.
     """
     source = Path(source)
-    stats = {"files": 0, "skipped_unicode": 0, "skipped_syntax": 0, "programs": 0, "duplicates": 0}
+    stats = {"files": 0, "skipped_non_utf8": 0, "skipped_unparsable": 0, "programs_found": 0,
+             "duplicates": 0}
     programs = {split: [] for split in SPLITS}
     seen = set()
 
-    def add(text, relative):
-        stats["programs"] += 1
-        key = _normalised_hash(text)
+    def add(relative, text):
+        stats["programs_found"] += 1
+        key = normalised_hash(text)
         if key in seen:
             stats["duplicates"] += 1
-            return
-        seen.add(key)
-        programs[split_of(relative, val_fraction, test_fraction)].append(text)
+        elif text.strip():
+            seen.add(key)
+            programs[split_of(relative, val_fraction, test_fraction)].append((str(relative), text))
 
     if source.is_file():
-        with open(source, encoding="utf-8") as handle:
-            for number, line in enumerate(handle):
-                if line.strip():
-                    record = json.loads(line)
-                    stats["files"] += 1
-                    add(record["text"], record.get("path", f"line{number}"))
-        return programs, stats
-    if not source.is_dir():
-        raise FileNotFoundError(f"corpus {source} is neither a folder of .py files nor a .jsonl file")
-    for path in tqdm(files or find_source_files(source, include_tests), desc="reading corpus", leave=False):
-        stats["files"] += 1
-        try:
-            text = path.read_text(encoding="utf-8")
-            file_programs = split_programs(text, whole_file_lines)
-        except (UnicodeDecodeError, ValueError):  # ValueError: source with NUL bytes
-            stats["skipped_unicode"] += 1
-            continue
-        except SyntaxError:
-            stats["skipped_syntax"] += 1
-            continue
-        relative = path.relative_to(source)
-        for program in file_programs:
-            add(program, relative)
+        with open(source, "rb") as handle:
+            for number, raw in enumerate(handle):
+                if not raw.strip():
+                    continue
+                stats["files"] += 1
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                    text, path = record["text"], record.get("path", f"line{number}")
+                    if not isinstance(text, str):
+                        raise TypeError("text is not a string")
+                except UnicodeDecodeError:
+                    stats["skipped_non_utf8"] += 1
+                    continue
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    stats["skipped_unparsable"] += 1
+                    continue
+                add(path, text)
+    elif source.is_dir():
+        for path in tqdm(find_source_files(source, include_tests) if files is None else files,
+                         desc="reading corpus", unit="file", leave=False):
+            stats["files"] += 1
+            try:
+                file_programs = split_programs(path.read_text(encoding="utf-8"), whole_file_lines)
+            except UnicodeDecodeError:
+                stats["skipped_non_utf8"] += 1
+                continue
+            except (SyntaxError, ValueError):  # ValueError: source holding NUL bytes
+                stats["skipped_unparsable"] += 1
+                continue
+            for text in file_programs:
+                add(path.relative_to(source), text)
+    else:
+        raise FileNotFoundError(f"corpus {source} is neither a folder of .py files nor a .jsonl file; "
+                                f"pass --corpus a folder or a JSONL of {{\"text\": ...}} lines")
+    stats["programs"] = sum(len(p) for p in programs.values())
     return programs, stats
 
 
+def corpus_fingerprint(source, files):
+    """{'files', 'bytes', 'sha256'} over the sorted (relative path, size, mtime) list."""
+    source = Path(source)
+    entries = []
+    for path in files:
+        status = path.stat()
+        name = path.name if path == source else path.relative_to(source).as_posix()
+        entries.append(f"{name}\t{status.st_size}\t{status.st_mtime_ns}")
+    return {"files": len(files), "bytes": sum(path.stat().st_size for path in files),
+            "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest()}
+
+
 # ------------------------------------------------------------------------------------------------
-# 5. Tokenizers
+# Tokenizers
 # ------------------------------------------------------------------------------------------------
 
 class TextTokenizer:
-    """A `tokenizers.Tokenizer` plus the special ids the models need.
+    """A `tokenizers.Tokenizer` plus the special ids the models need (None where it has none).
 
-    Trained here: <|bos|>=0, <|eos|>=1, <|pad|>=2, <|mask|>=3. LLaDA's tokenizer.json:
-    BOS 126080, EOS = PAD 126081, MASK 126336. Qwen3's: no BOS, EOS = PAD 151643 (its
-    post-processor appends EOS; we append it ourselves and encode without specials), and no
-    mask token (the encoder hides masked positions instead; see encoder.py).
+    Ours (train_tokenizer): <|bos|>=0, <|eos|>=1, <|pad|>=2, <|mask|>=3.
+    LLaDA:  BOS <|startoftext|>=126080, EOS = PAD <|endoftext|>=126081, MASK <|mdm_mask|>=126336.
+    Qwen3:  no BOS, EOS = PAD <|endoftext|>=151643 (its post-processor appends it; we encode without
+            specials and append it ourselves), no mask token (mask_id None: the encoder hides masked
+            positions with an attention mask instead of reading a [M] token, see encoder.py).
+    Public tokenizers pad with EOS; only ours has a separate <|pad|>.
     """
 
-    KNOWN = {  # token strings of the public tokenizers
-        "bos": ["<|bos|>", "<|startoftext|>"],
-        "eos": ["<|eos|>", "<|endoftext|>"],
-        "pad": ["<|pad|>", "<|endoftext|>"],
-        "mask": ["<|mask|>", "<|mdm_mask|>"],
-    }
+    ROLE_TOKENS = {"bos": ("<|bos|>", "<|startoftext|>"), "eos": ("<|eos|>", "<|endoftext|>"),
+                   "mask": ("<|mask|>", "<|mdm_mask|>")}
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        ids = {}
-        for role, names in self.KNOWN.items():
-            ids[role] = next((tokenizer.token_to_id(name) for name in names
-                              if tokenizer.token_to_id(name) is not None), None)
-        self.bos_id, self.eos_id, self.pad_id, self.mask_id = ids["bos"], ids["eos"], ids["pad"], ids["mask"]
+
+        def find(names):
+            return next((tokenizer.token_to_id(n) for n in names if tokenizer.token_to_id(n) is not None), None)
+
+        self.bos_id, self.eos_id, self.mask_id = (find(self.ROLE_TOKENS[r]) for r in ("bos", "eos", "mask"))
         if self.eos_id is None:
             raise ValueError("tokenizer has no EOS token (<|eos|> or <|endoftext|>); it cannot end programs")
-        if self.pad_id is None:
-            self.pad_id = self.eos_id
+        ours = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
+        self.pad_id = 2 if ours else self.eos_id
 
     @property
     def vocab_size(self):
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def special_ids(self):
+        return {"vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "pad_id": self.pad_id, "mask_id": self.mask_id}
+
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts):
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        """`tokenizers.Encoding`s (ids and character offsets), no special tokens added."""
+        return self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
 
     def decode(self, ids):
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, path):
         self.tokenizer.save(str(path))
 
 
 def train_tokenizer(texts, vocab_size=4096):
-    """Byte-level BPE trained on `texts` with the four special tokens at ids 0..3."""
+    """Byte-level BPE on `texts`: every byte is a token, so any text encodes and decodes losslessly."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -214,78 +253,137 @@ def train_tokenizer(texts, vocab_size=4096):
 
 
 def load_tokenizer(name_or_path):
-    """A tokenizer.json file, a folder holding one, or a hub id (downloads only tokenizer files)."""
+    """A tokenizer.json file, a folder holding one, or a hub id such as GSAI-ML/LLaDA-8B-Base."""
     from tokenizers import Tokenizer
 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        if str(name_or_path).count("/") != 1 or Path(name_or_path).exists():
-            raise FileNotFoundError(f"no tokenizer.json at {name_or_path}")
+        if path.exists() or Path(name_or_path).is_dir() or str(name_or_path).count("/") != 1:
+            raise FileNotFoundError(f"no tokenizer.json at {name_or_path}; pass a tokenizer.json, a folder "
+                                    f"holding one, or a hub id like Qwen/Qwen3-Embedding-0.6B")
         from huggingface_hub import hf_hub_download
         try:
             path = Path(hf_hub_download(str(name_or_path), "tokenizer.json"))
         except Exception as error:
             raise FileNotFoundError(f"could not download tokenizer.json of {name_or_path!r} ({error}); "
-                                    f"offline, pass a local tokenizer.json instead") from error
+                                    f"offline, pass the path of a local tokenizer.json instead") from error
     return TextTokenizer(Tokenizer.from_file(str(path)))
 
 
+def tokenizer_key(name_or_path):
+    """What identifies a tokenizer in meta.json: its file's hash if local, else the hub id."""
+    path = Path(name_or_path).expanduser()
+    path = path / "tokenizer.json" if path.is_dir() else path
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(name_or_path)
+
+
 # ------------------------------------------------------------------------------------------------
-# 6. Token arrays on disk
+# Token arrays on disk
 # ------------------------------------------------------------------------------------------------
 
-def pack_rows(token_lists, seq_len, prefix, suffix, pad_id, overlong):
-    """(N, seq_len) int32 rows: prefix + tokens + suffix, padded with pad_id; plus valid lengths.
+def fit_to_length(encodings, texts, room, overlong):
+    """Apply --overlong to programs of more than `room` tokens: cut them (their text too) or drop them.
 
-    overlong='cut' keeps the first tokens and still ends with the suffix; 'drop' returns
-    None for that row. Returns (rows list, lengths list) with None entries for dropped rows.
+    Returns (kept token lists, kept texts, number cut, number dropped). A cut text ends where its
+    last kept token ends, so the encoder sees the same program as the demasker.
     """
-    rows, lengths = [], []
-    room = seq_len - len(prefix) - len(suffix)
-    for tokens in token_lists:
-        if len(tokens) > room:
+    token_lists, kept_texts, cut, dropped = [], [], 0, 0
+    for encoding, text in zip(encodings, texts):
+        ids = encoding.ids
+        if len(ids) > room:
             if overlong == "drop":
-                rows.append(None)
-                lengths.append(None)
+                dropped += 1
                 continue
-            tokens = tokens[:room]
-        body = list(prefix) + list(tokens) + list(suffix)
-        rows.append(body + [pad_id] * (seq_len - len(body)))
-        lengths.append(len(body))
+            cut += 1
+            text = text[:encoding.offsets[room - 1][1]]
+            ids = ids[:room]
+        token_lists.append(ids)
+        kept_texts.append(text)
+    return token_lists, kept_texts, cut, dropped
+
+
+def pack_rows(token_lists, seq_len, prefix, suffix, pad_id):
+    """(N, seq_len) int32 rows `prefix tokens suffix pad...` and their (N,) valid lengths.
+
+    Token lists longer than the room left by prefix and suffix are cut (the suffix stays).
+    """
+    rows = np.full((len(token_lists), seq_len), pad_id, dtype=np.int32)
+    lengths = np.zeros(len(token_lists), dtype=np.int32)
+    room = seq_len - len(prefix) - len(suffix)
+    for i, tokens in enumerate(token_lists):
+        body = list(prefix) + list(tokens[:room]) + list(suffix)
+        rows[i, :len(body)] = body
+        lengths[i] = len(body)
     return rows, lengths
 
 
-def _write_array(path, rows):
-    array = np.lib.format.open_memmap(str(path) + ".tmp.npy", mode="w+", dtype=np.int32,
-                                      shape=(len(rows), len(rows[0]) if rows else 0))
-    if rows:
-        array[:] = np.asarray(rows, dtype=np.int32)
-    array.flush()
-    del array
-    os.replace(str(path) + ".tmp.npy", path)
+def tokenize_split(out, split, texts, demasker_tok, seq_len, overlong, encoder_tok=None, encoder_seq_len=None):
+    """Write {split}_ids.bin (N, L) and {split}_lengths.npy (and the encoder's pair); return counts."""
+    if seq_len < 3:
+        raise ValueError(f"--seq-len {seq_len} leaves no room for a program between BOS and EOS")
+    has_encoder = encoder_tok is not None
+    ids_file = open(out / f"{split}_ids.bin.tmp", "wb")
+    encoder_file = open(out / f"{split}_encoder_ids.bin.tmp", "wb") if has_encoder else None
+    lengths, encoder_lengths = [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
+    counts = {"programs": 0, "cut": 0, "dropped_overlong": 0, "tokens": 0, "encoder_cut": 0}
+    bar = tqdm(total=len(texts), desc=f"tokenizing {split}", unit="program")
+    for start in range(0, len(texts), CHUNK):
+        chunk = texts[start:start + CHUNK]
+        token_lists, kept, cut, dropped = fit_to_length(demasker_tok.encode_batch(chunk), chunk,
+                                                        seq_len - 2, overlong)
+        rows, row_lengths = pack_rows(token_lists, seq_len, [demasker_tok.bos_id], [demasker_tok.eos_id],
+                                      demasker_tok.eos_id)  # (n, L): BOS program EOS EOS ...
+        ids_file.write(rows.tobytes())
+        lengths.append(row_lengths)
+        counts["programs"] += len(kept)
+        counts["cut"] += cut
+        counts["dropped_overlong"] += dropped
+        counts["tokens"] += int(row_lengths.sum())
+        if has_encoder:
+            enc_lists = [encoding.ids for encoding in encoder_tok.encode_batch(kept)]
+            counts["encoder_cut"] += sum(len(ids) > encoder_seq_len - 1 for ids in enc_lists)
+            enc_rows, enc_lengths = pack_rows(enc_lists, encoder_seq_len, [], [encoder_tok.eos_id],
+                                              encoder_tok.pad_id)  # (n, Le): program EOS PAD ...
+            encoder_file.write(enc_rows.tobytes())
+            encoder_lengths.append(enc_lengths)
+        bar.update(len(chunk))
+    bar.close()
+    ids_file.close()
+    os.replace(out / f"{split}_ids.bin.tmp", out / f"{split}_ids.bin")
+    np.save(out / f"{split}_lengths.npy", np.concatenate(lengths))
+    if has_encoder:
+        encoder_file.close()
+        os.replace(out / f"{split}_encoder_ids.bin.tmp", out / f"{split}_encoder_ids.bin")
+        np.save(out / f"{split}_encoder_lengths.npy", np.concatenate(encoder_lengths))
+    return counts
 
 
 def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None, encoder_tokenizer=None,
                   encoder_seq_len=None, overlong="drop", whole_file_lines=40, include_tests=False,
-                  max_files=None, force=False):
-    """Build (or reuse) the token cache in `out`. Returns its meta dict.
+                  max_files=None, val_fraction=0.05, test_fraction=0.05, force=False):
+    """Build the token cache in `out`, or reuse it when meta.json's settings match. Returns meta.
 
-    tokenizer: None = train a BPE of `vocab_size` on the train split; else a tokenizer.json path or
-    hub id for the demasker. encoder_tokenizer: None = shared with the demasker (tiny mode).
+    tokenizer: None = train a byte-level BPE of `vocab_size` on the train split, else the demasker's
+    tokenizer.json / folder / hub id. encoder_tokenizer: None = shared with the demasker (tiny mode).
+    max_files: read only the first N files (sorted) of a folder corpus.
     """
+    if overlong not in ("cut", "drop"):
+        raise ValueError(f"overlong must be 'cut' or 'drop', got {overlong!r}")
+    started = time.time()
     out = Path(out)
     corpus = Path(corpus) if corpus else default_corpus_dir()
-    files = [corpus] if corpus.is_file() else find_source_files(corpus, include_tests)
-    if max_files:
-        files = files[:max_files]
-    file_hash = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}" for p in files).encode()).hexdigest()
-    settings = dict(format=FORMAT_VERSION, corpus=str(corpus), files_hash=file_hash, seq_len=seq_len,
-                    vocab_size=vocab_size, tokenizer=str(tokenizer) if tokenizer else None,
-                    encoder_tokenizer=str(encoder_tokenizer) if encoder_tokenizer else None,
-                    encoder_seq_len=encoder_seq_len or seq_len, overlong=overlong,
-                    whole_file_lines=whole_file_lines, include_tests=include_tests, max_files=max_files)
+    files = [corpus] if corpus.is_file() else find_source_files(corpus, include_tests) if corpus.is_dir() else []
+    files = files[:max_files] if max_files else files
+    fingerprint = corpus_fingerprint(corpus, files)
+    settings = dict(format=FORMAT_VERSION, corpus=str(corpus.resolve()), corpus_sha256=fingerprint["sha256"],
+                    seq_len=seq_len, vocab_size=vocab_size,
+                    tokenizer=tokenizer_key(tokenizer) if tokenizer else None,
+                    encoder_tokenizer=tokenizer_key(encoder_tokenizer) if encoder_tokenizer else None,
+                    encoder_seq_len=(encoder_seq_len or seq_len) if encoder_tokenizer else None,
+                    overlong=overlong, whole_file_lines=whole_file_lines, include_tests=include_tests,
+                    max_files=max_files, val_fraction=val_fraction, test_fraction=test_fraction)
     meta_path = out / "meta.json"
     if meta_path.is_file() and not force:
         meta = json.loads(meta_path.read_text())
@@ -293,126 +391,159 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
             return meta
     out.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # an interrupted rebuild must not look finished
+    for stale in out.glob("*_encoder_*"):
+        stale.unlink()
 
-    programs, stats = collect_programs(corpus, whole_file_lines, include_tests,
+    programs, stats = collect_programs(corpus, whole_file_lines, include_tests, val_fraction, test_fraction,
                                        files=None if corpus.is_file() else files)
-    if not programs["train"]:
-        raise ValueError(f"the corpus {corpus} gave no training programs ({stats})")
-    demasker_tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(programs["train"], vocab_size)
+    texts = {split: [text for _, text in programs[split]] for split in SPLITS}
+    if not texts["train"]:
+        raise ValueError(f"the corpus {corpus} gave no training programs ({stats}); point --corpus at "
+                         f"a folder of .py files or a JSONL of {{\"text\": ...}} lines")
+    if tokenizer:
+        demasker_tok = load_tokenizer(tokenizer)
+    else:
+        print(f"training a byte-level BPE (vocab {vocab_size}) on {len(texts['train'])} train programs",
+              file=sys.stderr)
+        demasker_tok = train_tokenizer(texts["train"], vocab_size)
     if demasker_tok.bos_id is None or demasker_tok.mask_id is None:
-        raise ValueError("the demasker tokenizer needs BOS and MASK tokens (<|bos|>/<|startoftext|>, "
-                         "<|mask|>/<|mdm_mask|>)")
+        raise ValueError("the demasker tokenizer needs BOS and MASK tokens (<|bos|>/<|startoftext|> and "
+                         "<|mask|>/<|mdm_mask|>); Qwen3's has neither, use it with --encoder-tokenizer")
     demasker_tok.save(out / "tokenizer.json")
     encoder_tok = load_tokenizer(encoder_tokenizer) if encoder_tokenizer else None
-    if encoder_tok is not None:
+    if encoder_tok:
         encoder_tok.save(out / "encoder_tokenizer.json")
 
-    counts = {}
-    for split in SPLITS:
-        texts = programs[split]
-        token_lists = [demasker_tok.encode(t) for t in tqdm(texts, desc=f"tokenizing {split}", leave=False)]
-        rows, lengths = pack_rows(token_lists, seq_len, [demasker_tok.bos_id], [demasker_tok.eos_id],
-                                  demasker_tok.eos_id, overlong)
-        keep = [i for i, row in enumerate(rows) if row is not None]
-        if encoder_tok is not None:
-            enc_lists = [encoder_tok.encode(texts[i]) for i in keep]
-            enc_rows, enc_lengths = pack_rows(enc_lists, encoder_seq_len or seq_len, [], [encoder_tok.eos_id],
-                                              encoder_tok.pad_id, "cut")
-            _write_array(out / f"{split}_encoder_ids.npy", enc_rows)
-            np.save(out / f"{split}_encoder_lengths.npy", np.asarray(enc_lengths, dtype=np.int32))
-        _write_array(out / f"{split}_ids.npy", [rows[i] for i in keep])
-        np.save(out / f"{split}_lengths.npy", np.asarray([lengths[i] for i in keep], dtype=np.int32))
-        counts[split] = {"programs": len(keep), "dropped_overlong": len(rows) - len(keep),
-                         "tokens": int(sum(lengths[i] for i in keep))}
-    meta = {"settings": settings, "stats": stats, "splits": counts, "vocab_size": demasker_tok.vocab_size,
-            "bos_id": demasker_tok.bos_id, "eos_id": demasker_tok.eos_id, "pad_id": demasker_tok.pad_id,
-            "mask_id": demasker_tok.mask_id, "shared_tokenizer": encoder_tok is None}
+    splits = {split: tokenize_split(out, split, texts[split], demasker_tok, seq_len, overlong, encoder_tok,
+                                    encoder_seq_len or seq_len) for split in SPLITS}
+    meta = {"settings": settings, "corpus": fingerprint, "stats": stats, "splits": splits, "seq_len": seq_len,
+            **demasker_tok.special_ids(), "shared_tokenizer": encoder_tok is None,
+            "encoder": dict(encoder_tok.special_ids(), seq_len=encoder_seq_len or seq_len) if encoder_tok else None,
+            "build_seconds": round(time.time() - started, 1)}
     tmp = meta_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, meta_path)  # written last: its presence means the cache is complete
     return meta
 
 
-def load_split(folder, split):
-    """{'ids': (N, L) int32 memmap, 'lengths': (N,), and 'encoder_ids'/'encoder_lengths' or None}."""
+def load_meta(folder):
     folder = Path(folder)
     if not (folder / "meta.json").is_file():
         raise FileNotFoundError(f"{folder} is not a finished data cache (no meta.json); build it with "
                                 f"`python data.py --out {folder}`")
+    return json.loads((folder / "meta.json").read_text())
+
+
+def load_split(folder, split):
+    """{'ids': (N, L) int32 memmap, 'lengths': (N,), 'encoder_ids': (N, Le) memmap | None, 'encoder_lengths'}."""
+    folder, meta = Path(folder), load_meta(folder)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    result = {"ids": np.load(folder / f"{split}_ids.npy", mmap_mode="r"),
-              "lengths": np.load(folder / f"{split}_lengths.npy"),
-              "encoder_ids": None, "encoder_lengths": None}
-    if (folder / f"{split}_encoder_ids.npy").is_file():
-        result["encoder_ids"] = np.load(folder / f"{split}_encoder_ids.npy", mmap_mode="r")
-        result["encoder_lengths"] = np.load(folder / f"{split}_encoder_lengths.npy")
-    return result
+    ids, lengths = _read_rows(folder, split, "", meta["seq_len"])
+    encoder_ids = encoder_lengths = None
+    if meta["encoder"]:
+        encoder_ids, encoder_lengths = _read_rows(folder, split, "encoder_", meta["encoder"]["seq_len"])
+    return {"ids": ids, "lengths": lengths, "encoder_ids": encoder_ids, "encoder_lengths": encoder_lengths}
 
 
-def load_meta(folder):
-    return json.loads((Path(folder) / "meta.json").read_text())
+def _read_rows(folder, split, prefix, width):
+    lengths = np.load(folder / f"{split}_{prefix}lengths.npy")  # (N,)
+    if len(lengths) == 0:  # np.memmap cannot map an empty file
+        return np.zeros((0, width), dtype=np.int32), lengths
+    rows = np.memmap(folder / f"{split}_{prefix}ids.bin", dtype=np.int32, mode="r", shape=(len(lengths), width))
+    return rows, lengths
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches with an exact, resumable position
+# ------------------------------------------------------------------------------------------------
+
+def shard_indices(n, rank, world_size, epoch=0, seed=0):
+    """This rank's indices for one epoch; every example goes to exactly one rank (distributed.py)."""
+    from distributed import shard_indices as deal  # one definition, shared with the training loops
+
+    return deal(n, rank, world_size, epoch, seed)
+
+
+def steps_per_epoch(n, batch_size, world_size=1):
+    """Full global batches per epoch; the n % (batch_size * world_size) rows left over sit that epoch out."""
+    return n // (batch_size * world_size)
 
 
 class TokenData:
-    """Rows of one split as torch tensors: demasker ids, and encoder ids + validity mask.
+    """One split of a cache as torch tensors.
 
-    In shared-tokenizer mode the encoder reads the demasker row itself, valid through the first
-    EOS (BOS program EOS); otherwise its own row, valid for its stored length.
+    batch(indices) -> {'ids': (B, L) long demasker ids, 'lengths': (B,) BOS..EOS counts,
+                       'encoder_ids': (B, Le) long, 'encoder_mask': (B, Le) bool valid tokens}.
+    In shared-tokenizer mode the encoder reads the demasker row itself, valid through its first EOS.
     """
 
     def __init__(self, folder, split):
-        import torch
-
-        self.torch = torch
         self.meta = load_meta(folder)
         arrays = load_split(folder, split)
-        self.ids = arrays["ids"]
-        self.lengths = arrays["lengths"]
-        self.encoder_ids = arrays["encoder_ids"]
-        self.encoder_lengths = arrays["encoder_lengths"]
+        self.ids, self.lengths = arrays["ids"], arrays["lengths"]
+        self.encoder_ids, self.encoder_lengths = arrays["encoder_ids"], arrays["encoder_lengths"]
         if self.encoder_ids is None:
             self.encoder_ids, self.encoder_lengths = self.ids, self.lengths
 
     def __len__(self):
         return len(self.ids)
 
-    @property
-    def seq_len(self):
-        return self.ids.shape[1]
-
     def batch(self, indices):
-        """(ids (B, L) long, encoder_ids (B, Le) long, encoder_mask (B, Le) bool) for these rows."""
-        torch = self.torch
-        indices = np.asarray(indices)
-        ids = torch.from_numpy(np.asarray(self.ids[indices], dtype=np.int64))
-        enc_ids = torch.from_numpy(np.asarray(self.encoder_ids[indices], dtype=np.int64))
-        enc_len = torch.from_numpy(np.asarray(self.encoder_lengths[indices], dtype=np.int64))
-        enc_mask = torch.arange(enc_ids.shape[1])[None, :] < enc_len[:, None]
-        return ids, enc_ids, enc_mask
+        indices = np.asarray(indices, dtype=np.int64)
+        ids = torch.from_numpy(np.asarray(self.ids[indices], dtype=np.int64))  # (B, L)
+        encoder_ids = torch.from_numpy(np.asarray(self.encoder_ids[indices], dtype=np.int64))  # (B, Le)
+        encoder_lengths = torch.from_numpy(self.encoder_lengths[indices].astype(np.int64))  # (B,)
+        encoder_mask = torch.arange(encoder_ids.shape[1])[None, :] < encoder_lengths[:, None]  # (B, Le)
+        return {"ids": ids, "lengths": torch.from_numpy(self.lengths[indices].astype(np.int64)),
+                "encoder_ids": encoder_ids, "encoder_mask": encoder_mask}
 
+    def batches(self, batch_size, seed=0, position=(0, 0), rank=0, world_size=1):
+        """Endless (batch, next_position) from position = (epoch, step), `batch_size` rows per rank.
+
+        Epoch e is the permutation of (seed, e) dealt across ranks (shard_indices); step s takes rows
+        s*batch_size .. (s+1)*batch_size - 1 of this rank's shard. Saving next_position after a
+        training step and passing it back here continues with exactly the batches that would have come.
+        """
+        epoch, step = position
+        per_epoch = steps_per_epoch(len(self), batch_size, world_size)
+        if per_epoch == 0:
+            raise ValueError(f"{len(self)} examples cannot fill one batch of {batch_size} x {world_size} ranks")
+        while True:
+            shard = shard_indices(len(self), rank, world_size, epoch, seed)
+            for s in range(step, per_epoch):
+                yield self.batch(shard[s * batch_size:(s + 1) * batch_size]), (epoch, s + 1)
+            epoch, step = epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Build the token cache (memmapped arrays) from a corpus of "
-                                                 "Python programs; every training script reuses it.")
-    parser.add_argument("--out", required=True, help="cache folder to write (or reuse if settings match)")
-    parser.add_argument("--corpus", default=None, help="folder of .py files or JSONL of {'text': ...} "
+    parser = argparse.ArgumentParser(description="Build the token cache (memmapped int32 arrays per split) from "
+                                                 "a corpus of Python programs; every other script reads it.")
+    parser.add_argument("--out", required=True, help="cache folder to write, or reuse when its settings match")
+    parser.add_argument("--corpus", default=None, help="folder of .py files or JSONL of {\"text\": ...} lines "
                         "(default: this interpreter's standard library source)")
-    parser.add_argument("--seq-len", type=int, default=256, help="L: tokens per row incl. BOS and EOS")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size when training one")
-    parser.add_argument("--tokenizer", default=None, help="demasker tokenizer.json / folder / hub id "
-                        "(e.g. GSAI-ML/LLaDA-8B-Base); default: train a BPE on the train split")
-    parser.add_argument("--encoder-tokenizer", default=None, help="encoder tokenizer (e.g. "
-                        "Qwen/Qwen3-Embedding-0.6B); default: shared with the demasker")
-    parser.add_argument("--encoder-seq-len", type=int, default=None, help="encoder row length (default L)")
+    parser.add_argument("--seq-len", type=int, default=256, help="L: demasker tokens per row, BOS and EOS included")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the BPE trained when "
+                        "--tokenizer is not given")
+    parser.add_argument("--tokenizer", default=None, help="demasker tokenizer.json, folder or hub id (e.g. "
+                        "GSAI-ML/LLaDA-8B-Base); default: train a byte-level BPE on the train split")
+    parser.add_argument("--encoder-tokenizer", default=None, help="the encoder's own tokenizer (e.g. "
+                        "Qwen/Qwen3-Embedding-0.6B), tokenizing each program a second time; default: shared")
+    parser.add_argument("--encoder-seq-len", type=int, default=None, help="encoder row length, its EOS "
+                        "included (default: --seq-len)")
     parser.add_argument("--overlong", choices=["cut", "drop"], default="drop",
-                        help="programs longer than L: cut (keeping the final EOS) or drop them")
-    parser.add_argument("--whole-file-lines", type=int, default=40,
-                        help="files up to this many lines are one program; longer ones are split into "
-                             "their top-level functions and classes")
-    parser.add_argument("--include-tests", action="store_true", help="also read test/ folders")
-    parser.add_argument("--max-files", type=int, default=None, help="read only the first N files")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the settings match")
+                        help="programs longer than L - 2 tokens: cut them (the row still ends in EOS) or drop them")
+    parser.add_argument("--whole-file-lines", type=int, default=40, help="files of at most this many lines are "
+                        "one program; longer files give one program per top-level function or class")
+    parser.add_argument("--include-tests", action="store_true", help="also read test/, tests/, idle_test/ folders")
+    parser.add_argument("--max-files", type=int, default=None, help="read only the first N files (sorted paths)")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of files in the val split")
+    parser.add_argument("--test-fraction", type=float, default=0.05, help="share of files in the test split")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the settings match")
     return parser.parse_args(argv)
 
 
@@ -420,9 +551,11 @@ def main(argv=None):
     args = parse_args(argv)
     meta = build_dataset(args.out, args.corpus, args.seq_len, args.vocab_size, args.tokenizer,
                          args.encoder_tokenizer, args.encoder_seq_len, args.overlong, args.whole_file_lines,
-                         args.include_tests, args.max_files, args.force)
-    print(json.dumps({k: meta[k] for k in ("stats", "splits", "vocab_size")}, indent=2))
+                         args.include_tests, args.max_files, args.val_fraction, args.test_fraction, args.force)
+    keys = ("corpus", "stats", "splits", "vocab_size", "bos_id", "eos_id", "pad_id", "mask_id", "encoder",
+            "build_seconds")
+    print(json.dumps({key: meta[key] for key in keys}, indent=2))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,4 +1,4 @@
-"""data.py: corpus splitting, deterministic file-level splits, tokenizer, memmapped cache."""
+"""data.py: corpus reading and splitting, tokenizers, the memmapped token cache, resumable batches."""
 
 import json
 
@@ -8,130 +8,274 @@ import pytest
 import data
 
 
-def write_corpus(root, n_files=30):
+def write_corpus(root, n_files=24):
+    """Small package: files with a decorated function (varied length) and a class, plus bad files."""
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n_files):
-        body = "\n".join(f"    x{j} = {i} + {j}" for j in range(25))
+        body = "\n".join(f"    x{j} = a * {i} + {j}" for j in range(3 + i))
         (root / f"mod{i}.py").write_text(
-            f"import os\n\n@decorator\ndef func_{i}(a):\n{body}\n    return a\n\n"
-            f"class Thing{i}:\n    def method(self):\n        return {i}\n" + "\n" * 20)
+            f"import os\n\n\n@decorator({i})\ndef func_{i}(a):\n{body}\n    return a\n\n\n"
+            f"class Thing{i}:\n    def method(self):\n        return {i}\n" + "\n# padding\n" * 20)
     (root / "dup_a.py").write_text("def same():\n    return 1\n")
-    (root / "dup_b.py").write_text("def same():\n        return 1\n")  # same after whitespace normalising
+    (root / "dup_b.py").write_text("def  same():\n        return 1\n")  # equal after whitespace normalising
     (root / "broken.py").write_text("def oops(:\n")
+    (root / "nul.py").write_bytes(b"x = 1\x00\n")
     (root / "latin.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
-    (root / "site-packages").mkdir(exist_ok=True)
-    (root / "site-packages" / "ignored.py").write_text("def ignored():\n    pass\n")
+    for folder in ("site-packages", "tests"):
+        (root / folder).mkdir(exist_ok=True)
+        (root / folder / "skipped.py").write_text(f"def from_{folder.replace('-', '_')}():\n    pass\n")
     return root
 
 
+@pytest.fixture()
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus")
+
+
+def build(out, corpus, **settings):
+    settings = {"seq_len": 64, "vocab_size": 300, "whole_file_lines": 10, "val_fraction": 0.25,
+                "test_fraction": 0.25, **settings}
+    return data.build_dataset(out, corpus, **settings)
+
+
 def test_split_programs_keeps_decorators_and_top_level_defs():
-    source = "import os\n\n@deco\ndef f():\n    return 1\n\nclass C:\n    pass\n\nx = 3\n"
-    assert data.split_programs(source, whole_file_lines=2) == ["@deco\ndef f():\n    return 1", "class C:\n    pass"]
+    source = "import os\n\n@deco\ndef f():\n    return 1\n\nclass C:\n    def g(self):\n        pass\n\n" \
+             "async def h():\n    pass\n\nx = 3\n"
+    assert data.split_programs(source, whole_file_lines=2) == [
+        "@deco\ndef f():\n    return 1", "class C:\n    def g(self):\n        pass", "async def h():\n    pass"]
     assert data.split_programs(source, whole_file_lines=100) == [source.strip("\n")]
     with pytest.raises(SyntaxError):
         data.split_programs("def (:\n")
 
 
-def test_collect_counts_skips_and_dedups(tmp_path):
-    root = write_corpus(tmp_path / "corpus")
-    programs, stats = data.collect_programs(root, whole_file_lines=10)
-    assert stats["skipped_syntax"] == 1 and stats["skipped_unicode"] == 1
-    assert stats["duplicates"] == 1
-    everything = sum(programs.values(), [])
-    assert len(everything) == len(set(everything))
-    assert not any("ignored" in p for p in everything)
-    again, _ = data.collect_programs(root, whole_file_lines=10)
-    assert again == programs  # deterministic
+def test_bad_files_are_skipped_and_counted(corpus):
+    programs, stats = data.collect_programs(corpus, whole_file_lines=10)
+    assert stats["skipped_unparsable"] == 2 and stats["skipped_non_utf8"] == 1  # broken.py, nul.py; latin.py
+    assert stats["files"] == 24 + 5  # site-packages/ and tests/ are not read
+    texts = [text for split in programs.values() for _, text in split]
+    assert not any("from_site_packages" in t or "from_tests" in t for t in texts)
+    with_tests, _ = data.collect_programs(corpus, whole_file_lines=10, include_tests=True)
+    assert any("from_tests" in t for split in with_tests.values() for _, t in split)
 
 
-def test_splits_are_by_file():
-    splits = {data.split_of(f"pkg/mod{i}.py", 0.2, 0.2) for i in range(200)}
-    assert splits == {"train", "val", "test"}
-    assert all(data.split_of(f"pkg/mod{i}.py", 0.2, 0.2) == data.split_of(f"pkg/mod{i}.py", 0.2, 0.2)
-               for i in range(50))
+def test_duplicates_are_dropped(corpus):
+    programs, stats = data.collect_programs(corpus, whole_file_lines=10)
+    texts = [text for split in programs.values() for _, text in split]
+    assert stats["duplicates"] == 1 and stats["programs"] == len(texts) == stats["programs_found"] - 1
+    assert len({data.normalised_hash(t) for t in texts}) == len(texts)
+    assert sum("same()" in t for t in texts) == 1
+    assert stats["programs"] == 2 * 24 + 1  # func_i and Thing_i per module, one copy of same()
 
 
-def test_no_file_in_two_splits(tmp_path):
-    root = write_corpus(tmp_path / "corpus")
-    programs, _ = data.collect_programs(root, whole_file_lines=10, val_fraction=0.3, test_fraction=0.3)
+def test_splits_are_deterministic_and_by_file(corpus):
+    programs, _ = data.collect_programs(corpus, whole_file_lines=10, val_fraction=0.3, test_fraction=0.3)
+    assert data.collect_programs(corpus, whole_file_lines=10, val_fraction=0.3, test_fraction=0.3)[0] == programs
     owner = {}
-    for split, texts in programs.items():
-        for text in texts:
-            number = text.split("func_")[1].split("(")[0] if "func_" in text else text.split("Thing")[1].split(":")[0] if "Thing" in text else None
-            if number is not None:
-                assert owner.setdefault(number, split) == split
+    for split, entries in programs.items():
+        assert entries, f"split {split} is empty"
+        for path, _ in entries:
+            assert owner.setdefault(path, split) == split  # no file in two splits
+            assert data.split_of(path, 0.3, 0.3) == split
+    shares = [data.split_of(f"pkg/mod{i}.py", 0.05, 0.1) for i in range(4000)]
+    assert abs(shares.count("val") / 4000 - 0.05) < 0.015 and abs(shares.count("test") / 4000 - 0.1) < 0.02
 
 
-def test_tokenizer_special_tokens_round_trip(tmp_path):
+def test_jsonl_corpus(tmp_path):
+    lines = [json.dumps({"text": "def a():\n    return 1", "path": "x/a.py"}), "", "{not json",
+             json.dumps({"no_text": 1}), json.dumps({"text": "def b():\n    return 2"})]
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "caf\xe9"}\n')
+    programs, stats = data.collect_programs(path)
+    assert stats["files"] == 5 and stats["skipped_unparsable"] == 2 and stats["skipped_non_utf8"] == 1
+    assert programs[data.split_of("x/a.py")][0] == ("x/a.py", "def a():\n    return 1")
+    assert sum(map(len, programs.values())) == 2
+
+
+def test_trained_tokenizer_special_tokens_round_trip(tmp_path):
     tokenizer = data.train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300)
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id) == (0, 1, 2, 3)
-    text = "def f(x):\n    return x  + 1\n\tpass"
+    text = "def f(x):\n    return x  + 1\n\tpass  # caf\u00e9 \u2192 \U0001F40A"  # bytes never seen in training
     assert tokenizer.decode(tokenizer.encode(text)) == text
-    ids = [tokenizer.bos_id] + tokenizer.encode("x = 1") + [tokenizer.mask_id, tokenizer.eos_id]
-    assert tokenizer.decode(ids) == "<|bos|>x = 1<|mask|><|eos|>"
+    ids = [tokenizer.bos_id] + tokenizer.encode("x = 1") + [tokenizer.mask_id, tokenizer.eos_id, tokenizer.pad_id]
+    assert tokenizer.decode(ids) == "<|bos|>x = 1<|mask|><|eos|><|pad|>"
+    assert tokenizer.encode("<|bos|>x<|mask|>")[0] == 0 and tokenizer.encode("<|bos|>x<|mask|>")[-1] == 3
     tokenizer.save(tmp_path / "tokenizer.json")
     loaded = data.load_tokenizer(tmp_path)
-    assert loaded.encode(text) == tokenizer.encode(text) and loaded.mask_id == 3
+    assert loaded.encode(text) == tokenizer.encode(text) and loaded.special_ids() == tokenizer.special_ids()
 
 
-def test_pack_rows_wraps_pads_and_handles_overlong():
-    rows, lengths = data.pack_rows([[5, 6], [5, 6, 7, 8, 9]], 6, [0], [1], 1, "cut")
-    assert rows == [[0, 5, 6, 1, 1, 1], [0, 5, 6, 7, 8, 1]] and lengths == [4, 6]
-    rows, lengths = data.pack_rows([[5, 6], [5, 6, 7, 8, 9]], 6, [0], [1], 1, "drop")
-    assert rows[1] is None and lengths == [4, None]
+def public_like_tokenizer(specials):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.add_special_tokens(specials)
+    return tokenizer
 
 
-def test_build_reuses_cache_and_rebuilds_on_change(tmp_path, monkeypatch):
-    root = write_corpus(tmp_path / "corpus")
+def test_public_tokenizer_roles(tmp_path):
+    llada = data.TextTokenizer(public_like_tokenizer(["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"]))
+    assert (llada.bos_id, llada.eos_id, llada.pad_id, llada.mask_id) == (95, 96, 96, 97)  # EOS = PAD
+    qwen = data.TextTokenizer(public_like_tokenizer(["<|endoftext|>", "<|im_start|>"]))
+    assert (qwen.bos_id, qwen.eos_id, qwen.pad_id, qwen.mask_id) == (None, 95, 95, None)
+    with pytest.raises(ValueError, match="EOS"):
+        data.TextTokenizer(public_like_tokenizer(["<|im_start|>"]))
+    qwen.save(tmp_path / "qwen.json")
+    with pytest.raises(ValueError, match="BOS and MASK"):
+        build(tmp_path / "cache", write_corpus(tmp_path / "corpus"), tokenizer=tmp_path / "qwen.json")
+
+
+def test_load_tokenizer_errors_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(FileNotFoundError, match="offline, pass the path of a local tokenizer.json"):
+        data.load_tokenizer("Qwen/Qwen3-Embedding-0.6B")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        data.load_tokenizer(tmp_path)
+
+
+def test_pack_rows_wraps_and_pads():
+    rows, lengths = data.pack_rows([[5, 6], [5, 6, 7, 8, 9], []], 6, [0], [1], 1)
+    assert rows.tolist() == [[0, 5, 6, 1, 1, 1], [0, 5, 6, 7, 8, 1], [0, 1, 1, 1, 1, 1]]
+    assert lengths.tolist() == [4, 6, 2] and rows.dtype == np.int32
+    rows, lengths = data.pack_rows([[5, 6]], 5, [], [9], 2)
+    assert rows.tolist() == [[5, 6, 9, 2, 2]] and lengths.tolist() == [3]
+
+
+def test_rows_are_bos_program_eos_padded_with_eos(tmp_path, corpus):
+    meta = build(tmp_path / "cache", corpus, seq_len=512)
+    tokenizer = data.load_tokenizer(tmp_path / "cache")
+    programs, _ = data.collect_programs(corpus, whole_file_lines=10, val_fraction=0.25, test_fraction=0.25)
+    bos, eos = meta["bos_id"], meta["eos_id"]
+    for split in data.SPLITS:
+        arrays = data.load_split(tmp_path / "cache", split)
+        ids, lengths = arrays["ids"], arrays["lengths"]
+        assert ids.dtype == np.int32 and ids.shape == (len(programs[split]), 512) and arrays["encoder_ids"] is None
+        for row, length, (_, text) in zip(ids, lengths, programs[split]):
+            assert row[0] == bos and row[length - 1] == eos and (row[length:] == eos).all()
+            assert eos not in row[1:length - 1] and bos not in row[1:length - 1]
+            assert tokenizer.decode(row[1:length - 1]) == text
+    assert meta["splits"]["train"]["tokens"] == int(data.load_split(tmp_path / "cache", "train")["lengths"].sum())
+
+
+def test_overlong_cut_versus_drop(tmp_path, corpus):
+    cut = build(tmp_path / "cut", corpus, seq_len=24, overlong="cut")
+    drop = build(tmp_path / "drop", corpus, seq_len=24, overlong="drop")
+    tokenizer = data.load_tokenizer(tmp_path / "cut")
+    programs, _ = data.collect_programs(corpus, whole_file_lines=10, val_fraction=0.25, test_fraction=0.25)
+    for split in data.SPLITS:
+        token_counts = [len(tokenizer.encode(text)) for _, text in programs[split]]
+        too_long = sum(n > 22 for n in token_counts)
+        assert drop["splits"][split]["dropped_overlong"] == too_long and cut["splits"][split]["cut"] == too_long
+        assert drop["splits"][split]["programs"] == len(token_counts) - too_long
+        assert cut["splits"][split]["programs"] == len(token_counts)
+        rows = data.load_split(tmp_path / "cut", split)
+        for row, length, n in zip(rows["ids"], rows["lengths"], token_counts):
+            assert length == min(n, 22) + 2 and row[length - 1] == cut["eos_id"]
+        assert (data.load_split(tmp_path / "drop", split)["lengths"] <= 24).all()
+    assert sum(s["cut"] for s in cut["splits"].values()) > 0
+
+
+def test_cache_is_reused_and_rebuilt_when_settings_or_files_change(tmp_path, corpus, monkeypatch):
     out = tmp_path / "cache"
-    meta = data.build_dataset(out, root, seq_len=64, vocab_size=300, whole_file_lines=10)
-    ids = data.load_split(out, "train")["ids"]
-    assert ids.dtype == np.int32 and ids.shape[1] == 64
-    assert (ids[:, 0] == meta["bos_id"]).all()
-    lengths = data.load_split(out, "train")["lengths"]
-    for row, length in zip(ids, lengths):
-        assert row[length - 1] == meta["eos_id"] and (row[length:] == meta["eos_id"]).all()
-    calls = []
-    monkeypatch.setattr(data, "train_tokenizer", lambda *a, **k: calls.append(1))
-    assert data.build_dataset(out, root, seq_len=64, vocab_size=300, whole_file_lines=10) == meta
-    assert calls == []  # reused, nothing re-tokenized
+    meta = build(out, corpus)
+    before = np.array(data.load_split(out, "train")["ids"])
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache was rebuilt")
+
+    monkeypatch.setattr(data, "tokenize_split", fail)
+    monkeypatch.setattr(data, "train_tokenizer", fail)
+    assert build(out, corpus) == meta
+    with pytest.raises(AssertionError, match="rebuilt"):
+        build(out, corpus, seq_len=48)
+    assert not (out / "meta.json").exists()  # a failed rebuild leaves no finished-looking cache
     monkeypatch.undo()
-    rebuilt = data.build_dataset(out, root, seq_len=48, vocab_size=300, whole_file_lines=10)
-    assert data.load_split(out, "train")["ids"].shape[1] == 48 and rebuilt["settings"]["seq_len"] == 48
+    assert build(out, corpus, seq_len=48)["settings"]["seq_len"] == 48
+    assert data.load_split(out, "train")["ids"].shape[1] == 48
+    assert build(out, corpus)["seq_len"] == 64 and (data.load_split(out, "train")["ids"] == before).all()
+    (corpus / "mod0.py").write_text((corpus / "mod0.py").read_text() + "\n\ndef extra():\n    return 0\n")
+    assert build(out, corpus)["settings"]["corpus_sha256"] != meta["settings"]["corpus_sha256"]
 
 
-def test_two_tokenizers_give_aligned_arrays(tmp_path):
-    root = write_corpus(tmp_path / "corpus")
-    encoder_tok = data.train_tokenizer(["def f(x):\n    return x\n"] * 10, vocab_size=280)
+def test_two_builds_are_identical(tmp_path, corpus):
+    first, second = build(tmp_path / "a", corpus), build(tmp_path / "b", corpus)
+    assert first["splits"] == second["splits"] and first["stats"] == second["stats"]
+    for split in data.SPLITS:
+        assert (data.load_split(tmp_path / "a", split)["ids"] == data.load_split(tmp_path / "b", split)["ids"]).all()
+
+
+def test_shard_indices_give_every_example_to_one_rank():
+    for n in (1, 7, 103):
+        for world_size in (1, 2, 3, 4):
+            for epoch in (0, 1):
+                shards = [data.shard_indices(n, rank, world_size, epoch, seed=5) for rank in range(world_size)]
+                assert sorted(np.concatenate(shards).tolist()) == list(range(n))
+    assert (data.shard_indices(103, 0, 1, 0, 5) != data.shard_indices(103, 0, 1, 1, 5)).any()
+
+
+def test_batches_resume_exactly_and_match_across_world_sizes(tmp_path, corpus):
+    build(tmp_path / "cache", corpus)
+    dataset = data.TokenData(tmp_path / "cache", "train")
+    per_epoch = data.steps_per_epoch(len(dataset), 4)
+    assert per_epoch >= 2
+    stream = dataset.batches(4, seed=3)
+    straight = [next(stream) for _ in range(3 * per_epoch)]  # three epochs
+    for saved in (per_epoch - 1, per_epoch):  # at the end of epoch 0, and one step into epoch 1
+        resumed = dataset.batches(4, seed=3, position=straight[saved][1])
+        for (expected, expected_pos), (batch, pos) in zip(straight[saved + 1:], resumed):
+            assert pos == expected_pos and (batch["ids"] == expected["ids"]).all()
+    epoch_rows = np.concatenate([b["ids"].numpy() for b, _ in straight[:per_epoch]])
+    assert len({row.tobytes() for row in epoch_rows}) == per_epoch * 4  # no row twice within an epoch
+    ranks = [dataset.batches(2, seed=3, rank=r, world_size=2) for r in range(2)]
+    global_batches = dataset.batches(4, seed=3)
+    for _ in range(per_epoch):
+        parts = [next(r)[0]["ids"] for r in ranks]
+        whole = next(global_batches)[0]["ids"]
+        assert sorted(map(tuple, whole.tolist())) == sorted(map(tuple, np.concatenate(parts).tolist()))
+
+
+def test_two_tokenizers_give_aligned_arrays(tmp_path, corpus):
+    encoder_tok = data.train_tokenizer(["def f(x):\n    return x * 2\n"] * 10, vocab_size=270)
     encoder_tok.save(tmp_path / "enc.json")
     out = tmp_path / "cache"
-    data.build_dataset(out, root, seq_len=64, vocab_size=300, encoder_tokenizer=tmp_path / "enc.json",
-                       encoder_seq_len=96, whole_file_lines=10)
-    split = data.load_split(out, "train")
-    assert split["encoder_ids"].shape == (split["ids"].shape[0], 96)
-    batch = data.TokenData(out, "train").batch([0, 1])
-    ids, enc_ids, enc_mask = batch
+    meta = build(out, corpus, seq_len=32, overlong="cut", encoder_tokenizer=tmp_path / "enc.json",
+                 encoder_seq_len=160)
+    assert meta["encoder"]["eos_id"] == 1 and not meta["shared_tokenizer"]
     demasker_tok = data.load_tokenizer(out)
-    for row in range(2):
-        text = demasker_tok.decode([t for t in ids[row].tolist() if t > 3])
-        enc_valid = enc_ids[row][enc_mask[row]].tolist()
-        assert enc_valid[-1] == encoder_tok.eos_id
-        assert encoder_tok.decode(enc_valid[:-1]) == text
+    for split in data.SPLITS:
+        arrays = data.load_split(out, split)
+        assert arrays["encoder_ids"].shape == (arrays["ids"].shape[0], 160)
+        for row, length, enc_row, enc_length in zip(arrays["ids"], arrays["lengths"], arrays["encoder_ids"],
+                                                     arrays["encoder_lengths"]):
+            assert enc_row[enc_length - 1] == encoder_tok.eos_id and (enc_row[enc_length:] == encoder_tok.pad_id).all()
+            assert encoder_tok.decode(enc_row[:enc_length - 1]) == demasker_tok.decode(row[1:length - 1])
+    batch = data.TokenData(out, "train").batch([0, 1])
+    assert batch["encoder_ids"].shape == (2, 160) and batch["ids"].shape == (2, 32)
+    assert batch["encoder_mask"].sum(1).tolist() == data.load_split(out, "train")["encoder_lengths"][:2].tolist()
+    assert not (batch["encoder_ids"][:, :20] == batch["ids"][:, 1:21]).all()  # really a different tokenizer
 
 
-def test_shared_tokenizer_encoder_view(tmp_path):
-    root = write_corpus(tmp_path / "corpus")
-    out = tmp_path / "cache"
-    meta = data.build_dataset(out, root, seq_len=64, vocab_size=300, whole_file_lines=10)
-    ids, enc_ids, enc_mask = data.TokenData(out, "train").batch([0, 2])
-    assert (ids == enc_ids).all()
+def test_shared_tokenizer_encoder_view(tmp_path, corpus):
+    meta = build(tmp_path / "cache", corpus)
+    batch = data.TokenData(tmp_path / "cache", "train").batch([0, 2])
+    assert (batch["ids"] == batch["encoder_ids"]).all() and meta["encoder"] is None
     for row in range(2):
-        valid = enc_ids[row][enc_mask[row]].tolist()
+        valid = batch["encoder_ids"][row][batch["encoder_mask"][row]].tolist()
         assert valid[0] == meta["bos_id"] and valid[-1] == meta["eos_id"] and meta["eos_id"] not in valid[:-1]
 
 
-def test_stdlib_corpus_is_found_offline():
+def test_stdlib_build_with_a_file_cap(tmp_path, capsys):
     files = data.find_source_files(data.default_corpus_dir())
-    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
-    programs, stats = data.collect_programs(data.default_corpus_dir(), files=files[:20])
-    assert stats["files"] == 20 and sum(map(len, programs.values())) > 20
+    assert len(files) > 100 and not any("site-packages" in f.parts for f in files)
+    data.main(["--out", str(tmp_path / "stdlib"), "--max-files", "10", "--vocab-size", "400", "--seq-len", "128"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["stats"]["files"] == 10 and report["corpus"]["files"] == 10
+    assert sum(s["programs"] for s in report["splits"].values()) > 10
+    meta = data.load_meta(tmp_path / "stdlib")
+    assert meta["vocab_size"] == 400 and data.load_split(tmp_path / "stdlib", "train")["ids"].shape[1] == 128
