@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metrics import cer, levenshtein  # noqa: F401  (CER, Tables 1-2: moved to metrics.py, re-exported)
 from schedules import num_transfer_tokens
 
 REMASKING = ("low_confidence", "random")
@@ -262,25 +263,6 @@ def decode_programs(tokenizer, tokens, eos_id, bos_id=None):
     """(B, L) token ids -> B strings via tokenizer.decode, each cut at its first EOS (variable lengths)."""
     rows = tokens.tolist() if torch.is_tensor(tokens) else tokens
     return [tokenizer.decode(program_ids(row, eos_id, bos_id)) for row in rows]
-
-
-def levenshtein(a, b):
-    """Edit distance between two sequences (insertions, deletions, substitutions cost 1); O(len a * len b)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def cer(reference, hypothesis):
-    """Character error rate = levenshtein(reference, hypothesis) / len(reference) (the paper's CER, Tab. 1-2).
-    An empty reference gives 0 for an empty hypothesis and len(hypothesis) otherwise."""
-    return levenshtein(reference, hypothesis) / max(len(reference), 1)
 
 
 # ------------------------------------------------------------------------------------------------
