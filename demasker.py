@@ -370,7 +370,9 @@ class Demasker(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         try:
-            new = assign_weights(model, state, new_ok=() if native else CONDITIONING_PARAMS,
+            # Conditioning parameters are new for public LLaDA and for our own base MDM (register_dim 0).
+            adds_conditioning = not native or not hf.get("register_dim")
+            new = assign_weights(model, state, new_ok=CONDITIONING_PARAMS if adds_conditioning else (),
                                  unexpected=unexpected, source=str(folder))
         except CheckpointError as error:
             if native:

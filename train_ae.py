@@ -1,0 +1,611 @@
+"""Robust encoder-demasker training (paper Sec. 4.1, Algorithm 1, App. C, App. D), and the base MDM.
+
+One optimizer step of Algorithm 1, per example of the global batch:
+  line 1  x_0 ~ p_data              a program from data.py's memmapped cache, BOS .. EOS padded with EOS to L
+  line 2  t ~ U[0, 1]
+  line 3  x_t = mask(x_0, t)        schedules.mask_tokens: each token becomes [M] with p_mask = (1 - eps) t + eps
+          all-mask utilisation      App. C: with probability --all-mask-prob (0.25) x_t is ALL [M] (p_mask = 1),
+                                    so the demasker must read the registers instead of token correlations
+  line 4  z_0 = h_phi(x_0)          encoder.py on the clean program (its own ids and validity mask)
+          nested dropout            App. C: k ~ U{1..K}; only registers 1..k are exposed (register_mask)
+  line 5  e ~ N(0, sigma^2 I)       App. D: sigma from the target cosine similarity --latent-cos (0.8), see
+                                    latent_noise_std; --latent-cos 1 turns it off (the ablation of Fig. 7)
+  line 6  L = Eq. 5                 schedules.masked_diffusion_loss: sum over masked tokens of CE / p_mask,
+                                    divided by B * L (LLaDA's weights 1/p_mask, ../shared/reference/llada.md 3.2)
+  line 7  AdamW step                weight decay on matrices only, gradient clipping, cosine LR with warmup
+Staged training (App. C): for the first --encoder-warmup-steps steps only h_phi learns (f_theta frozen:
+requires_grad False, so AdamW skips it entirely), then both. `--no-registers` trains the base MDM
+(f_theta(x_t) without registers, Sec. 5's baseline) on the same data with the same budget.
+
+Which positions count in the loss: all L positions, as in LLaDA pre-training, i.e. also BOS and the EOS
+padding (predicting where the program ends is how the MDM decides its length; the paper's models "generate
+similar programs of varying lengths, with BOS and EOS tokens"). Validation scores program tokens only.
+
+Randomness. Every random draw of an example (t, all-mask coin, k, the mask, the latent noise) comes from a
+generator seeded by (--seed, the example's position in the training stream). The stream position is a pure
+function of the step, so a run gives the same numbers on 1 or N ranks, with any micro-batch, and after
+--resume; data order is distributed.shard_indices' per-epoch permutation. Global RNG states (torch, numpy,
+python) are saved and restored anyway, for code that draws from them.
+
+Checkpoints (rank 0 writes, every rank calls): OUT/checkpoint/{encoder/, demasker/} (safetensors +
+config.json, readable by from_pretrained), tokenizer.json, args.json, progress.json (step) and
+training_state.pt (AdamW state by parameter name, step, data position, RNG states). The folder appears
+atomically. The LR is a pure function
+of the step (nanoGPT's get_lr), so the step is the whole scheduler state. OUT/log.jsonl holds train and
+validation records (validation: masked-token CE and top-1 accuracy at mask ratios 0.1..1.0, Fig. 4).
+
+Presets. tiny: the tiny() configs with ids from our BPE, AdamW lr 1e-3 (small models tolerate it; 2.5e-5
+would barely move them in minutes), 100 warmup steps, global batch 32, no encoder warm-up (a randomly
+initialised demasker cannot be usefully frozen). paper: App. C's AdamW lr 2.5e-5, wd 0.1, global batch 512,
+4000 encoder warm-up steps, 3 epochs, K = 128, from Qwen3-Embedding-0.6B and LLaDA-8B-Base, FSDP2 in bf16.
+
+Run:  python train_ae.py --preset tiny --out-dir runs/ae              (one process)
+      torchrun --nproc_per_node 8 train_ae.py --preset paper ...      (DDP / FSDP2 via distributed.py)
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import distributed as D
+from demasker import Demasker, DemaskerConfig
+from encoder import Encoder, EncoderConfig, register_keep_mask, sample_keep
+from schedules import mask_tokens, masked_diffusion_loss
+
+CHECKPOINT = "checkpoint"
+PROGRESS = "progress.json"  # the step, readable without loading the optimizer state
+VAL_RATIOS = [round(0.1 * i, 1) for i in range(1, 11)]  # Fig. 4's mask probabilities
+
+PRESETS = {
+    "tiny": dict(seq_len=128, vocab_size=2048, num_registers=8, lr=1e-3, min_lr_ratio=0.1, weight_decay=0.1,
+                 warmup_steps=100, global_batch_size=32, micro_batch_size=32, max_steps=2000, epochs=None,
+                 encoder_warmup_steps=0, encoder_init=None, demasker_init=None, tokenizer=None,
+                 encoder_tokenizer=None, parallel="ddp", activation_checkpointing=False),
+    "paper": dict(seq_len=4096, vocab_size=None, num_registers=128, lr=2.5e-5, min_lr_ratio=0.1, weight_decay=0.1,
+                  warmup_steps=500, global_batch_size=512, micro_batch_size=2, max_steps=None, epochs=3,
+                  encoder_warmup_steps=4000, encoder_init="Qwen/Qwen3-Embedding-0.6B",
+                  demasker_init="GSAI-ML/LLaDA-8B-Base", tokenizer="GSAI-ML/LLaDA-8B-Base",
+                  encoder_tokenizer="Qwen/Qwen3-Embedding-0.6B", parallel="fsdp", activation_checkpointing=True),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Alg. 1 lines 2-5: the random corruption of one example
+# ------------------------------------------------------------------------------------------------
+
+def latent_noise_std(target_cos):
+    """sigma such that CS(z, z + e) ~= target_cos for a register of norm sqrt(d) and e ~ N(0, sigma^2 I_d).
+
+    z . (z + e) = d + z.e and |z + e|^2 = d + 2 z.e + |e|^2. With e independent of z, z.e ~ N(0, d sigma^2)
+    is O(sqrt(d)) and |e|^2 = d sigma^2 (1 + O(1/sqrt(d))), so
+        CS = (d + z.e) / (sqrt(d) sqrt(d + 2 z.e + |e|^2)) -> 1 / sqrt(1 + sigma^2)   (d -> infinity),
+    hence sigma = sqrt(1 / c^2 - 1): 0.75 for c = 0.8. The mean CS over random draws is above c by O(1/d)
+    (Jensen; ~0.005 at d = 64, ~0.0003 at d = 1024, the paper's width). c = 1 gives sigma = 0 (no noise).
+    """
+    if not 0.0 < target_cos <= 1.0:
+        raise ValueError(f"--latent-cos must lie in (0, 1], got {target_cos} (1 = no latent noise)")
+    return math.sqrt(1.0 / target_cos ** 2 - 1.0)
+
+
+def example_generator(seed, index, stream=0):
+    """A CPU torch.Generator for one example: seeded by (seed, stream, index) through numpy's SeedSequence
+    (stream 0 = training examples by stream position, 1 = validation rows)."""
+    state = np.random.SeedSequence([seed, stream, index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed((int(state[0]) << 32) | int(state[1]))
+
+
+def corrupt(x0, counters, seed, mask_id, all_mask_prob, num_registers=0, nested_dropout=True,
+            register_dim=0, noise_std=0.0):
+    """Alg. 1 lines 2, 3 and 5 (+ App. C all-mask and nested dropout) for a micro-batch on the CPU.
+
+    x0: (B, L) long clean ids; counters: B stream positions (see example_generator). Draw order per example:
+    t, all-mask coin, k (if registers), the (1, L) mask uniforms (schedules.mask_tokens), the (K, d) noise.
+    Returns dict x_t (B, L), masked (B, L) bool, p_mask (B, L), keep (B,) long | None, noise (B, K, d) | None.
+    """
+    rows = {"x_t": [], "masked": [], "p_mask": [], "keep": [], "noise": []}
+    for b, counter in enumerate(counters):
+        gen = example_generator(seed, counter)
+        t = torch.rand((), generator=gen).item()
+        all_mask = torch.rand((), generator=gen).item() < all_mask_prob
+        if num_registers:
+            keep = sample_keep(1, num_registers, generator=gen) if nested_dropout else torch.tensor([num_registers])
+            rows["keep"].append(keep)
+        x_t, masked, p_mask = mask_tokens(x0[b:b + 1], t, mask_id, generator=gen)  # (1, L) each
+        if all_mask:  # App. C: x_t = the fully masked sequence, weight 1 / p_mask = 1
+            x_t, masked, p_mask = torch.full_like(x_t, mask_id), torch.ones_like(masked), torch.ones_like(p_mask)
+        for name, value in (("x_t", x_t), ("masked", masked), ("p_mask", p_mask)):
+            rows[name].append(value)
+        if num_registers and noise_std > 0:
+            rows["noise"].append(torch.randn(1, num_registers, register_dim, generator=gen) * noise_std)
+    return {name: torch.cat(parts) if parts else None for name, parts in rows.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The trained module: h_phi and f_theta as one nn.Module (one DDP/FSDP root, one forward)
+# ------------------------------------------------------------------------------------------------
+
+class EncoderDemasker(nn.Module):
+    """f_theta(x_t, h_phi(x_0) + e) of Alg. 1; with encoder=None it is the base MDM f_theta(x_t)."""
+
+    def __init__(self, encoder, demasker):
+        super().__init__()
+        self.encoder = encoder
+        self.demasker = demasker
+
+    def forward(self, x_t, enc_ids=None, enc_mask=None, keep=None, noise=None):
+        """x_t (B, L); enc_ids/enc_mask (B, Le) clean program for h_phi; keep (B,) registers exposed;
+        noise (B, K, d) | None added to the exposed registers (App. D). -> logits (B, L, V)."""
+        if self.encoder is None:
+            return self.demasker(x_t)
+        registers = self.encoder(enc_ids, attention_mask=enc_mask, keep=keep)  # (B, K, d), 0 beyond keep
+        register_mask = register_keep_mask(keep, registers.shape[1])  # (B, K)
+        if noise is not None:
+            registers = registers + (noise * register_mask.unsqueeze(-1)).to(registers.dtype)
+        return self.demasker(x_t, registers=registers, register_mask=register_mask)
+
+
+def model_configs(args, meta, encoder_vocab):
+    """Tiny-preset configs with vocabulary and special ids from the tokenizer (data meta.json)."""
+    K = args.num_registers
+    enc_over, dem_over = {}, {}
+    if args.encoder_width:
+        heads = max(1, args.encoder_width // 32)
+        enc_over = dict(hidden_size=args.encoder_width, num_heads=heads, num_kv_heads=max(1, heads // 2),
+                        head_dim=args.encoder_width // heads, intermediate_size=8 * args.encoder_width // 3 // 16 * 16)
+    if args.encoder_layers:
+        enc_over["num_layers"] = args.encoder_layers
+    enc = EncoderConfig.tiny(vocab_size=encoder_vocab["vocab_size"], pad_token_id=encoder_vocab["pad_id"],
+                             eos_token_id=encoder_vocab["eos_id"], mask_token_id=encoder_vocab["mask_id"],
+                             num_registers=K, max_position_embeddings=args.seq_len + K, **enc_over)
+    if args.demasker_width:
+        heads = max(1, args.demasker_width // 32)
+        dem_over = dict(d_model=args.demasker_width, n_heads=heads, n_kv_heads=heads,
+                        mlp_hidden_size=8 * args.demasker_width // 3 // 16 * 16)
+    if args.demasker_layers:
+        dem_over["n_layers"] = args.demasker_layers
+    dem = DemaskerConfig.tiny(vocab_size=meta["vocab_size"], mask_token_id=meta["mask_id"],
+                              eos_token_id=meta["eos_id"], bos_token_id=meta["bos_id"], pad_token_id=meta["eos_id"],
+                              register_dim=0 if args.no_registers else enc.hidden_size, max_registers=K,
+                              max_sequence_length=args.seq_len, **dem_over)
+    return enc, dem
+
+
+def build_models(args, meta, encoder_vocab, resume_dir=None):
+    """(encoder | None, demasker): from the checkpoint configs on --resume, public/own weights with
+    --encoder-init/--demasker-init, else from scratch with the tiny configs."""
+    enc_cfg, dem_cfg = model_configs(args, meta, encoder_vocab)
+    encoder = None
+    if resume_dir is not None:  # weights are loaded afterwards by distributed.load_checkpoint
+        if not args.no_registers:
+            cfg = json.loads((resume_dir / "encoder" / "config.json").read_text())
+            encoder = Encoder(EncoderConfig.from_dict(cfg))
+        demasker = Demasker(DemaskerConfig.from_dict(json.loads((resume_dir / "demasker" / "config.json").read_text())))
+        return encoder, demasker
+    if not args.no_registers:
+        encoder = (Encoder.from_pretrained(part_folder(args.encoder_init, "encoder"), num_registers=args.num_registers)
+                   if args.encoder_init else Encoder(enc_cfg))
+    register_dim = 0 if encoder is None else encoder.cfg.hidden_size
+    if args.demasker_init:
+        demasker = Demasker.from_pretrained(part_folder(args.demasker_init, "demasker"), register_dim=register_dim,
+                                            max_registers=args.num_registers)
+    else:
+        demasker = Demasker(dem_cfg)
+    check_vocab(demasker.cfg, meta, encoder, encoder_vocab)
+    return (encoder.float() if encoder is not None else None), demasker.float()  # fp32 master weights
+
+
+def part_folder(name_or_path, part):
+    """A run's checkpoint folder (holding encoder/ and demasker/) stands for its `part`; else unchanged."""
+    return str(Path(name_or_path) / part) if (Path(name_or_path) / part / "config.json").is_file() else name_or_path
+
+
+def check_vocab(dem_cfg, meta, encoder, encoder_vocab):
+    """The tokenizer's ids must be the ones the models were built / trained with."""
+    problems = []
+    for name, ours in (("mask_id", dem_cfg.mask_token_id), ("eos_id", dem_cfg.eos_token_id)):
+        if meta[name] != ours:
+            problems.append(f"demasker {name} {ours} != tokenizer {meta[name]}")
+    if meta["vocab_size"] > dem_cfg.vocab_size:
+        problems.append(f"tokenizer vocabulary {meta['vocab_size']} > demasker vocab_size {dem_cfg.vocab_size}")
+    if encoder is not None and encoder_vocab["vocab_size"] > encoder.cfg.vocab_size:
+        problems.append(f"encoder tokenizer vocabulary {encoder_vocab['vocab_size']} > encoder vocab_size "
+                        f"{encoder.cfg.vocab_size}")
+    if problems:
+        raise ValueError("tokenizer and model disagree: " + "; ".join(problems) + ". Use the tokenizer the "
+                         "model was trained with (--tokenizer / --encoder-tokenizer) or train from scratch.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer and learning rate (Alg. 1 line 7)
+# ------------------------------------------------------------------------------------------------
+
+def make_optimizer(model, args):
+    """AdamW; weight decay on matrices (linears, embeddings, suffix registers), none on 1-D parameters
+    (norm weights, START/END embeddings), as nanoGPT. Built after wrap_model (FSDP2 swaps parameters)."""
+    params = [p for p in D.unwrap(model).parameters()]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def get_lr(step, args, max_steps):
+    """Linear warmup to --lr over --warmup-steps, then cosine decay to lr * --min-lr-ratio at max_steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / (args.warmup_steps + 1)
+    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+    min_lr = args.lr * args.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+
+
+def set_demasker_trainable(model, trainable):
+    """App. C staging: f_theta frozen (no gradients, skipped by AdamW) while only h_phi warms up."""
+    for param in D.unwrap(model).demasker.parameters():
+        param.requires_grad_(trainable)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data position: global batch `step` of the stream, this rank's part
+# ------------------------------------------------------------------------------------------------
+
+class Stream:
+    """Global batch s = examples perm_e[j G : (j + 1) G] with (e, j) = divmod(s, n // G) and perm_e the
+    epoch's permutation; rank r holds its round-robin share (distributed.shard_indices), i.e. the batch's
+    positions r, r + W, r + 2W, ... The stream counter of position p of batch s is s G + p."""
+
+    def __init__(self, num_examples, global_batch, env, seed):
+        if num_examples < global_batch:
+            raise ValueError(f"the training split has {num_examples} programs, fewer than the global batch "
+                             f"{global_batch}; lower --global-batch-size or use a larger corpus")
+        self.n, self.G, self.env, self.seed = num_examples, global_batch, env, seed
+        self.steps_per_epoch = num_examples // global_batch
+        self.epoch, self.shard = None, None
+
+    def rows(self, step):
+        """(this rank's dataset indices (G/W,), their stream counters (G/W,)) for global batch `step`."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.shard = D.shard_indices(self.n, self.env.rank, self.env.world_size, epoch, self.seed)
+        per_rank = self.G // self.env.world_size
+        positions = self.env.rank + self.env.world_size * np.arange(per_rank)
+        return self.shard[j * per_rank:(j + 1) * per_rank], step * self.G + positions
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation (Fig. 4): masked-token CE and top-1 accuracy against the mask ratio
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, data, args, env, amp, keeps):
+    """{f"k={k}" or "base": {"ratio": [...], "ce": [...], "acc": [...]}} over the first --val-programs rows.
+
+    Row i draws one uniform vector u_i (its own generator) and is masked where u_i < ratio, so the masks are
+    nested across ratios and identical for every k and every evaluation. Registers are clean (no noise);
+    scored positions: masked program tokens (BOS .. first EOS). Rows are dealt to ranks; sums all-reduced.
+    """
+    model.eval()
+    n = min(args.val_programs, len(data)) // env.world_size * env.world_size
+    rows = np.arange(env.rank, n, env.world_size)
+    mask_id = D.unwrap(model).demasker.cfg.mask_token_id
+    sums = {}
+    for first in range(0, len(rows), args.micro_batch_size):
+        picked = rows[first:first + args.micro_batch_size]
+        batch = data.batch(picked)
+        x0, enc_ids, enc_mask = batch["ids"], batch["encoder_ids"], batch["encoder_mask"]
+        program = torch.arange(x0.shape[1])[None, :] < batch["lengths"][:, None]  # (B, L) BOS .. first EOS
+        u = torch.stack([torch.rand(x0.shape[1], generator=example_generator(args.seed, int(i), stream=1))
+                         for i in picked])  # (B, L)
+        x0, enc_ids, enc_mask, program, u = (t.to(env.device) for t in (x0, enc_ids, enc_mask, program, u))
+        for key, k in keeps:
+            keep = None if k is None else torch.full((len(picked),), k, device=env.device)
+            for ratio in VAL_RATIOS:
+                scored = (u < ratio) & program
+                x_t = torch.where(u < ratio, torch.full_like(x0, mask_id), x0)
+                with D.autocast(env, amp):
+                    logits = model(x_t, enc_ids, enc_mask, keep)
+                ce = nn.functional.cross_entropy(logits[scored].float(), x0[scored], reduction="sum")
+                correct = (logits[scored].argmax(-1) == x0[scored]).sum()
+                for name, value in (("ce", ce), ("correct", correct), ("count", scored.sum())):
+                    sums[f"{key}|{ratio}|{name}"] = sums.get(f"{key}|{ratio}|{name}", 0.0) + float(value)
+    sums = D.all_reduce_sum(sums, env) if sums else sums
+    model.train()
+    results = {}
+    for key, _ in keeps:
+        count = [max(1.0, sums.get(f"{key}|{r}|count", 0.0)) for r in VAL_RATIOS]
+        results[key] = {"ratio": VAL_RATIOS,
+                        "ce": [sums.get(f"{key}|{r}|ce", 0.0) / c for r, c in zip(VAL_RATIOS, count)],
+                        "acc": [sums.get(f"{key}|{r}|correct", 0.0) / c for r, c in zip(VAL_RATIOS, count)]}
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and RNG states
+# ------------------------------------------------------------------------------------------------
+
+def rng_states():
+    """Global RNG states of torch (CPU, CUDA), numpy and python, in types torch.load(weights_only) reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_run(out_dir, model, optimizer, env, step, args, stream, files):
+    """OUT/checkpoint, atomically: distributed.save_checkpoint builds it in a staging folder, rank 0 adds
+    tokenizer.json and args.json, then swaps it in (rename of the old one, rename of the new, delete)."""
+    core = D.unwrap(model)
+    parts = {"demasker": {**core.demasker.cfg.to_dict(), "crocodil_model": "demasker"}}
+    if core.encoder is not None:
+        parts["encoder"] = {**core.encoder.cfg.to_dict(), "crocodil_model": "encoder"}
+    extra = {"step": step, "examples_seen": step * args.global_batch_size, "num_train": stream.n,
+             "global_batch_size": args.global_batch_size, "seed": args.seed, "rng": rng_states()}
+    stage = Path(tempfile.mkdtemp(prefix=".checkpoint.stage-", dir=out_dir)) if env.is_main else None
+    stage = Path(D.broadcast_object(str(stage) if stage else None, env))
+    try:
+        D.save_checkpoint(stage / CHECKPOINT, model, optimizer, env, parts=parts, extra=extra)
+        if env.is_main:
+            for name, source in files.items():
+                shutil.copyfile(source, stage / CHECKPOINT / name)
+            (stage / CHECKPOINT / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+            (stage / CHECKPOINT / PROGRESS).write_text(json.dumps({"step": step, "examples_seen": extra["examples_seen"]}))
+            final = Path(out_dir) / CHECKPOINT
+            if final.exists():
+                old = Path(out_dir) / f".{CHECKPOINT}.old-{os.getpid()}"
+                os.replace(final, old)
+                os.replace(stage / CHECKPOINT, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(stage / CHECKPOINT, final)
+    finally:
+        if env.is_main:
+            shutil.rmtree(stage, ignore_errors=True)
+        D.barrier(env)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data cache
+# ------------------------------------------------------------------------------------------------
+
+def prepare_data(args, env):
+    """data.py's cache: an existing --data folder is used as is (unless --corpus is given); otherwise rank 0
+    builds it (a settings match makes that a no-op). Returns (train TokenData, val TokenData, meta,
+    encoder vocabulary ids, {tokenizer files copied into every checkpoint})."""
+    import data
+
+    vocab = Path(args.tokenizer).name if args.tokenizer else args.vocab_size
+    folder = Path(args.data or f"data_cache/{Path(args.corpus or 'stdlib').stem}-L{args.seq_len}-V{vocab}")
+    args.data = str(folder)
+    if env.is_main and (args.corpus or not (folder / "meta.json").is_file()):
+        data.build_dataset(folder, args.corpus, args.seq_len, args.vocab_size or 4096, args.tokenizer,
+                           args.encoder_tokenizer, overlong=args.overlong)
+    D.barrier(env)
+    meta = data.load_meta(folder)
+    if meta["seq_len"] != args.seq_len:
+        raise ValueError(f"{folder} holds programs of L={meta['seq_len']} tokens, not --seq-len {args.seq_len}; "
+                         f"pass the matching --seq-len or another --data folder")
+    files = {"tokenizer.json": folder / "tokenizer.json"}
+    encoder_vocab = {"vocab_size": meta["vocab_size"], "pad_id": meta["eos_id"], "eos_id": meta["eos_id"],
+                     "mask_id": meta["mask_id"]}
+    if not meta["shared_tokenizer"]:
+        files["encoder_tokenizer.json"] = folder / "encoder_tokenizer.json"
+        encoder_vocab = meta["encoder"]
+    return data.TokenData(folder, "train"), data.TokenData(folder, "val"), meta, encoder_vocab, files
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loop
+# ------------------------------------------------------------------------------------------------
+
+def train(args):
+    """Run Algorithm 1 (or the base MDM) as configured by parse_args; returns the unwrapped EncoderDemasker."""
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = D.setup(device=args.device)
+    D.enable_tf32(env)
+    torch.manual_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    train_data, val_data, meta, encoder_vocab, files = prepare_data(args, env)
+    resume_dir = out_dir / CHECKPOINT if args.resume else None
+    if resume_dir is not None and not (resume_dir / D.TRAINING_STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume: {resume_dir} holds no checkpoint; drop --resume to start a new run")
+    encoder, demasker = build_models(args, meta, encoder_vocab, resume_dir)
+    core = EncoderDemasker(encoder, demasker).to(env.device)
+    amp = "bf16" if args.dtype == "bfloat16" else None
+
+    accum = D.accumulation_steps(args.global_batch_size, args.micro_batch_size, env.world_size)
+    stream = Stream(len(train_data), args.global_batch_size, env, args.seed)
+    max_steps = args.max_steps or int(args.epochs * stream.steps_per_epoch)
+    start = 0
+    if resume_dir is not None:  # the step decides the staging before wrap_model (distributed.py's rule)
+        start = json.loads((resume_dir / PROGRESS).read_text())["step"]
+    staged = encoder is not None and args.encoder_warmup_steps > 0
+    # frozen at wrap time and at loading when no demasker update has happened yet (start <= warm-up steps):
+    # then the checkpoint holds no AdamW state for it; the loop unfreezes it at step == warm-up steps
+    set_demasker_trainable(core, not staged or start > args.encoder_warmup_steps)
+    model = D.wrap_model(core, env, mode=args.parallel if env.distributed else "none",
+                         mixed_precision=amp if args.parallel == "fsdp" else None,
+                         activation_checkpointing=args.activation_checkpointing)
+    D.maybe_compile(model, args.compile, env)
+    optimizer = make_optimizer(model, args)
+    if resume_dir is not None:
+        extra = D.load_checkpoint(resume_dir, model, optimizer, env)
+        if (extra["num_train"], extra["global_batch_size"], extra["seed"]) != (stream.n, args.global_batch_size, args.seed):
+            raise ValueError(f"--resume: the checkpoint's data stream (programs, global batch, seed) = "
+                             f"{(extra['num_train'], extra['global_batch_size'], extra['seed'])} differs from this run's "
+                             f"{(stream.n, args.global_batch_size, args.seed)}; resume with the same data and flags")
+        set_rng_states(extra["rng"])
+    elif env.is_main:
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+    K = encoder.cfg.num_registers if encoder is not None else 0
+    noise_std = latent_noise_std(args.latent_cos)
+    keeps = [("base", None)] if encoder is None else [(f"k={k}", k) for k in (args.val_keep or [K])]
+    log = open(out_dir / "log.jsonl", "a") if env.is_main else None
+    stop = min(max_steps, args.stop_at or max_steps)
+    bar = tqdm(total=max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True,
+               desc="encoder-demasker" if encoder is not None else "base MDM")
+    tokens_per_step = args.global_batch_size * args.seq_len
+    last_time = time.time()
+    for step in range(start, stop):
+        lr = get_lr(step, args, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if staged and step == args.encoder_warmup_steps:
+            set_demasker_trainable(model, True)
+        rows, counters = stream.rows(step)
+        step_loss = 0.0
+        for micro in range(accum):
+            part = slice(micro * args.micro_batch_size, (micro + 1) * args.micro_batch_size)
+            batch = train_data.batch(rows[part])
+            x0, enc_ids, enc_mask = batch["ids"], batch["encoder_ids"], batch["encoder_mask"]
+            noisy = corrupt(x0, counters[part].tolist(), args.seed, demasker.cfg.mask_token_id, args.all_mask_prob,
+                            K, args.nested_dropout, K and encoder.cfg.hidden_size, noise_std)
+            to = lambda t: None if t is None else t.to(env.device)
+            with D.grad_sync(model, enabled=micro == accum - 1):
+                with D.autocast(env, amp):
+                    logits = model(to(noisy["x_t"]), to(enc_ids), to(enc_mask), to(noisy["keep"]), to(noisy["noise"]))
+                loss = masked_diffusion_loss(logits, to(x0), to(noisy["masked"]), to(noisy["p_mask"])) / accum
+                loss.backward()
+            step_loss += loss.item()
+        grad_norm = D.clip_grad_norm(model, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        metrics = D.all_reduce_mean({"loss": step_loss}, env)
+        now = time.time()
+        tok_s, last_time = tokens_per_step / max(now - last_time, 1e-9), now
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
+        if log and (done % args.log_interval == 0 or done == stop):
+            log.write(json.dumps({"type": "train", "step": done, "loss": metrics["loss"], "lr": lr,
+                                  "grad_norm": grad_norm, "tokens_per_s": tok_s,
+                                  "demasker_frozen": staged and step < args.encoder_warmup_steps}) + "\n")
+            log.flush()
+        if args.eval_interval and (done % args.eval_interval == 0 or done == max_steps):
+            results = evaluate(model, val_data, args, env, amp, keeps)
+            if log:
+                log.write(json.dumps({"type": "val", "step": done, "results": results}) + "\n")
+                log.flush()
+                bar.write(f"val step {done}: " + " | ".join(
+                    f"{key} ce {np.mean(r['ce']):.3f} acc {np.mean(r['acc']):.3f} (ratio 1.0: ce {r['ce'][-1]:.3f} "
+                    f"acc {r['acc'][-1]:.3f})" for key, r in results.items()))
+        if done % args.save_interval == 0 or done == stop:
+            save_run(out_dir, model, optimizer, env, done, args, stream, files)
+    bar.close()
+    if log:
+        log.close()
+    D.cleanup(env)
+    return core
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Flags left unset take the --preset value (tiny or paper); see the module "
+                                       "docstring for the mapping to Algorithm 1.")
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), default="tiny", help="default hyper-parameters: tiny (CPU minutes) or "
+      "paper (App. C: Qwen3-Embedding-0.6B + LLaDA-8B-Base, lr 2.5e-5, wd 0.1, batch 512, 4000 warm-up steps)")
+    a("--out-dir", default="runs/ae", help="run folder: checkpoint/, log.jsonl, args.json")
+    a("--resume", action="store_true", help="continue exactly from OUT/checkpoint (same batches, same random draws)")
+    a("--stop-at", type=int, default=None, help="save and stop after this step without changing the LR schedule "
+      "(split a run into jobs; continue with --resume)")
+    a("--no-registers", action="store_true", help="train the base MDM f_theta(x_t) without encoder (the baseline)")
+    # data
+    a("--data", default=None, help="data.py cache folder (built here if missing; default data_cache/<corpus>-L-V)")
+    a("--corpus", default=None, help="folder of .py files or JSONL of {'text': ...} (default: the Python stdlib)")
+    a("--seq-len", type=int, default=None, help="L, tokens per program incl. BOS/EOS (tiny 128, paper 4096)")
+    a("--vocab-size", type=int, default=None, help="BPE vocabulary trained by data.py when no --tokenizer (tiny 2048)")
+    a("--tokenizer", default=None, help="demasker tokenizer.json / hub id (paper: GSAI-ML/LLaDA-8B-Base)")
+    a("--encoder-tokenizer", default=None, help="encoder tokenizer (paper: Qwen/Qwen3-Embedding-0.6B); "
+      "default shared with the demasker")
+    a("--overlong", choices=["cut", "drop"], default="drop", help="programs longer than L: cut or drop (data.py)")
+    # models
+    a("--encoder-init", default=None, help="encoder weights: hub id or folder (public Qwen3 or ours); default scratch")
+    a("--demasker-init", default=None, help="demasker weights: hub id or folder (public LLaDA or ours, e.g. a "
+      "trained base MDM's checkpoint/demasker, as the paper builds on its base model); default scratch")
+    a("--num-registers", type=int, default=None, help="K, registers per program (tiny 8, paper 128)")
+    a("--encoder-width", type=int, default=None, help="scratch encoder width d (default EncoderConfig.tiny: 64)")
+    a("--encoder-layers", type=int, default=None, help="scratch encoder depth (default 2)")
+    a("--demasker-width", type=int, default=None, help="scratch demasker width (default DemaskerConfig.tiny: 64)")
+    a("--demasker-layers", type=int, default=None, help="scratch demasker depth (default 2)")
+    # Alg. 1 / App. C-D
+    a("--all-mask-prob", type=float, default=0.25, help="App. C all-mask utilisation: P(x_t fully masked)")
+    a("--latent-cos", type=float, default=0.8, help="App. D robust noise: target CS(z_0, z_0 + e); 1 = no noise")
+    a("--nested-dropout", action=argparse.BooleanOptionalAction, default=True,
+      help="App. C nested dropout k ~ U{1..K} (--no-nested-dropout: always all K registers)")
+    a("--encoder-warmup-steps", type=int, default=None, help="App. C staging: steps with the demasker frozen "
+      "(tiny 0, paper 4000)")
+    # optimization
+    a("--lr", type=float, default=None, help="peak AdamW learning rate (tiny 1e-3, paper 2.5e-5)")
+    a("--min-lr-ratio", type=float, default=None, help="final LR of the cosine decay as a fraction of --lr (0.1)")
+    a("--warmup-steps", type=int, default=None, help="linear LR warm-up steps (tiny 100, paper 500: our choice)")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay on matrices (0.1)")
+    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    a("--global-batch-size", type=int, default=None, help="programs per optimizer step over all ranks (tiny 32, "
+      "paper 512); reached by gradient accumulation")
+    a("--micro-batch-size", type=int, default=None, help="programs per forward per rank (tiny 32, paper 2)")
+    a("--max-steps", type=int, default=None, help="optimizer steps (tiny 2000); default from --epochs")
+    a("--epochs", type=float, default=None, help="passes over the train split when --max-steps is unset (paper 3)")
+    a("--seed", type=int, default=0, help="seeds init, data order and every per-example random draw")
+    # systems
+    a("--device", default=None, help="cpu / cuda (default: cuda:LOCAL_RANK if available, else cpu)")
+    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+      help="compute precision: bf16 autocast (FSDP2: bf16 params, fp32 reduce); auto = bf16 on CUDA GPUs that "
+           "support it, fp32 on CPU. Weights and AdamW states stay fp32")
+    a("--parallel", choices=["ddp", "fsdp"], default=None, help="under torchrun: DDP (tiny) or FSDP2 (paper)")
+    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute each block in backward (paper preset: on)")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core); 1 is "
+      "faster for tiny models on a busy machine")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile each block")
+    # logging
+    a("--eval-interval", type=int, default=500, help="validate every N steps and at the end (0 = never)")
+    a("--val-programs", type=int, default=256, help="validation programs used (Fig. 4 uses 1000)")
+    a("--val-keep", type=lambda s: [int(k) for k in s.split(",")], default=None,
+      help="comma list of register counts k to validate with (default: all K)")
+    a("--log-interval", type=int, default=10, help="write a train record to log.jsonl every N steps")
+    a("--save-interval", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    args = p.parse_args(argv)
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if args.max_steps is None and args.epochs is None:
+        p.error("set --max-steps or --epochs")
+    if args.no_registers and args.encoder_init:
+        p.error("--no-registers trains the base MDM alone; drop --encoder-init")
+    return args
+
+
+if __name__ == "__main__":
+    train(parse_args())
