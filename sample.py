@@ -27,6 +27,8 @@ NFE (network function evaluations) = number of demasker forward calls = `steps`;
 
 CLI: `python sample.py --ckpt RUN --method base|autoencode ...` prints decoded programs (autoencode: source,
 reconstruction and CER) and writes JSONL; see --help. Overhead benchmark: bench_sample.py.
+`--method conthendisc|conwithindisc --ae RUN --prior DIR [--cond-prior DIR]` runs the hybrid generators of
+generators.py (Alg. 2, 3) with priors trained by train_prior.py; their NFE follows the paper (generators.py).
 """
 
 import argparse
@@ -332,13 +334,25 @@ def parse_args(argv=None):
         description="Decode programs with the masked diffusion sampler (LLaDA generate). "
                     "base: the unguided MDM from an all-[M] start; autoencode: encode held-out programs with "
                     "h_phi and decode them with the guided MDM (Alg. 6), printing the CER.")
-    parser.add_argument("--ckpt", required=True, help="train_ae.py output folder (demasker/, encoder/, tokenizer.json)")
-    parser.add_argument("--method", choices=["base", "autoencode"], default="base",
-                        help="base = unconditional MDM; autoencode = reconstruct validation programs (Alg. 6)")
+    parser.add_argument("--ckpt", "--ae", dest="ckpt", required=True,
+                        help="train_ae.py output folder (demasker/, encoder/, tokenizer.json)")
+    parser.add_argument("--method", choices=["base", "autoencode", "conthendisc", "conwithindisc"], default="base",
+                        help="base = unconditional MDM; autoencode = reconstruct validation programs (Alg. 6); "
+                             "conthendisc = registers from --prior, then the guided MDM (Alg. 2); conwithindisc = "
+                             "the guided MDM with registers redrawn from --cond-prior given x_t (Alg. 3, App. G)")
+    parser.add_argument("--prior", default=None, help="train_prior.py run (unconditional): conthendisc's registers, "
+                        "and conwithindisc's initial ones (without it: --cond-prior given the all-[M] canvas)")
+    parser.add_argument("--cond-prior", default=None, help="train_prior.py --conditional run, for conwithindisc")
+    parser.add_argument("--prior-steps", type=int, default=128, help="DDIM steps of the initial register draw "
+                        "(paper: 128)")
+    parser.add_argument("--refresh-at", type=float, nargs="*", default=[0.5],
+                        help="conwithindisc: fractions of the MDM steps before which the registers are redrawn "
+                             "(default one refresh at 0.5, App. G; 0 or nothing = no refresh = ConThenDisc)")
+    parser.add_argument("--refresh-prior-steps", type=int, default=32, help="DDIM steps of each redraw (paper: 32)")
     parser.add_argument("--data", default=None, help="data cache folder (data.py) holding the validation split; "
                         "autoencode only")
-    parser.add_argument("--gen-length", type=int, default=None, help="tokens to generate (default: the data "
-                        "sequence length for autoencode, 256 for base)")
+    parser.add_argument("--gen-length", "--length", dest="gen_length", type=int, default=None,
+                        help="tokens to generate (default: the data sequence length for autoencode, 256 otherwise)")
     parser.add_argument("--block-length", type=int, default=None,
                         help="semi-autoregressive block length (default: gen-length, one block as in the paper)")
     parser.add_argument("--steps", type=int, default=None,
@@ -349,13 +363,34 @@ def parse_args(argv=None):
     parser.add_argument("--keep", type=int, default=None, help="autoencode: use only the first k registers")
     parser.add_argument("--num", type=int, default=8, help="number of programs to decode")
     parser.add_argument("--batch-size", type=int, default=8, help="programs decoded in parallel")
-    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed before sampling (LLaDA RNG order)")
+    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed before sampling (LLaDA RNG order); "
+                        "the priors' noise comes from a CPU generator seeded with it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="model dtype (default: as stored in the checkpoint)")
     parser.add_argument("--out", default=None, help="JSONL file: one record per program (text, tokens, nfe, ...)")
     parser.add_argument("--quiet", action="store_true", help="do not print the programs")
     return parser.parse_args(argv)
+
+
+def hybrid_generator(args, dtype):
+    """ConThenDisc / ConWithinDisc (generators.py) with the priors named on the command line, as a callable
+    (demasker, count, gen_length, block_length, steps, temperature, remasking) -> (tokens, nfe report)."""
+    from generators import conthendisc, conwithindisc, load_prior
+
+    prior = load_prior(args.prior, ae=args.ckpt, device=args.device, dtype=dtype) if args.prior else None
+    prior_generator = torch.Generator().manual_seed(args.seed)
+    if args.method == "conthendisc":
+        if prior is None:
+            raise ValueError("--method conthendisc needs --prior, a train_prior.py run folder")
+        return lambda demasker, count, *settings: conthendisc(demasker, prior, count, *settings,
+                                                              prior_steps=args.prior_steps, prior_generator=prior_generator)
+    if args.cond_prior is None:
+        raise ValueError("--method conwithindisc needs --cond-prior, a train_prior.py --conditional run folder")
+    cond_prior = load_prior(args.cond_prior, ae=args.ckpt, device=args.device, dtype=dtype)
+    return lambda demasker, count, *settings: conwithindisc(
+        demasker, cond_prior, count, *settings, prior=prior, prior_steps=args.prior_steps, refresh_at=args.refresh_at,
+        refresh_prior_steps=args.refresh_prior_steps, prior_generator=prior_generator)
 
 
 def main(argv=None):
@@ -366,6 +401,7 @@ def main(argv=None):
     autoencoding = args.method == "autoencode"
     demasker, encoder, tokenizer = load_run(args.ckpt, autoencoding, args.device, dtype)
     cfg = demasker.cfg
+    hybrid = hybrid_generator(args, dtype) if args.method in ("conthendisc", "conwithindisc") else None
     sources = None
     if autoencoding:
         if args.data is None:
@@ -387,6 +423,9 @@ def main(argv=None):
             enc_mask = sources["enc_mask"][first:first + count].to(args.device)
             tokens, nfe = autoencode(encoder, demasker, enc_ids, enc_mask, gen_length, block_length, steps,
                                      args.temperature, args.remasking, keep=args.keep)
+        elif hybrid is not None:
+            tokens, report = hybrid(demasker, count, gen_length, block_length, steps, args.temperature, args.remasking)
+            nfe = report["nfe"]
         else:
             tokens, nfe = generate(demasker, count, gen_length, block_length, steps, args.temperature, args.remasking)
         total_nfe += nfe
@@ -395,12 +434,17 @@ def main(argv=None):
             record = {"index": first + i, "method": args.method, "text": text, "tokens": tokens[i].tolist(),
                       "nfe": nfe, "gen_length": gen_length, "block_length": block_length, "steps": steps,
                       "temperature": args.temperature, "remasking": args.remasking, "seed": args.seed}
+            if hybrid is not None:
+                record.update(nfe_counts=report, prior=args.prior, cond_prior=args.cond_prior,
+                              prior_steps=args.prior_steps)
+                if args.method == "conwithindisc":
+                    record.update(refresh_at=args.refresh_at, refresh_prior_steps=args.refresh_prior_steps)
             if autoencoding:
                 record["source"] = sources["texts"][first + i]
                 record["cer"] = cer(record["source"], text)
                 errors.append(record["cer"])
             if not args.quiet:
-                tqdm.write(f"===== program {first + i} (NFE {nfe})" + (f", CER {record['cer']:.3f}" if autoencoding else ""))
+                tqdm.write(f"===== program {first + i} (NFE {nfe:.4g})" + (f", CER {record['cer']:.3f}" if autoencoding else ""))
                 if autoencoding:
                     tqdm.write("--- source\n" + record["source"] + "\n--- reconstruction")
                 tqdm.write(text)
@@ -409,7 +453,7 @@ def main(argv=None):
     if out:
         out.close()
         os.replace(args.out + ".tmp", args.out)
-    summary = f"{args.num} programs, NFE {total_nfe} in total ({steps} per batch), {time.time() - start:.1f}s"
+    summary = f"{args.num} programs, NFE {total_nfe:.6g} in total ({nfe:.4g} per batch), {time.time() - start:.1f}s"
     if errors:
         summary += f", mean CER {sum(errors) / len(errors):.4f}"
     print(summary)

@@ -1,0 +1,327 @@
+"""The two hybrid text generators of CRoCoDiL and the latent sampler they share.
+
+Paper map (arXiv 2603.20210):
+- Latent sampling, App. E: DDIM (eta = 0) from Gaussian noise with the x0-predicting DiT g_psi
+  (latent_dit.py) over the cosine DDPM schedule (schedules.py), `prior_steps` denoiser calls (paper:
+  128). Per-register times follow App. E's geometric block offsets exactly as in training: the base
+  time walks the DDIM grid from 1 down to -max_offset and register j runs at clip(t + Delta_b(j), 0, 1)
+  (schedules.register_times), so later blocks are always noisier and every block ends at 0. The
+  result is renormalised to norm sqrt(d) per register (App. C), the encoder's output scale.
+- ConThenDisc, Alg. 2 (Sec. 4.3.1): z_0 ~ G_psi(eps) from the unconditional prior, then the guided MDM
+  (sample.generate with the registers fixed at every step).
+- ConWithinDisc, Alg. 3 (Sec. 4.3.2, App. G): the same guided MDM, but before the steps at fractions
+  `refresh_at` of the loop (default 0.5, App. G's best setting) the registers are redrawn from the
+  conditional prior, z_0 ~ G_psi(eps, h(x_t)), with its own number of DDIM steps (paper: 32). h(x_t)
+  is the encoder's register bank of the current canvas with the still-masked positions hidden
+  (encoder `hide`), built by latent_data.visible_view exactly as in conditional training (Alg. 4).
+  Comment (i) of Sec. 4.3.2: Alg. 3 refreshes at every step; refreshing at a subset is the variant the
+  paper evaluates. refresh_at = () gives ConThenDisc exactly (same seeds, same output; tested). The
+  initial registers come from the unconditional prior (App. G: "@0 is ConThenDisc"); without one they
+  come from the conditional prior given the all-masked canvas (Alg. 3 line 6 at t = 1).
+- Tokenizers: h embeds x_t directly, which needs the encoder and demasker to share a tokenizer (the
+  tiny setting). With the paper's pair (Qwen3 / LLaDA) the visible spans of x_t would have to be
+  detokenised and re-tokenised for Qwen with a hidden mask over the gaps; that is not implemented and
+  raises NotImplementedError naming the gap (train_prior.py records `shared_tokenizer` in prior.json).
+
+NFE, the way the paper counts it (Sec. 5, Fig. 6, App. G "adding less than 2 to the NFE"): the number
+of demasker calls plus the prior's cost in demasker-call equivalents. `nfe_report` returns the raw call
+counts (demasker, DiT, conditional DiT, encoder) and equivalent = sum(calls x forward FLOPs) / demasker
+forward FLOPs, all per example. Forward FLOPs come from the configs (`*_flops` below): 2 x (multiply-
+adds of every matmul-like layer applied per token) + the attention matmuls 4 x T_q x T_k x heads x
+head_dim per layer (QK^T and AV, a full score matrix also for causal attention, as SDPA with a mask
+computes it). Norms, activations, softmax and RoPE are ignored (< 1% at these widths). Embedding
+lookups cost nothing; the demasker's LM head is counted on the L text positions, the encoder has none.
+tests/test_generators.py checks the formulas against torch's FlopCounterMode on the tiny models.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sample import _model_device, _resolve_mask_id, check_schedule, generate, mdm_loop
+from schedules import base_time_range, ddim_step, register_times
+
+PRIOR_SETTINGS_FILE = "prior.json"  # written by train_prior.py next to dit/
+
+
+# ------------------------------------------------------------------------------------------------
+# A trained prior: the DiT and how it was trained
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prior:
+    """g_psi plus the settings sampling must repeat from training (train_prior.py's prior.json)."""
+    dit: torch.nn.Module                  # LatentDiT (EMA weights), x0-prediction
+    num_registers: int                    # K modelled (the first K registers of the encoder's bank)
+    max_offset: float = 0.0               # App. E block offset of the last block
+    block_offsets: bool = True            # False = the ablation (all registers at the same time)
+    encoder: Optional[torch.nn.Module] = None  # conditional prior: the encoder that embeds x_t
+    shared_tokenizer: bool = True         # encoder and demasker read the same token ids
+
+    @property
+    def conditional(self):
+        return bool(self.dit.cfg.cond_dim)
+
+
+def load_prior(folder, ae=None, device="cpu", dtype=None):
+    """A train_prior.py run folder -> Prior. A conditional prior also loads its encoder: the run's own
+    cond_encoder/ (--train-cond-encoder, h_mu) or else the AE run's encoder/ (h_phi, frozen), with as many
+    registers as the DiT's conditioning saw. `ae` overrides the AE folder recorded in prior.json."""
+    from encoder import Encoder
+    from latent_dit import LatentDiT
+
+    folder = Path(folder)
+    settings_file = folder / PRIOR_SETTINGS_FILE
+    if not settings_file.is_file() or not (folder / "dit").is_dir():
+        raise FileNotFoundError(f"{folder} is not a train_prior.py run folder (needs {PRIOR_SETTINGS_FILE} and "
+                                f"dit/); pass --prior / --cond-prior the --out folder of train_prior.py")
+    settings = json.loads(settings_file.read_text())
+    dit = LatentDiT.from_pretrained(str(folder / "dit"), dtype=dtype, device=device).eval()
+    encoder = None
+    if dit.cfg.cond_dim:
+        if (folder / "cond_encoder").is_dir():
+            encoder_dir = folder / "cond_encoder"
+        else:
+            encoder_dir = Path(ae or settings["ae"]) / "encoder"
+            if not encoder_dir.is_dir():
+                raise FileNotFoundError(f"the conditional prior {folder} embeds x_t with the AE encoder, but "
+                                        f"{encoder_dir} does not exist; pass --ae the train_ae.py run it was trained on")
+        encoder = Encoder.from_pretrained(str(encoder_dir), num_registers=settings["cond_registers"],
+                                          dtype=dtype, device=device).eval()
+    return Prior(dit=dit, num_registers=settings["num_registers"], max_offset=settings["max_offset"],
+                 block_offsets=settings["block_offsets"], encoder=encoder,
+                 shared_tokenizer=settings.get("shared_tokenizer", True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Latent sampling (App. E): DDIM with per-register block times
+# ------------------------------------------------------------------------------------------------
+
+
+def _randn(shape, generator, device):
+    """N(0, I) drawn on the generator's device (a CPU generator also serves a CUDA model), then moved."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source).to(device)
+
+
+@torch.no_grad()
+def sample_registers(prior, batch_size, steps=128, cond=None, cond_mask=None, generator=None, z_init=None,
+                     t_start=1.0):
+    """z_0 ~ G_psi(eps [, cond]): deterministic DDIM over the base-time grid (App. E).
+
+    batch_size: B. steps: denoiser calls. cond (B, S, cond_dim), cond_mask (B, S) bool | None: the
+    conditioning of a conditional prior. generator: the source of the initial noise (the only random
+    draw). z_init (B, K, d) and t_start: start from a given noisy bank at base time t_start instead of
+    pure noise at 1 (tests; register-space editing). The grid runs from t_start to -max_offset (0
+    without offsets) so that every block ends at time 0. Returns (registers (B, K, d) float32 of norm
+    sqrt(d) each, denoiser calls).
+    """
+    dit = prior.dit
+    K, d = prior.num_registers, dit.cfg.register_dim
+    device = _model_device(dit)
+    dtype = next(dit.parameters()).dtype
+    lo, _ = base_time_range(prior.max_offset, prior.block_offsets)
+    z = _randn((batch_size, K, d), generator, device) if z_init is None else z_init.to(device, torch.float32)
+    grid = torch.linspace(t_start, lo, steps + 1, dtype=torch.float64)  # = ddim_timesteps(steps, lo) from 1
+    for i in range(steps):
+        t = register_times(grid[i].expand(batch_size), K, prior.max_offset, prior.block_offsets).to(device)
+        t_next = register_times(grid[i + 1].expand(batch_size), K, prior.max_offset, prior.block_offsets).to(device)
+        z0_hat = dit(z.to(dtype), t, cond, cond_mask).float()  # (B, K, d)
+        z = ddim_step(z, z0_hat, t, t_next)
+    return F.normalize(z, dim=-1) * math.sqrt(d), steps
+
+
+@torch.no_grad()
+def embed_canvas(encoder, x, mask_id, eos_id):
+    """h(x_t) for ConWithinDisc: the encoder's registers of the canvas x (B, L) with [M] positions hidden
+    and the text after the first visible EOS treated as padding (latent_data.visible_view, the same view
+    conditional training builds from x^(r)). Hidden ids are replaced by the encoder's pad id so that the
+    [M] id need not exist in its vocabulary. Returns (cond (B, Kc, d), cond_mask None: all valid)."""
+    from latent_data import visible_view
+
+    masked = x == mask_id
+    attention_mask, hide = visible_view(x, masked, eos_id)
+    ids = x.masked_fill(masked, encoder.cfg.pad_token_id)
+    return encoder(ids, attention_mask=attention_mask, hide=hide).float(), None
+
+
+# ------------------------------------------------------------------------------------------------
+# NFE accounting: forward FLOPs from the configs
+# ------------------------------------------------------------------------------------------------
+
+
+def _linear(tokens, fan_in, fan_out):
+    return 2 * tokens * fan_in * fan_out
+
+
+def _attention(q_tokens, k_tokens, heads, head_dim):
+    return 4 * q_tokens * k_tokens * heads * head_dim  # QK^T and AV
+
+
+def _swiglu_block(tokens, width, heads, kv_heads, head_dim, mlp_hidden):
+    q, kv = heads * head_dim, kv_heads * head_dim
+    projections = _linear(tokens, width, q) + 2 * _linear(tokens, width, kv) + _linear(tokens, q, width)
+    return projections + _attention(tokens, tokens, heads, head_dim) + 3 * _linear(tokens, width, mlp_hidden)
+
+
+def demasker_flops(cfg, length, num_registers=0):
+    """One demasker forward on one sequence of `length` tokens with k registers (prefix k + 2 tokens)."""
+    tokens = length + (num_registers + 2 if num_registers else 0)
+    block = _swiglu_block(tokens, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_hidden_size)
+    projection = _linear(num_registers, cfg.register_dim, cfg.d_model) if num_registers else 0
+    return cfg.n_layers * block + projection + _linear(length, cfg.d_model, cfg.vocab_size)
+
+
+def encoder_flops(cfg, length):
+    """One encoder forward on `length` tokens plus its K - 1 suffix registers (no LM head)."""
+    tokens = length + cfg.num_registers - 1
+    return cfg.num_layers * _swiglu_block(tokens, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                          cfg.intermediate_size)
+
+
+def dit_flops(cfg, num_registers, cond_tokens=0):
+    """One LatentDiT forward on K registers (and S conditioning tokens for a conditional model)."""
+    K, h, S = num_registers, cfg.hidden_size, cond_tokens
+    heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    embed = _linear(K, cfg.register_dim, h) + _linear(K, cfg.frequency_embedding_size, h) + _linear(K, h, h) \
+        + _linear(K, h, 6 * h)
+    block = 4 * _linear(K, h, h) + _attention(K, K, heads, head_dim) + 2 * _linear(K, h, cfg.mlp_hidden_size)
+    if cfg.cond_dim:
+        embed += _linear(S, cfg.cond_dim, h) + _linear(S, h, h)
+        block += 2 * _linear(K, h, h) + 2 * _linear(S, h, h) + _attention(K, S, heads, head_dim)
+    return embed + cfg.depth * block + _linear(K, h, cfg.register_dim)
+
+
+def nfe_report(demasker_cfg, gen_length, num_registers, demasker_calls, prior=None, prior_calls=0,
+               cond_prior=None, cond_prior_calls=0, encoder_calls=0):
+    """Raw call counts and the paper's NFE = demasker calls + prior cost in demasker-call equivalents.
+
+    num_registers: k fed to the demasker. The conditional prior's cost per call is its DiT on K registers
+    cross-attending to the Kc conditioning registers; each refresh also runs the encoder once on the
+    gen_length canvas. Returns a dict (see the module docstring for the FLOP model)."""
+    per_call = demasker_flops(demasker_cfg, gen_length, num_registers)
+    prior_flops = 0
+    if prior is not None and prior_calls:
+        prior_flops += prior_calls * dit_flops(prior.dit.cfg, prior.num_registers)
+    if cond_prior is not None and (cond_prior_calls or encoder_calls):
+        cond_registers = cond_prior.encoder.cfg.num_registers
+        prior_flops += cond_prior_calls * dit_flops(cond_prior.dit.cfg, cond_prior.num_registers, cond_registers)
+        prior_flops += encoder_calls * encoder_flops(cond_prior.encoder.cfg, gen_length)
+    equivalent = prior_flops / per_call
+    return {"demasker_calls": demasker_calls, "prior_calls": prior_calls, "cond_prior_calls": cond_prior_calls,
+            "encoder_calls": encoder_calls, "demasker_flops_per_call": per_call, "prior_flops": prior_flops,
+            "prior_equivalent": equivalent, "nfe": demasker_calls + equivalent}
+
+
+# ------------------------------------------------------------------------------------------------
+# ConThenDisc (Alg. 2) and ConWithinDisc (Alg. 3)
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_prior(prior, demasker, name, conditional):
+    cfg = demasker.cfg
+    if prior.conditional != conditional:
+        kind = "conditional (cond_dim set)" if conditional else "unconditional"
+        raise ValueError(f"{name} must be an {kind} prior; got the other kind. Train it with train_prior.py"
+                         + (" --conditional" if conditional else " (without --conditional)"))
+    if prior.dit.cfg.register_dim != cfg.register_dim:
+        raise ValueError(f"{name} samples registers of width {prior.dit.cfg.register_dim} but the demasker reads "
+                         f"register_dim={cfg.register_dim}; use the prior trained on this AE run's encoder")
+    if prior.num_registers > cfg.max_registers:
+        raise ValueError(f"{name} models {prior.num_registers} registers but the demasker takes at most "
+                         f"max_registers={cfg.max_registers}; train the prior with --num-registers <= that")
+
+
+def refresh_steps(refresh_at, steps):
+    """Fractions of the MDM loop -> the set of step indices before which the registers are redrawn.
+
+    A fraction a in [0, 1) refreshes before step round(a * steps) (a = 0.5 with 32 steps: before the
+    17th demasker call, 16 steps done). a = 0 means no refresh (App. G's @0 reference = ConThenDisc)."""
+    chosen = set()
+    for fraction in refresh_at:
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"refresh fractions must lie in [0, 1) (0 = no refresh), got {fraction}")
+        step = round(fraction * steps)
+        if fraction > 0 and 0 < step < steps:
+            chosen.add(step)
+    return chosen
+
+
+def conthendisc(demasker, prior, batch_size, gen_length=256, block_length=None, steps=None, temperature=0.0,
+                remasking="low_confidence", mask_id=None, prior_steps=128, generator=None, prior_generator=None):
+    """Alg. 2: registers from the unconditional prior, then the guided MDM with them fixed.
+
+    block_length defaults to gen_length (one block, the paper's setting), steps to gen_length.
+    generator: the MDM's random stream (sample.generate); prior_generator: the prior's initial noise
+    (None = the global RNG, drawn before the MDM's draws). Returns (tokens (B, gen_length), nfe_report).
+    """
+    _check_prior(prior, demasker, "prior", conditional=False)
+    block_length, steps = block_length or gen_length, steps or gen_length
+    check_schedule(gen_length, block_length, steps)
+    registers, prior_calls = sample_registers(prior, batch_size, prior_steps, generator=prior_generator)
+    tokens, calls = generate(demasker, batch_size, gen_length, block_length, steps, temperature, remasking,
+                             mask_id, registers=registers, generator=generator)
+    return tokens, nfe_report(demasker.cfg, gen_length, prior.num_registers, calls, prior, prior_calls)
+
+
+def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length=None, steps=None,
+                  temperature=0.0, remasking="low_confidence", mask_id=None, prior=None, prior_steps=128,
+                  refresh_at=(0.5,), refresh_prior_steps=32, generator=None, prior_generator=None,
+                  on_refresh=None):
+    """Alg. 3 / App. G: the guided MDM whose registers are redrawn from P(z | h(x_t)) at `refresh_at`.
+
+    prior: the unconditional prior for the initial registers (None: the conditional prior given the
+    all-[M] canvas). refresh_prior_steps: DDIM steps of each redraw (paper: 32). on_refresh: optional
+    callable(step, x, old_registers, new_registers) for inspection. Other arguments as conthendisc.
+    Returns (tokens (B, gen_length), nfe_report).
+    """
+    _check_prior(cond_prior, demasker, "cond_prior", conditional=True)
+    if not cond_prior.shared_tokenizer:
+        raise NotImplementedError(
+            "ConWithinDisc embeds the demasker's canvas x_t with the encoder, which needs a shared tokenizer; this "
+            "conditional prior was trained on an encoder with its own tokenizer. Re-tokenising the visible spans of "
+            "x_t for the encoder is not implemented yet; use ConThenDisc, or an AE run with one tokenizer")
+    if cond_prior.encoder is None:
+        raise ValueError("cond_prior has no encoder to embed x_t; load it with generators.load_prior")
+    block_length, steps = block_length or gen_length, steps or gen_length
+    check_schedule(gen_length, block_length, steps)
+    mask_id = _resolve_mask_id(demasker, mask_id)
+    eos_id = demasker.cfg.eos_token_id
+    device = _model_device(demasker)
+    counts = {"prior": 0, "cond_prior": 0, "encoder": 0}
+    if prior is not None:
+        _check_prior(prior, demasker, "prior", conditional=False)
+        registers, counts["prior"] = sample_registers(prior, batch_size, prior_steps, generator=prior_generator)
+    else:
+        canvas = torch.full((batch_size, gen_length), mask_id, dtype=torch.long, device=device)
+        cond, cond_mask = embed_canvas(cond_prior.encoder, canvas, mask_id, eos_id)
+        counts["encoder"] += 1
+        registers, counts["cond_prior"] = sample_registers(cond_prior, batch_size, prior_steps, cond, cond_mask,
+                                                           generator=prior_generator)
+    when = refresh_steps(refresh_at, steps)
+
+    def refresh(step, x, old, register_mask):
+        if step not in when:
+            return None
+        cond, cond_mask = embed_canvas(cond_prior.encoder, x, mask_id, eos_id)
+        counts["encoder"] += 1
+        new, calls = sample_registers(cond_prior, batch_size, refresh_prior_steps, cond, cond_mask,
+                                      generator=prior_generator)
+        counts["cond_prior"] += calls
+        if on_refresh is not None:
+            on_refresh(step, x, old, new)
+        return new, None
+
+    x = torch.full((batch_size, gen_length), mask_id, dtype=torch.long, device=device)
+    tokens, calls = mdm_loop(demasker, x, 0, block_length, steps, temperature, remasking, mask_id,
+                             registers=registers, generator=generator,
+                             refresh_registers=refresh if when else None)
+    report = nfe_report(demasker.cfg, gen_length, cond_prior.num_registers, calls, prior, counts["prior"],
+                        cond_prior, counts["cond_prior"], counts["encoder"])
+    return tokens, report

@@ -1,0 +1,287 @@
+"""Tests for generators.py: the latent DDIM sampler, ConThenDisc, ConWithinDisc and NFE accounting."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import generators as G
+from demasker import Demasker, DemaskerConfig
+from encoder import Encoder, EncoderConfig
+from latent_dit import DiTConfig, LatentDiT
+from schedules import q_sample, register_times
+
+K, D = 8, 64
+
+
+class Counting(nn.Module):
+    """Wraps a model, counts forward calls and records what it was given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.calls, self.seen = model, model.cfg, 0, []
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        self.seen.append((args, kwargs))
+        return self.model(*args, **kwargs)
+
+
+class Oracle(nn.Module):
+    """A denoiser that always predicts the given clean bank z0 (B, K, d)."""
+
+    def __init__(self, z0):
+        super().__init__()
+        self.cfg = DiTConfig.tiny(register_dim=z0.shape[-1], num_registers=z0.shape[1])
+        self.z0 = nn.Parameter(z0.clone(), requires_grad=False)
+        self.times = []
+
+    def forward(self, z_t, t, cond=None, cond_mask=None):
+        self.times.append(t.clone())
+        return self.z0.expand_as(z_t)
+
+
+def unit_banks(B, seed=0):
+    z = torch.randn(B, K, D, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(z, dim=-1) * math.sqrt(D)
+
+
+def random_dit(conditional=False, seed=0):
+    torch.manual_seed(seed)
+    dit = LatentDiT(DiTConfig.tiny(register_dim=D, num_registers=K, cond_dim=D if conditional else None))
+    with torch.no_grad():  # a fresh DiT predicts 0 exactly; give it a random output layer
+        dit.final_layer.linear.weight.normal_(0, 0.2)
+    return dit.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    demasker = Demasker(DemaskerConfig.tiny(register_dim=D, max_registers=K)).eval()
+    dcfg = demasker.cfg
+    encoder = Encoder(EncoderConfig.tiny(vocab_size=dcfg.vocab_size, hidden_size=D, num_registers=K,
+                                         pad_token_id=dcfg.pad_token_id, eos_token_id=dcfg.eos_token_id)).eval()
+    prior = G.Prior(random_dit(False, 1), K, max_offset=0.2)
+    cond_prior = G.Prior(random_dit(True, 2), K, max_offset=0.2, encoder=encoder)
+    return demasker, prior, cond_prior
+
+
+# ------------------------------------------------------------------------------------------------
+# Latent sampler
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offsets", [True, False])
+def test_ddim_with_oracle_returns_z0_from_noise_and_from_any_zt(offsets):
+    z0 = unit_banks(3)
+    prior = G.Prior(Oracle(z0), K, max_offset=0.3, block_offsets=offsets)
+    out, calls = G.sample_registers(prior, 3, steps=7, generator=torch.Generator().manual_seed(1))
+    assert calls == 7 and torch.allclose(out, z0, atol=1e-5)
+    for t_start in (0.35, 0.8):  # a noisy bank at an intermediate base time, per-register times
+        t = register_times(torch.full((3,), t_start), K, 0.3, offsets)
+        z_t = q_sample(z0, t, torch.randn(3, K, D))
+        out, _ = G.sample_registers(prior, 3, steps=5, z_init=z_t, t_start=t_start)
+        assert torch.allclose(out, z0, atol=1e-5)
+
+
+def test_sampler_times_follow_block_offsets_and_end_at_zero():
+    z0 = unit_banks(2)
+    oracle = Oracle(z0)
+    steps, max_offset = 10, 0.3
+    G.sample_registers(G.Prior(oracle, K, max_offset=max_offset), 2, steps=steps)
+    times = torch.stack(oracle.times)  # (steps, B, K)
+    assert times.shape == (steps, 2, K)
+    assert torch.all(times[0] == 1.0)  # starts from pure noise everywhere
+    assert torch.all((times >= 0) & (times <= 1))
+    assert torch.all(times[:, :, 1:] >= times[:, :, :-1])  # later registers are never less noisy
+    assert torch.all(times[1:] <= times[:-1])  # every register's time only goes down
+    blocks = [[0], [1, 2], [3, 4, 5, 6], [7]]  # K = 8 -> geometric blocks 1, 2, 4, (1)
+    for block in blocks:
+        assert torch.all(times[..., block] == times[..., block[:1]])
+    step = (1 + max_offset) / steps  # the grid runs from 1 to -max_offset
+    mid = times[5, 0]
+    assert torch.allclose(mid[[0, 1, 3, 7]], torch.tensor([1 - 5 * step + o for o in (0, 0.1, 0.2, 0.3)]), atol=1e-6)
+    last = times[-1, 0]  # the last call: block 1 already at 0, the last block one step above 0
+    assert last[0] == 0 and abs(last[-1].item() - step) < 1e-6
+    flat = Oracle(z0)
+    G.sample_registers(G.Prior(flat, K, max_offset=max_offset, block_offsets=False), 2, steps=steps)
+    flat_times = torch.stack(flat.times)
+    assert torch.all(flat_times == flat_times[..., :1])  # the ablation: one time for all registers
+    assert torch.allclose(flat_times[:, 0, 0], torch.linspace(1, 0, steps + 1)[:-1], atol=1e-6)
+
+
+def test_sampler_renormalises_each_register():
+    prior = G.Prior(Oracle(unit_banks(2) * 3.0), K)
+    out, _ = G.sample_registers(prior, 2, steps=3)
+    assert torch.allclose(out.norm(dim=-1), torch.full((2, K), math.sqrt(D)), atol=1e-4)
+
+
+def test_sampler_noise_comes_only_from_the_generator(models):
+    _, prior, _ = models
+    a, _ = G.sample_registers(prior, 2, steps=4, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(123)  # the global RNG plays no part
+    b, _ = G.sample_registers(prior, 2, steps=4, generator=torch.Generator().manual_seed(5))
+    c, _ = G.sample_registers(prior, 2, steps=4, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# h(x_t): the conditioning view of the canvas
+# ------------------------------------------------------------------------------------------------
+
+
+def test_embed_canvas_hides_masked_positions_and_padding(models):
+    demasker, _, cond_prior = models
+    cfg, encoder = demasker.cfg, cond_prior.encoder
+    M, E = cfg.mask_token_id, cfg.eos_token_id
+    x = torch.tensor([[cfg.bos_token_id, 5, M, 7, M, 9, E, E, E, E],
+                      [cfg.bos_token_id, 5, 6, 7, 8, 9, 10, E, E, E]])
+    cond, cond_mask = G.embed_canvas(encoder, x, M, E)
+    assert cond_mask is None and cond.shape == (2, K, D)
+    other = x.clone()
+    other[0, [2, 4]] = torch.tensor([11, 12])  # what a masked position would become does not matter ...
+    other[0, 8:] = M  # ... nor does anything after the first visible EOS
+    other[0, 2], other[0, 4] = M, M
+    assert torch.allclose(G.embed_canvas(encoder, other, M, E)[0], cond, atol=1e-5)
+    changed = x.clone()
+    changed[0, 3] = 13  # a visible token does
+    assert not torch.allclose(G.embed_canvas(encoder, changed, M, E)[0][0], cond[0], atol=1e-3)
+    clean = encoder(x[1:], attention_mask=torch.arange(10)[None] <= 7)  # nothing masked: plain h_phi(x_0)
+    assert torch.allclose(cond[1:], clean, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# ConThenDisc and ConWithinDisc
+# ------------------------------------------------------------------------------------------------
+
+
+def run_both(models, refresh_at, temperature=1.0, **kwargs):
+    demasker, prior, cond_prior = models
+    settings = dict(gen_length=16, steps=8, temperature=temperature, prior_steps=6)
+    torch.manual_seed(7)
+    a, _ = G.conthendisc(demasker, prior, 3, **settings, prior_generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    b, report = G.conwithindisc(demasker, cond_prior, 3, **settings, prior=prior, refresh_at=refresh_at,
+                                refresh_prior_steps=4, prior_generator=torch.Generator().manual_seed(1), **kwargs)
+    return a, b, report
+
+
+@pytest.mark.parametrize("refresh_at", [(), (0.0,)])
+def test_conwithindisc_without_refresh_is_exactly_conthendisc(models, refresh_at):
+    a, b, report = run_both(models, refresh_at)
+    assert torch.equal(a, b)
+    assert report["cond_prior_calls"] == 0 and report["encoder_calls"] == 0
+    _, c, _ = run_both(models, (0.5,))
+    assert not torch.equal(a, c)  # the refresh does change the output on this model
+
+
+@pytest.mark.parametrize("refresh_at,expected_steps", [((0.5,), [4]), ((0.25, 0.75), [2, 6]), ((0.5, 0.5), [4])])
+def test_refresh_changes_registers_at_the_configured_steps_only(models, refresh_at, expected_steps):
+    demasker, prior, cond_prior = models
+    counting = Counting(demasker)
+    events = []
+    g = torch.Generator().manual_seed(3)
+    G.conwithindisc(counting, cond_prior, 2, gen_length=16, steps=8, prior=prior, prior_steps=5,
+                    refresh_at=refresh_at, refresh_prior_steps=3, prior_generator=g,
+                    on_refresh=lambda step, x, old, new: events.append((step, x.clone(), new.clone())))
+    seen = [kwargs["registers"] for _, kwargs in counting.seen]
+    assert len(seen) == 8
+    changes = [i for i in range(1, 8) if not torch.equal(seen[i], seen[i - 1])]
+    assert changes == expected_steps == [step for step, _, _ in events]
+    # the redraw is the conditional prior given h(x_t) of the canvas at that step, with the next noise
+    replay = torch.Generator().manual_seed(3)
+    G.sample_registers(prior, 2, 5, generator=replay)  # the initial draw
+    for step, x, new in events:
+        assert int((x != demasker.cfg.mask_token_id).sum(1)[0]) == 2 * step  # 16 tokens / 8 steps
+        cond, _ = G.embed_canvas(cond_prior.encoder, x, demasker.cfg.mask_token_id, demasker.cfg.eos_token_id)
+        expected, _ = G.sample_registers(cond_prior, 2, 3, cond, generator=replay)
+        assert torch.allclose(new, expected, atol=1e-6) and torch.equal(seen[step], new)
+
+
+def test_refresh_steps_and_errors():
+    assert G.refresh_steps([0.5], 32) == {16}
+    assert G.refresh_steps([0.0, 0.25, 0.75], 8) == {2, 6}
+    assert G.refresh_steps([0.01], 8) == set()  # rounds to step 0: nothing to refresh before
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        G.refresh_steps([1.0], 8)
+
+
+def test_generators_reject_mismatched_priors(models):
+    demasker, prior, cond_prior = models
+    with pytest.raises(ValueError, match="unconditional"):
+        G.conthendisc(demasker, cond_prior, 1, gen_length=8, steps=2)
+    with pytest.raises(ValueError, match="conditional"):
+        G.conwithindisc(demasker, prior, 1, gen_length=8, steps=2)
+    separate = G.Prior(cond_prior.dit, K, encoder=cond_prior.encoder, shared_tokenizer=False)
+    with pytest.raises(NotImplementedError, match="tokenizer"):
+        G.conwithindisc(demasker, separate, 1, gen_length=8, steps=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# NFE accounting
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_prior", [True, False])
+def test_nfe_counts_equal_forward_calls(models, use_prior):
+    demasker, prior, cond_prior = models
+    dem = Counting(demasker)
+    dit, cdit, enc = Counting(prior.dit), Counting(cond_prior.dit), Counting(cond_prior.encoder)
+    counted_prior = G.Prior(dit, K, 0.2)
+    counted_cond = G.Prior(cdit, K, 0.2, encoder=enc)
+    _, report = G.conthendisc(dem, counted_prior, 2, gen_length=16, block_length=8, steps=6, prior_steps=5)
+    assert (report["demasker_calls"], report["prior_calls"]) == (dem.calls, dit.calls) == (6, 5)
+    dem.calls = dit.calls = 0
+    _, report = G.conwithindisc(dem, counted_cond, 2, gen_length=16, block_length=8, steps=6,
+                                prior=counted_prior if use_prior else None, prior_steps=5,
+                                refresh_at=(0.3, 0.6), refresh_prior_steps=4)
+    assert report["demasker_calls"] == dem.calls == 6
+    assert report["prior_calls"] == dit.calls == (5 if use_prior else 0)
+    assert report["cond_prior_calls"] == cdit.calls == 2 * 4 + (0 if use_prior else 5)
+    assert report["encoder_calls"] == enc.calls == 2 + (0 if use_prior else 1)
+    flops = (dit.calls * G.dit_flops(prior.dit.cfg, K) + cdit.calls * G.dit_flops(cond_prior.dit.cfg, K, K)
+             + enc.calls * G.encoder_flops(cond_prior.encoder.cfg, 16))
+    assert report["prior_equivalent"] == pytest.approx(flops / G.demasker_flops(demasker.cfg, 16, K))
+    assert report["nfe"] == pytest.approx(6 + report["prior_equivalent"])
+
+
+def math_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
+    """SDPA written with matmuls so that FlopCounterMode counts it (it skips the fused CPU kernel)."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def counted_flops(model, *args, **kwargs):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def test_flop_formulas_match_torch_flop_counter(models, monkeypatch):
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", math_sdpa)
+    demasker, prior, cond_prior = models
+    ids = torch.randint(0, 500, (1, 12))
+    assert counted_flops(demasker, ids) == G.demasker_flops(demasker.cfg, 12)
+    assert counted_flops(demasker, ids, registers=torch.randn(1, 5, D)) == G.demasker_flops(demasker.cfg, 12, 5)
+    assert counted_flops(cond_prior.encoder, ids) == G.encoder_flops(cond_prior.encoder.cfg, 12)
+    t = torch.rand(1, K)
+    assert counted_flops(prior.dit, torch.randn(1, K, D), t) == G.dit_flops(prior.dit.cfg, K)
+    assert counted_flops(cond_prior.dit, torch.randn(1, K, D), t, torch.randn(1, 3, D)) == \
+        G.dit_flops(cond_prior.dit.cfg, K, 3)
+
+
+def test_paper_scale_prior_costs_about_what_the_paper_says():
+    """App. G: one ConWithinDisc refresh adds < 2 to the NFE at L = 512 (LLaDA-8B, ~400M DiT, K = 8)."""
+    demasker = DemaskerConfig.llada_8b_base()
+    one_call = G.demasker_flops(demasker, 512, 8)
+    prior = 128 * G.dit_flops(DiTConfig.paper(), 8)
+    refresh = 32 * G.dit_flops(DiTConfig.paper(conditional=True), 8, 8) + \
+        G.encoder_flops(EncoderConfig.qwen3_embedding_0_6b(num_registers=8), 512)
+    assert 0.05 < prior / one_call < 0.2
+    assert (prior + refresh) / one_call < 2

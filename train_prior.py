@@ -1,0 +1,474 @@
+"""Train the latent prior g_psi on register banks: unconditional (Alg. 5) or conditional (Alg. 4).
+
+Paper map (arXiv 2603.20210, App. E):
+- Alg. 5 (ConThenDisc's prior): z_0 = h_phi(x_0) from the frozen encoder (latent_data.py banks),
+  t ~ U, z_t = sqrt(ab(t)) z_0 + sqrt(1 - ab(t)) eps (cosine DDPM, schedules.q_sample), loss
+  ||g_psi(z_t, t) - z_0||^2 (x0-prediction), here the mean over registers AND entries (each register
+  has norm sqrt(d), so an entry's mean square is 1 and the loss reads as a relative error).
+- App. E block offsets: the K registers form geometric blocks 1, 2, 4, ...; block b is noised at
+  clip(t + Delta_b, 0, 1) with the base time t ~ U[-max_offset, 1] (schedules.sample_base_times /
+  register_times), so every block sees all of [0, 1] and later blocks are always noisier.
+  --no-block-offsets is the ablation of App. G (iii).
+- Alg. 4 / App. E (`--conditional`, ConWithinDisc's prior): r ~ U[0, 1], x^(r) masks each position with
+  probability r, the conditioning is the encoder's registers of x^(r) with the masked positions hidden
+  (latent_data.visible_view, the same view generators.py builds from x_t), and the DiT cross-attends to
+  them. The encoder is frozen (h_phi) unless --train-cond-encoder, which trains a second encoder h_mu
+  initialised from h_phi jointly with the DiT (Sec. 4.3.2, comment (iii)).
+- Only the first --num-registers K registers of each bank are modelled (paper: K = 8 out of banks of 128
+  for generation, App. G (i)); the conditioning uses --cond-registers registers of x^(r) (default K).
+- Training details (flag names, get_lr and make_optimizer shared with train_ae.py): AdamW with weight decay on
+  matrices only, linear warmup then cosine decay, gradient clipping, EMA of the weights
+  (DiT / PixArt keep one at 0.9999; the effective decay is min(decay, (1 + step) / (10 + step)) so short
+  runs are not dominated by the initial weights). The EMA weights are the model used for sampling.
+- Validation (App. E, Fig. 9): on fixed held-out banks with fixed noise, MSE and PSNR(g(z_t, t), z_0)
+  at base times t = 0, 0.1, ..., 1 (PSNR with peak 1 = the RMS of a register entry; metrics.psnr); the
+  conditional prior is validated at r = 0.5, the paper's inference ratio. Lines go to log.jsonl.
+
+Run folder (--out-dir):
+    prior.json        settings sampling must repeat (K, offsets, conditioning) + pointer to the AE run
+    args.json         the command line
+    dit/              EMA weights, LatentDiT.save_pretrained (the model generators.load_prior reads)
+    cond_encoder/     EMA h_mu (only with --train-cond-encoder)
+    train_state/      raw weights (dit/, cond_encoder/) + training_state.pt (AdamW, EMA, step), written
+                      atomically by distributed.save_checkpoint; `--resume` continues bit-exactly
+    log.jsonl         {"step", "loss", "lr", ...} and {"step", "val_mse", "t": [...], "psnr": [...]}
+Randomness is a function of (seed, step) only: batch rows come from a stream of per-epoch permutations
+and each step draws t, the noise and the masks for the whole global batch from a generator seeded by
+(seed, step), each rank taking its rows. So resuming needs no RNG state and any number of ranks (or
+micro-batches) follows the same trajectory up to float summation order.
+
+    python train_prior.py --ae runs/ae --out-dir runs/prior --max-steps 2000
+    python train_prior.py --ae runs/ae --out-dir runs/cprior --conditional --max-steps 2000
+    torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers 8 \
+        --global-batch-size 512 --lr 1e-4 --ema-decay 0.9999 --amp bf16
+"""
+
+import argparse
+import copy
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import distributed as D
+from latent_data import RegisterBank, build_bank, default_cache_dir, encoder_fingerprint, mask_positions, visible_view
+from latent_dit import DiTConfig, LatentDiT
+from generators import PRIOR_SETTINGS_FILE
+from schedules import q_sample, register_times, sample_base_times
+
+STATE_DIR = "train_state"
+VAL_TIMES = [round(0.1 * i, 1) for i in range(11)]
+VAL_SEED = 987654321
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainable module: the DiT and (optionally) the conditioning encoder h_mu
+# ------------------------------------------------------------------------------------------------
+
+
+class PriorTrainee(nn.Module):
+    """g_psi, plus h_mu when the conditioning encoder is trained (one module, so DDP syncs both)."""
+
+    def __init__(self, dit, cond_encoder=None):
+        super().__init__()
+        self.dit = dit
+        self.cond_encoder = cond_encoder
+
+    def forward(self, z_t, t, cond=None, cond_ids=None, cond_attention=None, cond_hide=None):
+        """z_t (B, K, d), t (B, K); cond (B, S, c) precomputed by a frozen encoder, or the x^(r) view
+        (cond_ids, cond_attention, cond_hide) (B, L) for h_mu. Returns z0_hat (B, K, d)."""
+        if self.cond_encoder is not None:
+            cond = self.cond_encoder(cond_ids, attention_mask=cond_attention, hide=cond_hide)
+        return self.dit(z_t, t, cond, None)
+
+
+def prior_loss(model, z0, t, noise, **cond):
+    """Alg. 4/5 line 5-7: MSE between g(q_sample(z0, t, noise), t) and z0, mean over every entry."""
+    z_t = q_sample(z0, t, noise)
+    return F.mse_loss(model(z_t, t, **cond).float(), z0)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, kept as a second module (for sampling)."""
+
+    def __init__(self, module):
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module, decay):
+        for average, current in zip(self.module.parameters(), module.parameters()):
+            average.lerp_(current.detach().to(average.dtype), 1.0 - decay)
+
+
+def ema_decay(decay, step):
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data order and per-step randomness: functions of (seed, step)
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed, epoch, n):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_rows(step, global_batch, n, seed):
+    """Rows of global batch `step`: positions step*G .. (step+1)*G - 1 of the concatenated per-epoch
+    permutations of range(n) (works for G > n as well). Returns (G,) int64."""
+    rows, position = [], step * global_batch
+    while len(rows) < global_batch:
+        epoch, offset = divmod(position, n)
+        take = _epoch_permutation(seed, epoch, n)[offset:offset + global_batch - len(rows)]
+        rows.extend(take.tolist())
+        position += len(take)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def step_draws(seed, step, global_batch, num_registers, dim, max_offset, offsets, seq_len=None):
+    """Every random number of one step, for the whole global batch: base times (G,), noise (G, K, d) and,
+    for the conditional prior (seq_len given), mask ratios r (G,) and uniforms (G, L)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    draws = {"t": sample_base_times(global_batch, max_offset, offsets, generator=g),
+             "noise": torch.randn(global_batch, num_registers, dim, generator=g)}
+    if seq_len is not None:
+        draws["r"] = torch.rand(global_batch, generator=g)
+        draws["u"] = torch.rand(global_batch, seq_len, generator=g)
+    return draws
+
+
+def conditioning_inputs(tokens, rows, uniforms, ratios, eos_id, pad_id, device):
+    """x^(r) for the encoder: (ids with masked positions set to pad, attention_mask, hide), each (B, L)."""
+    enc_ids = tokens.batch(rows)["encoder_ids"]
+    masked = mask_positions(uniforms, ratios)
+    attention_mask, hide = visible_view(enc_ids, masked, eos_id)
+    return enc_ids.masked_fill(masked, pad_id).to(device), attention_mask.to(device), hide.to(device)
+
+
+def model_inputs(ctx, rows, t_base, noise, r=None, u=None):
+    """(z0, t (B, K), noise, cond kwargs) on the device for these bank rows and their draws."""
+    a = ctx["args"]
+    device = ctx["device"]
+    z0 = ctx["bank"].batch(rows).to(device)
+    t = register_times(t_base, a.num_registers, a.max_offset, not a.no_block_offsets).to(device)
+    kwargs = {}
+    if a.conditional:
+        ids, attention, hide = conditioning_inputs(ctx["tokens"], rows, u, r, ctx["eos_id"], ctx["pad_id"], device)
+        if ctx["frozen_encoder"] is not None:
+            with torch.no_grad():
+                kwargs["cond"] = ctx["frozen_encoder"](ids, attention_mask=attention, hide=hide).float()
+        else:
+            kwargs.update(cond_ids=ids, cond_attention=attention, cond_hide=hide)
+    return z0, t, noise.to(device), kwargs
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: MSE and PSNR as a function of t (Fig. 9)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(model, ctx):
+    """EMA model on the first --val-examples held-out banks, fixed noise (and r = 0.5 masks)."""
+    from metrics import psnr
+
+    a, bank = ctx["args"], ctx["val_bank"]
+    n = min(len(bank), a.val_examples)
+    rows = np.arange(n)
+    g = torch.Generator().manual_seed(VAL_SEED)
+    noise = torch.randn(n, a.num_registers, bank.dim, generator=g)
+    u = torch.rand(n, ctx["seq_len"], generator=g) if a.conditional else None
+    r = torch.full((n,), 0.5)
+    tokens = ctx.get("tokens")
+    ctx["tokens"], ctx["bank"] = ctx.get("val_tokens"), bank  # model_inputs reads the val split
+    mse, psnr_db = [], []
+    try:
+        for t_value in VAL_TIMES:
+            errors, ratios = [], []
+            for first in range(0, n, a.micro_batch_size):
+                part = slice(first, min(n, first + a.micro_batch_size))
+                z0, t, eps, kwargs = model_inputs(ctx, rows[part], torch.full((len(rows[part]),), t_value),
+                                                  noise[part], r[part], None if u is None else u[part])
+                pred = model(q_sample(z0, t, eps), t, **kwargs).float()
+                errors.append((pred - z0).pow(2).flatten(1).mean(1).cpu())
+                ratios.append(psnr(pred, z0).cpu())
+            mse.append(float(torch.cat(errors).mean()))
+            psnr_db.append(float(torch.cat(ratios).mean()))
+    finally:
+        ctx["tokens"], ctx["bank"] = tokens, ctx["train_bank"]
+    return {"val_mse": float(np.mean(mse)), "t": VAL_TIMES, "mse": mse, "psnr": psnr_db, "val_examples": n}
+
+
+# ------------------------------------------------------------------------------------------------
+# Setup: banks, models, run folder
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_ae(path):
+    """The folder holding encoder/ (and demasker/): a train_ae.py run's checkpoint/, or that folder itself."""
+    path = Path(path)
+    for folder in (path, path / "checkpoint"):
+        if (folder / "encoder" / "config.json").is_file():
+            return folder
+    raise FileNotFoundError(f"{path} holds no encoder/ (nor checkpoint/encoder/); pass --ae a train_ae.py run "
+                            f"trained with registers (not --no-registers)")
+
+
+def resolve_data_dir(args, ae):
+    """--data, else the data folder recorded in the AE run's args.json ("data"; relative to the working
+    directory of training, or to the run folder's parent)."""
+    if args.data:
+        return args.data
+    for args_file in (ae / "args.json", ae.parent / "args.json"):
+        recorded = json.loads(args_file.read_text()).get("data") if args_file.is_file() else None
+        if recorded:
+            for candidate in (Path(recorded), ae.parent.parent / recorded):
+                if (candidate / "meta.json").is_file():
+                    return str(candidate)
+    raise ValueError(f"no --data given and the AE run {ae} records no existing data folder; pass --data <data.py "
+                     f"cache folder>")
+
+
+def build_models(args, encoder_dir, device):
+    """(PriorTrainee, frozen conditioning encoder | None, cond encoder config | None)."""
+    from checkpoint import read_config
+    from encoder import Encoder
+
+    encoder_cfg = read_config(encoder_dir)
+    preset = DiTConfig.paper if args.preset == "paper" else DiTConfig.tiny
+    overrides = {key: value for key, value in (("hidden_size", args.hidden_size), ("depth", args.depth),
+                                               ("num_heads", args.num_heads)) if value is not None}
+    cfg = preset(register_dim=encoder_cfg["hidden_size"], num_registers=args.num_registers,
+                 cond_dim=encoder_cfg["hidden_size"] if args.conditional else None, **overrides)
+    torch.manual_seed(args.seed)
+    dit = LatentDiT(cfg)
+    frozen, trained = None, None
+    if args.conditional:
+        if not 1 <= args.cond_registers <= encoder_cfg["num_registers"]:
+            raise ValueError(f"--cond-registers must lie in [1, {encoder_cfg['num_registers']}] (the encoder's K)")
+        encoder = Encoder.from_pretrained(str(encoder_dir), num_registers=args.cond_registers, device=device)
+        if args.train_cond_encoder:
+            trained = encoder.float().train()
+        else:
+            frozen = encoder.eval().requires_grad_(False)
+    return PriorTrainee(dit, trained).to(device), frozen
+
+
+def write_settings(args, out, data_dir, encoder_dir, shared_tokenizer):
+    settings = {"ae": str(resolve_ae(args.ae).resolve()), "data": str(Path(data_dir).resolve()),
+                "encoder_fingerprint": encoder_fingerprint(encoder_dir), "num_registers": args.num_registers,
+                "block_offsets": not args.no_block_offsets, "max_offset": args.max_offset,
+                "conditional": args.conditional, "cond_registers": args.cond_registers if args.conditional else None,
+                "train_cond_encoder": args.train_cond_encoder, "shared_tokenizer": shared_tokenizer}
+    (out / PRIOR_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+
+def save(ctx, model, optimizer, ema, step):
+    """Training state (atomic, all ranks), then the EMA sampling weights (rank 0)."""
+    env, out, trainee = ctx["env"], ctx["out"], D.unwrap(model)
+    parts = {"dit": {**trainee.dit.cfg.to_dict(), "crocodil_model": "latent_dit"}}
+    if trainee.cond_encoder is not None:
+        parts["cond_encoder"] = {**trainee.cond_encoder.cfg.to_dict(), "crocodil_model": "encoder"}
+    ema_state = {key: value.detach().cpu() for key, value in ema.module.state_dict().items()}
+    D.save_checkpoint(out / STATE_DIR, model, optimizer, ctx["env"], parts=parts, extra={"step": step, "ema": ema_state})
+    if env.is_main:
+        ema.module.dit.save_pretrained(out / "dit")
+        if ema.module.cond_encoder is not None:
+            ema.module.cond_encoder.save_pretrained(out / "cond_encoder")
+    D.barrier(env)
+
+
+def log_line(ctx, record):
+    """Append one record to OUT/log.jsonl (rank 0); "type" is "train" or "val" as in train_ae.py."""
+    if ctx["env"].is_main:
+        with open(ctx["out"] / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def truncate_log(out, step):
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    path = out / "log.jsonl"
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the latent DiT prior over encoder register banks: unconditional "
+                                            "(Alg. 5, ConThenDisc) or --conditional on h(x^(r)) (Alg. 4, ConWithinDisc). "
+                                            "Flag names follow train_ae.py.")
+    a = p.add_argument
+    a("--ae", required=True, help="train_ae.py run folder (or its checkpoint/); its encoder/ (frozen) makes the banks")
+    a("--data", default=None, help="data.py cache folder (default: the one recorded in the AE run's args.json)")
+    a("--out-dir", "--out", dest="out_dir", required=True, help="run folder to write (see the module docstring)")
+    a("--resume", action="store_true", help="continue exactly from OUT/train_state")
+    a("--stop-at", type=int, default=None, help="save and stop after this step without changing the LR schedule "
+      "(split a run into jobs; continue with --resume)")
+    # model
+    a("--preset", choices=["tiny", "paper"], default="tiny",
+      help="DiT size: tiny (64 wide, 2 blocks) or paper (App. E: 28 blocks, ~409M unconditional)")
+    a("--hidden-size", type=int, default=None, help="override the preset's DiT width")
+    a("--depth", type=int, default=None, help="override the preset's number of DiT blocks")
+    a("--num-heads", type=int, default=None, help="override the preset's attention heads")
+    a("--num-registers", type=int, default=8, help="K: the first K registers of each bank are modelled "
+      "(paper: 8 of 128 for generation, App. G (i))")
+    a("--conditional", action="store_true", help="train P(z | h(x^(r))) for ConWithinDisc (Alg. 4)")
+    a("--cond-registers", type=int, default=None,
+      help="registers of h(x^(r)) the conditional DiT cross-attends to (default: --num-registers)")
+    a("--train-cond-encoder", action="store_true",
+      help="train a second encoder h_mu (initialised from h_phi) on x^(r) jointly with the DiT (comment (iii))")
+    a("--max-offset", type=float, default=0.2,
+      help="App. E block offset of the last register block (blocks get 0 .. max-offset, linearly; our choice)")
+    a("--no-block-offsets", action="store_true", help="ablation (App. G (iii)): every register at the same time")
+    # optimization (names and meaning as train_ae.py; get_lr / make_optimizer are shared)
+    a("--max-steps", "--steps", dest="max_steps", type=int, default=2000, help="optimizer steps")
+    a("--global-batch-size", type=int, default=64, help="register banks per optimizer step over all ranks")
+    a("--micro-batch-size", type=int, default=None, help="banks per forward per rank (default: global batch / "
+      "world size, no accumulation)")
+    a("--lr", type=float, default=1e-3, help="peak AdamW learning rate (tiny 1e-3; DiT/PixArt use 1e-4 at scale)")
+    a("--min-lr-ratio", type=float, default=0.1, help="final LR of the cosine decay as a fraction of --lr")
+    a("--warmup-steps", type=int, default=100, help="linear LR warm-up steps")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (DiT: 0, PixArt: 0.03)")
+    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+    a("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights (DiT/PixArt: 0.9999 for "
+      "long runs); the effective decay is min(this, (1 + step) / (10 + step))")
+    a("--seed", type=int, default=0, help="seeds the init, the data order and every noise / mask draw")
+    # validation and logging
+    a("--eval-interval", type=int, default=250, help="validate every N steps and at the end (0 = only at the end)")
+    a("--val-examples", type=int, default=256, help="held-out register banks used for validation")
+    a("--log-interval", type=int, default=25, help="write a train record to log.jsonl every N steps")
+    a("--save-interval", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    # banks and systems
+    a("--bank-cache", default=None, help="register bank folder (default: <ae>/register_banks)")
+    a("--bank-batch-size", type=int, default=64, help="programs per encoder call when building banks")
+    a("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward (weights stay fp32)")
+    a("--compile", action="store_true", help="torch.compile each DiT block")
+    a("--device", default=None, help="cpu / cuda (default: cuda:LOCAL_RANK if available, else cpu)")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default); 1 is faster for tiny "
+      "models on a busy machine")
+    a("--quiet", action="store_true", help="no progress bar or validation lines")
+    args = p.parse_args(argv)
+    args.cond_registers = args.cond_registers or args.num_registers
+    if args.train_cond_encoder and not args.conditional:
+        p.error("--train-cond-encoder needs --conditional")
+    return args
+
+
+def main(argv=None):
+    from data import TokenData, load_meta
+    from train_ae import get_lr, make_optimizer
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = D.setup(device=args.device)
+    D.enable_tf32(env)
+    out, ae = Path(args.out_dir), resolve_ae(args.ae)
+    encoder_dir = ae / "encoder"
+    data_dir = resolve_data_dir(args, ae)
+    meta = load_meta(data_dir)
+    shared_tokenizer = bool(meta.get("shared_tokenizer", True))
+    if args.resume and not (out / STATE_DIR / D.TRAINING_STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume: {out / STATE_DIR} holds no checkpoint; drop --resume to start a new run")
+    if not args.resume and (out / STATE_DIR).is_dir():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out-dir")
+
+    cache = args.bank_cache or default_cache_dir(ae)
+    banks = {split: RegisterBank(build_bank(encoder_dir, data_dir, split, args.num_registers, cache,
+                                            args.bank_batch_size, device=env.device, env=env,
+                                            progress=not args.quiet))
+             for split in ("train", "val") if len(TokenData(data_dir, split))}
+    if "train" not in banks:
+        raise ValueError(f"the train split of {data_dir} is empty")
+    model, frozen = build_models(args, encoder_dir, env.device)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            write_settings(args, out, data_dir, encoder_dir, shared_tokenizer)
+    ema = EMA(model)
+    model = D.wrap_model(model, env, mode="ddp")
+    D.maybe_compile(model, args.compile, env)
+    optimizer = make_optimizer(model, args)  # train_ae.py's AdamW: decay on matrices only
+    micro = args.micro_batch_size or args.global_batch_size // env.world_size
+    accum = D.accumulation_steps(args.global_batch_size, micro, env.world_size)
+    args.micro_batch_size = micro
+    start = 0
+    if args.resume:
+        extra = D.load_checkpoint(out / STATE_DIR, model, optimizer, env)
+        ema.module.load_state_dict(extra["ema"])
+        start = extra["step"]
+        if env.is_main:
+            truncate_log(out, start)
+
+    ctx = {"args": args, "env": env, "out": out, "device": env.device, "bank": banks["train"],
+           "train_bank": banks["train"], "val_bank": banks.get("val"), "frozen_encoder": frozen, "seq_len": None}
+    if args.conditional:
+        ctx["tokens"], ctx["val_tokens"] = TokenData(data_dir, "train"), TokenData(data_dir, "val")
+        ctx["seq_len"] = ctx["tokens"].encoder_ids.shape[1]
+        enc_cfg = (frozen or D.unwrap(model).cond_encoder).cfg
+        ctx["eos_id"] = meta["eos_id"] if shared_tokenizer else enc_cfg.eos_token_id
+        ctx["pad_id"] = enc_cfg.pad_token_id
+    G = args.global_batch_size
+    stop = min(args.max_steps, args.stop_at or args.max_steps)
+    n, dim, per_rank = len(banks["train"]), banks["train"].dim, G // env.world_size
+    bar = tqdm(total=args.max_steps, initial=start, desc="prior" + (" (conditional)" if args.conditional else ""),
+               disable=args.quiet or not env.is_main, dynamic_ncols=True)
+    began = time.time()
+    for step in range(start, stop):
+        lr = get_lr(step, args, args.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = batch_rows(step, G, n, args.seed)
+        draws = step_draws(args.seed, step, G, args.num_registers, dim, args.max_offset, not args.no_block_offsets,
+                           ctx["seq_len"])
+        model.train()
+        step_loss = 0.0
+        for m in range(accum):
+            part = slice(env.rank * per_rank + m * micro, env.rank * per_rank + (m + 1) * micro)
+            r, u = (draws["r"][part], draws["u"][part]) if args.conditional else (None, None)
+            z0, t, noise, kwargs = model_inputs(ctx, rows[part], draws["t"][part], draws["noise"][part], r, u)
+            with D.grad_sync(model, enabled=m == accum - 1), D.autocast(env, args.amp):
+                loss = prior_loss(model, z0, t, noise, **kwargs) / accum
+                loss.backward()
+            step_loss += loss.item()
+        grad_norm = D.clip_grad_norm(model, args.grad_clip) if args.grad_clip > 0 else float("nan")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(D.unwrap(model), ema_decay(args.ema_decay, step))
+        done = step + 1
+        metrics = D.all_reduce_mean({"loss": step_loss}, env)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+        if done % args.log_interval == 0 or done == stop:
+            log_line(ctx, {"type": "train", "step": done, "loss": metrics["loss"], "lr": lr, "grad_norm": grad_norm,
+                           "seconds": round(time.time() - began, 2)})
+        if done % args.save_interval == 0 or done == stop:
+            save(ctx, model, optimizer, ema, done)
+        if ctx["val_bank"] is not None and ((args.eval_interval and done % args.eval_interval == 0) or done == stop):
+            if env.is_main:
+                result = validate(ema.module, ctx)
+                log_line(ctx, {"type": "val", "step": done, **result})
+                if not args.quiet:
+                    bar.write(f"val step {done}: MSE {result['val_mse']:.4f}, PSNR(t = 0, 0.1, .., 1) "
+                              + " ".join(f"{p:.1f}" for p in result["psnr"]))
+            D.barrier(env)
+    bar.close()
+    D.cleanup(env)
+    return out
+
+
+if __name__ == "__main__":
+    main()
