@@ -1,0 +1,212 @@
+"""eval.py end to end on tiny random checkpoints: every subcommand runs and writes the JSON schema it promises.
+
+Quality is not tested here (random weights); the numbers are tested in test_metrics.py. The fixture builds,
+once per module: a data cache from a synthetic JSONL corpus (data.py), an AE run and a second one (fig7), a
+base MDM, an unconditional prior, a conditional prior, a prior without block offsets, and a scorer.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import eval as E
+from data import load_meta
+from demasker import Demasker, DemaskerConfig
+from encoder import Encoder, EncoderConfig
+from latent_dit import DiTConfig, LatentDiT
+from train_scorer import save_scorer
+
+K, WIDTH, L = 4, 32, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not fight other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _programs(n):
+    """Small distinct Python programs with their own 'path' (data.py splits by path)."""
+    out = []
+    for i in range(n):
+        if i % 2:
+            text = f"def f{i}(x):\n    return x + {i}"
+        else:
+            text = f"def g{i}(x, y={i % 7}):\n    z = x * {i} + y\n    if z > 3:\n        return z - {i % 5}\n    return z"
+        out.append({"text": text, "path": f"m{i}.py"})
+    return out
+
+
+def _ae(folder, meta, seed):
+    torch.manual_seed(seed)
+    ecfg = EncoderConfig.tiny(vocab_size=meta["vocab_size"], hidden_size=WIDTH, num_heads=2, num_kv_heads=1,
+                              head_dim=16, intermediate_size=64, num_layers=1, num_registers=K,
+                              eos_token_id=meta["eos_id"], pad_token_id=meta["eos_id"], mask_token_id=meta["mask_id"])
+    dcfg = DemaskerConfig.tiny(vocab_size=meta["vocab_size"], d_model=WIDTH, n_layers=1, n_heads=2, n_kv_heads=2,
+                               mlp_hidden_size=64, mask_token_id=meta["mask_id"], eos_token_id=meta["eos_id"],
+                               bos_token_id=meta["bos_id"], pad_token_id=meta["eos_id"], register_dim=WIDTH,
+                               max_registers=K, prefix_rope_pairs=2)
+    Encoder(ecfg).save_pretrained(folder / "encoder")
+    Demasker(dcfg).save_pretrained(folder / "demasker")
+    return dcfg
+
+
+def _prior(folder, ae, conditional=False, offsets=True):
+    LatentDiT(DiTConfig.tiny(register_dim=WIDTH, num_registers=K, hidden_size=32, depth=1, num_heads=2,
+                             cond_dim=WIDTH if conditional else None)).save_pretrained(folder / "dit")
+    settings = {"ae": str(ae), "num_registers": K, "max_offset": 0.2 if offsets else 0.0, "block_offsets": offsets,
+                "conditional": conditional, "cond_registers": K if conditional else None, "shared_tokenizer": True}
+    (folder / "prior.json").write_text(json.dumps(settings))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import data
+    root = tmp_path_factory.mktemp("eval")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(p) for p in _programs(400)) + "\n")
+    data.main(["--out", str(root / "data"), "--corpus", str(corpus), "--seq-len", str(L), "--vocab-size", "300",
+               "--val-fraction", "0.1", "--test-fraction", "0.1"])
+    meta = load_meta(root / "data")
+    tokenizer = root / "data" / "tokenizer.json"
+    for name, seed in (("ae", 0), ("ae_plain", 1)):
+        dcfg = _ae(root / name, meta, seed)
+        (root / name / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+        (root / name / "args.json").write_text(json.dumps({"data": str(root / "data")}))
+    torch.manual_seed(2)
+    import dataclasses
+    Demasker(dataclasses.replace(dcfg, register_dim=0, max_registers=0)).save_pretrained(root / "base" / "demasker")
+    (root / "base" / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    _prior(root / "prior", root / "ae")
+    _prior(root / "cprior", root / "ae", conditional=True)
+    _prior(root / "prior_flat", root / "ae", offsets=False)
+    scorer_cfg = EncoderConfig.tiny(vocab_size=meta["vocab_size"], hidden_size=WIDTH, num_heads=2, num_kv_heads=1,
+                                    head_dim=16, intermediate_size=64, num_layers=1, num_registers=1,
+                                    eos_token_id=meta["eos_id"], pad_token_id=meta["eos_id"])
+    save_scorer(root / "scorer", Encoder(scorer_cfg), tokenizer,
+                {"bos_id": meta["bos_id"], "eos_id": meta["eos_id"], "max_length": 128})
+    common = ["--ae", str(root / "ae"), "--base", str(root / "base"), "--prior", str(root / "prior"),
+              "--cond-prior", str(root / "cprior"), "--scorer", str(root / "scorer"), "--num", "4",
+              "--batch-size", "4", "--prior-steps", "2", "--refresh-prior-steps", "2", "--device", "cpu"]
+    return root, common
+
+
+def _run(runs, name, *extra):
+    root, common = runs
+    out = root / "results"
+    record = E.main([name, *common, "--out", str(out), *extra])
+    saved = json.loads((out / f"{name}.json").read_text())
+    assert saved["experiment"] == name and saved["results"] == json.loads(json.dumps(record["results"]))
+    assert f"## {name}:" in (out / "REPORT.md").read_text()
+    return saved["results"]
+
+
+def _finite(*values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def test_fig4(runs):
+    result = _run(runs, "fig4", "--registers", "1", "4")
+    assert list(result["models"]) == ["base", "guided_k1", "guided_k4"]
+    for curve in result["models"].values():
+        assert len(curve["ce"]) == len(curve["top1"]) == len(result["mask_ratios"]) == 10
+        assert all(0 <= a <= 1 for a in curve["top1"]) and _finite(*curve["ce"])
+    # the masks are shared: the same number of scored tokens for every model at every ratio
+    counts = [curve["scored_tokens"] for curve in result["models"].values()]
+    assert all(c == counts[0] for c in counts) and counts[0][-1] >= counts[0][0]
+
+
+def test_fig7(runs):
+    root, _ = runs
+    result = _run(runs, "fig7", "--ae-no-noise", str(root / "ae_plain"), "--sigmas", "0", "1")
+    assert result["sigmas"] == [0.0, 1.0] and result["expected_cos"][0] == 1.0
+    assert set(result["models"]) == {"latent_noise", "no_latent_noise"}
+    assert all(len(v["top1"]) == 2 for v in result["models"].values()) and "base" in result
+
+
+def test_table1(runs):
+    result = _run(runs, "table1", "--length", "16", "--blocks", "8", "16", "--nfe", "1", "2", "4")
+    combos = [(r["block"], r["nfe"]) for r in result["rows"]]
+    assert combos == [(8, 2), (8, 4), (16, 1), (16, 2), (16, 4)]  # (8, 1): fewer steps than blocks, skipped
+    row = result["rows"][0]
+    assert _finite(row["gen_ppl"], row["cer"], row["semantic_similarity"], row["parse_rate"], row["unigram_entropy"])
+    assert result["sources"]["gen_ppl"] > 0 and result["num_programs"] == 4
+
+
+def test_fig8(runs):
+    result = _run(runs, "fig8", "--length", "16", "--steps", "4", "--alphas", "0", "0.5", "1")
+    assert [r["alpha"] for r in result["rows"]] == [0.0, 0.5, 1.0]
+    assert all(0 <= r["mauve"] <= 1 and _finite(r["gen_ppl"], r["cer_to_a"], r["cer_to_b"]) for r in result["rows"])
+
+
+def test_fig6_with_speedup(runs):
+    result = _run(runs, "fig6", "--lengths", "16", "32", "--nfe", "2", "4", "32")
+    assert set(result["lengths"]) == {"16", "32"}
+    block = result["lengths"]["32"]
+    methods = [(r["method"], r["steps"]) for r in block["rows"]]
+    assert methods == [(m, s) for m in ("base", "conthendisc", "conwithindisc") for s in (2, 4, 32)]
+    assert [r["steps"] for r in result["lengths"]["16"]["rows"] if r["method"] == "base"] == [2, 4]  # 32 > L
+    base = [r for r in block["rows"] if r["method"] == "base"]
+    assert all(r["nfe"] == r["steps"] for r in base)  # the base MDM: NFE = demasker calls
+    guided = [r for r in block["rows"] if r["method"] != "base"]
+    assert all(r["nfe"] > r["steps"] for r in guided)  # + the prior's cost in demasker-call equivalents
+    speed = block["speedup"]
+    assert speed["base_reference"]["steps"] == 32
+    for method in ("conthendisc", "conwithindisc"):
+        for test in ("mauve", "gen_ppl", "both"):
+            entry = speed[method][test]
+            assert entry["speedup"] is None or math.isclose(entry["speedup"], 32 / entry["nfe"])
+    assert 0 <= block["real"]["mauve"] <= 1
+
+
+def test_speedups_pick_the_smallest_matching_nfe():
+    row = lambda method, steps, nfe, mauve, ppl: {"method": method, "steps": steps, "nfe": nfe, "mauve": mauve,
+                                                  "gen_ppl": ppl}
+    rows = [row("base", 8, 8, 0.2, 30.0), row("base", 64, 64, 0.6, 20.0),
+            row("g", 4, 5.5, 0.5, 18.0), row("g", 8, 9.5, 0.65, 25.0), row("g", 16, 17.5, 0.7, 15.0)]
+    out = E.speedups(rows, 64)
+    assert out["base_reference"]["nfe"] == 64
+    assert out["g"]["mauve"]["nfe"] == 9.5 and out["g"]["gen_ppl"]["nfe"] == 5.5
+    assert out["g"]["both"]["nfe"] == 17.5 and math.isclose(out["g"]["both"]["speedup"], 64 / 17.5)
+    assert E.speedups([row("g", 4, 5, 0.1, 9.0)], 64) == {}
+
+
+def test_fig9_and_prdc(runs):
+    result = _run(runs, "fig9")
+    assert set(result["psnr_db"]) == {"unconditional", "conditional"}
+    assert all(len(v) == len(result["t"]) and _finite(*v) for v in result["psnr_db"].values())
+    result = _run(runs, "prdc", "--prdc-k", "2")
+    for name in ("real_vs_real", "unconditional", "conditional"):
+        assert len(result[name]["per_register"]) == K
+        assert all(0 <= result[name][m] <= 1 for m in ("precision", "recall", "coverage"))
+    assert result["real_vs_real"]["precision"] >= 0
+
+
+def test_fig11(runs):
+    root, _ = runs
+    result = _run(runs, "fig11", "--length", "16", "--nfe", "2", "--prior-no-offsets", str(root / "prior_flat"),
+                  "--k-priors", str(root / "prior"))
+    assert [r["method"] for r in result["registers"]] == [f"K={K}"]
+    assert [r["method"] for r in result["refresh"]] == ["@0", "@0.25", "@0.5", "@0.75"]
+    assert [r["method"] for r in result["offsets"]] == ["offsets on", "trained on, sampled off", "trained off"]
+
+
+def test_marginal_trap_subcommand(runs):
+    result = _run(runs, "marginal-trap", "--trap-pairs", "2", "--trap-choices", "2", "--trap-steps", "5",
+                  "--trap-samples", "8")
+    assert [r["tokens_per_step"] for r in result["rows"]] == [1.0, 2.0, 4.0]
+    assert all(0 <= r["base_random"] <= 1 and 0 <= r["guided_low_confidence"] <= 1 for r in result["rows"])
+
+
+def test_missing_inputs_raise_clear_errors(runs):
+    root, common = runs
+    with pytest.raises(ValueError, match="--ae-no-noise"):
+        E.main(["fig7", *common, "--out", str(root / "results")])
+    without_scorer = [c for c in common if "scorer" not in c]
+    with pytest.raises(ValueError, match="train_scorer.py"):
+        E.main(["fig8", *without_scorer, "--out", str(root / "results"), "--length", "16"])
