@@ -273,7 +273,8 @@ def decode_programs(tokenizer, tokens, eos_id, bos_id=None):
 
 
 def load_run(ckpt, need_encoder, device="cpu", dtype=None):
-    """(demasker, encoder | None, tokenizer) from a train_ae.py folder: demasker/, encoder/, tokenizer.json.
+    """(demasker, encoder | None, tokenizer) from a train_ae.py run (OUT or OUT/checkpoint: demasker/, encoder/,
+    tokenizer.json).
     A folder that is itself a demasker checkpoint (config.json) also works for --method base."""
     from pathlib import Path
 
@@ -282,6 +283,8 @@ def load_run(ckpt, need_encoder, device="cpu", dtype=None):
     from encoder import Encoder
 
     folder = Path(ckpt)
+    if (folder / "checkpoint" / "demasker").is_dir():  # a run folder: its latest checkpoint
+        folder = folder / "checkpoint"
     demasker_dir = folder / "demasker" if (folder / "demasker").is_dir() else folder
     if not (demasker_dir / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no demasker/ (or config.json); pass --ckpt a train_ae.py output folder")

@@ -266,3 +266,59 @@ def test_guided_autoencoder_reconstructs_what_the_base_mdm_cannot(cache, tmp_pat
     base_cer = mean_cer(generate(base.demasker, len(sources), SEQ_LEN, SEQ_LEN, SEQ_LEN)[0])
     assert guided_cer < 0.05, guided_cer
     assert base_cer > 0.3 and base_cer > 5 * guided_cer, (base_cer, guided_cer)
+
+
+# ------------------------------------------------------------------------------------------------
+# The same script on 2 gloo processes (what torchrun would start) against one process
+# ------------------------------------------------------------------------------------------------
+
+def _rank_main(rank, world_size, port, argv):
+    """One rank: the environment torchrun sets, then train_ae.train (one run per spawn: a process group is
+    set up and torn down once per process, as under torchrun)."""
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    T.train(T.parse_args(argv))
+
+
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _argv(cache, out_dir, *extra):
+    return ["--data", str(cache), "--seq-len", str(SEQ_LEN), "--out-dir", str(out_dir), "--num-registers", "4",
+            "--global-batch-size", "8", "--micro-batch-size", "4", "--warmup-steps", "2", "--eval-interval", "4",
+            "--val-programs", "2", "--log-interval", "1", "--max-steps", "4", "--device", "cpu", *extra]
+
+
+def test_two_ranks_match_one_process_and_resume_on_one(cache, tmp_path):
+    """Issue 6: 2 gloo ranks (DDP: 4 micro-batches of 4 = 1 per rank; 1 process: 2 accumulated micro-batches)
+    give the 1-process weights; FSDP2 the same losses; a run saved on 2 ranks at step 2 resumes on 1 process
+    into the 1-process run; the rank-averaged validation equals the single-process one."""
+    import torch.multiprocessing as mp
+    runs = [_argv(cache, tmp_path / "ddp", "--parallel", "ddp"),
+            _argv(cache, tmp_path / "split", "--parallel", "ddp", "--stop-at", "2"),
+            _argv(cache, tmp_path / "fsdp", "--parallel", "fsdp")]
+    for argv in runs:
+        mp.spawn(_rank_main, args=(2, _free_port(), argv), nprocs=2, join=True)
+    T.train(T.parse_args(_argv(cache, tmp_path / "one")))
+    T.train(T.parse_args(_argv(cache, tmp_path / "split", "--resume")))
+
+    one, initial = weights(tmp_path / "one" / "checkpoint"), initial_model(T.parse_args(_argv(cache, tmp_path)), cache)
+    update = max((one[n] - p).abs().max().item() for n, p in initial.state_dict().items())
+    assert update > 1e-3  # the runs moved the weights, so the comparisons below mean something
+    for run in ("ddp", "split", "fsdp"):
+        other = weights(tmp_path / run / "checkpoint")
+        assert other.keys() == one.keys()
+        worst = max((other[n] - one[n]).abs().max().item() for n in one)
+        assert worst < 1e-3 * update + 1e-6, (run, worst, update)
+    logs = {run: [json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "ddp", "fsdp")}
+    for run in ("ddp", "fsdp"):
+        train_losses = [r["loss"] for r in logs[run] if r["type"] == "train"]
+        assert train_losses == pytest.approx([r["loss"] for r in logs["one"] if r["type"] == "train"], rel=1e-5)
+        val, val_one = [r for r in logs[run] if r["type"] == "val"][-1], [r for r in logs["one"] if r["type"] == "val"][-1]
+        assert val["results"]["k=4"]["ce"] == pytest.approx(val_one["results"]["k=4"]["ce"], rel=1e-4)
