@@ -88,7 +88,10 @@ def load_prior(folder, ae=None, device="cpu", dtype=None):
         if (folder / "cond_encoder").is_dir():
             encoder_dir = folder / "cond_encoder"
         else:
-            encoder_dir = Path(ae or settings["ae"]) / "encoder"
+            ae_dir = Path(ae or settings["ae"])
+            if (ae_dir / "checkpoint" / "encoder").is_dir():  # a train_ae.py run folder: its checkpoint
+                ae_dir = ae_dir / "checkpoint"
+            encoder_dir = ae_dir / "encoder"
             if not encoder_dir.is_dir():
                 raise FileNotFoundError(f"the conditional prior {folder} embeds x_t with the AE encoder, but "
                                         f"{encoder_dir} does not exist; pass --ae the train_ae.py run it was trained on")

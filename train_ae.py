@@ -6,6 +6,7 @@ One optimizer step of Algorithm 1, per example of the global batch:
   line 3  x_t = mask(x_0, t)        schedules.mask_tokens: each token becomes [M] with p_mask = (1 - eps) t + eps
           all-mask utilisation      App. C: with probability --all-mask-prob (0.25) x_t is ALL [M] (p_mask = 1),
                                     so the demasker must read the registers instead of token correlations
+                                    (0 by default for --no-registers: the base MDM cannot use it)
   line 4  z_0 = h_phi(x_0)          encoder.py on the clean program (its own ids and validity mask)
           nested dropout            App. C: k ~ U{1..K}; only registers 1..k are exposed (register_mask)
   line 5  e ~ N(0, sigma^2 I)       App. D: sigma from the target cosine similarity --latent-cos (0.8), see
@@ -558,7 +559,8 @@ def parse_args(argv=None):
     a("--demasker-width", type=int, default=None, help="scratch demasker width (default DemaskerConfig.tiny: 64)")
     a("--demasker-layers", type=int, default=None, help="scratch demasker depth (default 2)")
     # Alg. 1 / App. C-D
-    a("--all-mask-prob", type=float, default=0.25, help="App. C all-mask utilisation: P(x_t fully masked)")
+    a("--all-mask-prob", type=float, default=None, help="App. C all-mask utilisation: P(x_t fully masked) "
+      "(default 0.25 with registers; 0 for --no-registers, where an all-[M] input carries no information)")
     a("--latent-cos", type=float, default=0.8, help="App. D robust noise: target CS(z_0, z_0 + e); 1 = no noise")
     a("--nested-dropout", action=argparse.BooleanOptionalAction, default=True,
       help="App. C nested dropout k ~ U{1..K} (--no-nested-dropout: always all K registers)")
@@ -598,6 +600,8 @@ def parse_args(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.all_mask_prob is None:
+        args.all_mask_prob = 0.0 if args.no_registers else 0.25
     if args.dtype == "auto":
         args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     if args.max_steps is None and args.epochs is None:
