@@ -8,12 +8,12 @@
 #
 # Every step reuses what an earlier run of the script finished (delete OUT to start over; a run that was
 # interrupted resumes: train_ae.py / train_prior.py --resume). Sizes: tiny presets, L = 128 tokens, BPE
-# vocabulary 2048, K = 8 registers. Env overrides: OUT (runs/demo), AE_STEPS (600), PRIOR_STEPS (1500).
+# vocabulary 2048, K = 8 registers. Env overrides: OUT (runs/demo), AE_STEPS (1000), PRIOR_STEPS (1500).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 OUT=${OUT:-runs/demo}
-AE_STEPS=${AE_STEPS:-600}
+AE_STEPS=${AE_STEPS:-1000}
 PRIOR_STEPS=${PRIOR_STEPS:-1500}
 DATA=$OUT/data
 WITH_PRIOR=0

@@ -52,7 +52,7 @@ import torch
 
 import distributed as D
 import metrics as M
-from sample import autoencode, check_schedule, decode_programs, generate
+from sample import autoencode, batch_seed, check_schedule, decode_programs, generate
 
 PRESETS = {
     # num: samples (or programs) per point; lengths: the two generation lengths (Fig. 6, Tables 1/2)
@@ -202,11 +202,6 @@ class Context:
 # ------------------------------------------------------------------------------------------------
 # Sampling, sharded over ranks, and scoring of a sample set
 # ------------------------------------------------------------------------------------------------
-
-
-def batch_seed(seed, first_index):
-    """The seed of the batch whose first sample index is first_index (same for every method)."""
-    return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
 
 
 def sharded_samples(ctx, num, make_batch, desc):

@@ -377,34 +377,59 @@ def parse_args(argv=None):
 
 
 def hybrid_generator(args, dtype):
-    """ConThenDisc / ConWithinDisc (generators.py) with the priors named on the command line, as a callable
-    (demasker, count, gen_length, block_length, steps, temperature, remasking) -> (tokens, nfe report)."""
+    """ConThenDisc / ConWithinDisc (generators.py) with the priors named on the command line, as (a callable
+    (demasker, count, gen_length, block_length, steps, temperature, remasking) -> (tokens, nfe report), the
+    CPU generator of the priors' noise)."""
     from generators import conthendisc, conwithindisc, load_prior
 
     prior = load_prior(args.prior, ae=args.ckpt, device=args.device, dtype=dtype) if args.prior else None
-    prior_generator = torch.Generator().manual_seed(args.seed)
+    prior_generator = torch.Generator().manual_seed(args.seed)  # re-seeded per batch by main()
     if args.method == "conthendisc":
         if prior is None:
             raise ValueError("--method conthendisc needs --prior, a train_prior.py run folder")
-        return lambda demasker, count, *settings: conthendisc(demasker, prior, count, *settings,
-                                                              prior_steps=args.prior_steps, prior_generator=prior_generator)
+        return (lambda demasker, count, *settings: conthendisc(demasker, prior, count, *settings,
+                                                               prior_steps=args.prior_steps,
+                                                               prior_generator=prior_generator)), prior_generator
     if args.cond_prior is None:
         raise ValueError("--method conwithindisc needs --cond-prior, a train_prior.py --conditional run folder")
     cond_prior = load_prior(args.cond_prior, ae=args.ckpt, device=args.device, dtype=dtype)
-    return lambda demasker, count, *settings: conwithindisc(
+    return (lambda demasker, count, *settings: conwithindisc(
         demasker, cond_prior, count, *settings, prior=prior, prior_steps=args.prior_steps, refresh_at=args.refresh_at,
-        refresh_prior_steps=args.refresh_prior_steps, prior_generator=prior_generator)
+        refresh_prior_steps=args.refresh_prior_steps, prior_generator=prior_generator)), prior_generator
+
+
+def batch_seed(seed, first_index):
+    """The seed of the batch whose first sample index is first_index: the same on any number of ranks."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
+
+
+def show(record, autoencoding):
+    from tqdm import tqdm
+    tqdm.write(f"===== program {record['index']} (NFE {record['nfe']:.4g})"
+               + (f", CER {record['cer']:.3f}" if autoencoding else ""))
+    if autoencoding:
+        tqdm.write("--- source\n" + record["source"] + "\n--- reconstruction")
+    tqdm.write(record["text"])
 
 
 def main(argv=None):
+    """Decode args.num programs in batches. Under torchrun the batches are dealt round-robin to the ranks and
+    gathered on rank 0, which prints and writes; batch b is seeded by batch_seed(seed, its first index), so
+    the output does not depend on the number of ranks."""
     from tqdm import tqdm
 
+    import distributed as D
+
     args = parse_args(argv)
+    env = D.setup(device=args.device)
+    args.device = str(env.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     autoencoding = args.method == "autoencode"
     demasker, encoder, tokenizer = load_run(args.ckpt, autoencoding, args.device, dtype)
     cfg = demasker.cfg
-    hybrid = hybrid_generator(args, dtype) if args.method in ("conthendisc", "conwithindisc") else None
+    hybrid, prior_generator = (hybrid_generator(args, dtype) if args.method in ("conthendisc", "conwithindisc")
+                               else (None, None))
     sources = None
     if autoencoding:
         if args.data is None:
@@ -415,12 +440,15 @@ def main(argv=None):
         gen_length = args.gen_length or 256
     block_length, steps = args.block_length or gen_length, args.steps or gen_length
     check_schedule(gen_length, block_length, steps)
-    torch.manual_seed(args.seed)
 
-    out = open(args.out + ".tmp", "w") if args.out else None
-    errors, total_nfe, start = [], 0, time.time()
-    for first in tqdm(range(0, args.num, args.batch_size), desc=f"{args.method} L={gen_length} steps={steps}"):
+    records, start = [], time.time()
+    mine = list(range(0, args.num, args.batch_size))[env.rank::env.world_size]
+    for first in tqdm(mine, desc=f"{args.method} L={gen_length} steps={steps}", disable=not env.is_main):
         count = min(args.batch_size, args.num - first)
+        seed = batch_seed(args.seed, first)
+        torch.manual_seed(seed)  # the MDM's draws (LLaDA's generate uses the global RNG)
+        if prior_generator is not None:
+            prior_generator.manual_seed(seed + 1)
         if autoencoding:
             enc_ids = sources["enc_ids"][first:first + count].to(args.device)
             enc_mask = sources["enc_mask"][first:first + count].to(args.device)
@@ -431,7 +459,6 @@ def main(argv=None):
             nfe = report["nfe"]
         else:
             tokens, nfe = generate(demasker, count, gen_length, block_length, steps, args.temperature, args.remasking)
-        total_nfe += nfe
         texts = decode_programs(tokenizer, tokens, cfg.eos_token_id, cfg.bos_token_id)
         for i, text in enumerate(texts):
             record = {"index": first + i, "method": args.method, "text": text, "tokens": tokens[i].tolist(),
@@ -445,18 +472,24 @@ def main(argv=None):
             if autoencoding:
                 record["source"] = sources["texts"][first + i]
                 record["cer"] = cer(record["source"], text)
-                errors.append(record["cer"])
-            if not args.quiet:
-                tqdm.write(f"===== program {first + i} (NFE {nfe:.4g})" + (f", CER {record['cer']:.3f}" if autoencoding else ""))
-                if autoencoding:
-                    tqdm.write("--- source\n" + record["source"] + "\n--- reconstruction")
-                tqdm.write(text)
-            if out:
-                out.write(json.dumps(record) + "\n")
-    if out:
-        out.close()
+            if not args.quiet and not env.distributed:
+                show(record, autoencoding)
+            records.append(record)
+    gathered = D.gather_objects(records, env)
+    D.cleanup(env)
+    if gathered is None:  # not rank 0
+        return None
+    gathered.sort(key=lambda record: record["index"])
+    if not args.quiet and env.distributed:
+        for record in gathered:
+            show(record, autoencoding)
+    if args.out:
+        with open(args.out + ".tmp", "w") as out:
+            out.writelines(json.dumps(record) + "\n" for record in gathered)
         os.replace(args.out + ".tmp", args.out)
-    summary = f"{args.num} programs, NFE {total_nfe:.6g} in total ({nfe:.4g} per batch), {time.time() - start:.1f}s"
+    errors = [record["cer"] for record in gathered] if autoencoding else []
+    summary = (f"{args.num} programs on {env.world_size} rank(s), NFE {gathered[-1]['nfe']:.4g} per batch, "
+               f"{time.time() - start:.1f}s")
     if errors:
         summary += f", mean CER {sum(errors) / len(errors):.4f}"
     print(summary)

@@ -35,8 +35,9 @@ atomically. The LR is a pure function
 of the step (nanoGPT's get_lr), so the step is the whole scheduler state. OUT/log.jsonl holds train and
 validation records (validation: masked-token CE and top-1 accuracy at mask ratios 0.1..1.0, Fig. 4).
 
-Presets. tiny: the tiny() configs with ids from our BPE, AdamW lr 1e-3 (small models tolerate it; 2.5e-5
-would barely move them in minutes), 100 warmup steps, global batch 32, no encoder warm-up (a randomly
+Presets. tiny: the tiny() configs with ids from our BPE, AdamW lr 3e-3 (measured on the stdlib at L = 128:
+after 400 steps the base MDM's validation CE at 10% masking is 5.35 with 3e-3 and 5.73 with 1e-3; 2.5e-5
+would barely move a tiny model in minutes), 100 warmup steps, global batch 32, no encoder warm-up (a randomly
 initialised demasker cannot be usefully frozen). paper: App. C's AdamW lr 2.5e-5, wd 0.1, global batch 512,
 4000 encoder warm-up steps, 3 epochs, K = 128, from Qwen3-Embedding-0.6B and LLaDA-8B-Base, FSDP2 in bf16.
 
@@ -68,7 +69,7 @@ PROGRESS = "progress.json"  # the step, readable without loading the optimizer s
 VAL_RATIOS = [round(0.1 * i, 1) for i in range(1, 11)]  # Fig. 4's mask probabilities
 
 PRESETS = {
-    "tiny": dict(seq_len=128, vocab_size=2048, num_registers=8, lr=1e-3, min_lr_ratio=0.1, weight_decay=0.1,
+    "tiny": dict(seq_len=128, vocab_size=2048, num_registers=8, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1,
                  warmup_steps=100, global_batch_size=32, micro_batch_size=32, max_steps=2000, epochs=None,
                  encoder_warmup_steps=0, encoder_init=None, demasker_init=None, tokenizer=None,
                  encoder_tokenizer=None, parallel="ddp", activation_checkpointing=False),
@@ -567,7 +568,7 @@ def parse_args(argv=None):
     a("--encoder-warmup-steps", type=int, default=None, help="App. C staging: steps with the demasker frozen "
       "(tiny 0, paper 4000)")
     # optimization
-    a("--lr", type=float, default=None, help="peak AdamW learning rate (tiny 1e-3, paper 2.5e-5)")
+    a("--lr", type=float, default=None, help="peak AdamW learning rate (tiny 3e-3, paper 2.5e-5)")
     a("--min-lr-ratio", type=float, default=None, help="final LR of the cosine decay as a fraction of --lr (0.1)")
     a("--warmup-steps", type=int, default=None, help="linear LR warm-up steps (tiny 100, paper 500: our choice)")
     a("--weight-decay", type=float, default=None, help="AdamW weight decay on matrices (0.1)")

@@ -369,3 +369,47 @@ def test_cli_base_and_autoencode_on_a_tiny_checkpoint(tmp_path, monkeypatch, cap
     assert all(r["cer"] == S.cer(r["source"], r["text"]) and len(r["tokens"]) == L for r in records)
     printed = capsys.readouterr().out
     assert "--- source" in printed and "mean CER" in printed
+
+
+class _CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(33 + i % 90) for i in ids)
+
+
+def _sample_rank(rank, world_size, port, argv):
+    """One torchrun-like rank running sample.main with a stub `data` module (tokenizer only)."""
+    import os
+    import types
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.modules["data"] = types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer())
+    torch.set_num_threads(1)
+    S.main(argv)
+
+
+def test_cli_shards_batches_over_two_ranks_with_the_same_output(tmp_path, monkeypatch):
+    """Issue 6: under torchrun the batches are dealt to the ranks and gathered on rank 0; every batch has its
+    own seed, so 2 gloo ranks write exactly the JSONL of one process."""
+    import json
+    import socket
+    import types
+
+    import torch.multiprocessing as mp
+    from demasker import Demasker, DemaskerConfig
+
+    torch.manual_seed(0)
+    Demasker(DemaskerConfig.tiny(register_dim=0)).save_pretrained(tmp_path / "run" / "demasker")
+    (tmp_path / "run" / "tokenizer.json").write_text("{}")
+    argv = lambda out: ["--ckpt", str(tmp_path / "run"), "--method", "base", "--gen-length", "16", "--steps", "8",
+                        "--num", "5", "--batch-size", "2", "--temperature", "1", "--out", str(out), "--device", "cpu",
+                        "--quiet"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_sample_rank, args=(2, port, argv(tmp_path / "two.jsonl")), nprocs=2, join=True)
+    monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer()))
+    S.main(argv(tmp_path / "one.jsonl"))
+    one, two = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("one", "two"))
+    assert [r["index"] for r in two] == list(range(5))
+    assert one == two
+    assert len({tuple(r["tokens"]) for r in one}) > 1  # batches differ: the seeds are per batch
