@@ -11,14 +11,6 @@ from encoder import Encoder, EncoderConfig
 GIB = 2 ** 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_block_formula_equals_measured_saved_tensors():
     for name, measured, formula in M.verify():
         # exact up to per-example scalars (a (B, 1, 1, 1) row mask: 2 bytes per sequence)

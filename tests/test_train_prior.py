@@ -257,3 +257,40 @@ def test_run_folder_feeds_the_generators(run, tmp_path):
     tokens, report = G.conwithindisc(demasker, cond_prior, 2, gen_length=16, steps=4, prior=prior, prior_steps=3,
                                      refresh_prior_steps=2)
     assert tokens.shape == (2, 16) and report["demasker_calls"] == 4 and report["encoder_calls"] == 1
+
+
+def _rank_main(rank, world_size, port, argv):
+    """One torchrun-like rank (gloo) running train_prior.main."""
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    T.main(argv)
+
+
+def test_two_ranks_match_one_process(run, tmp_path):
+    """Issue 6: the conditional prior (with a trained h_mu) on 2 gloo ranks, DDP, each rank half of the global
+    batch, ends with the 1-process weights and losses."""
+    import socket
+
+    import torch.multiprocessing as mp
+    argv = lambda out: ["--ae", str(run["ae"]), "--out-dir", str(out), "--max-steps", "4", "--global-batch-size", "8",
+                        "--warmup-steps", "2", "--eval-interval", "4", "--val-examples", "4", "--save-interval", "100",
+                        "--log-interval", "1", "--quiet", "--bank-cache", str(run["root"] / "banks"), "--device", "cpu",
+                        "--conditional", "--train-cond-encoder"]
+    T.main(argv(tmp_path / "one"))  # builds the bank cache first, so the ranks only read it
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_main, args=(2, port, argv(tmp_path / "two")), nprocs=2, join=True)
+    start = weights(run["ae"] / "encoder")  # h_mu starts as h_phi: the runs must have moved away from it
+    moved = weights(tmp_path / "one" / "train_state/cond_encoder")
+    assert max((moved[k] - start[k]).abs().max().item() for k in start) > 1e-4
+    for part in ("train_state/dit", "train_state/cond_encoder"):
+        one, two = weights(tmp_path / "one" / part), weights(tmp_path / "two" / part)
+        assert one.keys() == two.keys()
+        worst = max((one[k] - two[k]).abs().max().item() for k in one)
+        assert worst < 1e-5, (part, worst)
+    log = lambda folder: [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    losses = lambda folder: [r["loss"] for r in log(folder) if r["type"] == "train"]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)

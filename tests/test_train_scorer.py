@@ -12,13 +12,6 @@ from checkpoint import rename_keys, swap_columns
 from encoder import HF_KEY_TABLE, Encoder, EncoderConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def byte_tokenizer():
