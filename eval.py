@@ -538,6 +538,9 @@ def speedups(rows, length):
              "gen_ppl": lambda r: r["gen_ppl"] <= reference["gen_ppl"]}
     tests["both"] = lambda r: tests["mauve"](r) and tests["gen_ppl"](r)
     out = {"base_reference": {k: reference[k] for k in ("steps", "nfe", "mauve", "gen_ppl")}}
+    empty = reference.get("empty_rate", 0.0)
+    if empty > 0.5:  # e.g. an undertrained MDM whose one-block low-confidence decoding fills all EOS first
+        out["base_reference"]["degenerate"] = f"{100 * empty:.0f}% of the base MDM's samples are empty"
     for method in sorted({r["method"] for r in rows} - {"base"}):
         out[method] = {}
         for name, test in tests.items():
@@ -597,6 +600,9 @@ def speedup_text(info, length):
         return "No base MDM rows: no speedup."
     ref = info["base_reference"]
     lines = [f"Speedup vs the base MDM at NFE {ref['nfe']:.0f} (MAUVE {ref['mauve']:.3f}, Gen-PPL {ref['gen_ppl']:.2f}):"]
+    if ref.get("degenerate"):
+        lines.append(f"- WARNING: the reference is degenerate ({ref['degenerate']}); a speedup against it means "
+                     "nothing. Try --remasking random or a better-trained base MDM.")
     for method, tests in info.items():
         if method == "base_reference":
             continue

@@ -9,7 +9,7 @@
 #   2. train_ae.py        base MDM (--no-registers), encoder-demasker (Alg. 1), and one without latent noise
 #                         (--latent-cos 1, for Fig. 7); train_scorer.py, the Gen-PPL / MAUVE reference LM
 #   3. train_prior.py     unconditional (Alg. 5), conditional (Alg. 4), unconditional without block offsets
-#   4. eval.py            fig4 table1 fig7 fig8 fig6 fig9 prdc fig11 marginal-trap -> OUT/results/*.json,
+#   4. eval.py            fig4 table1 table2 fig7 fig8 fig6 fig9 prdc fig11 marginal-trap -> OUT/results/*.json,
 #                         OUT/results/REPORT.md
 # Env: PRESET (tiny | small), DEVICE (cpu | cuda), OUT (runs/PRESET), STAGES (default "1 2 3 4"),
 #      EVALS (the eval.py subcommands to run); AE_STEPS_OVERRIDE, PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM
@@ -21,11 +21,11 @@ PRESET=${PRESET:-tiny}
 DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-runs/$PRESET}
 STAGES=${STAGES:-1 2 3 4}
-EVALS=${EVALS:-fig4 table1 fig7 fig8 fig6 fig9 prdc fig11 marginal-trap}
+EVALS=${EVALS:-fig4 table1 table2 fig7 fig8 fig6 fig9 prdc fig11 marginal-trap}
 DATA=$OUT/data
 export PYTHONUNBUFFERED=1
 case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset's budget (smoke tests)
-  tiny)  L=128; VOCAB=2048; AE_STEPS=1500; PRIOR_STEPS=2000; BATCH=32; THREADS=1
+  tiny)  L=128; VOCAB=2048; AE_STEPS=2000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
          MODEL=(); PRIOR_MODEL=(); SCORER=(--preset tiny); EVAL_NUM=(--num 48) ;;
   small) L=256; VOCAB=4096; AE_STEPS=4000; PRIOR_STEPS=4000; BATCH=64; THREADS=0
          MODEL=(--encoder-width 256 --encoder-layers 4 --demasker-width 256 --demasker-layers 4)

@@ -167,6 +167,11 @@ def test_speedups_pick_the_smallest_matching_nfe():
     assert out["g"]["mauve"]["nfe"] == 9.5 and out["g"]["gen_ppl"]["nfe"] == 5.5
     assert out["g"]["both"]["nfe"] == 17.5 and math.isclose(out["g"]["both"]["speedup"], 64 / 17.5)
     assert E.speedups([row("g", 4, 5, 0.1, 9.0)], 64) == {}
+    assert "degenerate" not in out["base_reference"]
+    empty_base = [{**r, "empty_rate": 0.9 if r["method"] == "base" else 0.0} for r in rows]
+    flagged = E.speedups(empty_base, 64)
+    assert flagged["base_reference"]["degenerate"].startswith("90%")
+    assert "WARNING" in E.speedup_text(flagged, 64) and "WARNING" not in E.speedup_text(out, 64)
 
 
 def test_fig9_and_prdc(runs):
