@@ -8,12 +8,12 @@
 #
 # Every step reuses what an earlier run of the script finished (delete OUT to start over; a run that was
 # interrupted resumes: train_ae.py / train_prior.py --resume). Sizes: tiny presets, L = 128 tokens, BPE
-# vocabulary 2048, K = 8 registers. Env overrides: OUT (runs/demo), AE_STEPS (1000), PRIOR_STEPS (1500).
+# vocabulary 2048, K = 8 registers. Env overrides: OUT (runs/demo), AE_STEPS (2000), PRIOR_STEPS (1500).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 OUT=${OUT:-runs/demo}
-AE_STEPS=${AE_STEPS:-1000}
+AE_STEPS=${AE_STEPS:-2000}
 PRIOR_STEPS=${PRIOR_STEPS:-1500}
 DATA=$OUT/data
 WITH_PRIOR=0
@@ -49,8 +49,11 @@ stage "autoencoding held-out programs (Alg. 6): h_phi(x_0) -> registers -> guide
 python sample.py --ckpt "$OUT/ae" --data "$DATA" --method autoencode --num 4 --steps 128 \
   --out "$OUT/autoencode.jsonl"
 
-stage "the base MDM from an all-[M] start, 64 steps (for comparison)"
-python sample.py --ckpt "$OUT/base" --method base --gen-length 128 --num 2 --steps 64 --out "$OUT/base_samples.jsonl"
+# Random remasking: with LLaDA's low-confidence rule and one block, a toy base MDM fills the EOS padding
+# first and returns empty programs (README, "Results at toy scale").
+stage "the base MDM from an all-[M] start, 64 steps, random remasking (for comparison)"
+python sample.py --ckpt "$OUT/base" --method base --gen-length 128 --num 2 --steps 64 --temperature 1 \
+  --remasking random --out "$OUT/base_samples.jsonl"
 
 if [[ $WITH_PRIOR == 1 ]]; then
   stage "latent priors over the registers: unconditional (Alg. 5) and conditional on h(x^(r)) (Alg. 4), $PRIOR_STEPS steps each"
