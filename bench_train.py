@@ -44,6 +44,8 @@ def worker(argv):
 
 
 def main():
+    if sys.argv[1:2] == ["--worker"]:  # a child run: every other flag belongs to train_ae.py
+        return worker(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="base,guided", help="comma list of: " + ", ".join(CONFIGS))
     parser.add_argument("--threads", default="1,0", help="comma list of torch CPU thread counts (0 = torch default)")
@@ -53,10 +55,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=128, help="L")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--extra", default="", help="more train_ae.py flags, e.g. '--demasker-width 128'")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args()
-    if args.worker:
-        return worker(rest)
+    args = parser.parse_args()
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
