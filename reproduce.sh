@@ -6,12 +6,13 @@
 #
 # Stages (each reuses a finished run in OUT; delete it to start over):
 #   1. data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each: enough held-out programs)
-#   2. train_ae.py        base MDM (--no-registers), encoder-demasker (Alg. 1), and one without latent noise
-#                         (--latent-cos 1, for Fig. 7); train_scorer.py, the Gen-PPL / MAUVE reference LM
+#   2. train_ae.py        base MDM (--no-registers), then from its weights the encoder-demasker (Alg. 1) and one
+#                         without latent noise (--latent-cos 1, for Fig. 7); train_scorer.py, the Gen-PPL /
+#                         MAUVE reference LM
 #   3. train_prior.py     unconditional (Alg. 5), conditional (Alg. 4), unconditional without block offsets
 #   4. eval.py            fig4 table1 table2 fig7 fig8 fig6 fig9 prdc fig11 marginal-trap -> OUT/results/*.json,
 #                         OUT/results/REPORT.md
-# Env: PRESET (tiny | small), DEVICE (cpu | cuda), OUT (runs/PRESET), STAGES (default "1 2 3 4"),
+# Env: AE_FROM_BASE (1 | 0: guided demaskers from scratch), PRESET (tiny | small), DEVICE (cpu | cuda), OUT (runs/PRESET), STAGES (default "1 2 3 4"),
 #      EVALS (the eval.py subcommands to run); AE_STEPS_OVERRIDE, PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM
 #      shrink the budget (a smoke test of the whole chain: all four at a few steps / samples).
 set -euo pipefail
@@ -65,10 +66,13 @@ if has 2; then
   ae=(--preset tiny --data "$DATA" --seq-len $L --device $DEVICE --threads $THREADS --max-steps $AE_STEPS
       --global-batch-size $BATCH --micro-batch-size $BATCH --eval-interval $AE_STEPS --save-interval 500
       "${MODEL[@]}")
-  background "$OUT/base.log" train "$OUT/base" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/base" --no-registers
+  background "$OUT/scorer.log" python train_scorer.py --data "$DATA" --out "$OUT/scorer" --device $DEVICE "${SCORER[@]}"
+  log_to "$OUT/base.log" train "$OUT/base" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/base" --no-registers
+  # As in the paper (guided LLaDA fine-tuned from LLaDA-8B-Base), the guided demaskers start from the base
+  # MDM's weights (AE_FROM_BASE=0: from scratch, side by side with the base).
+  [[ ${AE_FROM_BASE:-1} == 1 ]] && ae+=(--demasker-init "$OUT/base/checkpoint")
   background "$OUT/ae_no_noise.log" train "$OUT/ae_no_noise" checkpoint python train_ae.py "${ae[@]}" \
     --out-dir "$OUT/ae_no_noise" --latent-cos 1
-  background "$OUT/scorer.log" python train_scorer.py --data "$DATA" --out "$OUT/scorer" --device $DEVICE "${SCORER[@]}"
   log_to "$OUT/ae.log" train "$OUT/ae" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/ae"
   wait_all
   grep '"type": "val"' "$OUT/ae/log.jsonl" | tail -n 1 | cut -c1-300

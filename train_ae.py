@@ -585,6 +585,8 @@ def parse_args(argv=None):
       help="compute precision: bf16 autocast (FSDP2: bf16 params, fp32 reduce); auto = bf16 on CUDA GPUs that "
            "support it, fp32 on CPU. Weights and AdamW states stay fp32")
     a("--parallel", choices=["ddp", "fsdp"], default=None, help="under torchrun: DDP (tiny) or FSDP2 (paper)")
+    a("--fsdp", dest="parallel", action="store_const", const="fsdp", help="= --parallel fsdp")
+    a("--ddp", dest="parallel", action="store_const", const="ddp", help="= --parallel ddp")
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help="recompute each block in backward (paper preset: on)")
     a("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core); 1 is "
