@@ -42,8 +42,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,6 +50,7 @@ import torch
 
 import distributed as D
 import metrics as M
+from report import git_commit, md_table, panel, write_experiment
 from sample import autoencode, batch_seed, check_schedule, decode_programs, generate
 
 PRESETS = {
@@ -768,53 +767,8 @@ def run_marginal_trap(ctx):
 # ------------------------------------------------------------------------------------------------
 
 
-def md_table(headers, rows):
-    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def panel(title, xlabel, ylabel, series, logx=False):
-    return {"title": title, "xlabel": xlabel, "ylabel": ylabel, "series": series, "logx": logx}
-
-
-def plot(panels, path):
-    """One row of line plots, if matplotlib is importable; returns the path or None."""
-    if not panels:
-        return None
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, spec in zip(axes[0], panels):
-        for label, (xs, ys) in spec["series"].items():
-            ax.plot(xs, ys, marker="o", label=label)
-        if spec["logx"]:
-            ax.set_xscale("log", base=2)
-        ax.set(title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def write_outputs(ctx, name, title, result, text, panels):
-    """OUT/NAME.json (atomic), a section appended to OUT/REPORT.md, OUT/NAME.png when possible."""
-    out = Path(ctx.args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """OUT/NAME.json, a section of OUT/REPORT.md and OUT/NAME.png (report.write_experiment)."""
     command = "python eval.py " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "eval.py" else None
     scorer_info = None
     if ctx.args.scorer and (Path(ctx.args.scorer) / "scorer.json").is_file():
@@ -824,21 +778,7 @@ def write_outputs(ctx, name, title, result, text, panels):
               "settings": {k: v for k, v in vars(ctx.args).items() if k != "func"},
               "resolved": {k: ctx.preset[k] for k in ctx.preset}, "data": str(ctx.data_dir),
               "world_size": ctx.env.world_size, "scorer": scorer_info, "results": result}
-    path = out / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
-    image = plot(panels, out / f"{name}.png")
-    section = [f"## {name}: {title}", "", f"_{record['created']}, preset {ctx.args.preset}_", ""]
-    if command:
-        section += ["```", command, "```", ""]
-    section += [text, ""]
-    if image:
-        section += [f"![{name}]({Path(image).name})", ""]
-    with open(out / "REPORT.md", "a") as handle:
-        handle.write("\n".join(section) + "\n")
-    print(f"wrote {path}" + (f" and {image}" if image else "") + f"; appended to {out / 'REPORT.md'}")
-    return record
+    return write_experiment(ctx.args.out, record, text, panels)
 
 
 EXPERIMENTS = {
