@@ -189,3 +189,15 @@ def save_model_dir(folder, state, config):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def config_from_dict(cls, fields):
+    """A model config dataclass from a config.json dict (our own checkpoints): the "crocodil_model" tag is
+    dropped, any other field the dataclass lacks raises an error naming it."""
+    import dataclasses
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known - {"crocodil_model"})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}. Is this "
+                         f"config.json from another kind of model?")
+    return cls(**{key: value for key, value in fields.items() if key in known})

@@ -57,8 +57,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import (CheckpointError, assign_weights, materialize_, read_config, read_safetensors,
-                        rename_keys, resolve_model_dir, save_model_dir, swap_columns)
+from checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
+                        read_safetensors, rename_keys, resolve_model_dir, save_model_dir, swap_columns)
 from layers import Block, RMSNorm, init_linear_, init_transformer_block_, rope_angles, rope_cos_sin, rope_inv_freq
 
 
@@ -120,12 +120,8 @@ class DemaskerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values):
-        values = {k: v for k, v in values.items() if k != "crocodil_model"}
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown DemaskerConfig fields {unknown}; is this a demasker config.json?")
-        return cls(**values)
+    def from_dict(cls, fields):
+        return config_from_dict(cls, fields)
 
     @classmethod
     def from_hf_config(cls, hf, register_dim=1024, max_registers=128, prefix_rope_pairs=None):

@@ -49,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from checkpoint import (CheckpointError, assign_weights, materialize_, read_config, read_safetensors,
-                        rename_keys, resolve_model_dir, save_model_dir, swap_columns)
+from checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
+                        read_safetensors, rename_keys, resolve_model_dir, save_model_dir, swap_columns)
 from layers import Block, RMSNorm, init_linear_, rope_angles, rope_cos_sin, rope_inv_freq
 
 
@@ -91,11 +91,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, fields):
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known - {"crocodil_model"})
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**{key: value for key, value in fields.items() if key in known})
+        return config_from_dict(cls, fields)
 
     @classmethod
     def from_hf_config(cls, hf, **overrides):

@@ -63,8 +63,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import (CheckpointError, assign_weights, materialize_, read_config, read_safetensors,
-                        resolve_model_dir, save_model_dir)
+from checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
+                        read_safetensors, resolve_model_dir, save_model_dir)
 from layers import Attention
 
 # Chunk order of the 6 block modulation vectors (DiT / PixArt).
@@ -121,11 +121,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, fields):
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known - {"crocodil_model"})
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**{key: value for key, value in fields.items() if key in known})
+        return config_from_dict(cls, fields)
 
 
 # ---------------------------------------------------------------------------
