@@ -6,10 +6,15 @@ figures train_ae writes to log.jsonl (global batch x L / wall time of the step, 
 per-example random draws included), skipping the first --skip steps (allocator and cache warm-up).
 Peak memory: the process's max RSS (resource.getrusage, CPU) or torch.cuda.max_memory_allocated (GPU).
 
-    python bench_train.py                   # CPU, tiny preset, L=128, 1 thread and torch's default
-    python bench_train.py --threads 2 --steps 40 --configs guided
+    python bench/bench_train.py                   # CPU, tiny preset, L=128, 1 thread and torch's default
+    python bench/bench_train.py --threads 2 --steps 40 --configs guided
 Figures go into the README with the command that produced them.
 """
+
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # the repo's modules
 
 import argparse
 import json

@@ -10,9 +10,14 @@ process with 2 threads is timed too, as the alternative way to use two cores.
 Every process uses --threads intra-op threads; on a 2-core machine use 1 so that two
 processes do not oversubscribe the cores.
 
-    python bench_distributed.py                 # the table in the README
-    python bench_distributed.py --steps 20 --batch 8 --seq-len 256
+    python bench/bench_distributed.py                 # the table in the README
+    python bench/bench_distributed.py --steps 20 --batch 8 --seq-len 256
 """
+
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # the repo's modules
 
 import argparse
 import os

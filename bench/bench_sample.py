@@ -4,9 +4,14 @@ Every demasker forward is timed on its own (with a device synchronize on CUDA); 
 (loop time - forward time) / loop time, i.e. the share of each step spent in the sampler itself (Gumbel
 noise, softmax, top-k, bookkeeping). The model is the tiny Demasker (random weights) unless --ckpt is given.
 
-    python bench_sample.py                        # the README figures: L = 256, CPU, several settings
-    python bench_sample.py --device cuda --batch-size 16
+    python bench/bench_sample.py                        # the README figures: L = 256, CPU, several settings
+    python bench/bench_sample.py --device cuda --batch-size 16
 """
+
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # the repo's modules
 
 import argparse
 import time
