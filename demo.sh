@@ -11,6 +11,7 @@
 # vocabulary 2048, K = 8 registers. Env overrides: OUT (runs/demo), AE_STEPS (2000), PRIOR_STEPS (1500).
 set -euo pipefail
 cd "$(dirname "$0")"
+source ./env.sh  # the packages: reuse what is importable, else create or reuse .venv
 
 OUT=${OUT:-runs/demo}
 AE_STEPS=${AE_STEPS:-2000}

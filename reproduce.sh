@@ -17,6 +17,7 @@
 #      shrink the budget (a smoke test of the whole chain: all four at a few steps / samples).
 set -euo pipefail
 cd "$(dirname "$0")"
+source ./env.sh  # the packages: reuse what is importable, else create or reuse .venv
 
 PRESET=${PRESET:-tiny}
 DEVICE=${DEVICE:-cpu}
