@@ -8,7 +8,7 @@ Paper map (arXiv 2603.20210):
   (schedules.register_times), so later blocks are always noisier and every block ends at 0. The
   result is renormalised to norm sqrt(d) per register (App. C), the encoder's output scale.
 - ConThenDisc, Alg. 2 (Sec. 4.3.1): z_0 ~ G_psi(eps) from the unconditional prior, then the guided MDM
-  (sample.generate with the registers fixed at every step).
+  (mdm.generate with the registers fixed at every step).
 - ConWithinDisc, Alg. 3 (Sec. 4.3.2, App. G): the same guided MDM, but before the steps at fractions
   `refresh_at` of the loop (default 0.5, App. G's best setting) the registers are redrawn from the
   conditional prior, z_0 ~ G_psi(eps, h(x_t)), with its own number of DDIM steps (paper: 32). h(x_t)
@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from sample import _model_device, _resolve_mask_id, check_schedule, generate, mdm_loop
+from mdm import _model_device, _resolve_mask_id, check_schedule, generate, mdm_loop
 from schedules import base_time_range, ddim_step, register_times
 
 PRIOR_SETTINGS_FILE = "prior.json"  # written by train_prior.py next to dit/

@@ -40,7 +40,7 @@ import torch
 
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
-from sample import generate
+from mdm import generate
 from schedules import mask_tokens, masked_diffusion_loss, num_transfer_tokens
 
 

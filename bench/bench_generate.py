@@ -1,6 +1,6 @@
 """Benchmark: samples/s, NFE and the prior's share of the time for the three generators (issue 4).
 
-Base MDM (sample.generate), ConThenDisc (Alg. 2) and ConWithinDisc (Alg. 3, one refresh at 0.5) at each
+Base MDM (mdm.generate), ConThenDisc (Alg. 2) and ConWithinDisc (Alg. 3, one refresh at 0.5) at each
 --lengths, with the tiny presets' shapes and random weights (speed does not depend on training). The
 prior's time is measured by timing generators.sample_registers and the encoder calls that embed x_t
 (wrapped here, nothing else changed); NFE is the paper's count from generators.nfe_report (demasker
@@ -24,7 +24,7 @@ import generators as G
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 from latent_dit import DiTConfig, LatentDiT
-from sample import generate
+from mdm import generate
 
 
 def sync(device):

@@ -1,4 +1,4 @@
-"""Benchmark: sampler overhead of sample.generate outside the model forwards (issue 3 target: < 5% at L = 256).
+"""Benchmark: sampler overhead of mdm.generate outside the model forwards (issue 3 target: < 5% at L = 256).
 
 Every demasker forward is timed on its own (with a device synchronize on CUDA); the overhead is
 (loop time - forward time) / loop time, i.e. the share of each step spent in the sampler itself (Gumbel
@@ -19,7 +19,7 @@ import time
 import torch
 
 from demasker import Demasker, DemaskerConfig
-from sample import generate
+from mdm import generate
 
 
 class TimedModel(torch.nn.Module):
@@ -28,7 +28,7 @@ class TimedModel(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model, self.seconds, self.calls = model, 0.0, 0
-        self.cfg = model.cfg  # sample.generate reads cfg.mask_token_id
+        self.cfg = model.cfg  # mdm.generate reads cfg.mask_token_id
 
     def _sync(self, x):
         if x.device.type == "cuda":
