@@ -16,20 +16,39 @@ The paper's "Forward(x0_hat, t)" re-masking (Alg. 2/3/6) is implemented the way 
 positions are predicted, the most confident ones are kept and the rest stay [M] ("low-confidence
 remasking"); already revealed tokens are never changed.
 
-Random numbers (for exact parity with LLaDA). With generator=None every draw uses PyTorch's global RNG in
-LLaDA's order, so `torch.manual_seed(s); generate(...)` equals LLaDA's output after the same seed.
-Per step, and nothing else:
-  1. if temperature > 0: one float64 uniform tensor of the logits' shape (B, L, V) (LLaDA's torch.rand_like);
-  2. if remasking == 'random': one (B, L) uniform tensor of the default dtype (LLaDA's torch.rand).
-A `generator` (torch.Generator on the model's device) makes the same draws from it instead.
+Decoding options (`Decoding`; the defaults are LLaDA's generate() except the random stream):
+- rule: "fixed" (LLaDA: steps split evenly over blocks, schedules.num_transfer_tokens tokens per step),
+  "threshold" (Fast-dLLM: every masked token of the block whose confidence is >= tau, at least the most
+  confident one; tau > 1 reveals exactly one per step, tau = 0 the whole block at once) or "factor"
+  (Fast-dLLM's factor rule: the n most confident with (n + 1) (1 - c_(n)) < f, at least one). With the
+  adaptive rules `steps` is not used: each block takes as many steps as it needs, and per-sample NFE (the
+  steps in which a row still had [M] in its block) comes back through `stats`.
+- rng: "fast" draws Gumbel noise only for the masked candidates (the same distribution, tested);
+  "llada" draws it for the full (B, L, V) logits in LLaDA's order, for token-exact parity:
+  with generator=None every draw uses PyTorch's global RNG, so `torch.manual_seed(s); generate(...,
+  decoding=Decoding(rng="llada"))` equals LLaDA's output after the same seed. Per step, and nothing else:
+    1. if temperature > 0: one float64 uniform tensor of the logits' shape (B, L, V) (LLaDA's torch.rand_like);
+    2. if remasking == 'random': one (B, L) uniform tensor of the default dtype (LLaDA's torch.rand).
+  A `generator` (torch.Generator on the model's device) makes the same draws from it instead.
+- cfg_scale (LLaDA's classifier-free guidance for prompts): the unconditional branch sees the prompt
+  (x[:, :gen_start]) replaced by [M]; logits = un + (cfg_scale + 1) (cond - un). guidance (register
+  guidance, trained with register dropout to a null bank): the null branch sees every register withheld
+  (register_mask all False, the prefix [START, END] only); logits = null + w (guided - null); w = 1 is
+  plain guided decoding and costs nothing extra.
+- logits_eos_inf: EOS (and EOT, when the model's config has one) can never be predicted.
+  confidence_eos_eot_inf: EOS/EOT predictions rank below every other candidate, so they are revealed
+  last (LLaDA's generate() applies its flag after the tokens are chosen, where it has no effect; here it
+  acts on the choice, tested).
 
-NFE (network function evaluations) = number of demasker forward calls = `steps`; returned by every decoder.
+NFE (network function evaluations) = demasker forward passes of the batch: `steps` for the fixed rule,
+twice that with cfg_scale > 0 or guidance != 1 (two branches per step); returned by every decoder.
 
 This is the lowest sampling file: generators.py (Alg. 2, 3) and sample.py (the CLI for every method) build
 on it. Overhead benchmark: bench/bench_sample.py.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +56,42 @@ import torch.nn.functional as F
 from schedules import num_transfer_tokens
 
 REMASKING = ("low_confidence", "random")
+RULES = ("fixed", "threshold", "factor")
+RNG_MODES = ("fast", "llada")
+
+
+@dataclass
+class Decoding:
+    """How the MDM loop chooses and reveals tokens (see the module docstring)."""
+    rule: str = "fixed"              # fixed | threshold | factor
+    threshold: float = 0.9           # tau of the threshold rule
+    factor: float = 1.0              # f of the factor rule
+    rng: str = "fast"                # fast | llada (token-exact parity with LLaDA's generate)
+    cfg_scale: float = 0.0           # classifier-free guidance on the prompt (0 = off)
+    guidance: float = 1.0            # register guidance weight w (1 = plain guided decoding)
+    logits_eos_inf: bool = False     # never predict EOS / EOT
+    confidence_eos_eot_inf: bool = False  # reveal EOS / EOT predictions last
+
+    def check(self):
+        if self.rule not in RULES:
+            raise ValueError(f"decoding rule must be one of {RULES}, got {self.rule!r}")
+        if self.rng not in RNG_MODES:
+            raise ValueError(f"rng must be one of {RNG_MODES}, got {self.rng!r}")
+        if self.threshold < 0:
+            raise ValueError(f"threshold must be >= 0 (0 reveals a whole block at once), got {self.threshold}")
+        if self.factor <= 0:
+            raise ValueError(f"factor must be > 0, got {self.factor}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (0 = off), got {self.cfg_scale}")
+        return self
+
+    @property
+    def branches(self):
+        """Forward passes per step: 2 with classifier-free or register guidance, else 1."""
+        return 2 if self.cfg_scale > 0 or self.guidance != 1 else 1
+
+
+LLADA = Decoding(rng="llada")  # LLaDA's generate(), token for token
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,49 +116,107 @@ def add_gumbel_noise(logits, temperature, generator=None, noise=None):
     return logits.exp_().div_(noise)
 
 
-def reveal_step(x, logits, block_end, k_per_row, temperature, remasking, mask_id, generator=None):
-    """One LLaDA step: predict every [M], keep the k most confident before the block end, remask the rest.
+def predict_candidates(x, logits, block_end, temperature, remasking, mask_id, generator=None, rng="llada",
+                       eos_ids=(), confidence_eos_eot_inf=False):
+    """Predict every [M] before block_end and score it. Returns (rows, cols, predicted, confidence,
+    probability): (N,) each; probability is the model's probability of the predicted token, confidence
+    what the fixed rule ranks by (probability, or a uniform draw with random remasking).
 
-    x: (B, L) long current tokens; logits: (B, L, V) the model's output for x; block_end: first position
-    after the current block; k_per_row: list of B ints, tokens to reveal per row at this step.
-    Returns the new x (B, L).
-
-    Candidates are LLaDA's: masked positions before block_end (later positions get confidence -inf). Only
-    their rows of the logits are processed (prediction, Gumbel noise, softmax are row-wise, so each value
-    is the one LLaDA computes on the full tensor), but the random numbers are drawn for the full (B, L, V)
-    and (B, L) shapes so the RNG stream stays LLaDA's.
+    Candidates are LLaDA's: masked positions before block_end. Only their rows of the logits are processed
+    (prediction, Gumbel noise, softmax are row-wise, so each value is the one LLaDA computes on the full
+    tensor). With rng="llada" the random numbers are drawn for the full (B, L, V) and (B, L) shapes so the
+    RNG stream stays LLaDA's; with rng="fast" only for the N candidates (same distribution).
     """
     B, L = x.shape
-    mask_index = x == mask_id  # (B, L)
-    rows, cols = mask_index[:, :block_end].nonzero(as_tuple=True)  # (N,), (N,) candidate positions
+    rows, cols = (x[:, :block_end] == mask_id).nonzero(as_tuple=True)  # (N,), (N,) candidate positions
     candidate_logits = logits[rows, cols]  # (N, V)
     noise = None
-    if temperature != 0:  # LLaDA's torch.rand_like(logits, float64): drawn in full, used at the candidates
-        noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)[rows, cols]
+    if temperature != 0:
+        if rng == "llada":  # LLaDA's torch.rand_like(logits, float64): drawn in full, used at the candidates
+            noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)[rows, cols]
+        else:
+            noise = torch.rand(candidate_logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
     predicted = add_gumbel_noise(candidate_logits, temperature, noise=noise).argmax(dim=-1)  # (N,)
+    p = F.softmax(candidate_logits, dim=-1)  # (N, V) in the model's dtype, as LLaDA
+    probability = torch.gather(p, -1, predicted.unsqueeze(-1)).squeeze(-1)  # (N,)
     if remasking == "low_confidence":
-        p = F.softmax(candidate_logits, dim=-1)  # (N, V) in the model's dtype, as LLaDA
-        candidate_confidence = torch.gather(p, -1, predicted.unsqueeze(-1)).squeeze(-1)  # (N,)
+        confidence = probability
     elif remasking == "random":
-        candidate_confidence = torch.rand((B, L), device=x.device, generator=generator)[rows, cols]  # (N,)
+        shape = (B, L) if rng == "llada" else rows.shape
+        confidence = torch.rand(shape, device=x.device, generator=generator)
+        confidence = confidence[rows, cols] if rng == "llada" else confidence.to(probability.dtype)
     else:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    confidence = torch.full((B, L), -math.inf, dtype=candidate_confidence.dtype, device=x.device)
-    confidence[rows, cols] = candidate_confidence  # revealed tokens and positions past the block: -inf
-    x0 = x.clone()
-    x0[rows, cols] = predicted
+    if confidence_eos_eot_inf and len(eos_ids):
+        is_eos = torch.isin(predicted, torch.tensor(list(eos_ids), device=predicted.device))
+        # below every other candidate (scores are in [0, 1]) but above the -inf of non-candidates
+        confidence = torch.where(is_eos, confidence - 2.0, confidence)
+    return rows, cols, predicted, confidence, probability
 
-    # Per-row top-k, one torch.topk call per row exactly as LLaDA (same ties broken the same way).
+
+def choose_fixed(confidence, k_per_row):
+    """Per-row top-k of confidence (B, L) (-inf off the candidates), one torch.topk call per row exactly as
+    LLaDA (same ties broken the same way). Returns (B, L) bool or None when nothing is chosen."""
     chosen_rows, chosen_cols = [], []
     for row, k in enumerate(k_per_row):
         if k > 0:
             chosen_cols.append(torch.topk(confidence[row], k=k).indices)
-            chosen_rows.append(torch.full((k,), row, dtype=torch.long, device=x.device))
+            chosen_rows.append(torch.full((k,), row, dtype=torch.long, device=confidence.device))
     if not chosen_rows:
-        return x
-    transfer = torch.zeros_like(mask_index)
+        return None
+    transfer = torch.zeros(confidence.shape, dtype=torch.bool, device=confidence.device)
     transfer[torch.cat(chosen_rows), torch.cat(chosen_cols)] = True
-    return torch.where(transfer, x0, x)
+    return transfer
+
+
+def choose_adaptive(probability, candidates, rule, threshold, factor):
+    """Fast-dLLM's parallel rules on probability (B, L) (the candidates' own probabilities, 0 elsewhere) and
+    candidates (B, L) bool. threshold: every candidate with p >= tau; factor: the n most confident with
+    (n + 1) (1 - p_(n)) < f. Every row with a candidate reveals at least its most confident one."""
+    ranked = probability.masked_fill(~candidates, -1.0)
+    best = ranked.argmax(dim=1, keepdim=True)  # (B, 1)
+    if rule == "threshold":
+        transfer = candidates & (probability >= threshold)
+    else:
+        sorted_p, order = ranked.sort(dim=1, descending=True)  # (B, L)
+        n = torch.arange(1, probability.shape[1] + 1, device=probability.device)[None, :]  # (1, L)
+        ok = ((n + 1) * (1 - sorted_p) < factor) & (sorted_p >= 0)  # (B, L), prefix-closed as p decreases
+        ok = ok.long().cumprod(dim=1).bool()
+        transfer = torch.zeros_like(candidates).scatter(1, order, ok)
+    has = candidates.any(dim=1, keepdim=True)
+    return transfer | (torch.zeros_like(candidates).scatter(1, best, True) & has)
+
+
+def reveal_step(x, logits, block_end, k_per_row, temperature, remasking, mask_id, generator=None,
+                decoding=None, eos_ids=()):
+    """One step: predict every [M] before the block end and reveal some, the rest stay [M].
+
+    x: (B, L) long current tokens; logits: (B, L, V) the model's output for x; block_end: first position
+    after the current block; k_per_row: list of B ints, tokens to reveal per row (the fixed rule; ignored
+    by the adaptive rules). decoding: Decoding (default LLADA). Returns (new x (B, L), revealed (B,) long).
+    """
+    decoding = decoding or LLADA
+    B, L = x.shape
+    rows, cols, predicted, candidate_confidence, probability = predict_candidates(
+        x, logits, block_end, temperature, remasking, mask_id, generator, decoding.rng, eos_ids,
+        decoding.confidence_eos_eot_inf)
+    x0 = x.clone()
+    x0[rows, cols] = predicted
+    if decoding.rule == "fixed":
+        confidence = torch.full((B, L), -math.inf, dtype=candidate_confidence.dtype, device=x.device)
+        confidence[rows, cols] = candidate_confidence  # revealed tokens and positions past the block: -inf
+        transfer = choose_fixed(confidence, k_per_row)
+    else:
+        candidates = torch.zeros(B, L, dtype=torch.bool, device=x.device)
+        candidates[rows, cols] = True
+        score = torch.zeros(B, L, dtype=torch.float32, device=x.device)
+        score[rows, cols] = probability.float()
+        if decoding.confidence_eos_eot_inf and len(eos_ids):  # EOS/EOT predictions pass no threshold
+            score[rows, cols] = torch.where(candidate_confidence < 0, 0.0, probability.float())
+        transfer = choose_adaptive(score, candidates, decoding.rule, decoding.threshold, decoding.factor)
+    if transfer is None:
+        return x, torch.zeros(B, dtype=torch.long, device=x.device)
+    return torch.where(transfer, x0, x), transfer.sum(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,40 +237,97 @@ def check_schedule(gen_length, block_length, steps):
     return num_blocks, steps // num_blocks
 
 
+def _eos_ids(model):
+    """EOS and, when the config has one, EOT ids of the model (for the EOS controls)."""
+    cfg = getattr(model, "cfg", None)
+    ids = [getattr(cfg, name, None) for name in ("eos_token_id", "eot_token_id")]
+    return tuple(sorted({int(i) for i in ids if i is not None}))
+
+
+def guided_logits(model, x, gen_start, mask_id, registers, register_mask, attention_mask, decoding):
+    """The model's logits (B, L, V) for x, with classifier-free or register guidance when asked for.
+    Both branches go through one batched call (2B rows), as LLaDA does for cfg."""
+    if decoding.branches == 1:
+        return model(x, registers=registers, register_mask=register_mask, attention_mask=attention_mask)
+    if decoding.cfg_scale > 0 and decoding.guidance != 1:
+        raise ValueError("use classifier-free guidance (cfg_scale) or register guidance (guidance), not both")
+    B = x.shape[0]
+    twice = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
+    if decoding.cfg_scale > 0:  # the unconditional branch: the prompt replaced by [M]
+        if gen_start == 0:
+            raise ValueError("cfg_scale > 0 needs a prompt (the unconditional branch masks it)")
+        un_x = x.clone()
+        un_x[:, :gen_start] = mask_id
+        both = model(torch.cat([x, un_x]), registers=twice(registers), register_mask=twice(register_mask),
+                     attention_mask=twice(attention_mask))
+        cond, un = both[:B], both[B:]
+        return un + (decoding.cfg_scale + 1) * (cond - un)
+    if registers is None:
+        raise ValueError("register guidance (guidance != 1) needs registers")
+    shown = register_mask if register_mask is not None else torch.ones(registers.shape[:2], dtype=torch.bool,
+                                                                         device=registers.device)
+    both = model(torch.cat([x, x]), registers=twice(registers), register_mask=torch.cat([shown, torch.zeros_like(shown)]),
+                 attention_mask=twice(attention_mask))
+    guided, null = both[:B], both[B:]  # null: every register withheld, the prefix [START, END] only
+    return null + decoding.guidance * (guided - null)
+
+
 @torch.no_grad()
 def mdm_loop(model, x, gen_start, block_length, steps, temperature=0.0, remasking="low_confidence",
              mask_id=None, registers=None, register_mask=None, attention_mask=None, generator=None,
-             refresh_registers=None):
+             refresh_registers=None, decoding=None, stats=None):
     """Semi-autoregressive MDM decoding of x[:, gen_start:] in place of LLaDA's two nested loops.
 
-    x: (B, L) long, the prompt followed by [M] up to L. Blocks of block_length are decoded left to right,
-    each in steps / num_blocks steps; every step calls model(x, registers=..., register_mask=...,
-    attention_mask=...) -> logits (B, L, V) once and reveals num_transfer_tokens tokens per row.
-    refresh_registers: optional callable(step, x, registers, register_mask) called before the model at
-    every global step 0..steps-1; it returns None (keep) or a new (registers, register_mask) pair.
-    Returns (x (B, L), nfe).
+    x: (B, L) long, the prompt followed by [M] up to L. Blocks of block_length are decoded left to right.
+    The fixed rule decodes each block in steps / num_blocks steps, num_transfer_tokens tokens per row per
+    step; the adaptive rules (decoding.rule threshold | factor) until the block has no [M] (then [M] is never
+    predicted, so every step reveals a token and a block takes at most block_length steps). Every step calls
+    model(x, registers=..., register_mask=..., attention_mask=...) -> logits (B, L, V) once (twice with
+    guidance: see guided_logits). refresh_registers: optional callable(step, x, registers, register_mask)
+    called before the model at every global step; it returns None (keep) or a new (registers, register_mask).
+    stats: optional dict, filled with "nfe_per_sample" (B ints: forward passes while the row still had [M] in
+    its block, x branches) and "tokens_per_step" (mean tokens revealed per row at each step).
+    Returns (x (B, L), nfe): nfe = steps taken x decoding.branches.
     """
+    decoding = (decoding or LLADA).check()
     gen_length = x.shape[1] - gen_start
     num_blocks, steps_per_block = check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    nfe, step = 0, 0
+    eos_ids = _eos_ids(model) if (decoding.logits_eos_inf or decoding.confidence_eos_eot_inf) else ()
+    adaptive = decoding.rule != "fixed"
+    B = x.shape[0]
+    per_sample = torch.zeros(B, dtype=torch.long, device=x.device)
+    tokens_per_step = []
+    step = 0
     for block in range(num_blocks):
         block_start = gen_start + block * block_length
         block_end = block_start + block_length
         # (B, steps_per_block) as Python ints: one host sync per block, none per step
-        schedule = num_transfer_tokens(x[:, block_start:block_end] == mask_id, steps_per_block).tolist()
-        for i in range(steps_per_block):
+        schedule = None if adaptive else num_transfer_tokens(x[:, block_start:block_end] == mask_id,
+                                                             steps_per_block).tolist()
+        for i in range(block_length if adaptive else steps_per_block):
+            active = (x[:, block_start:block_end] == mask_id).any(dim=1)  # (B,)
+            if adaptive and not bool(active.any()):
+                break
             if refresh_registers is not None:
                 refreshed = refresh_registers(step, x, registers, register_mask)
                 if refreshed is not None:
                     registers, register_mask = refreshed
-            logits = model(x, registers=registers, register_mask=register_mask, attention_mask=attention_mask)
-            nfe += 1
-            x = reveal_step(x, logits, block_end, [row[i] for row in schedule], temperature, remasking,
-                            mask_id, generator)
+            logits = guided_logits(model, x, gen_start, mask_id, registers, register_mask, attention_mask, decoding)
+            if decoding.logits_eos_inf and eos_ids:
+                logits[..., list(eos_ids)] = -math.inf
+            if adaptive:
+                logits[..., mask_id] = -math.inf  # a revealed [M] would stay a candidate for ever
+            per_sample += active.long() * decoding.branches
+            x, revealed = reveal_step(x, logits, block_end, None if adaptive else [row[i] for row in schedule],
+                                      temperature, remasking, mask_id, generator, decoding, eos_ids)
+            tokens_per_step.append(float(revealed.float().mean()))
             step += 1
-    return x, nfe
+    if stats is not None:
+        stats["nfe_per_sample"] = per_sample.tolist()
+        stats["tokens_per_step"] = tokens_per_step
+    return x, step * decoding.branches
 
 
 def _model_device(model):
@@ -177,7 +347,7 @@ def _resolve_mask_id(model, mask_id):
 
 def generate(model, prompt, gen_length=128, block_length=128, steps=128, temperature=0.0,
              remasking="low_confidence", mask_id=None, registers=None, register_mask=None, attention_mask=None,
-             generator=None, refresh_registers=None):
+             generator=None, refresh_registers=None, decoding=None, stats=None):
     """LLaDA's generate(): decode gen_length tokens after `prompt` with the (guided) MDM.
 
     prompt: (B, P) long token ids, or an int B for unconditional generation (P = 0, all-[M] start).
@@ -186,7 +356,8 @@ def generate(model, prompt, gen_length=128, block_length=128, steps=128, tempera
     mask_id: the [M] id (default model.cfg.mask_token_id). registers (B, k, d) | None and register_mask
     (B, k) | None are passed to the model at every step (None = base MDM). attention_mask: (B, P) bool for a
     left-padded prompt (False = pad); it is extended with True over the generated part, as in LLaDA.
-    generator / RNG draw order: see the module docstring. refresh_registers: see mdm_loop.
+    generator / RNG draw order, decoding (Decoding; default LLADA, LLaDA's generate() exactly): see the
+    module docstring. refresh_registers, stats: see mdm_loop.
     Returns (tokens (B, P + gen_length) long with the prompt in front, as LLaDA returns, nfe int).
     """
     mask_id = _resolve_mask_id(model, mask_id)
@@ -203,7 +374,7 @@ def generate(model, prompt, gen_length=128, block_length=128, steps=128, tempera
         attention_mask = torch.cat([attention_mask.bool(),
                                     torch.ones(B, gen_length, dtype=torch.bool, device=x.device)], dim=1)
     return mdm_loop(model, x, P, block_length, steps, temperature, remasking, mask_id, registers, register_mask,
-                    attention_mask, generator, refresh_registers)
+                    attention_mask, generator, refresh_registers, decoding, stats)
 
 
 @torch.no_grad()
@@ -223,16 +394,16 @@ def encode_registers(encoder, enc_ids, enc_mask=None, keep=None):
 
 
 def autoencode(encoder, demasker, enc_ids, enc_mask, gen_length, block_length=None, steps=None, temperature=0.0,
-               remasking="low_confidence", mask_id=None, keep=None, generator=None):
+               remasking="low_confidence", mask_id=None, keep=None, generator=None, decoding=None, stats=None):
     """The discrete-continuum-discrete autoencoder (Alg. 6): z_0 = h_phi(x_0), then the guided MDM from an
     all-[M] start of gen_length tokens, z_0 fixed at every step.
 
     enc_ids: (B, L_enc) the source programs in the encoder's tokenization; enc_mask: (B, L_enc) bool valid
     tokens (None = all). block_length defaults to gen_length (one block, the paper's setting), steps to
-    gen_length (one token per step). keep: see encode_registers.
+    gen_length (one token per step). keep: see encode_registers. decoding, stats: see mdm_loop.
     Returns (tokens (B, gen_length), nfe) where nfe counts demasker calls (the one encoder call is extra).
     """
     registers, register_mask = encode_registers(encoder, enc_ids, enc_mask, keep)
     return generate(demasker, enc_ids.shape[0], gen_length, block_length or gen_length, steps or gen_length,
                     temperature, remasking, mask_id, registers=registers, register_mask=register_mask,
-                    generator=generator)
+                    generator=generator, decoding=decoding, stats=stats)

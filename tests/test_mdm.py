@@ -1,0 +1,163 @@
+"""mdm.py decoding options: adaptive parallel rules, the fast random stream, register and classifier-free
+guidance, EOS controls. (LLaDA parity of the default loop: tests/test_sample.py.)"""
+
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mdm as M
+from test_sample import MASK, V, TinyMixer
+
+EOS = 0
+
+
+class FixedLogits(nn.Module):
+    """The same logits (V,) at every position; records what it was called with."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(torch.as_tensor(logits, dtype=torch.float32), requires_grad=False)
+        self.seen = []
+
+    def forward(self, x, registers=None, register_mask=None, attention_mask=None):
+        self.seen.append((x.clone(), None if register_mask is None else register_mask.clone()))
+        return self.logits.expand(*x.shape, -1).clone()
+
+
+def test_threshold_above_one_reveals_exactly_the_most_confident_token_per_step():
+    model = TinyMixer(seed=3)
+    stats = {}
+    fixed, nfe_fixed = M.generate(model, 2, 16, 16, 16, mask_id=MASK)  # one token per step, top-1 confidence
+    adaptive, nfe = M.generate(model, 2, 16, 16, 16, mask_id=MASK,
+                               decoding=M.Decoding(rule="threshold", threshold=1.01), stats=stats)
+    assert torch.equal(fixed, adaptive) and nfe == nfe_fixed == 16
+    assert stats["tokens_per_step"] == [1.0] * 16 and stats["nfe_per_sample"] == [16, 16]
+
+
+def test_threshold_zero_reveals_a_block_in_one_step():
+    model = TinyMixer(seed=4)
+    stats = {}
+    out, nfe = M.generate(model, 3, 24, 8, 24, mask_id=MASK, decoding=M.Decoding(rule="threshold", threshold=0.0),
+                          stats=stats)
+    assert nfe == 3 and stats["tokens_per_step"] == [8.0, 8.0, 8.0] and (out != MASK).all()
+    with torch.no_grad():  # the first block is the greedy prediction from the all-[M] canvas
+        first = model(torch.full((3, 24), MASK)).argmax(-1)
+    assert torch.equal(out[:, :8], first[:, :8])
+
+
+def test_factor_rule_on_known_probabilities():
+    p = torch.tensor([[0.99, 0.95, 0.7, 0.2, 0.0]])
+    candidates = torch.tensor([[True, True, True, True, False]])
+    # (n + 1)(1 - p_(n)) < f: n=1: 2*0.01=0.02, n=2: 3*0.05=0.15, n=3: 4*0.3=1.2, n=4: 5*0.8=4
+    assert M.choose_adaptive(p, candidates, "factor", 0.9, 1.0).tolist() == [[True, True, False, False, False]]
+    assert M.choose_adaptive(p, candidates, "factor", 0.9, 2.0).tolist() == [[True, True, True, False, False]]
+    assert M.choose_adaptive(p, candidates, "factor", 0.9, 0.001).tolist() == [[True, False, False, False, False]]
+    assert M.choose_adaptive(p, candidates, "threshold", 0.9, 1.0).tolist() == [[True, True, False, False, False]]
+    none = torch.zeros_like(candidates)
+    assert not M.choose_adaptive(p, none, "threshold", 0.5, 1.0).any()  # a finished row reveals nothing
+
+
+def test_adaptive_nfe_per_sample_counts_only_rows_still_decoding():
+    # row 0 is all very confident (one step), row 1 flat (one token per step at tau = 0.9)
+    class TwoRows(nn.Module):
+        def forward(self, x, registers=None, register_mask=None, attention_mask=None):
+            logits = torch.zeros(*x.shape, V)
+            logits[0, :, 5] = 50.0
+            return logits
+    stats = {}
+    out, nfe = M.generate(TwoRows(), 2, 6, 6, 6, mask_id=MASK, decoding=M.Decoding(rule="threshold", threshold=0.9),
+                          stats=stats)
+    assert stats["nfe_per_sample"] == [1, 6] and nfe == 6 and (out != MASK).all()
+
+
+@pytest.mark.parametrize("rng", ["fast", "llada"])
+def test_sampling_frequencies_match_the_softmax(rng):
+    """Gumbel-max at temperature 1 draws from softmax(logits): a chi-square test on 6000 one-token draws."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0] + [-1e4] * (V - 4))
+    model = FixedLogits(logits)
+    out, _ = M.generate(model, 6000, 1, 1, 1, temperature=1.0, mask_id=MASK, generator=torch.Generator().manual_seed(0),
+                        decoding=M.Decoding(rng=rng))
+    counts = torch.bincount(out[:, 0], minlength=V)[:4].double()
+    expected = torch.softmax(logits[:4].double(), 0) * 6000
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert counts.sum() == 6000 and chi2 < 16.3  # 3 degrees of freedom, p = 0.001
+
+
+def test_fast_rng_draws_less_and_differs_only_in_the_stream():
+    model = TinyMixer(seed=5)
+    g_fast, g_exact = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    fast, _ = M.generate(model, 2, 8, 8, 4, temperature=1.0, mask_id=MASK, generator=g_fast, decoding=M.Decoding())
+    exact, _ = M.generate(model, 2, 8, 8, 4, temperature=1.0, mask_id=MASK, generator=g_exact, decoding=M.LLADA)
+    assert (fast != MASK).all() and (exact != MASK).all()
+    assert g_fast.initial_seed() == g_exact.initial_seed()
+    assert not torch.equal(g_fast.get_state(), g_exact.get_state())  # fewer numbers drawn
+
+
+def test_register_guidance_weight_one_is_plain_guided_decoding_and_zero_is_the_null_bank():
+    model = TinyMixer(seed=6)
+    registers = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(2))
+    plain, nfe_plain = M.generate(model, 2, 12, 12, 6, mask_id=MASK, registers=registers)
+    same, nfe_same = M.generate(model, 2, 12, 12, 6, mask_id=MASK, registers=registers, decoding=M.Decoding(guidance=1.0))
+    assert torch.equal(plain, same) and nfe_plain == nfe_same == 6
+    null_only, _ = M.generate(model, 2, 12, 12, 6, mask_id=MASK, registers=registers,
+                              register_mask=torch.zeros(2, 3, dtype=torch.bool))
+    w0, nfe0 = M.generate(model, 2, 12, 12, 6, mask_id=MASK, registers=registers, decoding=M.Decoding(guidance=0.0))
+    assert torch.equal(w0, null_only) and nfe0 == 12  # two branches per step
+    w3, _ = M.generate(model, 2, 12, 12, 6, mask_id=MASK, registers=registers, decoding=M.Decoding(guidance=3.0))
+    assert (w3 != MASK).all() and not torch.equal(w3, plain)
+
+
+def test_cfg_masks_the_prompt_in_the_unconditional_branch_and_follows_llada_formula():
+    model = TinyMixer(seed=7)
+    prompt = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    plain, _ = M.generate(model, prompt, 8, 8, 4, mask_id=MASK)
+    cfg0, _ = M.generate(model, prompt, 8, 8, 4, mask_id=MASK, decoding=M.Decoding(cfg_scale=0.0))
+    assert torch.equal(plain, cfg0)
+    x = torch.cat([prompt, torch.full((2, 8), MASK)], 1)
+    with torch.no_grad():
+        cond = model(x)
+        un_x = x.clone()
+        un_x[:, :3] = MASK
+        expected = model(un_x) + 2.5 * (cond - model(un_x))  # LLaDA: un + (cfg + 1)(cond - un)
+        got = M.guided_logits(model, x, 3, MASK, None, None, None, M.Decoding(cfg_scale=1.5))
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a prompt"):
+        M.generate(model, 2, 8, 8, 4, mask_id=MASK, decoding=M.Decoding(cfg_scale=1.0))
+
+
+class Positional(nn.Module):
+    """Positions 0-2 predict token 9 (p ~ 0.73), positions 3-5 predict EOS (p ~ 0.98): EOS is more confident."""
+
+    cfg = type("Cfg", (), {"eos_token_id": EOS, "mask_token_id": MASK})()
+
+    def forward(self, x, registers=None, register_mask=None, attention_mask=None):
+        logits = torch.full((6, V), -5.0)
+        logits[:3, 9], logits[:3, EOS] = 4.0, 3.0
+        logits[3:, 9], logits[3:, EOS] = 1.0, 5.0
+        return logits.expand(x.shape[0], -1, -1).clone()
+
+
+def _first_step_positions(decoding):
+    x = torch.full((1, 6), MASK)
+    model = Positional()
+    new, _ = M.reveal_step(x, model(x), 6, [2], 0.0, "low_confidence", MASK, decoding=decoding, eos_ids=(EOS,))
+    return set((new[0] != MASK).nonzero().flatten().tolist())
+
+
+def test_eos_controls_act_on_the_choice():
+    plain, _ = M.generate(Positional(), 1, 6, 6, 3)
+    assert plain.tolist() == [[9, 9, 9, EOS, EOS, EOS]]
+    never, _ = M.generate(Positional(), 1, 6, 6, 3, decoding=M.Decoding(logits_eos_inf=True))
+    assert never.tolist() == [[9] * 6]
+    last = M.Decoding(confidence_eos_eot_inf=True)
+    ranked, _ = M.generate(Positional(), 1, 6, 6, 3, decoding=last)
+    assert ranked.tolist() == plain.tolist()  # the same tokens in the end, revealed in another order:
+    assert _first_step_positions(M.Decoding()) <= {3, 4, 5}  # the confident EOS first
+    assert _first_step_positions(last) <= {0, 1, 2}  # EOS predictions last
+    # the adaptive rules: an EOS prediction passes no threshold
+    x = torch.full((1, 6), MASK)
+    new, _ = M.reveal_step(x, Positional()(x), 6, None, 0.0, "low_confidence", MASK,
+                           decoding=M.Decoding(rule="threshold", threshold=0.5, confidence_eos_eot_inf=True),
+                           eos_ids=(EOS,))
+    assert new.tolist() == [[9, 9, 9, MASK, MASK, MASK]]
