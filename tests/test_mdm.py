@@ -161,3 +161,15 @@ def test_eos_controls_act_on_the_choice():
                            decoding=M.Decoding(rule="threshold", threshold=0.5, confidence_eos_eot_inf=True),
                            eos_ids=(EOS,))
     assert new.tolist() == [[9, 9, 9, MASK, MASK, MASK]]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_fast_draw_tempered_frequencies_and_untempered_probability(temperature):
+    logits = torch.tensor([[1.5, 0.5, 0.0, -2.0]]).expand(8000, 4)
+    predicted, probability = M.fast_draw(logits, temperature, torch.Generator().manual_seed(3))
+    counts = torch.bincount(predicted, minlength=4).double()
+    expected = torch.softmax(logits[0].double() / temperature, 0) * 8000
+    assert float(((counts - expected) ** 2 / expected).sum()) < 16.3  # chi-square, 3 dof, p = 0.001
+    assert torch.allclose(probability, torch.softmax(logits, -1).gather(-1, predicted[:, None]).squeeze(-1), atol=1e-6)
+    greedy, p0 = M.fast_draw(logits[:2], 0.0)
+    assert greedy.tolist() == [0, 0] and torch.allclose(p0, torch.softmax(logits[:2], -1)[:, 0])
