@@ -18,6 +18,19 @@ One path serves both models:
 
 Our own checkpoints are the same layout: `config.json` + `model.safetensors`, written
 atomically (temporary folder, then rename) by `save_model_dir`.
+
+Crash safety (`swap_folder`, `recover_folder`). A folder is replaced in four steps, each a named
+fault point (`FAULT_HOOKS`, or the environment variable CROCODIL_FAULT_AT=<point>, which kills the
+process there with exit status 137, as `kill -9` would):
+    stray olds of earlier crashes are removed      (the live folder still exists)
+    "staged"     the new copy is complete in a hidden staging folder
+    "old_moved"  live folder -> .NAME.old-*        (the only instant with no live folder)
+    "new_moved"  staging folder -> live folder
+    "cleaned"    .NAME.old-* and stray staging folders removed
+A live folder missing while exactly one .NAME.old-* exists can only mean a death between the two
+renames; `recover_folder` (called by every resume) renames that complete old copy back. So at
+every instant either the live folder or its old copy is complete, and resume finds it by itself.
+Unreadable weights or configs raise CheckpointError naming the file and what to do.
 """
 
 import json
@@ -41,7 +54,13 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not match the model it is loaded into."""
+    """A checkpoint does not match the model it is loaded into, or cannot be read."""
+
+
+FAULT_HOOKS = []  # callables hook(point, folder), run at each named point of swap_folder (tests)
+FAULT_ENV = "CROCODIL_FAULT_AT"  # =<point>: die there with exit status 137 (a kill -9 stand-in)
+FAULT_POINTS = ("staged", "old_moved", "new_moved", "cleaned")
+STRAY_TAGS = ("old", "tmp", "stage")  # hidden siblings .NAME.<tag>-* that our writers create
 
 
 def resolve_model_dir(name_or_path):
@@ -63,11 +82,24 @@ def resolve_model_dir(name_or_path):
             f"{error}). Without network access, download it elsewhere and pass the local folder.") from error
 
 
+def read_json(path, what="file"):
+    """A JSON file as a dict, or a CheckpointError naming the file and the fix."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({type(error).__name__}: {error}); this {what} is "
+                              f"damaged: restore it from a good copy, re-download the model or retrain") from None
+
+
 def read_config(folder):
     config_path = Path(folder) / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no config.json; is this a model folder?")
-    return json.loads(config_path.read_text())
+    config = read_json(config_path, "model config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} holds a {type(config).__name__}, not a JSON object of model "
+                              f"settings; restore it from a good copy, re-download the model or retrain")
+    return config
 
 
 def weight_files(folder):
@@ -75,7 +107,10 @@ def weight_files(folder):
     folder = Path(folder)
     index_path = folder / INDEX_FILE
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        index = read_json(index_path, "shard index")
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{index_path} has no 'weight_map'; restore the file or re-download the model")
+        weight_map = index["weight_map"]
         files = sorted(set(weight_map.values()))
         missing = [name for name in files if not (folder / name).is_file()]
         if missing:
@@ -95,10 +130,15 @@ def read_safetensors(folder, dtype=None, device="cpu"):
     """All tensors of a folder as {key: tensor}; cast to `dtype` if given (else keep the file's)."""
     state = {}
     for file in weight_files(folder):
-        with safe_open(str(file), framework="pt", device=str(device)) as reader:
-            for key in reader.keys():
-                tensor = reader.get_tensor(key)
-                state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as reader:
+                for key in reader.keys():
+                    tensor = reader.get_tensor(key)
+                    state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        except Exception as error:  # safetensors raises its own SafetensorError / OSError on bad bytes
+            raise CheckpointError(f"{file} is unreadable ({type(error).__name__}: {error}): truncated or not a "
+                                  f"safetensors file. Restore it from a good copy, re-download the model, or "
+                                  f"retrain; an interrupted save never leaves such a file") from None
     return state
 
 
@@ -170,7 +210,7 @@ def materialize_(model, device, dtype):
 
 
 def save_model_dir(folder, state, config):
-    """Write config.json + model.safetensors atomically: a temp folder renamed into place."""
+    """Write config.json + model.safetensors atomically: a temp folder swapped into place (swap_folder)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
@@ -178,17 +218,98 @@ def save_model_dir(folder, state, config):
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        swap_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+# ---------------------------------------------------------------------------
+# Crash-safe folder swap (see the module docstring)
+# ---------------------------------------------------------------------------
+
+def fault_point(point, folder):
+    """Named instant of a save: run the test hooks; CROCODIL_FAULT_AT=<point> dies here (status 137)."""
+    for hook in FAULT_HOOKS:
+        hook(point, Path(folder))
+    if os.environ.get(FAULT_ENV) == point:
+        os._exit(137)
+
+
+def strays(folder, tags=STRAY_TAGS):
+    """Hidden siblings .NAME.<tag>-* of `folder` (old copies, staging folders) left by interrupted saves."""
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        return []
+    return sorted(path for tag in tags for path in folder.parent.glob(f".{folder.name}.{tag}-*"))
+
+
+def swap_folder(staged, folder):
+    """Replace `folder` by the complete folder `staged` so that a complete copy exists at every instant."""
+    staged, folder = Path(staged), Path(folder)
+    for stray in strays(folder, ("old",)):  # while the live folder exists; afterwards only ours can exist
+        if folder.exists():
+            shutil.rmtree(stray, ignore_errors=True)
+    fault_point("staged", folder)
+    old = None
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        os.replace(folder, old)  # onto the empty folder mkdtemp made (a rename may replace an empty dir)
+        fault_point("old_moved", folder)
+    os.replace(staged, folder)
+    fault_point("new_moved", folder)
+    clean_strays(folder, keep=staged.parent)
+    fault_point("cleaned", folder)
+    return folder
+
+
+def clean_strays(folder, keep=None):
+    """After a good save: remove every .NAME.{old,tmp,stage}-* sibling (except `keep`, a caller's own)."""
+    for stray in strays(folder):
+        if keep is None or Path(stray).resolve() != Path(keep).resolve():
+            shutil.rmtree(stray, ignore_errors=True) if stray.is_dir() else stray.unlink(missing_ok=True)
+
+
+def recover_folder(folder):
+    """If `folder` is missing because a save died between its two renames, rename the complete old copy back.
+
+    Returns True when it recovered. Only .NAME.old-* copies are used: they were live folders (complete);
+    staging folders may be partial and are left for clean_strays.
+    """
+    folder = Path(folder)
+    if folder.exists():
+        return False
+    olds = [path for path in strays(folder, ("old",)) if path.is_dir() and any(path.iterdir())]
+    if not olds:
+        return False
+    newest = max(olds, key=lambda path: path.stat().st_mtime)
+    os.replace(newest, folder)
+    print(f"recovered {folder} from {newest.name}, left by a save that was interrupted between its renames")
+    return True
+
+
+def find_folder(folder):
+    """`folder`, or (read-only) the complete old copy recover_folder would restore when it is missing."""
+    folder = Path(folder)
+    if folder.exists():
+        return folder
+    olds = [path for path in strays(folder, ("old",)) if path.is_dir() and any(path.iterdir())]
+    return max(olds, key=lambda path: path.stat().st_mtime) if olds else folder
+
+
+def non_finite(state, prefix=""):
+    """Names of floating tensors in a (nested) state dict that hold NaN or inf."""
+    bad = []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+        elif isinstance(value, (dict, list, tuple)):
+            bad.extend(non_finite(value, name + "."))
+    return bad
 
 
 def config_from_dict(cls, fields):

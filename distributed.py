@@ -528,6 +528,15 @@ def save_checkpoint(folder, model, optimizer, env, config=None, parts=None, extr
     model_state = full_state_dict(model)
     optimizer_state = full_optimizer_state_dict(model, optimizer) if optimizer is not None else None
     folder = Path(folder)
+    problem = None
+    if env.is_main:  # a NaN must never replace a good checkpoint (train loops skip such steps; this is the last net)
+        bad = checkpoint.non_finite(model_state) + checkpoint.non_finite(optimizer_state or {}, "optimizer.")
+        if bad:
+            problem = (f"refusing to save {folder}: {len(bad)} tensors hold NaN/inf ({', '.join(bad[:8])}"
+                       f"{' ...' if len(bad) > 8 else ''}); the previous checkpoint is left as it was")
+    problem = broadcast_object(problem, env)
+    if problem:
+        raise FloatingPointError(problem)
     if env.is_main:
         tmp_root = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=_parent(folder)))
         try:
@@ -558,21 +567,30 @@ def load_checkpoint(folder, model, optimizer, env, broadcast_from_rank0=True):
     reads_files = env.is_main or not broadcast_from_rank0
     model_state, saved, problem = {}, {"optimizer": {}, "extra": None}, None
     if reads_files:
+        checkpoint.recover_folder(folder)  # a save killed between its two renames left the old copy
         state_file = folder / TRAINING_STATE_FILE
-        if not state_file.is_file():
-            problem = (f"{folder} has no {TRAINING_STATE_FILE}: it is not a training checkpoint "
-                       "written by distributed.save_checkpoint (resuming needs the optimizer state)")
-        else:
-            saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        try:
+            if not state_file.is_file():
+                raise FileNotFoundError(f"{folder} has no {TRAINING_STATE_FILE}: it is not a training checkpoint "
+                                        "written by distributed.save_checkpoint (resuming needs the optimizer state)")
+            try:
+                saved = torch.load(state_file, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise checkpoint.CheckpointError(
+                    f"{state_file} is unreadable ({type(error).__name__}: {error}); restore the run folder from a "
+                    f"good copy or start a new run (a killed save never leaves such a file)") from None
             if optimizer is not None and saved["optimizer"] is None:
-                problem = f"{state_file} holds no optimizer state (it was saved with optimizer=None)"
+                raise FileNotFoundError(f"{state_file} holds no optimizer state (it was saved with optimizer=None)")
             for name in saved["parts"] or [None]:
                 part_state = checkpoint.read_safetensors(folder / name if name else folder)
                 model_state.update(_add_prefix(part_state, name))
+            check_resumable(folder, model, model_state, optimizer, saved["optimizer"] if optimizer else None)
+        except (FileNotFoundError, checkpoint.CheckpointError) as error:
+            problem = (type(error).__name__, str(error))
     if broadcast_from_rank0:
         problem = broadcast_object(problem, env)  # every rank raises, none waits forever
     if problem:
-        raise FileNotFoundError(problem)
+        raise (FileNotFoundError if problem[0] == "FileNotFoundError" else checkpoint.CheckpointError)(problem[1])
     load_full_state_dict(model, model_state, optimizer, saved["optimizer"] if optimizer else None,
                          broadcast_from_rank0=broadcast_from_rank0)
     return broadcast_object(saved["extra"], env) if broadcast_from_rank0 else saved["extra"]
@@ -592,10 +610,51 @@ def _parent(folder):
 
 
 def _replace_folder(staged, folder):
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(staged, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, folder)
+    checkpoint.swap_folder(staged, folder)  # crash-safe at every instant (checkpoint.py)
+
+
+def check_resumable(folder, model, model_state, optimizer=None, optimizer_state=None):
+    """Strict resume: every model tensor present with the model's shape, and every AdamW moment of
+    every trainable parameter present with its parameter's shape; else ONE CheckpointError listing
+    the missing, unexpected and mis-shaped keys. (torch's set_model_state_dict alone would leave a
+    missing tensor at its initial value.) Optimizer state may be absent as a whole (no step taken
+    yet) and is not expected for frozen parameters (staged training)."""
+    module = unwrap(model)
+    expected = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+    missing = [name for name in expected if name not in model_state]
+    unexpected = [name for name in model_state if name not in expected]
+    shapes = [f"{name}: checkpoint {tuple(model_state[name].shape)} vs model {expected[name]}"
+              for name in model_state if name in expected and tuple(model_state[name].shape) != expected[name]]
+    if optimizer is not None and optimizer_state is not None:
+        names = {id(param): name for name, param in module.named_parameters()}
+        params = {name: param for name, param in module.named_parameters()}
+        groups = [[names.get(id(p), "?") for p in group["params"]] for group in optimizer.param_groups]
+        saved_groups = [list(group.get("params", [])) for group in optimizer_state.get("param_groups", [])]
+        if saved_groups != groups:
+            shapes.append(f"optimizer parameter groups: checkpoint {[len(g) for g in saved_groups]} parameters per "
+                          f"group vs this run's {[len(g) for g in groups]} (or other names)")
+        state = optimizer_state.get("state", {})
+        for name, moments in state.items():
+            if name not in params:
+                unexpected.append(f"optimizer.{name}")
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key not in moments:
+                    missing.append(f"optimizer.{name}.{key}")
+                elif tuple(moments[key].shape) != tuple(params[name].shape):
+                    shapes.append(f"optimizer.{name}.{key}: checkpoint {tuple(moments[key].shape)} vs parameter "
+                                  f"{tuple(params[name].shape)}")
+            if "step" not in moments:
+                missing.append(f"optimizer.{name}.step")
+        if state:
+            trainable = [name for group in groups for name in group if params.get(name) is not None
+                         and params[name].requires_grad]
+            missing += [f"optimizer.{name}" for name in trainable if name not in state]
+    if missing or unexpected or shapes:
+        lines = [f"{folder} cannot be resumed exactly into this {type(module).__name__}:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        lines.append("Resume with the flags the run was started with, restore the checkpoint from a good copy, "
+                     "or start a new run in another folder.")
+        raise checkpoint.CheckpointError("\n".join(lines))

@@ -45,10 +45,8 @@ Run:  python train_ae.py --preset tiny --out-dir runs/ae              (one proce
       torchrun --nproc_per_node 8 train_ae.py --preset paper ...      (DDP / FSDP2 via distributed.py)
 """
 
-import argparse
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -59,26 +57,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import checkpoint as C
 import distributed as D
+import guards
+from ae_args import CHECKPOINT, PRESETS, RESUME_MUTABLE, parse_args  # noqa: F401 (train_ae.parse_args)
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig, register_keep_mask, sample_keep
 from schedules import mask_tokens, masked_diffusion_loss
 
-CHECKPOINT = "checkpoint"
 PROGRESS = "progress.json"  # the step, readable without loading the optimizer state
 VAL_RATIOS = [round(0.1 * i, 1) for i in range(1, 11)]  # Fig. 4's mask probabilities
 
-PRESETS = {
-    "tiny": dict(seq_len=128, vocab_size=2048, num_registers=8, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1,
-                 warmup_steps=100, global_batch_size=32, micro_batch_size=32, max_steps=2000, epochs=None,
-                 encoder_warmup_steps=0, encoder_init=None, demasker_init=None, tokenizer=None,
-                 encoder_tokenizer=None, parallel="ddp", activation_checkpointing=False),
-    "paper": dict(seq_len=4096, vocab_size=None, num_registers=128, lr=2.5e-5, min_lr_ratio=0.1, weight_decay=0.1,
-                  warmup_steps=500, global_batch_size=512, micro_batch_size=2, max_steps=None, epochs=3,
-                  encoder_warmup_steps=4000, encoder_init="Qwen/Qwen3-Embedding-0.6B",
-                  demasker_init="GSAI-ML/LLaDA-8B-Base", tokenizer="GSAI-ML/LLaDA-8B-Base",
-                  encoder_tokenizer="Qwen/Qwen3-Embedding-0.6B", parallel="fsdp", activation_checkpointing=True),
-}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,13 +344,14 @@ def set_rng_states(states):
 
 def save_run(out_dir, model, optimizer, env, step, args, stream, files):
     """OUT/checkpoint, atomically: distributed.save_checkpoint builds it in a staging folder, rank 0 adds
-    tokenizer.json and args.json, then swaps it in (rename of the old one, rename of the new, delete)."""
+    tokenizer.json and args.json, then checkpoint.swap_folder swaps it in (crash-safe at every instant)."""
     core = D.unwrap(model)
     parts = {"demasker": {**core.demasker.cfg.to_dict(), "crocodil_model": "demasker"}}
     if core.encoder is not None:
         parts["encoder"] = {**core.encoder.cfg.to_dict(), "crocodil_model": "encoder"}
     extra = {"step": step, "examples_seen": step * args.global_batch_size, "num_train": stream.n,
-             "global_batch_size": args.global_batch_size, "seed": args.seed, "rng": rng_states()}
+             "global_batch_size": args.global_batch_size, "seed": args.seed, "rng": rng_states(),
+             "data_settings": json.dumps(stream.data_settings, sort_keys=True)}
     stage = Path(tempfile.mkdtemp(prefix=".checkpoint.stage-", dir=out_dir)) if env.is_main else None
     stage = Path(D.broadcast_object(str(stage) if stage else None, env))
     try:
@@ -371,14 +361,7 @@ def save_run(out_dir, model, optimizer, env, step, args, stream, files):
                 shutil.copyfile(source, stage / CHECKPOINT / name)
             (stage / CHECKPOINT / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
             (stage / CHECKPOINT / PROGRESS).write_text(json.dumps({"step": step, "examples_seen": extra["examples_seen"]}))
-            final = Path(out_dir) / CHECKPOINT
-            if final.exists():
-                old = Path(out_dir) / f".{CHECKPOINT}.old-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(stage / CHECKPOINT, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(stage / CHECKPOINT, final)
+            C.swap_folder(stage / CHECKPOINT, Path(out_dir) / CHECKPOINT)  # a complete copy at every instant
     finally:
         if env.is_main:
             shutil.rmtree(stage, ignore_errors=True)
@@ -397,6 +380,10 @@ def prepare_data(args, env):
 
     vocab = Path(args.tokenizer).name if args.tokenizer else args.vocab_size
     folder = Path(args.data or f"data_cache/{Path(args.corpus or 'stdlib').stem}-L{args.seq_len}-V{vocab}")
+    if args.data and not args.corpus and not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"--data {folder} is not a finished data.py cache (no meta.json). Build it first "
+                                f"(python data.py --out {folder} ...), pass --corpus to build it here, or drop --data "
+                                f"to use the default cache of the standard library")
     args.data = str(folder)
     if env.is_main and (args.corpus or not (folder / "meta.json").is_file()):
         data.build_dataset(folder, args.corpus, args.seq_len, args.vocab_size or 4096, args.tokenizer,
@@ -413,6 +400,21 @@ def prepare_data(args, env):
         files["encoder_tokenizer.json"] = folder / "encoder_tokenizer.json"
         encoder_vocab = meta["encoder"]
     return data.TokenData(folder, "train"), data.TokenData(folder, "val"), meta, encoder_vocab, files
+
+
+def check_same_tokenizers(resume_dir, files):
+    """--resume: the data cache's tokenizer(s) must be byte for byte the checkpoint's copies."""
+    import hashlib
+
+    for name, source in files.items():
+        saved = resume_dir / name
+        if not saved.is_file():
+            continue  # a checkpoint written before tokenizers were copied
+        hashes = [hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] for path in (saved, source)]
+        if hashes[0] != hashes[1]:
+            raise ValueError(f"--resume: the data cache's {source} (sha256 {hashes[1]}) is not the tokenizer the run "
+                             f"was trained with, {saved} (sha256 {hashes[0]}); pass the run's --data folder or start a "
+                             f"new run with another --out-dir")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,14 +435,20 @@ def train(args):
         out_dir.mkdir(parents=True, exist_ok=True)
     train_data, val_data, meta, encoder_vocab, files = prepare_data(args, env)
     resume_dir = out_dir / CHECKPOINT if args.resume else None
-    if resume_dir is not None and not (resume_dir / D.TRAINING_STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume: {resume_dir} holds no checkpoint; drop --resume to start a new run")
+    if resume_dir is not None:
+        if env.is_main:
+            C.recover_folder(resume_dir)  # a save killed between its two renames left a complete old copy
+        D.barrier(env)
+        if not (resume_dir / D.TRAINING_STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume: {resume_dir} holds no checkpoint; drop --resume to start a new run")
+        check_same_tokenizers(resume_dir, files)
     encoder, demasker = build_models(args, meta, encoder_vocab, resume_dir)
     core = EncoderDemasker(encoder, demasker).to(env.device)
     amp = "bf16" if args.dtype == "bfloat16" else None
 
     accum = D.accumulation_steps(args.global_batch_size, args.micro_batch_size, env.world_size)
     stream = Stream(len(train_data), args.global_batch_size, env, args.seed)
+    stream.data_settings = meta.get("settings")
     max_steps = args.max_steps or int(args.epochs * stream.steps_per_epoch)
     start = 0
     if resume_dir is not None:  # the step decides the staging before wrap_model (distributed.py's rule)
@@ -460,8 +468,13 @@ def train(args):
             raise ValueError(f"--resume: the checkpoint's data stream (programs, global batch, seed) = "
                              f"{(extra['num_train'], extra['global_batch_size'], extra['seed'])} differs from this run's "
                              f"{(stream.n, args.global_batch_size, args.seed)}; resume with the same data and flags")
+        recorded = extra.get("data_settings")
+        if recorded is not None and json.loads(recorded) != stream.data_settings:
+            raise ValueError(f"--resume: the data cache {args.data} was built with other settings than the run's "
+                             f"(run: {recorded}; now: {json.dumps(stream.data_settings, sort_keys=True)}); resume with "
+                             f"the run's data folder")
         set_rng_states(extra["rng"])
-    elif env.is_main:
+    if env.is_main:  # what this run really uses (on --resume only the RESUME_MUTABLE flags can differ)
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
     K = encoder.cfg.num_registers if encoder is not None else 0
@@ -473,6 +486,15 @@ def train(args):
                desc="encoder-demasker" if encoder is not None else "base MDM")
     tokens_per_step = args.global_batch_size * args.seq_len
     last_time = time.time()
+    saved_at = start if resume_dir is not None else None
+
+    def log_record(record):
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    guard = guards.BadStepGuard(args.max_bad_steps, log=log_record, last_good=lambda: (
+        f"{out_dir / CHECKPOINT} (step {saved_at}), untouched" if saved_at is not None else "none was written"))
     for step in range(start, stop):
         lr = get_lr(step, args, max_steps)
         for group in optimizer.param_groups:
@@ -494,16 +516,18 @@ def train(args):
                 loss = masked_diffusion_loss(logits, to(x0), to(noisy["masked"]), to(noisy["p_mask"])) / accum
                 loss.backward()
             step_loss += loss.item()
-        grad_norm = D.clip_grad_norm(model, args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = D.clip_grad_norm(model, args.grad_clip)  # global: the same on every rank
         done = step + 1
-        metrics = D.all_reduce_mean({"loss": step_loss}, env)
+        metrics = D.all_reduce_mean({"loss": step_loss}, env)  # a NaN on any rank is a NaN on all
+        good = guard.check(done, metrics["loss"], grad_norm)
+        if good:  # a non-finite step never reaches the weights or the AdamW moments
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         now = time.time()
         tok_s, last_time = tokens_per_step / max(now - last_time, 1e-9), now
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
-        if log and (done % args.log_interval == 0 or done == stop):
+        if log and good and (done % args.log_interval == 0 or done == stop):
             log.write(json.dumps({"type": "train", "step": done, "loss": metrics["loss"], "lr": lr,
                                   "grad_norm": grad_norm, "tokens_per_s": tok_s,
                                   "demasker_frozen": staged and step < args.encoder_warmup_steps}) + "\n")
@@ -516,102 +540,14 @@ def train(args):
                 bar.write(f"val step {done}: " + " | ".join(
                     f"{key} ce {np.mean(r['ce']):.3f} acc {np.mean(r['acc']):.3f} (ratio 1.0: ce {r['ce'][-1]:.3f} "
                     f"acc {r['acc'][-1]:.3f})" for key, r in results.items()))
-        if done % args.save_interval == 0 or done == stop:
+        if (done % args.save_interval == 0 and guard.streak == 0) or done == stop:
             save_run(out_dir, model, optimizer, env, done, args, stream, files)
+            saved_at = done
     bar.close()
     if log:
         log.close()
     D.cleanup(env)
     return core
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Flags left unset take the --preset value (tiny or paper); see the module "
-                                       "docstring for the mapping to Algorithm 1.")
-    a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), default="tiny", help="default hyper-parameters: tiny (CPU minutes) or "
-      "paper (App. C: Qwen3-Embedding-0.6B + LLaDA-8B-Base, lr 2.5e-5, wd 0.1, batch 512, 4000 warm-up steps)")
-    a("--out-dir", default="runs/ae", help="run folder: checkpoint/, log.jsonl, args.json")
-    a("--resume", action="store_true", help="continue exactly from OUT/checkpoint (same batches, same random draws)")
-    a("--stop-at", type=int, default=None, help="save and stop after this step without changing the LR schedule "
-      "(split a run into jobs; continue with --resume)")
-    a("--no-registers", action="store_true", help="train the base MDM f_theta(x_t) without encoder (the baseline)")
-    # data
-    a("--data", default=None, help="data.py cache folder (built here if missing; default data_cache/<corpus>-L-V)")
-    a("--corpus", default=None, help="folder of .py files or JSONL of {'text': ...} (default: the Python stdlib)")
-    a("--seq-len", type=int, default=None, help="L, tokens per program incl. BOS/EOS (tiny 128, paper 4096)")
-    a("--vocab-size", type=int, default=None, help="BPE vocabulary trained by data.py when no --tokenizer (tiny 2048)")
-    a("--tokenizer", default=None, help="demasker tokenizer.json / hub id (paper: GSAI-ML/LLaDA-8B-Base)")
-    a("--encoder-tokenizer", default=None, help="encoder tokenizer (paper: Qwen/Qwen3-Embedding-0.6B); "
-      "default shared with the demasker")
-    a("--overlong", choices=["cut", "drop"], default="drop", help="programs longer than L: cut or drop (data.py)")
-    # models
-    a("--encoder-init", default=None, help="encoder weights: hub id or folder (public Qwen3 or ours); default scratch")
-    a("--demasker-init", default=None, help="demasker weights: hub id or folder (public LLaDA or ours, e.g. a "
-      "trained base MDM's checkpoint/demasker, as the paper builds on its base model); default scratch")
-    a("--num-registers", type=int, default=None, help="K, registers per program (tiny 8, paper 128)")
-    a("--encoder-width", type=int, default=None, help="scratch encoder width d (default EncoderConfig.tiny: 64)")
-    a("--encoder-layers", type=int, default=None, help="scratch encoder depth (default 2)")
-    a("--demasker-width", type=int, default=None, help="scratch demasker width (default DemaskerConfig.tiny: 64)")
-    a("--demasker-layers", type=int, default=None, help="scratch demasker depth (default 2)")
-    # Alg. 1 / App. C-D
-    a("--all-mask-prob", type=float, default=None, help="App. C all-mask utilisation: P(x_t fully masked) "
-      "(default 0.25 with registers; 0 for --no-registers, where an all-[M] input carries no information)")
-    a("--latent-cos", type=float, default=0.8, help="App. D robust noise: target CS(z_0, z_0 + e); 1 = no noise")
-    a("--nested-dropout", action=argparse.BooleanOptionalAction, default=True,
-      help="App. C nested dropout k ~ U{1..K} (--no-nested-dropout: always all K registers)")
-    a("--encoder-warmup-steps", type=int, default=None, help="App. C staging: steps with the demasker frozen "
-      "(tiny 0, paper 4000)")
-    # optimization
-    a("--lr", type=float, default=None, help="peak AdamW learning rate (tiny 3e-3, paper 2.5e-5)")
-    a("--min-lr-ratio", type=float, default=None, help="final LR of the cosine decay as a fraction of --lr (0.1)")
-    a("--warmup-steps", type=int, default=None, help="linear LR warm-up steps (tiny 100, paper 500: our choice)")
-    a("--weight-decay", type=float, default=None, help="AdamW weight decay on matrices (0.1)")
-    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    a("--global-batch-size", type=int, default=None, help="programs per optimizer step over all ranks (tiny 32, "
-      "paper 512); reached by gradient accumulation")
-    a("--micro-batch-size", type=int, default=None, help="programs per forward per rank (tiny 32, paper 2)")
-    a("--max-steps", type=int, default=None, help="optimizer steps (tiny 2000); default from --epochs")
-    a("--epochs", type=float, default=None, help="passes over the train split when --max-steps is unset (paper 3)")
-    a("--seed", type=int, default=0, help="seeds init, data order and every per-example random draw")
-    # systems
-    a("--device", default=None, help="cpu / cuda (default: cuda:LOCAL_RANK if available, else cpu)")
-    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="compute precision: bf16 autocast (FSDP2: bf16 params, fp32 reduce); auto = bf16 on CUDA GPUs that "
-           "support it, fp32 on CPU. Weights and AdamW states stay fp32")
-    a("--parallel", choices=["ddp", "fsdp"], default=None, help="under torchrun: DDP (tiny) or FSDP2 (paper)")
-    a("--fsdp", dest="parallel", action="store_const", const="fsdp", help="= --parallel fsdp")
-    a("--ddp", dest="parallel", action="store_const", const="ddp", help="= --parallel ddp")
-    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-      help="recompute each block in backward (paper preset: on)")
-    a("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core); 1 is "
-      "faster for tiny models on a busy machine")
-    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile each block")
-    # logging
-    a("--eval-interval", type=int, default=500, help="validate every N steps and at the end (0 = never)")
-    a("--val-programs", type=int, default=256, help="validation programs used (Fig. 4 uses 1000)")
-    a("--val-keep", type=lambda s: [int(k) for k in s.split(",")], default=None,
-      help="comma list of register counts k to validate with (default: all K)")
-    a("--log-interval", type=int, default=10, help="write a train record to log.jsonl every N steps")
-    a("--save-interval", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    args = p.parse_args(argv)
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-    if args.all_mask_prob is None:
-        args.all_mask_prob = 0.0 if args.no_registers else 0.25
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    if args.max_steps is None and args.epochs is None:
-        p.error("set --max-steps or --epochs")
-    if args.no_registers and args.encoder_init:
-        p.error("--no-registers trains the base MDM alone; drop --encoder-init")
-    return args
 
 
 if __name__ == "__main__":

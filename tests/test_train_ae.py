@@ -7,12 +7,15 @@ programs (JSONL corpus, BPE of 320 tokens, L = 32), so they exercise the whole s
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import checkpoint as C
 import data
+import guards
 import train_ae as T
 from checkpoint import read_safetensors
 from encoder import Encoder, EncoderConfig
@@ -225,12 +228,137 @@ def test_resume_continues_exactly(cache, tmp_path, no_registers):
     assert [r["step"] for r in val] == [3, 6] and len(val[0]["results"]) == 1
 
 
-def test_resume_refuses_a_different_stream(cache, tmp_path):
-    T.train(run_args(cache, tmp_path, "--max-steps", "1"))
-    with pytest.raises(ValueError, match="data stream"):
-        T.train(run_args(cache, tmp_path, "--max-steps", "2", "--resume", "--seed", "1"))
+def test_resume_refuses_changed_flags_and_keeps_the_runs_values(cache, tmp_path, capsys):
+    """Issue 11: on --resume, unset flags take the run's values; a changed model/data/objective flag is refused
+    (exit 2) with every difference listed (run vs now); --max-steps and logging may change."""
+    T.train(run_args(cache, tmp_path, "--max-steps", "1", "--lr", "1e-2"))
+    resumed = T.parse_args(["--out-dir", str(tmp_path), "--resume", "--max-steps", "2", "--log-interval", "5"])
+    assert (resumed.lr, resumed.num_registers, resumed.data, resumed.max_steps) == (1e-2, 4, str(cache), 2)
+    with pytest.raises(SystemExit) as exit_info:
+        run_args(cache, tmp_path, "--max-steps", "2", "--resume", "--seed", "1", "--lr", "1e-2",
+                 "--num-registers", "6", "--encoder-width", "32", "--latent-cos", "0.9")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    for line in ("--seed: run 0, now 1", "--num-registers: run 4, now 6", "--encoder-width: run None, now 32",
+                 "--latent-cos: run 0.8, now 0.9", "another --out-dir"):
+        assert line in message, message
+    assert "--lr:" not in message and "--max-steps" in message.split("may change")[1]
+    T.train(resumed)
+    recorded = json.loads((tmp_path / "args.json").read_text())
+    assert recorded["max_steps"] == 2 and recorded["lr"] == 1e-2  # args.json = what the run really uses
     with pytest.raises(FileNotFoundError, match="--resume"):
         T.train(run_args(cache, tmp_path / "nothing", "--max-steps", "2", "--resume"))
+
+
+def test_resume_refuses_a_data_cache_with_another_tokenizer(cache, tmp_path):
+    other = tmp_path / "other"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text, "path": f"prog_{i}.py"}) + "\n"
+                              for i, text in enumerate(tiny_programs())))
+    data.build_dataset(other, corpus, seq_len=SEQ_LEN, vocab_size=300, overlong="drop")
+    T.train(run_args(cache, tmp_path / "run", "--max-steps", "1"))
+    with pytest.raises(ValueError, match="is not the tokenizer the run") as error:
+        T.train(run_args(other, tmp_path / "run", "--max-steps", "2", "--resume"))
+    assert str(other / "tokenizer.json") in str(error.value) and "checkpoint/tokenizer.json" in str(error.value)
+
+
+def test_a_missing_data_folder_is_an_error_not_a_rebuild(cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a finished data.py cache"):
+        T.train(run_args(tmp_path / "absent", tmp_path / "run", "--max-steps", "1"))
+    assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("flags, text", [
+    (["--max-steps", "0"], "--max-steps must be an integer >= 1, got 0"),
+    (["--global-batch-size", "0"], "--global-batch-size must be an integer >= 1"),
+    (["--micro-batch-size", "-2"], "--micro-batch-size must be an integer >= 1"),
+    (["--vocab-size", "-1"], "--vocab-size must be an integer >= 5"),
+    (["--seq-len", "2"], "--seq-len must be an integer >= 3"),
+    (["--lr", "0"], "--lr must be a number > 0"),
+    (["--val-keep", "1,5"], "--val-keep must be an integer in [1, 4], got 5"),
+    (["--latent-cos", "0"], "--latent-cos must be a number in (0, 1]"),
+    (["--all-mask-prob", "1.5"], "--all-mask-prob must be a number in [0, 1]"),
+    (["--num-registers", "0"], "--num-registers must be an integer >= 1"),
+    (["--encoder-width", "40"], "--encoder-width must be 16 or a multiple of 32"),
+    (["--max-bad-steps", "0"], "--max-bad-steps must be an integer >= 1"),
+])
+def test_numbers_are_checked_up_front(cache, tmp_path, capsys, flags, text):
+    with pytest.raises(SystemExit) as exit_info:
+        run_args(cache, tmp_path, "--max-steps", "3", *flags)
+    assert exit_info.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(cache, tmp_path, monkeypatch):
+    """Issue 11: a NaN loss from step 4 on never reaches weights, AdamW state or a checkpoint: steps 4-6 are skipped
+    and the end-of-run checkpoint equals a clean run stopped at step 3; with --max-bad-steps 2 the run stops at
+    step 5 with an error naming the last good checkpoint (step 2), which is left bit-identical."""
+    flags = ["--max-steps", "6", "--save-interval", "2"]
+    T.train(run_args(cache, tmp_path / "clean", *flags, "--stop-at", "3"))
+    T.train(run_args(cache, tmp_path / "clean2", *flags, "--stop-at", "2"))
+    real, calls = T.masked_diffusion_loss, []
+
+    def poisoned(*a, **k):  # 2 micro-batches per step: calls 7.. are steps 4..
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) > 6 else 1.0)
+
+    monkeypatch.setattr(T, "masked_diffusion_loss", poisoned)
+    T.train(run_args(cache, tmp_path / "skip", *flags, "--max-bad-steps", "5"))
+    log = [json.loads(line) for line in open(tmp_path / "skip" / "log.jsonl")]
+    assert [r["step"] for r in log if r["type"] == "skipped"] == [4, 5, 6]
+    assert log[-1]["skipped_total"] == 3 and log[-1]["loss"] == "nan"
+    state = lambda run: torch.load(tmp_path / run / "checkpoint" / "training_state.pt", weights_only=True)["optimizer"]
+    for name, value in weights(tmp_path / "clean" / "checkpoint").items():
+        assert torch.equal(value, weights(tmp_path / "skip" / "checkpoint")[name]), name
+    for name, moments in state("clean")["state"].items():
+        assert torch.equal(moments["exp_avg"], state("skip")["state"][name]["exp_avg"])
+
+    calls.clear()
+    with pytest.raises(guards.NonFiniteError, match=r"step 5: .*2 consecutive.*checkpoint \(step 2\), untouched"):
+        T.train(run_args(cache, tmp_path / "stop", *flags, "--max-bad-steps", "2"))
+    kept = weights(tmp_path / "stop" / "checkpoint")
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    for name, value in weights(tmp_path / "clean2" / "checkpoint").items():
+        assert torch.equal(value, kept[name]), name
+    assert json.loads((tmp_path / "stop" / "checkpoint" / "progress.json").read_text())["step"] == 2
+
+
+def test_lr_1e6_diverges_into_a_clear_error(cache, tmp_path):
+    with pytest.raises(guards.NonFiniteError, match="consecutive non-finite steps"):
+        T.train(run_args(cache, tmp_path, "--max-steps", "40", "--lr", "1e6", "--warmup-steps", "0",
+                         "--save-interval", "1", "--max-bad-steps", "2"))
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "checkpoint").values())
+
+
+def test_a_kill_at_any_point_of_a_save_leaves_a_checkpoint_resume_finds(cache, tmp_path, monkeypatch):
+    """Issue 11: the run folder as a kill -9 would leave it at every named point of the step-2 save (snapshots taken
+    by a checkpoint.FAULT_HOOKS hook) resumes by itself into the uninterrupted run, bit for bit, and the save
+    after resuming removes every stray staging / old folder."""
+    flags = ["--max-steps", "3", "--save-interval", "1"]
+    T.train(run_args(cache, tmp_path / "once", *flags))
+    snapshots, saves = [], []
+    run_dir = tmp_path / "run"
+
+    def snapshot(point, folder):  # a save swaps each part folder, stage/checkpoint, then run/checkpoint
+        if len(saves) == 1 and (folder == run_dir / "checkpoint" or (point == "staged" and folder.name == "checkpoint")):
+            target = tmp_path / f"kill-{len(snapshots)}-{point}"
+            shutil.copytree(run_dir, target, symlinks=True)
+            snapshots.append(target)
+        if point == "cleaned" and folder == run_dir / "checkpoint":
+            saves.append(1)
+
+    monkeypatch.setattr(C, "FAULT_HOOKS", [snapshot])
+    T.train(run_args(cache, run_dir, *flags, "--stop-at", "2"))
+    monkeypatch.setattr(C, "FAULT_HOOKS", [])
+    points = [path.name.split("-")[-1] for path in snapshots]
+    assert points == ["staged", "staged", "old_moved", "new_moved", "cleaned"], points
+    assert not (snapshots[2] / "checkpoint").exists()  # the instant with no live checkpoint
+    once = weights(tmp_path / "once" / "checkpoint")
+    for folder in snapshots:
+        T.train(run_args(cache, folder, *flags, "--resume"))
+        resumed = weights(folder / "checkpoint")
+        for name in once:
+            assert torch.equal(once[name], resumed[name]), (folder.name, name)
+        assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == [], folder.name
 
 
 def test_guided_autoencoder_reconstructs_what_the_base_mdm_cannot(cache, tmp_path):

@@ -1,0 +1,185 @@
+"""The command line of train_ae.py: flags, the tiny / paper presets, number checks and the --resume rules.
+
+Presets. tiny: the tiny() configs with ids from our BPE, AdamW lr 3e-3, 100 warmup steps, global batch 32, no
+encoder warm-up. paper: App. C's AdamW lr 2.5e-5, wd 0.1, global batch 512, 4000 encoder warm-up steps, 3 epochs,
+K = 128, from Qwen3-Embedding-0.6B and LLaDA-8B-Base, FSDP2 in bf16 (train_ae.py's docstring has the reasons).
+
+Every number is checked before any work (guards.check_range: argparse's message naming the flag and the valid
+range, exit status 2). On --resume the run's recorded flags (OUT/checkpoint/args.json) become the defaults, and
+an explicit flag outside RESUME_MUTABLE that differs from the record is refused with the list of differences.
+"""
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+
+import checkpoint as C
+import guards
+from data import SPECIAL_TOKENS
+
+CHECKPOINT = "checkpoint"
+# flags that may change on --resume (the rest would change the model, the data or the objective, and are refused):
+# the stop point and LR horizon, logging / validation / saving, systems (same global batch: same batches, same
+# draws; only float summation order changes), the divergence limit, and where the (content-checked) data lives
+RESUME_MUTABLE = ("resume", "out_dir", "stop_at", "max_steps", "epochs", "eval_interval", "val_programs", "val_keep",
+                  "log_interval", "save_interval", "threads", "device", "dtype", "parallel", "compile",
+                  "activation_checkpointing", "micro_batch_size", "max_bad_steps", "data")
+NOT_INHERITED = ("resume", "stop_at", "out_dir")  # flags of one invocation, not of the run
+
+PRESETS = {
+    "tiny": dict(seq_len=128, vocab_size=2048, num_registers=8, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1,
+                 warmup_steps=100, global_batch_size=32, micro_batch_size=32, max_steps=2000, epochs=None,
+                 encoder_warmup_steps=0, encoder_init=None, demasker_init=None, tokenizer=None,
+                 encoder_tokenizer=None, parallel="ddp", activation_checkpointing=False),
+    "paper": dict(seq_len=4096, vocab_size=None, num_registers=128, lr=2.5e-5, min_lr_ratio=0.1, weight_decay=0.1,
+                  warmup_steps=500, global_batch_size=512, micro_batch_size=2, max_steps=None, epochs=3,
+                  encoder_warmup_steps=4000, encoder_init="Qwen/Qwen3-Embedding-0.6B",
+                  demasker_init="GSAI-ML/LLaDA-8B-Base", tokenizer="GSAI-ML/LLaDA-8B-Base",
+                  encoder_tokenizer="Qwen/Qwen3-Embedding-0.6B", parallel="fsdp", activation_checkpointing=True),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Robust encoder-demasker training (paper Sec. 4.1, Algorithm 1, App. C, App. D), and the base MDM.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Flags left unset take the --preset value (tiny or paper); see the module "
+                                       "docstring for the mapping to Algorithm 1. On --resume, flags left unset take "
+                                       "the run's recorded values, and only these may change: " + ", ".join(
+                                           "--" + name.replace("_", "-") for name in RESUME_MUTABLE[2:]) + "; any other "
+                                       "difference is refused.")
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), default="tiny", help="default hyper-parameters: tiny (CPU minutes) or "
+      "paper (App. C: Qwen3-Embedding-0.6B + LLaDA-8B-Base, lr 2.5e-5, wd 0.1, batch 512, 4000 warm-up steps)")
+    a("--out-dir", default="runs/ae", help="run folder: checkpoint/, log.jsonl, args.json")
+    a("--resume", action="store_true", help="continue exactly from OUT/checkpoint (same batches, same random draws); "
+      "unset flags take the run's values, changed model/data/objective flags are refused (see the end of --help)")
+    a("--stop-at", type=int, default=None, help="save and stop after this step without changing the LR schedule "
+      "(split a run into jobs; continue with --resume)")
+    a("--no-registers", action="store_true", help="train the base MDM f_theta(x_t) without encoder (the baseline)")
+    # data
+    a("--data", default=None, help="data.py cache folder (built here if missing; default data_cache/<corpus>-L-V)")
+    a("--corpus", default=None, help="folder of .py files or JSONL of {'text': ...} (default: the Python stdlib)")
+    a("--seq-len", type=int, default=None, help="L, tokens per program incl. BOS/EOS (tiny 128, paper 4096)")
+    a("--vocab-size", type=int, default=None, help="BPE vocabulary trained by data.py when no --tokenizer (tiny 2048)")
+    a("--tokenizer", default=None, help="demasker tokenizer.json / hub id (paper: GSAI-ML/LLaDA-8B-Base)")
+    a("--encoder-tokenizer", default=None, help="encoder tokenizer (paper: Qwen/Qwen3-Embedding-0.6B); "
+      "default shared with the demasker")
+    a("--overlong", choices=["cut", "drop"], default="drop", help="programs longer than L: cut or drop (data.py)")
+    # models
+    a("--encoder-init", default=None, help="encoder weights: hub id or folder (public Qwen3 or ours); default scratch")
+    a("--demasker-init", default=None, help="demasker weights: hub id or folder (public LLaDA or ours, e.g. a "
+      "trained base MDM's checkpoint/demasker, as the paper builds on its base model); default scratch")
+    a("--num-registers", type=int, default=None, help="K, registers per program (tiny 8, paper 128)")
+    a("--encoder-width", type=int, default=None, help="scratch encoder width d (default EncoderConfig.tiny: 64)")
+    a("--encoder-layers", type=int, default=None, help="scratch encoder depth (default 2)")
+    a("--demasker-width", type=int, default=None, help="scratch demasker width (default DemaskerConfig.tiny: 64)")
+    a("--demasker-layers", type=int, default=None, help="scratch demasker depth (default 2)")
+    # Alg. 1 / App. C-D
+    a("--all-mask-prob", type=float, default=None, help="App. C all-mask utilisation: P(x_t fully masked) "
+      "(default 0.25 with registers; 0 for --no-registers, where an all-[M] input carries no information)")
+    a("--latent-cos", type=float, default=0.8, help="App. D robust noise: target CS(z_0, z_0 + e); 1 = no noise")
+    a("--nested-dropout", action=argparse.BooleanOptionalAction, default=True,
+      help="App. C nested dropout k ~ U{1..K} (--no-nested-dropout: always all K registers)")
+    a("--encoder-warmup-steps", type=int, default=None, help="App. C staging: steps with the demasker frozen "
+      "(tiny 0, paper 4000)")
+    # optimization
+    a("--lr", type=float, default=None, help="peak AdamW learning rate (tiny 3e-3, paper 2.5e-5)")
+    a("--min-lr-ratio", type=float, default=None, help="final LR of the cosine decay as a fraction of --lr (0.1)")
+    a("--warmup-steps", type=int, default=None, help="linear LR warm-up steps (tiny 100, paper 500: our choice)")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay on matrices (0.1)")
+    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    a("--global-batch-size", type=int, default=None, help="programs per optimizer step over all ranks (tiny 32, "
+      "paper 512); reached by gradient accumulation")
+    a("--micro-batch-size", type=int, default=None, help="programs per forward per rank (tiny 32, paper 2)")
+    a("--max-steps", type=int, default=None, help="optimizer steps (tiny 2000); default from --epochs")
+    a("--epochs", type=float, default=None, help="passes over the train split when --max-steps is unset (paper 3)")
+    a("--seed", type=int, default=0, help="seeds init, data order and every per-example random draw")
+    # systems
+    a("--device", default=None, help="cpu / cuda (default: cuda:LOCAL_RANK if available, else cpu)")
+    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+      help="compute precision: bf16 autocast (FSDP2: bf16 params, fp32 reduce); auto = bf16 on CUDA GPUs that "
+           "support it, fp32 on CPU. Weights and AdamW states stay fp32")
+    a("--parallel", choices=["ddp", "fsdp"], default=None, help="under torchrun: DDP (tiny) or FSDP2 (paper)")
+    a("--fsdp", dest="parallel", action="store_const", const="fsdp", help="= --parallel fsdp")
+    a("--ddp", dest="parallel", action="store_const", const="ddp", help="= --parallel ddp")
+    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute each block in backward (paper preset: on)")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core); 1 is "
+      "faster for tiny models on a busy machine")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile each block")
+    # logging
+    a("--eval-interval", type=int, default=500, help="validate every N steps and at the end (0 = never)")
+    a("--val-programs", type=int, default=256, help="validation programs used (Fig. 4 uses 1000)")
+    a("--val-keep", type=lambda s: [int(k) for k in s.split(",")], default=None,
+      help="comma list of register counts k to validate with (default: all K)")
+    a("--log-interval", type=int, default=10, help="write a train record to log.jsonl every N steps")
+    a("--save-interval", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    a("--max-bad-steps", type=int, default=guards.DEFAULT_MAX_BAD_STEPS, help="stop with an error after this many "
+      "consecutive steps with a NaN/inf loss or gradient norm (each is skipped: no update, no checkpoint)")
+    args = p.parse_args(argv)
+    saved = resume_defaults(p, args, argv)
+    if saved is not None:
+        args = p.parse_args(argv)
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.all_mask_prob is None:
+        args.all_mask_prob = 0.0 if args.no_registers else 0.25
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if args.max_steps is None and args.epochs is None:
+        p.error("set --max-steps or --epochs")
+    if args.no_registers and args.encoder_init:
+        p.error("--no-registers trains the base MDM alone; drop --encoder-init")
+    check_numbers(p, args)
+    if saved is not None:
+        differences = guards.resume_differences(saved, vars(args), RESUME_MUTABLE)
+        try:
+            guards.refuse_changed_flags(differences, Path(args.out_dir) / CHECKPOINT, RESUME_MUTABLE[2:])
+        except ValueError as error:
+            p.error(str(error))
+    return args
+
+
+def resume_defaults(p, args, argv):
+    """--resume: the run's recorded flags (OUT/checkpoint/args.json) become the parser's defaults (all but
+    NOT_INHERITED: a resumed run keeps its data folder, schedule and intervals unless told otherwise); returns
+    them (None when not resuming or nothing is recorded)."""
+    if not args.resume:
+        return None
+    folder = C.find_folder(Path(args.out_dir) / CHECKPOINT)
+    path = folder / "args.json" if (folder / "args.json").is_file() else Path(args.out_dir) / "args.json"
+    if not path.is_file():
+        return None
+    saved = C.read_json(path, "run record")
+    p.set_defaults(**{key: value for key, value in saved.items() if key not in NOT_INHERITED})
+    return saved
+
+
+def check_numbers(p, args):
+    """Every count, rate and size up front, with the flag and its valid range (parser.error, exit 2)."""
+    r = functools.partial(guards.check_range, p, args)
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "num_registers", "encoder_layers",
+                 "demasker_layers", "val_programs", "log_interval", "save_interval", "stop_at", "max_bad_steps"):
+        r(name, low=1, integer=True)
+    for name in ("warmup_steps", "encoder_warmup_steps", "eval_interval", "threads"):
+        r(name, low=0, integer=True)
+    r("seq_len", low=3, integer=True)  # BOS, at least one program token, EOS
+    r("vocab_size", low=len(SPECIAL_TOKENS) + 1, integer=True)  # a BPE above its 4 specials
+    r("epochs", low=0, low_open=True)
+    r("lr", low=0, low_open=True)
+    r("grad_clip", low=0, low_open=True)
+    r("min_lr_ratio", low=0, high=1)
+    r("weight_decay", low=0)
+    r("all_mask_prob", low=0, high=1)
+    r("latent_cos", low=0, high=1, low_open=True)
+    r("val_keep", low=1, high=args.num_registers, integer=True)
+    for name in ("encoder_width", "demasker_width"):
+        width = getattr(args, name)
+        if width is not None and not (width == 16 or (width >= 32 and width % 32 == 0)):
+            p.error(f"--{name.replace('_', '-')} must be 16 or a multiple of 32 (heads of 32), got {width}")
