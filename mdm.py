@@ -24,7 +24,7 @@ Decoding options (`Decoding`; the defaults are LLaDA's generate() except the ran
   adaptive rules `steps` is not used: each block takes as many steps as it needs, and per-sample NFE (the
   steps in which a row still had [M] in its block) comes back through `stats`.
 - rng: "fast" draws each masked candidate's token from softmax(logits / T) by inverse CDF (`fast_draw`:
-  one float32 cumulative sum and one uniform per candidate): the distribution of Gumbel-max, tested, at a
+  a two-level search of the float32 CDF, one uniform per candidate): the distribution of Gumbel-max, tested, at a
   fraction of its cost (float64 Gumbel noise even at the candidates only made a T = 1 step 2.4x a T = 0
   step at V = 32k; torch.multinomial was slower still);
   "llada" draws Gumbel noise for the full (B, L, V) logits in LLaDA's order, for token-exact parity:
@@ -191,22 +191,33 @@ def choose_adaptive(probability, candidates, rule, threshold, factor):
     return transfer | (torch.zeros_like(candidates).scatter(1, best, True) & has)
 
 
-def fast_draw(logits, temperature, generator=None):
+def fast_draw(logits, temperature, generator=None, chunk=256):
     """A token per row of logits (N, V) from softmax(logits / T) by inverse CDF, and its probability under
-    softmax(logits) (what the confidence ranks by). One exp pass and one cumulative sum in float32, one
-    uniform per row; T = 0 is the argmax and 1 / sum(exp(logits - max)) without materialising a softmax."""
+    softmax(logits) (what the confidence ranks by). One exp pass in float32 and one uniform per row; the CDF
+    is searched in two levels (sums over chunks of `chunk` tokens, then the cumulative sum inside the chosen
+    chunk only), so no (N, V) cumulative sum is formed. T = 0 is the argmax, with probability
+    1 / sum(exp(logits - max)) and no softmax materialised."""
     logits = logits.float()
+    N, V = logits.shape
     top = logits.max(dim=-1, keepdim=True).values  # (N, 1)
     if temperature == 0:
-        predicted = logits.argmax(dim=-1)
-        return predicted, 1.0 / (logits - top).exp_().sum(dim=-1)
-    weights = ((logits - top) / temperature).exp_() if temperature != 1 else (logits - top).exp_()  # (N, V)
-    cdf = weights.cumsum(dim=-1)  # (N, V) unnormalised CDF
-    u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator) * cdf[:, -1:]
-    predicted = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)  # (N,)
+        return logits.argmax(dim=-1), 1.0 / (logits - top).exp_().sum(dim=-1)
+    weights = (logits - top).div_(temperature).exp_() if temperature != 1 else (logits - top).exp_()  # (N, V)
+    pad = (-V) % chunk
+    if pad:
+        weights = F.pad(weights, (0, pad))
+    chunks = weights.view(N, -1, chunk)  # (N, V / chunk, chunk)
+    chunk_cdf = chunks.sum(dim=-1).cumsum(dim=-1)  # (N, C) unnormalised CDF over chunks
+    total = chunk_cdf[:, -1:]  # (N, 1)
+    u = torch.rand(N, 1, device=logits.device, generator=generator) * total
+    which = torch.searchsorted(chunk_cdf, u).clamp_(max=chunk_cdf.shape[1] - 1)  # (N, 1) chunk of the draw
+    before = torch.where(which > 0, chunk_cdf.gather(1, (which - 1).clamp(min=0)), torch.zeros_like(u))
+    inside = chunks.gather(1, which[:, :, None].expand(N, 1, chunk)).squeeze(1).cumsum(dim=-1)  # (N, chunk)
+    offset = torch.searchsorted(inside, u - before).clamp_(max=chunk - 1)  # (N, 1)
+    predicted = (which * chunk + offset).squeeze(-1).clamp_(max=V - 1)  # (N,)
     chosen = logits.gather(-1, predicted[:, None]).squeeze(-1)
     if temperature == 1:  # the draw's own normaliser is softmax's
-        return predicted, (chosen - top.squeeze(-1)).exp() / cdf[:, -1]
+        return predicted, (chosen - top.squeeze(-1)).exp() / total.squeeze(-1)
     return predicted, (chosen - torch.logsumexp(logits, dim=-1)).exp()
 
 

@@ -173,3 +173,14 @@ def test_fast_draw_tempered_frequencies_and_untempered_probability(temperature):
     assert torch.allclose(probability, torch.softmax(logits, -1).gather(-1, predicted[:, None]).squeeze(-1), atol=1e-6)
     greedy, p0 = M.fast_draw(logits[:2], 0.0)
     assert greedy.tolist() == [0, 0] and torch.allclose(p0, torch.softmax(logits[:2], -1)[:, 0])
+
+
+def test_fast_draw_two_level_search_over_ragged_chunks():
+    """V not a multiple of the chunk, mass in several chunks: frequencies follow the softmax."""
+    logits = torch.full((20000, 11), -30.0)
+    logits[:, [0, 4, 5, 10]] = torch.tensor([0.0, 1.0, -0.5, 0.5])
+    predicted, _ = M.fast_draw(logits, 1.0, torch.Generator().manual_seed(4), chunk=4)
+    counts = torch.bincount(predicted, minlength=11).double()
+    assert counts[[1, 2, 3, 6, 7, 8, 9]].sum() == 0
+    expected = torch.softmax(torch.tensor([0.0, 1.0, -0.5, 0.5], dtype=torch.float64), 0) * 20000
+    assert float(((counts[[0, 4, 5, 10]] - expected) ** 2 / expected).sum()) < 16.3
