@@ -56,13 +56,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint as C
 import distributed as D
+import guards
 from latent_data import RegisterBank, build_bank, default_cache_dir, encoder_fingerprint, mask_positions, visible_view
 from latent_dit import DiTConfig, LatentDiT
 from generators import PRIOR_SETTINGS_FILE
 from schedules import q_sample, register_times, sample_base_times
 
 STATE_DIR = "train_state"
+# flags that may change on --resume; any other difference from OUT/args.json is refused. --ae and --data are paths:
+# what they hold is checked instead (the encoder fingerprint and the data settings recorded in prior.json)
+RESUME_MUTABLE = ("ae", "data", "out_dir", "resume", "stop_at", "max_steps", "micro_batch_size", "eval_interval",
+                  "val_examples", "log_interval", "save_interval", "bank_cache", "bank_batch_size", "amp", "compile",
+                  "device", "threads", "quiet", "max_bad_steps")
+NOT_INHERITED = ("ae", "data", "out_dir", "resume", "stop_at")
 VAL_TIMES = [round(0.1 * i, 1) for i in range(11)]
 VAL_SEED = 987654321
 
@@ -261,14 +269,28 @@ def build_models(args, encoder_dir, device):
     return PriorTrainee(dit, trained).to(device), frozen
 
 
-def write_settings(args, out, data_dir, encoder_dir, shared_tokenizer):
+def write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, data_settings=None):
     settings = {"ae": str(resolve_ae(args.ae).resolve()), "data": str(Path(data_dir).resolve()),
+                "data_settings": data_settings,
                 "encoder_fingerprint": encoder_fingerprint(encoder_dir), "num_registers": args.num_registers,
                 "block_offsets": not args.no_block_offsets, "max_offset": args.max_offset,
                 "conditional": args.conditional, "cond_registers": args.cond_registers if args.conditional else None,
                 "train_cond_encoder": args.train_cond_encoder, "shared_tokenizer": shared_tokenizer}
     (out / PRIOR_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+
+def check_same_sources(out, encoder_dir, data_dir, meta):
+    """--resume: the AE encoder and the data must be the ones prior.json records (fingerprint, settings)."""
+    settings = C.read_json(out / PRIOR_SETTINGS_FILE, "prior settings file")
+    recorded, current = settings.get("encoder_fingerprint"), encoder_fingerprint(encoder_dir)
+    if recorded and recorded != current:
+        raise ValueError(f"--resume: the encoder {encoder_dir} (fingerprint {current[:16]}) is not the one this prior "
+                         f"was trained on ({settings.get('ae')}, fingerprint {recorded[:16]}); pass --ae "
+                         f"{settings.get('ae')} or start a new prior with another --out-dir")
+    if settings.get("data_settings") is not None and settings["data_settings"] != meta.get("settings"):
+        raise ValueError(f"--resume: the data cache {data_dir} was built with other settings than {settings['data']}, "
+                         f"which this prior was trained on; pass --data {settings['data']} or start a new prior")
 
 
 def save(ctx, model, optimizer, ema, step):
@@ -309,7 +331,8 @@ def truncate_log(out, step):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the latent DiT prior over encoder register banks: unconditional "
                                             "(Alg. 5, ConThenDisc) or --conditional on h(x^(r)) (Alg. 4, ConWithinDisc). "
-                                            "Flag names follow train_ae.py.")
+                                            "Flag names follow train_ae.py.",
+                                epilog="On --resume, flags left unset take the run's recorded values (OUT/args.json) and only these may change: " + ", ".join("--" + m.replace("_", "-") for m in RESUME_MUTABLE[2:]) + "; --ae and --data may point elsewhere if they hold the same encoder and data (checked). Any other difference is refused.")
     a = p.add_argument
     a("--ae", required=True, help="train_ae.py run folder (or its checkpoint/); its encoder/ (frozen) makes the banks")
     a("--data", default=None, help="data.py cache folder (default: the one recorded in the AE run's args.json)")
@@ -360,11 +383,44 @@ def parse_args(argv=None):
     a("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default); 1 is faster for tiny "
       "models on a busy machine")
     a("--quiet", action="store_true", help="no progress bar or validation lines")
+    a("--max-bad-steps", type=int, default=guards.DEFAULT_MAX_BAD_STEPS, help="stop with an error after this many "
+      "consecutive steps with a NaN/inf loss or gradient norm (each is skipped: no update, no EMA, no checkpoint)")
     args = p.parse_args(argv)
+    saved_path = Path(args.out_dir) / "args.json"
+    saved = C.read_json(saved_path, "run record") if args.resume and saved_path.is_file() else None
+    if saved is not None:  # the run's flags become the defaults; explicit changes are refused below
+        p.set_defaults(**{key: value for key, value in saved.items() if key not in NOT_INHERITED})
+        args = p.parse_args(argv)
     args.cond_registers = args.cond_registers or args.num_registers
     if args.train_cond_encoder and not args.conditional:
         p.error("--train-cond-encoder needs --conditional")
+    check_numbers(p, args)
+    if saved is not None:
+        try:
+            guards.refuse_changed_flags(guards.resume_differences(saved, vars(args), RESUME_MUTABLE),
+                                        Path(args.out_dir), RESUME_MUTABLE[2:])
+        except ValueError as error:
+            p.error(str(error))
     return args
+
+
+def check_numbers(p, args):
+    """Every count and rate up front, naming the flag and its valid range (parser.error, exit 2)."""
+    r = functools.partial(guards.check_range, p, args)
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "num_registers", "cond_registers",
+                 "hidden_size", "depth", "num_heads", "val_examples", "log_interval", "save_interval",
+                 "bank_batch_size", "stop_at", "max_bad_steps"):
+        r(name, low=1, integer=True)
+    for name in ("warmup_steps", "eval_interval", "threads"):
+        r(name, low=0, integer=True)
+    r("lr", low=0, low_open=True)
+    r("min_lr_ratio", low=0, high=1)
+    r("weight_decay", low=0)
+    r("grad_clip", low=0)
+    r("ema_decay", low=0, high=1, high_open=True)
+    r("max_offset", low=0, high=1, high_open=True)
+    if args.hidden_size and args.num_heads and args.hidden_size % args.num_heads:
+        p.error(f"--hidden-size {args.hidden_size} must be divisible by --num-heads {args.num_heads}")
 
 
 def main(argv=None):
@@ -381,10 +437,16 @@ def main(argv=None):
     data_dir = resolve_data_dir(args, ae)
     meta = load_meta(data_dir)
     shared_tokenizer = bool(meta.get("shared_tokenizer", True))
+    if args.resume and env.is_main:  # saves killed between their two renames left complete old copies
+        for name in (STATE_DIR, "dit", "cond_encoder"):
+            C.recover_folder(out / name)
+    D.barrier(env)
     if args.resume and not (out / STATE_DIR / D.TRAINING_STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: {out / STATE_DIR} holds no checkpoint; drop --resume to start a new run")
     if not args.resume and (out / STATE_DIR).is_dir():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out-dir")
+    if args.resume:
+        check_same_sources(out, encoder_dir, data_dir, meta)
 
     cache = args.bank_cache or default_cache_dir(ae)
     banks = {split: RegisterBank(build_bank(encoder_dir, data_dir, split, args.num_registers, cache,
@@ -397,7 +459,9 @@ def main(argv=None):
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
-            write_settings(args, out, data_dir, encoder_dir, shared_tokenizer)
+            write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, meta.get("settings"))
+        else:  # what the run really uses (only RESUME_MUTABLE flags can differ from the record)
+            (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     ema = EMA(model)
     model = D.wrap_model(model, env, mode="ddp")
     D.maybe_compile(model, args.compile, env)
@@ -427,6 +491,9 @@ def main(argv=None):
     bar = tqdm(total=args.max_steps, initial=start, desc="prior" + (" (conditional)" if args.conditional else ""),
                disable=args.quiet or not env.is_main, dynamic_ncols=True)
     began = time.time()
+    saved_at = start if args.resume else None
+    guard = guards.BadStepGuard(args.max_bad_steps, log=functools.partial(log_line, ctx), last_good=lambda: (
+        f"{out / STATE_DIR} (step {saved_at}), untouched" if saved_at is not None else "none was written"))
     for step in range(start, stop):
         lr = get_lr(step, args, args.max_steps)
         for group in optimizer.param_groups:
@@ -444,19 +511,22 @@ def main(argv=None):
                 loss = prior_loss(model, z0, t, noise, **kwargs) / accum
                 loss.backward()
             step_loss += loss.item()
-        grad_norm = D.clip_grad_norm(model, args.grad_clip) if args.grad_clip > 0 else float("nan")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(D.unwrap(model), ema_decay(args.ema_decay, step))
+        grad_norm = D.clip_grad_norm(model, args.grad_clip if args.grad_clip > 0 else float("inf"))  # global norm
         done = step + 1
-        metrics = D.all_reduce_mean({"loss": step_loss}, env)
+        metrics = D.all_reduce_mean({"loss": step_loss}, env)  # a NaN on any rank is a NaN on every rank
+        good = guard.check(done, metrics["loss"], grad_norm)
+        if good:  # a non-finite step never reaches the weights, the AdamW moments or the EMA
+            optimizer.step()
+            ema.update(D.unwrap(model), ema_decay(args.ema_decay, step))
+        optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-        if done % args.log_interval == 0 or done == stop:
+        if good and (done % args.log_interval == 0 or done == stop):
             log_line(ctx, {"type": "train", "step": done, "loss": metrics["loss"], "lr": lr, "grad_norm": grad_norm,
                            "seconds": round(time.time() - began, 2)})
-        if done % args.save_interval == 0 or done == stop:
+        if (done % args.save_interval == 0 and guard.streak == 0) or done == stop:
             save(ctx, model, optimizer, ema, done)
+            saved_at = done
         if ctx["val_bank"] is not None and ((args.eval_interval and done % args.eval_interval == 0) or done == stop):
             if env.is_main:
                 result = validate(ema.module, ctx)

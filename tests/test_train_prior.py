@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import data
 import generators as G
+import guards
 import latent_data as LD
 import train_prior as T
 from demasker import Demasker, DemaskerConfig
@@ -257,6 +258,65 @@ def test_run_folder_feeds_the_generators(run, tmp_path):
     tokens, report = G.conwithindisc(demasker, cond_prior, 2, gen_length=16, steps=4, prior=prior, prior_steps=3,
                                      refresh_prior_steps=2)
     assert tokens.shape == (2, 16) and report["demasker_calls"] == 4 and report["encoder_calls"] == 1
+
+
+def test_resume_refuses_changed_flags_and_another_encoder(run, tmp_path, capsys):
+    """Issue 11: --resume keeps the run's flags (unset ones inherited), refuses a changed objective flag (exit 2,
+    old vs new listed) and an AE whose encoder fingerprint differs from prior.json's (both named)."""
+    out = tmp_path / "p"
+    train(run, out, "--stop-at", "2", "--lr", "2e-3")
+    with pytest.raises(SystemExit) as exit_info:
+        train(run, out, "--resume", "--lr", "1e-2", "--num-registers", "4")
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--lr: run 0.002, now 0.01" in message and "--num-registers: run 8, now 4" in message
+    other = tmp_path / "other_ae"
+    shutil.copytree(run["ae"], other)
+    encoder = Encoder.from_pretrained(str(other / "encoder"))
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)
+    encoder.save_pretrained(other / "encoder")
+    with pytest.raises(ValueError, match="is not the one this prior was trained on") as error:
+        T.main(["--ae", str(other), "--out-dir", str(out), "--resume", "--quiet", "--bank-cache", str(run["root"] / "banks")])
+    assert str(other / "encoder") in str(error.value) and str(run["ae"].resolve()) in str(error.value)
+    T.main(["--ae", str(run["ae"]), "--out-dir", str(out), "--resume", "--quiet"])  # the run's own flags: fine
+    recorded = json.loads((out / "args.json").read_text())
+    assert recorded["lr"] == 2e-3 and recorded["max_steps"] == 6
+    assert torch.load(out / "train_state" / "training_state.pt", weights_only=True)["extra"]["step"] == 6
+
+
+@pytest.mark.parametrize("flags, text", [
+    (["--max-steps", "0"], "--max-steps must be an integer >= 1, got 0"),
+    (["--global-batch-size", "0"], "--global-batch-size must be an integer >= 1"),
+    (["--lr", "-1"], "--lr must be a number > 0"),
+    (["--num-registers", "0"], "--num-registers must be an integer >= 1"),
+    (["--ema-decay", "1"], "--ema-decay must be a number in [0, 1)"),
+    (["--hidden-size", "64", "--num-heads", "5"], "divisible by --num-heads 5"),
+])
+def test_prior_numbers_are_checked_up_front(run, tmp_path, capsys, flags, text):
+    with pytest.raises(SystemExit) as exit_info:
+        T.parse_args(["--ae", str(run["ae"]), "--out-dir", str(tmp_path), *flags])
+    assert exit_info.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_non_finite_prior_steps_never_reach_weights_ema_or_checkpoint(run, tmp_path, monkeypatch):
+    """A NaN loss from step 3 on: steps 3.. are skipped (no AdamW step, no EMA update); with --max-bad-steps 2 the
+    run stops at step 4 naming the last good checkpoint (step 2), whose raw and EMA weights stay those of a clean
+    run stopped at step 2."""
+    train(run, tmp_path / "clean", "--stop-at", "2", "--save-interval", "2")
+    real, calls = T.prior_loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) > 2 else 1.0)
+
+    monkeypatch.setattr(T, "prior_loss", poisoned)
+    with pytest.raises(guards.NonFiniteError, match=r"step 4: .*train_state \(step 2\), untouched"):
+        train(run, tmp_path / "bad", "--save-interval", "2", "--max-bad-steps", "2")
+    for part in ("dit", "train_state/dit"):
+        a, b = weights(tmp_path / "clean" / part), weights(tmp_path / "bad" / part)
+        assert all(torch.equal(a[k], b[k]) and torch.isfinite(b[k]).all() for k in a), part
+    skipped = [json.loads(line) for line in (tmp_path / "bad" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in skipped if r["type"] == "skipped"] == [3, 4]
 
 
 def _rank_main(rank, world_size, port, argv):
