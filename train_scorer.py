@@ -24,7 +24,6 @@ registers), tokenizer.json, scorer.json ({bos_id, eos_id, max_length, val_ppl, .
 import argparse
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -34,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import read_config, resolve_model_dir
+import guards
+from checkpoint import non_finite, read_config, resolve_model_dir, swap_folder
 from encoder import Encoder, EncoderConfig
 
 SCORER_FILE = "scorer.json"
@@ -220,13 +220,7 @@ def save_scorer(folder, model, tokenizer_file, info):
         model.save_pretrained(staging / "scorer")
         shutil.copyfile(tokenizer_file, staging / "scorer" / TOKENIZER_FILE)
         (staging / "scorer" / SCORER_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(staging / "scorer", folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging / "scorer", folder)
+        swap_folder(staging / "scorer", folder)  # a complete scorer at every instant (checkpoint.py)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
@@ -271,6 +265,9 @@ def train(args):
     use_bf16 = args.device.startswith("cuda")
     bar = tqdm(range(steps), desc=f"scorer {args.preset}")
     start, tokens_seen = time.time(), 0
+    guard = guards.BadStepGuard(args.max_bad_steps, last_good=lambda: f"{args.out} (not written by this run)",
+                                log=lambda record: bar.write(f"skipped step {record['step']}: loss {record['loss']}, "
+                                                             f"gradient norm {record['grad_norm']}"))
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, preset["warmup"])
@@ -280,11 +277,17 @@ def train(args):
             loss = lm_loss(model, batch, eos_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        if not guard.check(step + 1, loss.item(), grad_norm):
+            continue  # a NaN/inf step never reaches the weights or the AdamW moments
         optimizer.step()
         tokens_seen += int(valid_targets(batch, eos_id).sum())
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / (time.time() - start):.0f}")
     val_ppl = evaluate_ppl(model, val_ids, eos_id, batch_size, args.device)
+    bad = non_finite(model.state_dict())
+    if bad or not math.isfinite(val_ppl):
+        raise guards.NonFiniteError(f"the trained scorer is not finite (validation perplexity {val_ppl}, NaN/inf in "
+                                    f"{bad[:5]}); {args.out} was not written. Lower --lr and train again")
     info = {"bos_id": bos_id, "eos_id": eos_id, "max_length": max_length, "train_length": int(train_ids.shape[1]),
             "val_ppl": val_ppl, "steps": steps,
             "batch_size": batch_size, "lr": lr, "preset": args.preset, "seed": args.seed,
@@ -311,7 +314,14 @@ def parse_args(argv=None):
                         help="tokenizer.json of the cache (default: DATA/tokenizer.json, written by data.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the batch order")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    return parser.parse_args(argv)
+    parser.add_argument("--max-bad-steps", type=int, default=guards.DEFAULT_MAX_BAD_STEPS,
+                        help="stop with an error after this many consecutive steps with a NaN/inf loss or gradient "
+                             "norm (each is skipped; nothing is written)")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "max_bad_steps"):
+        guards.check_range(parser, args, name, low=1, integer=True)
+    guards.check_range(parser, args, "lr", low=0, low_open=True)
+    return args
 
 
 def main(argv=None):

@@ -119,3 +119,42 @@ def test_training_lowers_the_validation_perplexity(tmp_path, monkeypatch):
     assert scorer.bos_id == 0 and scorer.eos_id == 1 and (tmp_path / "s" / "scorer.json").is_file()
     nll, counts, _ = scorer.score(["def f3(x):\n    return x + 3"])
     assert counts[0] > 0 and nll[0] / counts[0] < 3.0
+
+
+@pytest.mark.parametrize("flags, text", [(["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+                                         (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+                                         (["--lr", "0"], "--lr must be a number > 0"),
+                                         (["--max-bad-steps", "0"], "--max-bad-steps must be an integer >= 1")])
+def test_scorer_numbers_are_checked_up_front(tmp_path, capsys, flags, text):
+    with pytest.raises(SystemExit) as exit_info:
+        S.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "s"), *flags])
+    assert exit_info.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_a_diverging_scorer_stops_and_leaves_the_existing_one(tmp_path, monkeypatch):
+    """Issue 11: NaN losses are skipped (never reach the weights); after --max-bad-steps in a row the run stops with
+    an error and the scorer already in --out is left byte for byte."""
+    import data
+
+    import guards
+    corpus = tmp_path / "corpus.jsonl"
+    programs = [{"text": f"def f{i}(x):\n    return x + {i % 10}", "path": f"m{i}.py"} for i in range(60)]
+    corpus.write_text("\n".join(json.dumps(p) for p in programs) + "\n")
+    data.build_dataset(tmp_path / "data", corpus, seq_len=24, vocab_size=280, val_fraction=0.1, test_fraction=0.1)
+    tiny = dict(S.PRESETS["tiny"], model=dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                                                intermediate_size=64))
+    monkeypatch.setitem(S.PRESETS, "tiny", tiny)
+    argv = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "s"), "--device", "cpu", "--max-bad-steps", "3"]
+    S.main(argv + ["--steps", "2"])
+    before = (tmp_path / "s" / "model.safetensors").read_bytes()
+    real, calls = S.lm_loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) > 1 else 1.0)
+
+    monkeypatch.setattr(S, "lm_loss", poisoned)
+    with pytest.raises(guards.NonFiniteError, match="step 4: .*3 consecutive"):
+        S.main(argv + ["--steps", "10"])
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
