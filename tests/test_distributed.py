@@ -490,6 +490,58 @@ def test_checkpoint_parts_are_from_pretrained_folders_and_resume(tmp_path):
         D.load_checkpoint(tmp_path / "ckpt" / "encoder", restored, restored_optimizer, env)
 
 
+def _saved_joint(tmp_path):
+    env = D.setup(device="cpu")
+    joint = _Joint()
+    optimizer = make_optimizer(joint)
+    joint.loss(torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))).backward()
+    optimizer.step()
+    parts = {"encoder": {**joint.encoder.cfg.to_dict(), "crocodil_model": "encoder"},
+             "demasker": {**joint.demasker.cfg.to_dict(), "crocodil_model": "demasker"}}
+    D.save_checkpoint(tmp_path / "ckpt", joint, optimizer, env, parts=parts, extra={"step": 1})
+    return env, tmp_path / "ckpt"
+
+
+def test_strict_resume_lists_missing_unexpected_and_mis_shaped_tensors(tmp_path):
+    """Issue 11: a deleted, added or reshaped tensor (model or AdamW) is one CheckpointError listing each,
+    never a tensor silently left at its initial value."""
+    from safetensors.torch import save_file
+
+    from checkpoint import CheckpointError, read_safetensors
+    env, folder = _saved_joint(tmp_path)
+    state = read_safetensors(folder / "encoder")
+    del state["norm.weight"]
+    state["extra.bias"] = torch.zeros(2)
+    state["embed_tokens.weight"] = state["embed_tokens.weight"][:-1]
+    save_file(state, str(folder / "encoder" / "model.safetensors"))
+    training = torch.load(folder / D.TRAINING_STATE_FILE, weights_only=True)
+    name = next(iter(training["optimizer"]["state"]))
+    del training["optimizer"]["state"][name]["exp_avg"]
+    torch.save(training, folder / D.TRAINING_STATE_FILE)
+    restored = _Joint()
+    with pytest.raises(CheckpointError) as error:
+        D.load_checkpoint(folder, restored, make_optimizer(restored), env)
+    message = str(error.value)
+    for text in ("missing", "encoder.norm.weight", f"optimizer.{name}.exp_avg", "unexpected", "encoder.extra.bias",
+                 "wrong shape", "encoder.embed_tokens.weight: checkpoint"):
+        assert text in message, message
+    training["optimizer"]["state"] = {k: v for k, v in training["optimizer"]["state"].items() if k != name}
+    torch.save(training, folder / D.TRAINING_STATE_FILE)
+    with pytest.raises(CheckpointError, match=f"optimizer.{name}[,\n]"):
+        D.load_checkpoint(folder, restored, make_optimizer(restored), env)
+
+
+def test_a_non_finite_model_is_never_saved(tmp_path):
+    env, folder = _saved_joint(tmp_path)
+    before = (folder / "encoder" / "model.safetensors").read_bytes()
+    joint = _Joint()
+    with torch.no_grad():
+        joint.encoder.norm.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="encoder.norm.weight"):
+        D.save_checkpoint(folder, joint, make_optimizer(joint), env, parts={"encoder": {}, "demasker": {}})
+    assert (folder / "encoder" / "model.safetensors").read_bytes() == before
+
+
 def test_compile_and_tf32_flags_on_cpu():
     env = D.setup(device="cpu")
     model = make_model()
