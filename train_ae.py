@@ -31,7 +31,10 @@ python) are saved and restored anyway, for code that draws from them.
 Checkpoints (rank 0 writes, every rank calls): OUT/checkpoint/{encoder/, demasker/} (safetensors +
 config.json, readable by from_pretrained), tokenizer.json, args.json, progress.json (step) and
 training_state.pt (AdamW state by parameter name, step, data position, RNG states). The folder appears
-atomically. The LR is a pure function
+atomically and is crash-safe at every instant (checkpoint.swap_folder; --resume recovers a save killed between
+its renames). Failure behaviour (guards.py): a step with a NaN/inf loss or gradient norm is skipped (no update,
+no checkpoint) and --max-bad-steps in a row stop the run with an error naming the last good checkpoint;
+--resume loads every tensor strictly and refuses changed model/data/objective flags (ae_args.RESUME_MUTABLE). The LR is a pure function
 of the step (nanoGPT's get_lr), so the step is the whole scheduler state. OUT/log.jsonl holds train and
 validation records (validation: masked-token CE and top-1 accuracy at mask ratios 0.1..1.0, Fig. 4).
 
