@@ -2,7 +2,9 @@
 
 Presets. tiny: the tiny() configs with ids from our BPE, AdamW lr 3e-3, 100 warmup steps, global batch 32, no
 encoder warm-up. paper: App. C's AdamW lr 2.5e-5, wd 0.1, global batch 512, 4000 encoder warm-up steps, 3 epochs,
-K = 128, from Qwen3-Embedding-0.6B and LLaDA-8B-Base, FSDP2 in bf16 (train_ae.py's docstring has the reasons).
+K = 128, FSDP2 in bf16 (train_ae.py's docstring has the reasons); the base MDM (--no-registers) from LLaDA-8B-Base,
+the guided run from Qwen3-Embedding-0.6B and the base MDM run (--from-base BASE, required: the paper's recipe),
+re-warming the LR over 500 steps when the demasker unfreezes (--rewarm-steps, our choice).
 
 Every number is checked before any work (guards.check_range: argparse's message naming the flag and the valid
 range, exit status 2). On --resume the run's recorded flags (OUT/checkpoint/args.json) become the defaults, and
@@ -31,11 +33,11 @@ NOT_INHERITED = ("resume", "stop_at", "out_dir")  # flags of one invocation, not
 PRESETS = {
     "tiny": dict(seq_len=128, vocab_size=2048, num_registers=8, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1,
                  warmup_steps=100, global_batch_size=32, micro_batch_size=32, max_steps=2000, epochs=None,
-                 encoder_warmup_steps=0, encoder_init=None, demasker_init=None, tokenizer=None,
+                 encoder_warmup_steps=0, rewarm_steps=0, encoder_init=None, demasker_init=None, tokenizer=None,
                  encoder_tokenizer=None, parallel="ddp", activation_checkpointing=False),
     "paper": dict(seq_len=4096, vocab_size=None, num_registers=128, lr=2.5e-5, min_lr_ratio=0.1, weight_decay=0.1,
                   warmup_steps=500, global_batch_size=512, micro_batch_size=2, max_steps=None, epochs=3,
-                  encoder_warmup_steps=4000, encoder_init="Qwen/Qwen3-Embedding-0.6B",
+                  encoder_warmup_steps=4000, rewarm_steps=500, encoder_init="Qwen/Qwen3-Embedding-0.6B",
                   demasker_init="GSAI-ML/LLaDA-8B-Base", tokenizer="GSAI-ML/LLaDA-8B-Base",
                   encoder_tokenizer="Qwen/Qwen3-Embedding-0.6B", parallel="fsdp", activation_checkpointing=True),
 }
@@ -73,7 +75,12 @@ def parse_args(argv=None):
     # models
     a("--encoder-init", default=None, help="encoder weights: hub id or folder (public Qwen3 or ours); default scratch")
     a("--demasker-init", default=None, help="demasker weights: hub id or folder (public LLaDA or ours, e.g. a "
-      "trained base MDM's checkpoint/demasker, as the paper builds on its base model); default scratch")
+      "trained base MDM's checkpoint/demasker, as the paper builds on its base model); default scratch (paper "
+      "preset: GSAI-ML/LLaDA-8B-Base for the base MDM run)")
+    a("--from-base", default=None, metavar="RUN", help="start the guided demasker from the base MDM run RUN (a "
+      "train_ae.py --no-registers --out-dir, or its checkpoint/): = --demasker-init RUN/checkpoint. The paper's "
+      "recipe: the guided demasker starts from the Python-fine-tuned base MDM (reproduce.sh AE_FROM_BASE=1); the "
+      "paper preset with registers requires --from-base or an explicit --demasker-init")
     a("--num-registers", type=int, default=None, help="K, registers per program (tiny 8, paper 128)")
     a("--encoder-width", type=int, default=None, help="scratch encoder width d (default EncoderConfig.tiny: 64)")
     a("--encoder-layers", type=int, default=None, help="scratch encoder depth (default 2)")
@@ -85,8 +92,15 @@ def parse_args(argv=None):
     a("--latent-cos", type=float, default=0.8, help="App. D robust noise: target CS(z_0, z_0 + e); 1 = no noise")
     a("--nested-dropout", action=argparse.BooleanOptionalAction, default=True,
       help="App. C nested dropout k ~ U{1..K} (--no-nested-dropout: always all K registers)")
-    a("--encoder-warmup-steps", type=int, default=None, help="App. C staging: steps with the demasker frozen "
-      "(tiny 0, paper 4000)")
+    a("--encoder-warmup-steps", type=int, default=None, help="App. C staging: steps with the pretrained demasker "
+      "frozen; the encoder and the new conditioning interface (register projection, START, END) train (tiny 0, "
+      "paper 4000)")
+    a("--rewarm-steps", type=int, default=None, help="re-warm the LR linearly over N steps when the demasker "
+      "unfreezes after --encoder-warmup-steps (its AdamW moments start at zero); 0 = off (tiny 0, paper 500: our "
+      "choice, the paper states none)")
+    a("--register-dropout", type=float, default=0.0, help="register guidance (issue 14): P(every register of an "
+      "example is withheld: register_mask all False, the demasker sees only [START, END]), the null branch that "
+      "sampling's guidance weight w extrapolates from (logits_null + w (logits_guided - logits_null)); 0 = off")
     # optimization
     a("--lr", type=float, default=None, help="peak AdamW learning rate (tiny 3e-3, paper 2.5e-5)")
     a("--min-lr-ratio", type=float, default=None, help="final LR of the cosine decay as a fraction of --lr (0.1)")
@@ -125,17 +139,18 @@ def parse_args(argv=None):
     saved = resume_defaults(p, args, argv)
     if saved is not None:
         args = p.parse_args(argv)
+    resolve_init_flags(p, args)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.no_registers:
+        args.encoder_init = None  # the preset's encoder is not used (checked explicit flags in resolve_init_flags)
     if args.all_mask_prob is None:
         args.all_mask_prob = 0.0 if args.no_registers else 0.25
     if args.dtype == "auto":
         args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     if args.max_steps is None and args.epochs is None:
         p.error("set --max-steps or --epochs")
-    if args.no_registers and args.encoder_init:
-        p.error("--no-registers trains the base MDM alone; drop --encoder-init")
     check_numbers(p, args)
     if saved is not None:
         differences = guards.resume_differences(saved, vars(args), RESUME_MUTABLE)
@@ -144,6 +159,31 @@ def parse_args(argv=None):
         except ValueError as error:
             p.error(str(error))
     return args
+
+
+def resolve_init_flags(p, args):
+    """Before the preset fills unset flags: --from-base becomes --demasker-init RUN/checkpoint; --no-registers
+    takes no encoder (an explicit --encoder-init is an error, the paper preset's Qwen3 is dropped: the base MDM
+    is LLaDA-8B-Base fine-tuned alone; the encoder tokenizer stays, so both runs share one data cache); the
+    paper preset's guided run must say where its demasker starts (the paper: the Python-fine-tuned base MDM)."""
+    if args.no_registers:
+        if args.encoder_init:
+            p.error("--no-registers trains the base MDM alone; drop --encoder-init")
+        if args.from_base:
+            p.error("--from-base starts a guided demasker from a base MDM run; drop it with --no-registers")
+    if args.from_base and not (args.resume and args.demasker_init):  # a resumed run keeps its recorded init
+        base = Path(args.from_base)
+        folder = base / CHECKPOINT if (base / CHECKPOINT / "demasker").is_dir() else base
+        if args.demasker_init not in (None, str(folder)):
+            p.error(f"--from-base {args.from_base} and --demasker-init {args.demasker_init} both set; give one")
+        if not args.resume and not (folder / "demasker" / "config.json").is_file():
+            p.error(f"--from-base {args.from_base}: no base MDM checkpoint there (expected {folder}/demasker/); "
+                    f"train it first: python train_ae.py --no-registers --out-dir {args.from_base} ...")
+        args.demasker_init = str(folder)
+    if args.preset == "paper" and not args.no_registers and args.demasker_init is None:
+        p.error("--preset paper trains the guided demasker from the Python-fine-tuned base MDM, as the paper does: "
+                "first `train_ae.py --preset paper --no-registers --out-dir BASE`, then pass --from-base BASE "
+                "(or --demasker-init GSAI-ML/LLaDA-8B-Base to start from the public model, a departure)")
 
 
 def resume_defaults(p, args, argv):
@@ -167,7 +207,7 @@ def check_numbers(p, args):
     for name in ("max_steps", "global_batch_size", "micro_batch_size", "num_registers", "encoder_layers",
                  "demasker_layers", "val_programs", "log_interval", "save_interval", "stop_at", "max_bad_steps"):
         r(name, low=1, integer=True)
-    for name in ("warmup_steps", "encoder_warmup_steps", "eval_interval", "threads"):
+    for name in ("warmup_steps", "encoder_warmup_steps", "rewarm_steps", "eval_interval", "threads"):
         r(name, low=0, integer=True)
     r("seq_len", low=3, integer=True)  # BOS, at least one program token, EOS
     r("vocab_size", low=len(SPECIAL_TOKENS) + 1, integer=True)  # a BPE above its 4 specials
@@ -177,6 +217,7 @@ def check_numbers(p, args):
     r("min_lr_ratio", low=0, high=1)
     r("weight_decay", low=0)
     r("all_mask_prob", low=0, high=1)
+    r("register_dropout", low=0, high=1)
     r("latent_cos", low=0, high=1, low_open=True)
     r("val_keep", low=1, high=args.num_registers, integer=True)
     for name in ("encoder_width", "demasker_width"):

@@ -14,9 +14,15 @@ One optimizer step of Algorithm 1, per example of the global batch:
   line 6  L = Eq. 5                 schedules.masked_diffusion_loss: sum over masked tokens of CE / p_mask,
                                     divided by B * L (LLaDA's weights 1/p_mask, ../shared/reference/llada.md 3.2)
   line 7  AdamW step                weight decay on matrices only, gradient clipping, cosine LR with warmup
-Staged training (App. C): for the first --encoder-warmup-steps steps only h_phi learns (f_theta frozen:
-requires_grad False, so AdamW skips it entirely), then both. `--no-registers` trains the base MDM
-(f_theta(x_t) without registers, Sec. 5's baseline) on the same data with the same budget.
+Staged training (App. C): for the first --encoder-warmup-steps steps the pretrained f_theta is frozen
+(requires_grad False, so AdamW skips it entirely) while h_phi AND the demasker's new conditioning interface
+(register projection, START, END) learn; then everything. New conditioning parameters are scaled at build so a
+projected register's RMS (and START/END's) equals the token embeddings' RMS (match_conditioning_rms_).
+--rewarm-steps N re-warms the LR linearly over N steps when f_theta unfreezes (get_lr). `--no-registers` trains
+the base MDM (f_theta(x_t) without registers, Sec. 5's baseline) on the same data with the same budget; the
+guided run starts from it with --from-base (the paper's recipe; required by the paper preset).
+Register dropout (--register-dropout P, issue 14): every register of an example withheld with probability P
+(the null bank of mdm.guided_logits), drawn from the example's generator (corruption.py).
 
 Which positions count in the loss: all L positions, as in LLaDA pre-training, i.e. also BOS and the EOS
 padding (predicting where the program ends is how the MDM decides its length; the paper's models "generate
@@ -36,7 +42,9 @@ its renames). Failure behaviour (guards.py): a step with a NaN/inf loss or gradi
 no checkpoint) and --max-bad-steps in a row stop the run with an error naming the last good checkpoint;
 --resume loads every tensor strictly and refuses changed model/data/objective flags (ae_args.RESUME_MUTABLE). The LR is a pure function
 of the step (nanoGPT's get_lr), so the step is the whole scheduler state. OUT/log.jsonl holds train and
-validation records (validation: masked-token CE and top-1 accuracy at mask ratios 0.1..1.0, Fig. 4).
+validation records (validation: masked-token CE and top-1 accuracy at mask ratios 0.1..1.0, Fig. 4). After each
+save rank 0 writes hub model cards (hub.write_cards: README.md in checkpoint/encoder and checkpoint/demasker); a
+card that cannot be written is a warning, never a failed save.
 
 Presets. tiny: the tiny() configs with ids from our BPE, AdamW lr 3e-3 (measured on the stdlib at L = 128:
 after 400 steps the base MDM's validation CE at 10% masking is 5.35 with 3e-3 and 5.73 with 1e-3; 2.5e-5
@@ -50,7 +58,6 @@ Run:  python train_ae.py --preset tiny --out-dir runs/ae              (one proce
 
 import json
 import math
-import random
 import shutil
 import tempfile
 import time
@@ -63,65 +70,16 @@ import torch.nn as nn
 import checkpoint as C
 import distributed as D
 import guards
+from run_state import check_same_tokenizers, rng_states, set_rng_states  # noqa: F401 (re-exported)
 from ae_args import CHECKPOINT, PRESETS, RESUME_MUTABLE, parse_args  # noqa: F401 (train_ae.parse_args)
-from demasker import Demasker, DemaskerConfig
-from encoder import Encoder, EncoderConfig, register_keep_mask, sample_keep
-from schedules import mask_tokens, masked_diffusion_loss
+from demasker import CONDITIONING_PARAMS, Demasker, DemaskerConfig
+from corruption import corrupt, example_generator, latent_noise_std  # noqa: F401 (Alg. 1 lines 2-5; re-exported)
+from encoder import Encoder, EncoderConfig, register_keep_mask
+from schedules import masked_diffusion_loss
 
 PROGRESS = "progress.json"  # the step, readable without loading the optimizer state
 VAL_RATIOS = [round(0.1 * i, 1) for i in range(1, 11)]  # Fig. 4's mask probabilities
 
-
-
-# ------------------------------------------------------------------------------------------------
-# Alg. 1 lines 2-5: the random corruption of one example
-# ------------------------------------------------------------------------------------------------
-
-def latent_noise_std(target_cos):
-    """sigma such that CS(z, z + e) ~= target_cos for a register of norm sqrt(d) and e ~ N(0, sigma^2 I_d).
-
-    z . (z + e) = d + z.e and |z + e|^2 = d + 2 z.e + |e|^2. With e independent of z, z.e ~ N(0, d sigma^2)
-    is O(sqrt(d)) and |e|^2 = d sigma^2 (1 + O(1/sqrt(d))), so
-        CS = (d + z.e) / (sqrt(d) sqrt(d + 2 z.e + |e|^2)) -> 1 / sqrt(1 + sigma^2)   (d -> infinity),
-    hence sigma = sqrt(1 / c^2 - 1): 0.75 for c = 0.8. The mean CS over random draws is above c by O(1/d)
-    (Jensen; ~0.005 at d = 64, ~0.0003 at d = 1024, the paper's width). c = 1 gives sigma = 0 (no noise).
-    """
-    if not 0.0 < target_cos <= 1.0:
-        raise ValueError(f"--latent-cos must lie in (0, 1], got {target_cos} (1 = no latent noise)")
-    return math.sqrt(1.0 / target_cos ** 2 - 1.0)
-
-
-def example_generator(seed, index, stream=0):
-    """A CPU torch.Generator for one example: seeded by (seed, stream, index) through numpy's SeedSequence
-    (stream 0 = training examples by stream position, 1 = validation rows)."""
-    state = np.random.SeedSequence([seed, stream, index]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 32) | int(state[1]))
-
-
-def corrupt(x0, counters, seed, mask_id, all_mask_prob, num_registers=0, nested_dropout=True,
-            register_dim=0, noise_std=0.0):
-    """Alg. 1 lines 2, 3 and 5 (+ App. C all-mask and nested dropout) for a micro-batch on the CPU.
-
-    x0: (B, L) long clean ids; counters: B stream positions (see example_generator). Draw order per example:
-    t, all-mask coin, k (if registers), the (1, L) mask uniforms (schedules.mask_tokens), the (K, d) noise.
-    Returns dict x_t (B, L), masked (B, L) bool, p_mask (B, L), keep (B,) long | None, noise (B, K, d) | None.
-    """
-    rows = {"x_t": [], "masked": [], "p_mask": [], "keep": [], "noise": []}
-    for b, counter in enumerate(counters):
-        gen = example_generator(seed, counter)
-        t = torch.rand((), generator=gen).item()
-        all_mask = torch.rand((), generator=gen).item() < all_mask_prob
-        if num_registers:
-            keep = sample_keep(1, num_registers, generator=gen) if nested_dropout else torch.tensor([num_registers])
-            rows["keep"].append(keep)
-        x_t, masked, p_mask = mask_tokens(x0[b:b + 1], t, mask_id, generator=gen)  # (1, L) each
-        if all_mask:  # App. C: x_t = the fully masked sequence, weight 1 / p_mask = 1
-            x_t, masked, p_mask = torch.full_like(x_t, mask_id), torch.ones_like(masked), torch.ones_like(p_mask)
-        for name, value in (("x_t", x_t), ("masked", masked), ("p_mask", p_mask)):
-            rows[name].append(value)
-        if num_registers and noise_std > 0:
-            rows["noise"].append(torch.randn(1, num_registers, register_dim, generator=gen) * noise_std)
-    return {name: torch.cat(parts) if parts else None for name, parts in rows.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +152,8 @@ def build_models(args, meta, encoder_vocab, resume_dir=None):
                                             max_registers=args.num_registers)
     else:
         demasker = Demasker(dem_cfg)
+    if register_dim and conditioning_is_new(args.demasker_init):
+        match_conditioning_rms_(demasker)
     check_vocab(demasker.cfg, meta, encoder, encoder_vocab)
     return (encoder.float() if encoder is not None else None), demasker.float()  # fp32 master weights
 
@@ -233,18 +193,59 @@ def make_optimizer(model, args):
 
 
 def get_lr(step, args, max_steps):
-    """Linear warmup to --lr over --warmup-steps, then cosine decay to lr * --min-lr-ratio at max_steps."""
+    """Linear warmup to --lr over --warmup-steps, then cosine decay to lr * --min-lr-ratio at max_steps; with
+    --rewarm-steps N (and an encoder warm-up of W steps) steps W .. W + N - 1 are scaled by (step - W + 1) / (N + 1):
+    the unfrozen demasker's AdamW moments start at zero, so its first updates are ~lr per weight (re-warm)."""
     if step < args.warmup_steps:
-        return args.lr * (step + 1) / (args.warmup_steps + 1)
-    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
-    min_lr = args.lr * args.min_lr_ratio
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+        lr = args.lr * (step + 1) / (args.warmup_steps + 1)
+    else:
+        progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+        min_lr = args.lr * args.min_lr_ratio
+        lr = min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+    warm, rewarm = getattr(args, "encoder_warmup_steps", 0) or 0, getattr(args, "rewarm_steps", 0) or 0
+    if warm and rewarm and not getattr(args, "no_registers", False) and warm <= step < warm + rewarm:
+        lr *= (step - warm + 1) / (rewarm + 1)
+    return lr
 
 
 def set_demasker_trainable(model, trainable):
-    """App. C staging: f_theta frozen (no gradients, skipped by AdamW) while only h_phi warms up."""
-    for param in D.unwrap(model).demasker.parameters():
-        param.requires_grad_(trainable)
+    """App. C staging: the pretrained f_theta frozen (no gradients, skipped by AdamW) while h_phi warms up. The
+    NEW conditioning interface (register projection, START, END: demasker.CONDITIONING_PARAMS) trains with the
+    encoder throughout: frozen at its random init, the encoder would learn through a random projection."""
+    for name, param in D.unwrap(model).demasker.named_parameters():
+        param.requires_grad_(bool(trainable) or name.startswith(CONDITIONING_PARAMS))
+
+
+@torch.no_grad()
+def match_conditioning_rms_(demasker):
+    """Scale the new register projection W so that a register (norm sqrt(d): entries of RMS 1) projects to the
+    token embeddings' RMS: E|W z|^2 = ||W||_F^2 for z of unit-RMS i.i.d. entries, so RMS(W z) = ||W||_F /
+    sqrt(d_model); START and END are scaled to the same RMS. Called only when these parameters are new (fresh
+    init, or a base MDM / public LLaDA gaining them), never on a trained guided demasker or on --resume."""
+    if not demasker.cfg.register_dim:
+        return
+    target = demasker.wte.weight.float().pow(2).mean().sqrt()
+    weight = demasker.register_proj.weight
+    weight.mul_(target / (weight.float().norm() / math.sqrt(demasker.cfg.d_model)).clamp_min(1e-12))
+    for vector in (demasker.start_embedding, demasker.end_embedding):
+        vector.mul_(target / vector.float().pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+def conditioning_is_new(init):
+    """True when Demasker.from_pretrained(init) creates the conditioning parameters (a public LLaDA, or our base
+    MDM with register_dim 0); False for our own guided demasker (they are trained weights)."""
+    if not init:
+        return True
+    folder = Path(part_folder(init, "demasker"))
+    try:
+        if folder.is_dir():
+            config = C.read_config(folder)
+        else:  # a hub id: its config.json only (from_pretrained has fetched the weights already)
+            from huggingface_hub import hf_hub_download
+            config = C.read_json(hf_hub_download(repo_id=str(init), filename="config.json"), "config")
+    except Exception:  # noqa: BLE001 (unreachable config: treat it as a public model)
+        return True
+    return "crocodil_model" not in config or not config.get("register_dim")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,25 +327,6 @@ def evaluate(model, data, args, env, amp, keeps):
 # Checkpoints and RNG states
 # ------------------------------------------------------------------------------------------------
 
-def rng_states():
-    """Global RNG states of torch (CPU, CUDA), numpy and python, in types torch.load(weights_only) reads."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "python": random.getstate()}
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 def save_run(out_dir, model, optimizer, env, step, args, stream, files):
     """OUT/checkpoint, atomically: distributed.save_checkpoint builds it in a staging folder, rank 0 adds
     tokenizer.json and args.json, then checkpoint.swap_folder swaps it in (crash-safe at every instant)."""
@@ -365,10 +347,23 @@ def save_run(out_dir, model, optimizer, env, step, args, stream, files):
             (stage / CHECKPOINT / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
             (stage / CHECKPOINT / PROGRESS).write_text(json.dumps({"step": step, "examples_seen": extra["examples_seen"]}))
             C.swap_folder(stage / CHECKPOINT, Path(out_dir) / CHECKPOINT)  # a complete copy at every instant
+            write_cards(Path(out_dir) / CHECKPOINT)
     finally:
         if env.is_main:
             shutil.rmtree(stage, ignore_errors=True)
         D.barrier(env)
+
+
+def write_cards(folder):
+    """hub.write_cards(folder), never failing a save: any problem becomes a warning."""
+    import warnings
+
+    try:
+        import hub
+
+        hub.write_cards(folder)
+    except (Exception, SystemExit) as error:  # noqa: BLE001 (write_cards raises SystemExit on bad records)
+        warnings.warn(f"model cards not written into {folder}: {type(error).__name__}: {error}", stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,21 +398,6 @@ def prepare_data(args, env):
         files["encoder_tokenizer.json"] = folder / "encoder_tokenizer.json"
         encoder_vocab = meta["encoder"]
     return data.TokenData(folder, "train"), data.TokenData(folder, "val"), meta, encoder_vocab, files
-
-
-def check_same_tokenizers(resume_dir, files):
-    """--resume: the data cache's tokenizer(s) must be byte for byte the checkpoint's copies."""
-    import hashlib
-
-    for name, source in files.items():
-        saved = resume_dir / name
-        if not saved.is_file():
-            continue  # a checkpoint written before tokenizers were copied
-        hashes = [hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] for path in (saved, source)]
-        if hashes[0] != hashes[1]:
-            raise ValueError(f"--resume: the data cache's {source} (sha256 {hashes[1]}) is not the tokenizer the run "
-                             f"was trained with, {saved} (sha256 {hashes[0]}); pass the run's --data folder or start a "
-                             f"new run with another --out-dir")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -511,7 +491,8 @@ def train(args):
             batch = train_data.batch(rows[part])
             x0, enc_ids, enc_mask = batch["ids"], batch["encoder_ids"], batch["encoder_mask"]
             noisy = corrupt(x0, counters[part].tolist(), args.seed, demasker.cfg.mask_token_id, args.all_mask_prob,
-                            K, args.nested_dropout, K and encoder.cfg.hidden_size, noise_std)
+                            K, args.nested_dropout, K and encoder.cfg.hidden_size, noise_std,
+                            register_dropout=args.register_dropout if K else 0.0)
             to = lambda t: None if t is None else t.to(env.device)
             with D.grad_sync(model, enabled=micro == accum - 1):
                 with D.autocast(env, amp):

@@ -69,86 +69,31 @@ def weights(folder):
             **{f"demasker.{k}": v for k, v in read_safetensors(folder / "demasker").items()}}
 
 
-# ------------------------------------------------------------------------------------------------
-# Alg. 1 lines 2-5
-# ------------------------------------------------------------------------------------------------
-
-def test_latent_noise_std_formula():
-    assert T.latent_noise_std(0.8) == pytest.approx(0.75)
-    assert T.latent_noise_std(1.0) == 0.0
-    for bad in (0.0, 1.5, -0.2):
-        with pytest.raises(ValueError, match="latent-cos"):
-            T.latent_noise_std(bad)
+# Alg. 1 lines 2-5 (corruption.py): tests/test_corruption.py
 
 
-@pytest.mark.parametrize("target", [0.5, 0.8, 0.95])
-def test_latent_noise_hits_target_cosine(target):
-    """The noise corrupt() draws, added to random registers of norm sqrt(d), gives mean CS within 0.01."""
-    K, d, B = 8, 1024, 64
-    noisy = T.corrupt(torch.zeros(B, 4, dtype=torch.long), list(range(B)), 0, 1, 0.0, K, True, d,
-                      T.latent_noise_std(target))
-    z = torch.nn.functional.normalize(torch.randn(B, K, d, generator=torch.Generator().manual_seed(1)), dim=-1)
-    z = z * math.sqrt(d)
-    cos = torch.nn.functional.cosine_similarity(z, z + noisy["noise"], dim=-1)  # (B, K)
-    assert abs(cos.mean().item() - target) < 0.01
-    assert noisy["noise"].std().item() == pytest.approx(T.latent_noise_std(target), rel=0.02)
+def test_rewarm_when_the_demasker_unfreezes(cache, tmp_path):
+    """--rewarm-steps N: after W warm-up steps the LR restarts linearly over N steps, then follows the schedule."""
+    plain = run_args(cache, tmp_path, "--lr", "1e-2", "--warmup-steps", "2", "--encoder-warmup-steps", "5")
+    args = run_args(cache, tmp_path, "--lr", "1e-2", "--warmup-steps", "2", "--encoder-warmup-steps", "5",
+                    "--rewarm-steps", "3")
+    lrs, ref = [T.get_lr(s, args, 20) for s in range(20)], [T.get_lr(s, plain, 20) for s in range(20)]
+    assert lrs[:5] == ref[:5] and lrs[8:] == ref[8:]
+    assert [lrs[s] / ref[s] for s in (5, 6, 7)] == pytest.approx([0.25, 0.5, 0.75])
+    assert T.parse_args(["--preset", "paper", "--demasker-init", "GSAI-ML/LLaDA-8B-Base"]).rewarm_steps == 500
+    assert T.parse_args([]).rewarm_steps == 0
 
 
-def test_nested_dropout_exposes_exactly_k_registers():
-    K, d, B = 6, 32, 600
-    noisy = T.corrupt(torch.zeros(B, 4, dtype=torch.long), list(range(B)), 0, 1, 0.0, K, True, d, 0.75)
-    keep = noisy["keep"]
-    counts = torch.bincount(keep, minlength=K + 1)
-    assert counts[0] == 0 and counts[1:].min() > B / K * 0.6  # k ~ U{1..K}
-    # what the demasker receives: registers 0..k-1 exposed (noisy, non-zero), the rest zero and masked
-    seen = {}
-
-    class Spy(torch.nn.Module):
-        def forward(self, x_t, registers=None, register_mask=None):
-            seen.update(registers=registers, register_mask=register_mask)
-            return torch.zeros(*x_t.shape, 3)
-
-    torch.manual_seed(0)
-    model = T.EncoderDemasker(Encoder(EncoderConfig.tiny(hidden_size=d, num_heads=2, num_kv_heads=1,
-                                                         head_dim=16, num_registers=K)), Spy())
-    ids = torch.randint(1, 100, (8, 10))
-    model(ids, ids, torch.ones_like(ids, dtype=torch.bool), keep[:8], noisy["noise"][:8])
-    exposed = seen["register_mask"]
-    assert torch.equal(exposed.sum(1), keep[:8])
-    assert torch.equal(exposed, torch.arange(K)[None, :] < keep[:8, None])  # always the FIRST k
-    norms = seen["registers"].norm(dim=-1)
-    assert bool((norms[exposed] > 0).all()) and bool((norms[~exposed] == 0).all())
-    # without nested dropout every example keeps all K
-    full = T.corrupt(torch.zeros(4, 4, dtype=torch.long), list(range(4)), 0, 1, 0.0, K, False, d, 0.0)
-    assert torch.equal(full["keep"], torch.full((4,), K)) and full["noise"] is None
-
-
-@pytest.mark.parametrize("prob", [0.0, 0.25, 0.6])
-def test_all_mask_rate(prob):
-    """Rows fully masked by the all-mask coin have p_mask exactly 1 (a drawn t gives (1-eps)t+eps < 1)."""
-    B, L, mask_id = 2000, 16, 7
-    x0 = torch.randint(8, 50, (B, L))
-    noisy = T.corrupt(x0, list(range(B)), 3, mask_id, prob)
-    forced = (noisy["p_mask"] == 1.0).all(1)
-    assert bool((noisy["x_t"][forced] == mask_id).all()) and bool(noisy["masked"][forced].all())
-    rate = forced.float().mean().item()
-    assert abs(rate - prob) < 4 * math.sqrt(prob * (1 - prob) / B) + 1e-9
-    # the other rows are ordinary LLaDA masking: masked fraction tracks p_mask
-    rest = ~forced
-    assert torch.equal(noisy["x_t"][rest] == mask_id, noisy["masked"][rest])
-    frac = noisy["masked"][rest].float().mean(1)
-    assert abs((frac - noisy["p_mask"][rest][:, 0]).mean().item()) < 0.02
-    assert noisy["keep"] is None and noisy["noise"] is None  # no registers asked for
-
-
-def test_corruption_depends_on_stream_position_only():
-    """Same counters -> same draws, whatever the batch composition (world-size / micro-batch independence)."""
-    x0 = torch.randint(8, 50, (6, 16))
-    whole = T.corrupt(x0, [10, 11, 12, 13, 14, 15], 0, 7, 0.25, 4, True, 8, 0.75)
-    parts = [T.corrupt(x0[i:i + 2], [10 + i, 11 + i], 0, 7, 0.25, 4, True, 8, 0.75) for i in (0, 2, 4)]
-    for name in whole:
-        assert torch.equal(whole[name], torch.cat([p[name] for p in parts]))
-    assert not torch.equal(whole["x_t"], T.corrupt(x0, [20, 21, 22, 23, 24, 25], 0, 7, 0.25, 4, True, 8, 0.75)["x_t"])
+def test_new_conditioning_is_initialised_at_the_token_embeddings_rms(cache, tmp_path):
+    """A register of norm sqrt(d) projects to the RMS of the token embeddings (and START/END too)."""
+    model = initial_model(run_args(cache, tmp_path), cache)
+    dem = model.demasker
+    target = dem.wte.weight.pow(2).mean().sqrt()
+    z = torch.nn.functional.normalize(torch.randn(256, dem.cfg.register_dim), dim=-1) * math.sqrt(dem.cfg.register_dim)
+    projected = dem.register_proj(z).pow(2).mean().sqrt()
+    assert projected.item() == pytest.approx(target.item(), rel=0.05)
+    for vector in (dem.start_embedding, dem.end_embedding):
+        assert vector.pow(2).mean().sqrt().item() == pytest.approx(target.item(), rel=1e-4)
 
 
 def test_lr_schedule_and_weight_decay_groups(cache, tmp_path):
@@ -167,14 +112,20 @@ def test_lr_schedule_and_weight_decay_groups(cache, tmp_path):
 # The training script
 # ------------------------------------------------------------------------------------------------
 
+CONDITIONING = ("demasker.register_proj.weight", "demasker.start_embedding", "demasker.end_embedding")
+
+
 def test_staged_training_freezes_the_demasker_then_unfreezes(cache, tmp_path):
-    """App. C: steps 1-3 update only h_phi; after --resume, steps 4-5 update both."""
+    """App. C: steps 1-3 update h_phi and the new conditioning interface (projection, START, END) only, the
+    demasker's other weights stay at their initial values; after --resume, steps 4-5 update everything."""
     args = run_args(cache, tmp_path / "run", "--max-steps", "5", "--encoder-warmup-steps", "3", "--stop-at", "3")
     initial = initial_model(args, cache).state_dict()
     T.train(args)
     warm = weights(tmp_path / "run" / "checkpoint")
     for name, value in warm.items():
-        if name.startswith("demasker."):
+        if name in CONDITIONING:
+            assert not torch.equal(value, initial[name]), f"{name} did not train during the encoder warm-up"
+        elif name.startswith("demasker."):
             assert torch.equal(value, initial[name]), f"{name} changed while the demasker was frozen"
     assert all(not torch.equal(v, initial[n]) for n, v in warm.items() if n.startswith("encoder.blocks"))
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
@@ -188,16 +139,33 @@ def test_staged_training_freezes_the_demasker_then_unfreezes(cache, tmp_path):
 
 
 def test_guided_demasker_starts_from_a_trained_base_mdm(cache, tmp_path):
-    """Sec. 5 "building on the above as a baseline": --demasker-init <base run>/checkpoint loads the base MDM's
-    weights and adds new conditioning parameters; with the demasker frozen (1 warm-up step) they stay put."""
+    """Sec. 5 "building on the above as a baseline": --from-base <base run> (= --demasker-init <base>/checkpoint)
+    loads the base MDM's weights and adds new conditioning parameters; during the warm-up (2 steps) the base
+    weights stay put while the projection, START and END get gradients and change."""
     T.train(run_args(cache, tmp_path / "base", "--max-steps", "2", "--no-registers"))
-    T.train(run_args(cache, tmp_path / "guided", "--max-steps", "1", "--encoder-warmup-steps", "1",
-                     "--demasker-init", str(tmp_path / "base" / "checkpoint")))
+    args = run_args(cache, tmp_path / "guided", "--max-steps", "2", "--encoder-warmup-steps", "2",
+                    "--from-base", str(tmp_path / "base"))
+    assert args.demasker_init == str(tmp_path / "base" / "checkpoint")
+    start = initial_model(args, cache).state_dict()
+    T.train(args)
     base = read_safetensors(tmp_path / "base" / "checkpoint" / "demasker")
     guided = read_safetensors(tmp_path / "guided" / "checkpoint" / "demasker")
     assert sorted(set(guided) - set(base)) == ["end_embedding", "register_proj.weight", "start_embedding"]
     for name, value in base.items():
         assert torch.equal(guided[name], value), name
+    for name in CONDITIONING:
+        assert not torch.equal(guided[name[len("demasker."):]], start[name]), f"{name} did not train"
+    # what gets gradients in a warm-up step: exactly the encoder and the conditioning interface
+    model = initial_model(args, cache)
+    T.set_demasker_trainable(model, False)
+    batch = data.TokenData(cache, "train").batch(np.arange(4))
+    noisy = T.corrupt(batch["ids"], [0, 1, 2, 3], 0, model.demasker.cfg.mask_token_id, 0.25, 4, True, 64, 0.75)
+    logits = model(noisy["x_t"], batch["encoder_ids"], batch["encoder_mask"], noisy["keep"], noisy["noise"])
+    logits.float().logsumexp(-1).mean().backward()
+    graded = {name for name, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+    assert set(CONDITIONING) <= graded
+    assert not any(name.startswith("demasker.") and name not in CONDITIONING for name in graded)
+    assert any(name.startswith("encoder.") for name in graded)
     config = json.loads((tmp_path / "guided" / "checkpoint" / "demasker" / "config.json").read_text())
     assert config["register_dim"] == 64 and config["max_registers"] == 4
 
@@ -443,3 +411,93 @@ def test_two_ranks_match_one_process_and_resume_on_one(cache, tmp_path):
         assert train_losses == pytest.approx([r["loss"] for r in logs["one"] if r["type"] == "train"], rel=1e-5)
         val, val_one = [r for r in logs[run] if r["type"] == "val"][-1], [r for r in logs["one"] if r["type"] == "val"][-1]
         assert val["results"]["k=4"]["ce"] == pytest.approx(val_one["results"]["k=4"]["ce"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper preset (issue 10 item 7), register dropout (issue 14 item 2), hub cards (issue 15 item 2)
+# ------------------------------------------------------------------------------------------------
+
+def test_paper_preset_no_registers_parses_and_builds_the_8b_base_on_meta(monkeypatch, capsys):
+    """`--preset paper --no-registers` used to stop on the preset's encoder; now it is the base MDM fine-tuned from
+    LLaDA-8B-Base (no encoder, no all-mask), and the models build (meta device: nothing allocated). The guided
+    paper run must start from a base run (--from-base) or say so explicitly."""
+    from demasker import Demasker, DemaskerConfig
+    from encoder import EncoderConfig as EC
+
+    args = T.parse_args(["--preset", "paper", "--no-registers"])
+    assert args.encoder_init is None and args.demasker_init == "GSAI-ML/LLaDA-8B-Base" and args.all_mask_prob == 0
+    assert (args.lr, args.global_batch_size, args.epochs, args.seq_len) == (2.5e-5, 512, 3, 4096)
+    with pytest.raises(SystemExit):
+        T.parse_args(["--preset", "paper"])
+    assert "--from-base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.parse_args(["--preset", "paper", "--no-registers", "--encoder-init", "x"])
+    with pytest.raises(SystemExit):
+        T.parse_args(["--preset", "paper", "--from-base", "/nonexistent/base"])
+    assert "no base MDM checkpoint" in capsys.readouterr().err
+
+    def meta_demasker(name, register_dim=None, max_registers=None, **kw):
+        with torch.device("meta"):
+            return Demasker(DemaskerConfig.llada_8b_base(register_dim=register_dim or 0, max_registers=max_registers or 1))
+
+    def meta_encoder(name, num_registers=None, **kw):
+        with torch.device("meta"):
+            return Encoder(EC.qwen3_embedding_0_6b(num_registers=num_registers))
+
+    monkeypatch.setattr(T.Demasker, "from_pretrained", staticmethod(meta_demasker))
+    monkeypatch.setattr(T.Encoder, "from_pretrained", staticmethod(meta_encoder))
+    meta = {"vocab_size": 126464, "mask_id": 126336, "eos_id": 126081, "bos_id": 126080}
+    qwen = {"vocab_size": 151669, "pad_id": 151643, "eos_id": 151643, "mask_id": 151643}
+    encoder, demasker = T.build_models(args, meta, qwen)
+    assert encoder is None and demasker.cfg.register_dim == 0 and demasker.wte.weight.is_meta
+    assert sum(p.numel() for p in demasker.parameters()) > 7.5e9
+    guided = T.parse_args(["--preset", "paper", "--demasker-init", "GSAI-ML/LLaDA-8B-Base"])
+    encoder, demasker = T.build_models(guided, meta, qwen)
+    assert encoder.cfg.num_registers == 128 and demasker.cfg.register_dim == encoder.cfg.hidden_size == 1024
+
+
+def test_help_lists_from_base_rewarm_and_register_dropout(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--from-base", "--rewarm-steps", "--register-dropout", "AE_FROM_BASE"):
+        assert flag in out, flag
+
+
+def test_register_dropout_in_training(cache, tmp_path, monkeypatch):
+    """P = 1: the demasker never sees a register (register_mask all False in every forward); P = 0: bit-identical
+    weights to a run without the flag."""
+    from demasker import Demasker
+
+    masks = []
+    original = Demasker.forward
+
+    def spy(self, input_ids, registers=None, register_mask=None, attention_mask=None):
+        if self.training:
+            masks.append(register_mask.clone())
+        return original(self, input_ids, registers, register_mask, attention_mask)
+
+    monkeypatch.setattr(Demasker, "forward", spy)
+    T.train(run_args(cache, tmp_path / "null", "--max-steps", "2", "--register-dropout", "1"))
+    assert len(masks) == 4 and not any(bool(m.any()) for m in masks)
+    monkeypatch.setattr(Demasker, "forward", original)
+    T.train(run_args(cache, tmp_path / "zero", "--max-steps", "2", "--register-dropout", "0"))
+    T.train(run_args(cache, tmp_path / "off", "--max-steps", "2"))
+    zero, off = weights(tmp_path / "zero" / "checkpoint"), weights(tmp_path / "off" / "checkpoint")
+    assert zero.keys() == off.keys() and all(torch.equal(zero[k], off[k]) for k in zero)
+    # hub cards (issue 15): every save writes README.md into the model folders
+    for part in ("encoder", "demasker"):
+        card = (tmp_path / "off" / "checkpoint" / part / "README.md").read_text()
+        assert "library_name: crocodil" in card and f"crocodil {part}" in card
+
+
+def test_a_card_that_cannot_be_written_never_fails_a_save(cache, tmp_path, monkeypatch):
+    import hub
+
+    def broken(folder, *a, **k):
+        raise SystemExit("broken records")
+
+    monkeypatch.setattr(hub, "write_cards", broken)
+    with pytest.warns(UserWarning, match="model cards not written"):
+        T.train(run_args(cache, tmp_path, "--max-steps", "1", "--no-registers"))
+    assert (tmp_path / "checkpoint" / "demasker" / "model.safetensors").is_file()
