@@ -27,9 +27,12 @@ of training (train_prior.py builds them itself when missing).
 """
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -131,9 +134,29 @@ class RegisterBank:
 
 
 def _write_json(path, payload):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Atomic JSON write under a temporary name of its own (two writers never share a .tmp file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=Path(path).parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+@contextmanager
+def build_lock(lock_path, enabled=True):
+    """An exclusive advisory lock (fcntl.flock) held while a bank is built: a second process that wants
+    the same bank waits here, then finds it complete and reuses it. The lock goes with the process, so a
+    killed builder never leaves it held. enabled=False (ranks other than 0 of one job): no lock."""
+    if not enabled:
+        yield
+        return
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def build_bank(encoder_dir, data_dir, split, num_registers, cache_dir, batch_size=32, chunk_size=1024,
@@ -146,8 +169,6 @@ def build_bank(encoder_dir, data_dir, split, num_registers, cache_dir, batch_siz
     distributed.DistEnv (every rank must call; chunks are dealt round-robin). Returns the bank folder.
     """
     from checkpoint import read_config
-    from data import TokenData
-    from encoder import Encoder
 
     if bank_dtype not in BANK_DTYPES:
         raise ValueError(f"bank_dtype must be one of {sorted(BANK_DTYPES)}, got {bank_dtype!r}")
@@ -159,6 +180,22 @@ def build_bank(encoder_dir, data_dir, split, num_registers, cache_dir, batch_siz
     key, encoder_hash = bank_key(encoder_dir, data_dir, split, num_registers, bank_dtype)
     folder = Path(cache_dir) / f"bank-{split}-K{num_registers}-{key[:16]}"
     meta_path = folder / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("complete"):
+        return folder
+    # One builder at a time per bank, across processes (two priors trained side by side on one AE run);
+    # the ranks of one job share rank 0's lock.
+    with build_lock(Path(cache_dir) / f".{folder.name}.lock", enabled=rank == 0):
+        _barrier(env)
+        return _build_locked(folder, meta_path, key, encoder_hash, encoder_dir, data_dir, split, num_registers,
+                             batch_size, chunk_size, device, dtype, bank_dtype, env, progress, rank, world)
+
+
+def _build_locked(folder, meta_path, key, encoder_hash, encoder_dir, data_dir, split, num_registers, batch_size,
+                  chunk_size, device, dtype, bank_dtype, env, progress, rank, world):
+    """build_bank's body, under the bank's lock: reuse a bank another process finished meanwhile."""
+    from data import TokenData
+    from encoder import Encoder
+
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("complete"):
         return folder
 
