@@ -7,7 +7,8 @@ Three concepts, each refusing to go on rather than guessing:
     reach the weights, the EMA, the AdamW moments or a checkpoint; after --max-bad-steps consecutive
     skipped steps the run stops with NonFiniteError naming the step and the last good checkpoint;
   - resume consistency: on --resume, a flag that would change the model, the data or the objective
-    (the trajectory) is refused with the list of differences; only the flags named mutable may change.
+    (the trajectory) is refused with the list of differences; only the flags named mutable may change;
+  - extras never fail a save: the hub model cards written after each checkpoint (write_cards_or_warn).
 Under DDP/FSDP every rank must take the same decision: the finite flag rides in the all-reduce the
 trainers already make for their logged loss (no extra collective).
 """
@@ -130,3 +131,21 @@ def refuse_changed_flags(differences, where, mutable):
     lines.append(f"Drop these flags (the run's values are used) or start a new run with another --out-dir. Flags "
                  f"that may change on --resume: {', '.join('--' + m.replace('_', '-') for m in sorted(mutable))}.")
     raise ValueError("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------
+# Extras that must never fail a save
+# ------------------------------------------------------------------------------------------------
+
+def write_cards_or_warn(folder):
+    """hub.write_cards(folder) (README.md model cards in every model folder under it); any problem, including
+    hub's SystemExit on unreadable records, becomes a warning: a card is never worth a failed save."""
+    import warnings
+
+    try:
+        import hub
+
+        return hub.write_cards(folder)
+    except (Exception, SystemExit) as error:  # noqa: BLE001
+        warnings.warn(f"model cards not written into {folder}: {type(error).__name__}: {error}", stacklevel=2)
+        return []

@@ -346,24 +346,12 @@ def save_run(out_dir, model, optimizer, env, step, args, stream, files):
                 shutil.copyfile(source, stage / CHECKPOINT / name)
             (stage / CHECKPOINT / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
             (stage / CHECKPOINT / PROGRESS).write_text(json.dumps({"step": step, "examples_seen": extra["examples_seen"]}))
+            guards.write_cards_or_warn(stage / CHECKPOINT)  # hub cards, part of the atomic copy; a warning at worst
             C.swap_folder(stage / CHECKPOINT, Path(out_dir) / CHECKPOINT)  # a complete copy at every instant
-            write_cards(Path(out_dir) / CHECKPOINT)
     finally:
         if env.is_main:
             shutil.rmtree(stage, ignore_errors=True)
         D.barrier(env)
-
-
-def write_cards(folder):
-    """hub.write_cards(folder), never failing a save: any problem becomes a warning."""
-    import warnings
-
-    try:
-        import hub
-
-        hub.write_cards(folder)
-    except (Exception, SystemExit) as error:  # noqa: BLE001 (write_cards raises SystemExit on bad records)
-        warnings.warn(f"model cards not written into {folder}: {type(error).__name__}: {error}", stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------------------

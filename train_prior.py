@@ -15,7 +15,12 @@ Paper map (arXiv 2603.20210, App. E):
   them. The encoder is frozen (h_phi) unless --train-cond-encoder, which trains a second encoder h_mu
   initialised from h_phi jointly with the DiT (Sec. 4.3.2, comment (iii)).
 - Only the first --num-registers K registers of each bank are modelled (paper: K = 8 out of banks of 128
-  for generation, App. G (i)); the conditioning uses --cond-registers registers of x^(r) (default K).
+  for generation, App. G (i)); `--num-registers all` models the whole bank (the paper's 1024 x 128 latent),
+  of which a demasker may read the first k. The conditioning uses --cond-registers registers of x^(r)
+  (default K).
+- Presets (PRESETS; unset flags take them): tiny = CPU minutes; paper = the DiT size of App. E (~409M) and,
+  since the paper states no optimiser settings for the prior, DiT's recipe (AdamW lr 1e-4, wd 0, EMA 0.9999,
+  global batch 256) with 1000 warm-up steps, cosine decay, 100k steps and bf16 autocast: our choice.
 - Training details (flag names, get_lr and make_optimizer shared with train_ae.py): AdamW with weight decay on
   matrices only, linear warmup then cosine decay, gradient clipping, EMA of the weights
   (DiT / PixArt keep one at 0.9999; the effective decay is min(decay, (1 + step) / (10 + step)) so short
@@ -27,7 +32,8 @@ Paper map (arXiv 2603.20210, App. E):
 Run folder (--out-dir):
     prior.json        settings sampling must repeat (K, offsets, conditioning) + pointer to the AE run
     args.json         the command line
-    dit/              EMA weights, LatentDiT.save_pretrained (the model generators.load_prior reads)
+    dit/              EMA weights, LatentDiT.save_pretrained (the model generators.load_prior reads), and its
+                      hub model card README.md (hub.write_cards after each save; never fails a save)
     cond_encoder/     EMA h_mu (only with --train-cond-encoder)
     train_state/      raw weights (dit/, cond_encoder/) + training_state.pt (AdamW, EMA, step), written
                       atomically by distributed.save_checkpoint; `--resume` continues bit-exactly
@@ -39,8 +45,8 @@ micro-batches) follows the same trajectory up to float summation order.
 
     python train_prior.py --ae runs/ae --out-dir runs/prior --max-steps 2000
     python train_prior.py --ae runs/ae --out-dir runs/cprior --conditional --max-steps 2000
-    torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers 8 \
-        --global-batch-size 512 --lr 1e-4 --ema-decay 0.9999 --amp bf16
+    torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers 8
+    torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers all
 """
 
 import argparse
@@ -72,6 +78,17 @@ RESUME_MUTABLE = ("ae", "data", "out_dir", "resume", "stop_at", "max_steps", "mi
                   "device", "threads", "quiet", "max_bad_steps")
 NOT_INHERITED = ("ae", "data", "out_dir", "resume", "stop_at")
 VAL_TIMES = [round(0.1 * i, 1) for i in range(11)]
+# Optimisation presets (flags left unset take these). App. E states the prior's architecture and objective but no
+# optimiser settings, so the paper preset is our choice for a ~400M DiT, after DiT (Peebles & Xie: AdamW lr 1e-4,
+# no weight decay, EMA 0.9999, global batch 256; ../shared/reference/dit_schedules_cadd_nanogpt.md) with the
+# warm-up + cosine decay of train_ae.py, 100k steps (25.6M banks, ~10 passes over a 2.5M-program corpus) and bf16
+# autocast. tiny: CPU minutes on toy banks (a 64-wide DiT wants a 10x larger LR and a short EMA).
+PRESETS = {
+    "tiny": dict(max_steps=2000, global_batch_size=64, lr=1e-3, min_lr_ratio=0.1, warmup_steps=100,
+                 weight_decay=0.0, grad_clip=1.0, ema_decay=0.999, amp="none"),
+    "paper": dict(max_steps=100_000, global_batch_size=256, lr=1e-4, min_lr_ratio=0.1, warmup_steps=1000,
+                  weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, amp="bf16"),
+}
 VAL_SEED = 987654321
 
 
@@ -305,6 +322,7 @@ def save(ctx, model, optimizer, ema, step):
         ema.module.dit.save_pretrained(out / "dit")
         if ema.module.cond_encoder is not None:
             ema.module.cond_encoder.save_pretrained(out / "cond_encoder")
+        guards.write_cards_or_warn(out)  # hub cards in dit/ (and cond_encoder/); a warning at worst
     D.barrier(env)
 
 
@@ -341,13 +359,16 @@ def parse_args(argv=None):
     a("--stop-at", type=int, default=None, help="save and stop after this step without changing the LR schedule "
       "(split a run into jobs; continue with --resume)")
     # model
-    a("--preset", choices=["tiny", "paper"], default="tiny",
-      help="DiT size: tiny (64 wide, 2 blocks) or paper (App. E: 28 blocks, ~409M unconditional)")
+    a("--preset", choices=sorted(PRESETS), default="tiny",
+      help="DiT size and optimisation: tiny (64 wide, 2 blocks; CPU minutes) or paper (App. E: 28 blocks, ~409M "
+           "unconditional; AdamW lr 1e-4, wd 0, EMA 0.9999, batch 256, 100k steps, bf16: our choice after DiT, the "
+           "paper states none)")
     a("--hidden-size", type=int, default=None, help="override the preset's DiT width")
     a("--depth", type=int, default=None, help="override the preset's number of DiT blocks")
     a("--num-heads", type=int, default=None, help="override the preset's attention heads")
-    a("--num-registers", type=int, default=8, help="K: the first K registers of each bank are modelled "
-      "(paper: 8 of 128 for generation, App. G (i))")
+    a("--num-registers", type=registers_arg, default=8, help="K: the first K registers of each bank are modelled; "
+      "'all' = every register of the encoder (the paper's latent is 1024 x 128; the demasker then reads the first k "
+      "at sampling). Default 8 (paper: 8 of 128 for generation at L = 512, App. G (i))")
     a("--conditional", action="store_true", help="train P(z | h(x^(r))) for ConWithinDisc (Alg. 4)")
     a("--cond-registers", type=int, default=None,
       help="registers of h(x^(r)) the conditional DiT cross-attends to (default: --num-registers)")
@@ -357,17 +378,19 @@ def parse_args(argv=None):
       help="App. E block offset of the last register block (blocks get 0 .. max-offset, linearly; our choice)")
     a("--no-block-offsets", action="store_true", help="ablation (App. G (iii)): every register at the same time")
     # optimization (names and meaning as train_ae.py; get_lr / make_optimizer are shared)
-    a("--max-steps", "--steps", dest="max_steps", type=int, default=2000, help="optimizer steps")
-    a("--global-batch-size", type=int, default=64, help="register banks per optimizer step over all ranks")
+    a("--max-steps", "--steps", dest="max_steps", type=int, default=None, help="optimizer steps (tiny 2000, "
+      "paper 100000)")
+    a("--global-batch-size", type=int, default=None, help="register banks per optimizer step over all ranks "
+      "(tiny 64, paper 256)")
     a("--micro-batch-size", type=int, default=None, help="banks per forward per rank (default: global batch / "
       "world size, no accumulation)")
-    a("--lr", type=float, default=1e-3, help="peak AdamW learning rate (tiny 1e-3; DiT/PixArt use 1e-4 at scale)")
-    a("--min-lr-ratio", type=float, default=0.1, help="final LR of the cosine decay as a fraction of --lr")
-    a("--warmup-steps", type=int, default=100, help="linear LR warm-up steps")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (DiT: 0, PixArt: 0.03)")
-    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
-    a("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights (DiT/PixArt: 0.9999 for "
-      "long runs); the effective decay is min(this, (1 + step) / (10 + step))")
+    a("--lr", type=float, default=None, help="peak AdamW learning rate (tiny 1e-3; paper 1e-4, as DiT/PixArt)")
+    a("--min-lr-ratio", type=float, default=None, help="final LR of the cosine decay as a fraction of --lr (0.1)")
+    a("--warmup-steps", type=int, default=None, help="linear LR warm-up steps (tiny 100, paper 1000)")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay on matrices (0, as DiT; PixArt: 0.03)")
+    a("--grad-clip", type=float, default=None, help="clip the global gradient norm to this (1.0; 0 = off)")
+    a("--ema-decay", type=float, default=None, help="EMA decay of the sampling weights (tiny 0.999, paper 0.9999 "
+      "as DiT/PixArt); the effective decay is min(this, (1 + step) / (10 + step))")
     a("--seed", type=int, default=0, help="seeds the init, the data order and every noise / mask draw")
     # validation and logging
     a("--eval-interval", type=int, default=250, help="validate every N steps and at the end (0 = only at the end)")
@@ -377,7 +400,8 @@ def parse_args(argv=None):
     # banks and systems
     a("--bank-cache", default=None, help="register bank folder (default: <ae>/register_banks)")
     a("--bank-batch-size", type=int, default=64, help="programs per encoder call when building banks")
-    a("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward (weights stay fp32)")
+    a("--amp", choices=["none", "bf16"], default=None, help="bf16 autocast for the forward (weights stay fp32; "
+      "tiny none, paper bf16)")
     a("--compile", action="store_true", help="torch.compile each DiT block")
     a("--device", default=None, help="cpu / cuda (default: cuda:LOCAL_RANK if available, else cpu)")
     a("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default); 1 is faster for tiny "
@@ -391,6 +415,11 @@ def parse_args(argv=None):
     if saved is not None:  # the run's flags become the defaults; explicit changes are refused below
         p.set_defaults(**{key: value for key, value in saved.items() if key not in NOT_INHERITED})
         args = p.parse_args(argv)
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.num_registers == "all":
+        args.num_registers = encoder_registers(p, args.ae)
     args.cond_registers = args.cond_registers or args.num_registers
     if args.train_cond_encoder and not args.conditional:
         p.error("--train-cond-encoder needs --conditional")
@@ -402,6 +431,24 @@ def parse_args(argv=None):
         except ValueError as error:
             p.error(str(error))
     return args
+
+
+def registers_arg(text):
+    """--num-registers: a count, or 'all' (resolved against the AE run's encoder in parse_args)."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}") from None
+
+
+def encoder_registers(p, ae):
+    """K of the AE run's encoder (its config.json), for --num-registers all."""
+    try:
+        return int(C.read_json(resolve_ae(ae) / "encoder" / "config.json", "encoder config")["num_registers"])
+    except (FileNotFoundError, C.CheckpointError, KeyError) as error:
+        p.error(f"--num-registers all: cannot read the encoder's K from --ae {ae} ({error})")
 
 
 def check_numbers(p, args):
