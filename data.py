@@ -39,8 +39,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -369,11 +371,13 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
     tokenizer.json / folder / hub id. encoder_tokenizer: None = shared with the demasker (tiny mode).
     max_files: read only the first N files (sorted) of a folder corpus.
     """
-    if overlong not in ("cut", "drop"):
-        raise ValueError(f"overlong must be 'cut' or 'drop', got {overlong!r}")
+    check_build_args(seq_len, vocab_size, tokenizer, encoder_seq_len, overlong, whole_file_lines, max_files,
+                     val_fraction, test_fraction)
     started = time.time()
     out = Path(out)
     corpus = Path(corpus) if corpus else default_corpus_dir()
+    if not corpus.exists():
+        raise ValueError(f"--corpus {corpus} does not exist; pass a folder of .py files or a JSONL file")
     files = [corpus] if corpus.is_file() else find_source_files(corpus, include_tests) if corpus.is_dir() else []
     files = files[:max_files] if max_files else files
     fingerprint = corpus_fingerprint(corpus, files)
@@ -389,11 +393,56 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
         meta = json.loads(meta_path.read_text())
         if meta.get("settings") == settings:
             return meta
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # an interrupted rebuild must not look finished
-    for stale in out.glob("*_encoder_*"):
-        stale.unlink()
+    # Build into a staging folder beside `out`; the old cache stays untouched (and usable) until the new
+    # one is complete, then checkpoint.swap_folder replaces it (a complete copy exists at every instant).
+    # One builder at a time (locks.exclusive): a second process waits, then reuses the finished cache.
+    from checkpoint import recover_folder, swap_folder
+    from locks import exclusive
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out.parent / f".{out.name}.lock"):
+        recover_folder(out)
+        if meta_path.is_file() and not force and json.loads(meta_path.read_text()).get("settings") == settings:
+            return json.loads(meta_path.read_text())  # finished by another process while we waited
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+        try:
+            meta = _build_into(stage, corpus, files, fingerprint, settings, seq_len, vocab_size, tokenizer,
+                               encoder_tokenizer, encoder_seq_len, overlong, whole_file_lines, include_tests,
+                               val_fraction, test_fraction, started)
+            swap_folder(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return meta
 
+
+def check_build_args(seq_len, vocab_size, tokenizer, encoder_seq_len, overlong, whole_file_lines, max_files,
+                     val_fraction, test_fraction):
+    """Every argument of build_dataset checked before any file is touched (ValueError naming the flag)."""
+    if overlong not in ("cut", "drop"):
+        raise ValueError(f"--overlong must be 'cut' or 'drop', got {overlong!r}")
+    if not isinstance(seq_len, int) or seq_len < 3:
+        raise ValueError(f"--seq-len must be an integer >= 3 (BOS, at least one program token, EOS), got {seq_len}")
+    if encoder_seq_len is not None and encoder_seq_len < 2:
+        raise ValueError(f"--encoder-seq-len must be >= 2 (a program token and EOS), got {encoder_seq_len}")
+    minimum = len(SPECIAL_TOKENS) + 256  # the byte alphabet of a byte-level BPE
+    if tokenizer is None and (not isinstance(vocab_size, int) or vocab_size < minimum):
+        raise ValueError(f"--vocab-size must be >= {minimum} ({len(SPECIAL_TOKENS)} special tokens + the 256 bytes "
+                         f"of a byte-level BPE), got {vocab_size}")
+    if whole_file_lines < 0:
+        raise ValueError(f"--whole-file-lines must be >= 0, got {whole_file_lines}")
+    if max_files is not None and max_files < 1:
+        raise ValueError(f"--max-files must be >= 1 (or unset for all files), got {max_files}")
+    for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"--val-fraction + --test-fraction must be < 1 (some files must train), got "
+                         f"{val_fraction} + {test_fraction}")
+
+
+def _build_into(out, corpus, files, fingerprint, settings, seq_len, vocab_size, tokenizer, encoder_tokenizer,
+                encoder_seq_len, overlong, whole_file_lines, include_tests, val_fraction, test_fraction, started):
+    """build_dataset's work, written into the (staging) folder `out`. Returns meta."""
+    meta_path = out / "meta.json"
     programs, stats = collect_programs(corpus, whole_file_lines, include_tests, val_fraction, test_fraction,
                                        files=None if corpus.is_file() else files)
     texts = {split: [text for _, text in programs[split]] for split in SPLITS}
@@ -416,6 +465,9 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
 
     splits = {split: tokenize_split(out, split, texts[split], demasker_tok, seq_len, overlong, encoder_tok,
                                     encoder_seq_len or seq_len) for split in SPLITS}
+    if splits["train"]["programs"] == 0:
+        raise ValueError(f"no training program fits --seq-len {seq_len} with --overlong {overlong} ({splits['train']}); "
+                         f"raise --seq-len or use --overlong cut")
     meta = {"settings": settings, "corpus": fingerprint, "stats": stats, "splits": splits, "seq_len": seq_len,
             **demasker_tok.special_ids(), "shared_tokenizer": encoder_tok is None,
             "encoder": dict(encoder_tok.special_ids(), seq_len=encoder_seq_len or seq_len) if encoder_tok else None,
@@ -549,6 +601,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        check_build_args(args.seq_len, args.vocab_size, args.tokenizer, args.encoder_seq_len, args.overlong,
+                         args.whole_file_lines, args.max_files, args.val_fraction, args.test_fraction)
+    except ValueError as error:
+        raise SystemExit(f"data.py: error: {error}") from None
     meta = build_dataset(args.out, args.corpus, args.seq_len, args.vocab_size, args.tokenizer,
                          args.encoder_tokenizer, args.encoder_seq_len, args.overlong, args.whole_file_lines,
                          args.include_tests, args.max_files, args.val_fraction, args.test_fraction, args.force)

@@ -27,16 +27,16 @@ of training (train_prior.py builds them itself when missing).
 """
 
 import argparse
-import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from locks import exclusive
 
 BANK_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -141,22 +141,9 @@ def _write_json(path, payload):
     os.replace(tmp, path)
 
 
-@contextmanager
 def build_lock(lock_path, enabled=True):
-    """An exclusive advisory lock (fcntl.flock) held while a bank is built: a second process that wants
-    the same bank waits here, then finds it complete and reuses it. The lock goes with the process, so a
-    killed builder never leaves it held. enabled=False (ranks other than 0 of one job): no lock."""
-    if not enabled:
-        yield
-        return
-    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    """The bank's exclusive lock (locks.exclusive): a second process waits, then reuses the finished bank."""
+    return exclusive(lock_path, enabled)
 
 
 def build_bank(encoder_dir, data_dir, split, num_registers, cache_dir, batch_size=32, chunk_size=1024,

@@ -194,7 +194,9 @@ def test_cache_is_reused_and_rebuilt_when_settings_or_files_change(tmp_path, cor
     assert build(out, corpus) == meta
     with pytest.raises(AssertionError, match="rebuilt"):
         build(out, corpus, seq_len=48)
-    assert not (out / "meta.json").exists()  # a failed rebuild leaves no finished-looking cache
+    # a failed rebuild leaves the good cache exactly as it was, and no staging folder behind
+    assert data.load_meta(out) == meta and (np.array(data.load_split(out, "train")["ids"]) == before).all()
+    assert not list(out.parent.glob(f".{out.name}.stage-*"))
     monkeypatch.undo()
     assert build(out, corpus, seq_len=48)["settings"]["seq_len"] == 48
     assert data.load_split(out, "train")["ids"].shape[1] == 48
@@ -279,3 +281,36 @@ def test_stdlib_build_with_a_file_cap(tmp_path, capsys):
     assert sum(s["programs"] for s in report["splits"].values()) > 10
     meta = data.load_meta(tmp_path / "stdlib")
     assert meta["vocab_size"] == 400 and data.load_split(tmp_path / "stdlib", "train")["ids"].shape[1] == 128
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"seq_len": 2}, "--seq-len must be an integer >= 3"),
+    ({"vocab_size": -1}, "--vocab-size must be >= 260"),
+    ({"vocab_size": 100}, "--vocab-size must be >= 260"),
+    ({"val_fraction": 0.6, "test_fraction": 0.5}, "must be < 1"),
+    ({"overlong": "trim"}, "--overlong"),
+    ({"max_files": 0}, "--max-files"),
+])
+def test_bad_arguments_are_refused_before_any_file_is_touched(tmp_path, corpus, flags, message):
+    out = tmp_path / "cache"
+    meta = build(out, corpus)
+    files = sorted(p.name for p in out.iterdir())
+    tokenizer = (out / "tokenizer.json").read_bytes()
+    with pytest.raises(ValueError, match=message):
+        build(out, corpus, **flags)
+    assert sorted(p.name for p in out.iterdir()) == files and (out / "tokenizer.json").read_bytes() == tokenizer
+    assert data.load_meta(out) == meta
+
+
+def test_a_rebuild_that_keeps_no_program_leaves_the_old_cache(tmp_path, corpus):
+    out = tmp_path / "cache"
+    meta = build(out, corpus)
+    with pytest.raises(ValueError, match="no training program fits"):
+        build(out, corpus, seq_len=3)  # valid number, but every program is longer than one token: all dropped
+    assert data.load_meta(out) == meta
+
+
+def test_the_cli_names_the_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--seq-len must be"):
+        data.main(["--out", str(tmp_path / "c"), "--seq-len", "1"])
+    assert not (tmp_path / "c").exists()
