@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mdm import _model_device, _resolve_mask_id, check_schedule, generate, mdm_loop
+from mdm import LLADA, _model_device, _resolve_mask_id, check_schedule, generate, mdm_loop
 from schedules import base_time_range, ddim_step, register_times
 
 PRIOR_SETTINGS_FILE = "prior.json"  # written by train_prior.py next to dit/
@@ -69,6 +69,23 @@ class Prior:
         return bool(self.dit.cfg.cond_dim)
 
 
+def check_prior_matches_ae(folder, settings, ae):
+    """A prior belongs to the encoder whose register bank it was trained on: refuse another AE run, naming both
+    (prior.json's encoder_fingerprint against the fingerprint of `ae`'s encoder/)."""
+    from latent_data import encoder_fingerprint
+    recorded = settings.get("encoder_fingerprint")
+    ae_dir = Path(ae)
+    if (ae_dir / "checkpoint" / "encoder").is_dir():
+        ae_dir = ae_dir / "checkpoint"
+    if recorded is None or not (ae_dir / "encoder").is_dir():
+        return  # an old prior.json, or a base-only run: nothing to compare
+    actual = encoder_fingerprint(ae_dir / "encoder")
+    if actual != recorded:
+        raise ValueError(f"the prior {folder} was trained on the registers of {settings.get('ae')} (encoder "
+                         f"fingerprint {recorded[:12]}), but --ae {ae} has another encoder ({actual[:12]}); pass the "
+                         f"AE run the prior was trained on, or train a prior on this one (train_prior.py --ae {ae})")
+
+
 def load_prior(folder, ae=None, device="cpu", dtype=None):
     """A train_prior.py run folder -> Prior. A conditional prior also loads its encoder: the run's own
     cond_encoder/ (--train-cond-encoder, h_mu) or else the AE run's encoder/ (h_phi, frozen), with as many
@@ -82,6 +99,8 @@ def load_prior(folder, ae=None, device="cpu", dtype=None):
         raise FileNotFoundError(f"{folder} is not a train_prior.py run folder (needs {PRIOR_SETTINGS_FILE} and "
                                 f"dit/); pass --prior / --cond-prior the --out folder of train_prior.py")
     settings = json.loads(settings_file.read_text())
+    if ae is not None:
+        check_prior_matches_ae(folder, settings, ae)
     dit = LatentDiT.from_pretrained(str(folder / "dit"), dtype=dtype, device=device).eval()
     encoder = None
     if dit.cfg.cond_dim:
@@ -257,31 +276,36 @@ def refresh_steps(refresh_at, steps):
 
 
 def conthendisc(demasker, prior, batch_size, gen_length=256, block_length=None, steps=None, temperature=0.0,
-                remasking="low_confidence", mask_id=None, prior_steps=128, generator=None, prior_generator=None):
+                remasking="low_confidence", mask_id=None, prior_steps=128, generator=None, prior_generator=None,
+                decoding=None, stats=None):
     """Alg. 2: registers from the unconditional prior, then the guided MDM with them fixed.
 
     block_length defaults to gen_length (one block, the paper's setting), steps to gen_length.
     generator: the MDM's random stream (sample.generate); prior_generator: the prior's initial noise
-    (None = the global RNG, drawn before the MDM's draws). Returns (tokens (B, gen_length), nfe_report).
+    (None = the global RNG, drawn before the MDM's draws). decoding, stats: mdm.Decoding (adaptive rules,
+    guidance, random stream) and the per-sample statistics dict of mdm.mdm_loop.
+    Returns (tokens (B, gen_length), nfe_report).
     """
     _check_prior(prior, demasker, "prior", conditional=False)
     block_length, steps = block_length or gen_length, steps or gen_length
     check_schedule(gen_length, block_length, steps)
     registers, prior_calls = sample_registers(prior, batch_size, prior_steps, generator=prior_generator)
     tokens, calls = generate(demasker, batch_size, gen_length, block_length, steps, temperature, remasking,
-                             mask_id, registers=registers, generator=generator)
+                             mask_id, registers=registers, generator=generator, decoding=decoding, stats=stats)
     return tokens, nfe_report(demasker.cfg, gen_length, prior.num_registers, calls, prior, prior_calls)
 
 
 def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length=None, steps=None,
                   temperature=0.0, remasking="low_confidence", mask_id=None, prior=None, prior_steps=128,
                   refresh_at=(0.5,), refresh_prior_steps=32, generator=None, prior_generator=None,
-                  on_refresh=None):
+                  on_refresh=None, decoding=None, stats=None):
     """Alg. 3 / App. G: the guided MDM whose registers are redrawn from P(z | h(x_t)) at `refresh_at`.
 
     prior: the unconditional prior for the initial registers (None: the conditional prior given the
     all-[M] canvas). refresh_prior_steps: DDIM steps of each redraw (paper: 32). on_refresh: optional
-    callable(step, x, old_registers, new_registers) for inspection. Other arguments as conthendisc.
+    callable(step, x, old_registers, new_registers) for inspection. With an adaptive decoding rule (threshold,
+    factor) the number of steps is not known in advance: a fraction a refreshes before the first step at
+    which a share a of the canvas is revealed. Other arguments as conthendisc.
     Returns (tokens (B, gen_length), nfe_report).
     """
     _check_prior(cond_prior, demasker, "cond_prior", conditional=True)
@@ -307,10 +331,22 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
         counts["encoder"] += 1
         registers, counts["cond_prior"] = sample_registers(cond_prior, batch_size, prior_steps, cond, cond_mask,
                                                            generator=prior_generator)
+    adaptive = (decoding or LLADA).rule != "fixed"
     when = refresh_steps(refresh_at, steps)
+    pending = sorted(fraction for fraction in set(refresh_at) if fraction > 0)  # adaptive rules: by progress
+
+    def due(step, x):
+        if not adaptive:
+            return step in when
+        revealed = float((x != mask_id).float().mean())  # share of the canvas revealed so far
+        if pending and revealed >= pending[0] and revealed < 1:
+            while pending and revealed >= pending[0]:
+                pending.pop(0)
+            return True
+        return False
 
     def refresh(step, x, old, register_mask):
-        if step not in when:
+        if not due(step, x):
             return None
         cond, cond_mask = embed_canvas(cond_prior.encoder, x, mask_id, eos_id)
         counts["encoder"] += 1
@@ -324,7 +360,8 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
     x = torch.full((batch_size, gen_length), mask_id, dtype=torch.long, device=device)
     tokens, calls = mdm_loop(demasker, x, 0, block_length, steps, temperature, remasking, mask_id,
                              registers=registers, generator=generator,
-                             refresh_registers=refresh if when else None)
+                             refresh_registers=refresh if (when or (adaptive and pending)) else None,
+                             decoding=decoding, stats=stats)
     report = nfe_report(demasker.cfg, gen_length, cond_prior.num_registers, calls, prior, counts["prior"],
                         cond_prior, counts["cond_prior"], counts["encoder"])
     return tokens, report

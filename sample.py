@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from mdm import (REMASKING, _model_device, _resolve_mask_id, add_gumbel_noise, autoencode,  # noqa: F401
+from mdm import (REMASKING, RULES, Decoding, _model_device, _resolve_mask_id, add_gumbel_noise, autoencode,  # noqa: F401
                  check_schedule, encode_registers, generate, mdm_loop, reveal_step)  # (re-exported)
 from metrics import cer, levenshtein  # noqa: F401  (CER, Tables 1-2: moved to metrics.py, re-exported)
 
@@ -140,6 +140,25 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max temperature (0 = greedy)")
     parser.add_argument("--remasking", choices=REMASKING, default="low_confidence",
                         help="which predictions to keep each step: most confident, or random")
+    parser.add_argument("--decoding", choices=RULES, default="fixed",
+                        help="how many tokens each step reveals: fixed (LLaDA: steps split evenly), threshold "
+                             "(every [M] whose confidence >= --threshold, at least one) or factor (Fast-dLLM's rule "
+                             "with --factor); the adaptive rules ignore --steps and report NFE per sample")
+    parser.add_argument("--threshold", type=float, default=0.9, help="tau of --decoding threshold (>= 0)")
+    parser.add_argument("--factor", type=float, default=1.0, help="f of --decoding factor (> 0)")
+    parser.add_argument("--rng", choices=["fast", "llada"], default="fast",
+                        help="fast: draw tokens only at the masked candidates (same distribution); llada: "
+                             "LLaDA's full float64 Gumbel draw, token-exact with its generate() for a seed")
+    parser.add_argument("--guidance", type=float, default=1.0, help="register guidance weight w: logits = null + "
+                        "w (guided - null), the null bank = every register withheld (1 = plain guided decoding; "
+                        "a model trained with train_ae.py --register-dropout)")
+    parser.add_argument("--logits-eos-inf", action="store_true", help="never predict EOS (LLaDA's option)")
+    parser.add_argument("--confidence-eos-eot-inf", action="store_true",
+                        help="reveal EOS predictions last (acts on the choice, unlike LLaDA's flag)")
+    parser.add_argument("--trace", default=None, metavar="FILE.html",
+                        help="write a step-by-step trace of the first batch as one self-contained HTML page "
+                             "(decode_trace.py); samples and the random stream are unchanged")
+    parser.add_argument("--trace-samples", type=int, default=2, help="samples of the first batch shown in --trace")
     parser.add_argument("--keep", type=int, default=None, help="autoencode: use only the first k registers")
     parser.add_argument("--num", type=int, default=8, help="number of programs to decode")
     parser.add_argument("--batch-size", type=int, default=8, help="programs decoded in parallel")
@@ -150,7 +169,30 @@ def parse_args(argv=None):
                         help="model dtype (default: as stored in the checkpoint)")
     parser.add_argument("--out", default=None, help="JSONL file: one record per program (text, tokens, nfe, ...)")
     parser.add_argument("--quiet", action="store_true", help="do not print the programs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_numbers(parser, args)
+    return args
+
+
+def check_numbers(parser, args):
+    """Every number checked before any model is loaded or file written (parser.error names the flag)."""
+    at_least_one = ("num", "batch_size", "gen_length", "block_length", "steps", "prior_steps", "refresh_prior_steps",
+                    "keep", "trace_samples")
+    for name in at_least_one:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.temperature >= 0:
+        parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not args.threshold >= 0:
+        parser.error(f"--threshold must be >= 0, got {args.threshold}")
+    if not args.factor > 0:
+        parser.error(f"--factor must be > 0, got {args.factor}")
+    for fraction in args.refresh_at or []:
+        if not 0 <= fraction < 1:
+            parser.error(f"--refresh-at fractions must lie in [0, 1) (0 = no refresh), got {fraction}")
+    if args.out and os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a folder; pass a .jsonl file path")
 
 
 def hybrid_generator(args, dtype):
@@ -164,15 +206,15 @@ def hybrid_generator(args, dtype):
     if args.method == "conthendisc":
         if prior is None:
             raise ValueError("--method conthendisc needs --prior, a train_prior.py run folder")
-        return (lambda demasker, count, *settings: conthendisc(demasker, prior, count, *settings,
-                                                               prior_steps=args.prior_steps,
-                                                               prior_generator=prior_generator)), prior_generator
+        return (lambda demasker, count, *settings, **options: conthendisc(
+            demasker, prior, count, *settings, prior_steps=args.prior_steps, prior_generator=prior_generator,
+            **options)), prior_generator
     if args.cond_prior is None:
         raise ValueError("--method conwithindisc needs --cond-prior, a train_prior.py --conditional run folder")
     cond_prior = load_prior(args.cond_prior, ae=args.ckpt, device=args.device, dtype=dtype)
-    return (lambda demasker, count, *settings: conwithindisc(
+    return (lambda demasker, count, *settings, **options: conwithindisc(
         demasker, cond_prior, count, *settings, prior=prior, prior_steps=args.prior_steps, refresh_at=args.refresh_at,
-        refresh_prior_steps=args.refresh_prior_steps, prior_generator=prior_generator)), prior_generator
+        refresh_prior_steps=args.refresh_prior_steps, prior_generator=prior_generator, **options)), prior_generator
 
 
 def batch_seed(seed, first_index):
@@ -217,6 +259,13 @@ def main(argv=None):
         gen_length = args.gen_length or 256
     block_length, steps = args.block_length or gen_length, args.steps or gen_length
     check_schedule(gen_length, block_length, steps)
+    if args.keep is not None and encoder is not None and args.keep > encoder.cfg.num_registers:
+        raise SystemExit(f"sample.py: error: --keep {args.keep} but the encoder has K={encoder.cfg.num_registers} "
+                         f"registers; choose 1 <= --keep <= {encoder.cfg.num_registers}")
+    decoding = Decoding(rule=args.decoding, threshold=args.threshold, factor=args.factor, rng=args.rng,
+                        guidance=args.guidance, logits_eos_inf=args.logits_eos_inf,
+                        confidence_eos_eot_inf=args.confidence_eos_eot_inf).check()
+    trace = None
 
     records, start = [], time.time()
     mine = list(range(0, args.num, args.batch_size))[env.rank::env.world_size]
@@ -226,21 +275,35 @@ def main(argv=None):
         torch.manual_seed(seed)  # the MDM's draws (LLaDA's generate uses the global RNG)
         if prior_generator is not None:
             prior_generator.manual_seed(seed + 1)
+        model = demasker
+        if args.trace and first == 0:  # the first batch, recorded by a wrapper (no change to the samples)
+            from decode_trace import Trace
+            model = trace = Trace(demasker, cfg.mask_token_id, label=args.method)
+        stats = {}
+        started = time.time()
         if autoencoding:
             enc_ids = sources["enc_ids"][first:first + count].to(args.device)
             enc_mask = sources["enc_mask"][first:first + count].to(args.device)
-            tokens, nfe = autoencode(encoder, demasker, enc_ids, enc_mask, gen_length, block_length, steps,
-                                     args.temperature, args.remasking, keep=args.keep)
+            tokens, nfe = autoencode(encoder, model, enc_ids, enc_mask, gen_length, block_length, steps,
+                                     args.temperature, args.remasking, keep=args.keep, decoding=decoding, stats=stats)
         elif hybrid is not None:
-            tokens, report = hybrid(demasker, count, gen_length, block_length, steps, args.temperature, args.remasking)
+            tokens, report = hybrid(model, count, gen_length, block_length, steps, args.temperature, args.remasking,
+                                    decoding=decoding, stats=stats)
             nfe = report["nfe"]
         else:
-            tokens, nfe = generate(demasker, count, gen_length, block_length, steps, args.temperature, args.remasking)
+            tokens, nfe = generate(model, count, gen_length, block_length, steps, args.temperature, args.remasking,
+                                   decoding=decoding, stats=stats)
+        seconds_per_sample = (time.time() - started) / count
+        if model is trace and trace is not None:
+            trace.finish(tokens)
         texts = decode_programs(tokenizer, tokens, cfg.eos_token_id, cfg.bos_token_id)
         for i, text in enumerate(texts):
             record = {"index": first + i, "method": args.method, "text": text, "tokens": tokens[i].tolist(),
                       "nfe": nfe, "gen_length": gen_length, "block_length": block_length, "steps": steps,
-                      "temperature": args.temperature, "remasking": args.remasking, "seed": args.seed}
+                      "temperature": args.temperature, "remasking": args.remasking, "seed": args.seed,
+                      "decoding": args.decoding, "demasker_calls": stats["nfe_per_sample"][i],
+                      "tokens_per_step": gen_length / max(1, len(stats["tokens_per_step"])),
+                      "seconds_per_sample": round(seconds_per_sample, 4)}
             if hybrid is not None:
                 record.update(nfe_counts=report, prior=args.prior, cond_prior=args.cond_prior,
                               prior_steps=args.prior_steps)
@@ -254,16 +317,26 @@ def main(argv=None):
             records.append(record)
     gathered = D.gather_objects(records, env)
     D.cleanup(env)
+    if trace is not None:  # rank 0 decodes the first batch
+        from decode_trace import panel, write_html
+        shown = range(min(args.trace_samples, len(trace.steps[0]["canvas"])))
+        path = write_html(args.trace, [panel(trace, i, tokenizer, cfg.eos_token_id, f"{args.method} #{i}")
+                                       for i in shown], title=f"crocodil {args.method}: decoding trace")
+        print(f"trace: {path}")
     if gathered is None:  # not rank 0
         return None
     gathered.sort(key=lambda record: record["index"])
     if not args.quiet and env.distributed:
         for record in gathered:
             show(record, autoencoding)
-    if args.out:
-        with open(args.out + ".tmp", "w") as out:
+    if args.out:  # a temporary file of our own, renamed at the end: an existing file is replaced whole or kept
+        import tempfile
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(args.out)}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "w") as out:
             out.writelines(json.dumps(record) + "\n" for record in gathered)
-        os.replace(args.out + ".tmp", args.out)
+        os.replace(tmp, args.out)
     errors = [record["cer"] for record in gathered] if autoencoding else []
     summary = (f"{args.num} programs on {env.world_size} rank(s), NFE {gathered[-1]['nfe']:.4g} per batch, "
                f"{time.time() - start:.1f}s")

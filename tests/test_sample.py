@@ -411,5 +411,47 @@ def test_cli_shards_batches_over_two_ranks_with_the_same_output(tmp_path, monkey
     S.main(argv(tmp_path / "one.jsonl"))
     one, two = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("one", "two"))
     assert [r["index"] for r in two] == list(range(5))
+    assert all(r.pop("seconds_per_sample") > 0 for r in one + two)  # wall-clock: measured, not compared
     assert one == two
     assert len({tuple(r["tokens"]) for r in one}) > 1  # batches differ: the seeds are per batch
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num", "0"], "--num must be >= 1"), (["--steps", "0"], "--steps must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"), (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prior-steps", "0"], "--prior-steps must be >= 1"), (["--keep", "0"], "--keep must be >= 1"),
+    (["--refresh-at", "1.5"], "--refresh-at"), (["--threshold", "-0.1"], "--threshold"),
+])
+def test_cli_numbers_are_refused_before_any_file_is_touched(tmp_path, capsys, flags, message):
+    out = tmp_path / "existing.jsonl"
+    out.write_text('{"kept": true}\n')
+    with pytest.raises(SystemExit):
+        S.parse_args(["--ckpt", str(tmp_path), "--out", str(out), *flags])
+    assert message in capsys.readouterr().err
+    assert out.read_text() == '{"kept": true}\n'  # never emptied
+
+
+def test_cli_trace_and_adaptive_decoding_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
+    import json
+    import types
+
+    import decode_trace
+    from demasker import Demasker, DemaskerConfig
+
+    torch.manual_seed(0)
+    Demasker(DemaskerConfig.tiny(register_dim=0)).save_pretrained(tmp_path / "run" / "demasker")
+    (tmp_path / "run" / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer()))
+    common = ["--ckpt", str(tmp_path / "run"), "--gen-length", "16", "--num", "3", "--batch-size", "2",
+              "--temperature", "1", "--device", "cpu", "--quiet"]
+    S.main(common + ["--out", str(tmp_path / "plain.jsonl")])
+    S.main(common + ["--out", str(tmp_path / "traced.jsonl"), "--trace", str(tmp_path / "t.html")])
+    plain, traced = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+                     for n in ("plain", "traced"))
+    assert [r["tokens"] for r in plain] == [r["tokens"] for r in traced]  # tracing changes no sample
+    panels = decode_trace.read_panels(tmp_path / "t.html")
+    assert len(panels) == 2 and len(panels[0]["canvases"]) == 17  # start + 16 steps
+    assert decode_trace.text_at(panels[0], 16) == traced[0]["text"]
+    S.main(common + ["--out", str(tmp_path / "tau.jsonl"), "--decoding", "threshold", "--threshold", "0"])
+    tau = [json.loads(line) for line in (tmp_path / "tau.jsonl").read_text().splitlines()]
+    assert all(r["demasker_calls"] == 1 and r["tokens_per_step"] == 16 for r in tau)  # tau = 0: one step
