@@ -25,7 +25,10 @@ and torch.distributed.checkpoint.state_dict for gathering / scattering full stat
                             parts={"encoder": enc_config, "demasker": dem_config}, extra={"step": step})
     cleanup(env)
 
-Facts the API relies on (each checked by tests/test_distributed.py):
+Checkpoints (full state, save on N ranks, resume on M, strict resume) live in dist_checkpoint.py;
+every name is re-exported here (D.save_checkpoint, D.load_checkpoint, D.TRAINING_STATE_FILE, ...).
+
+Facts the API relies on (each checked by tests/test_distributed.py and tests/test_dist_checkpoint.py):
 - Gradients are AVERAGED over ranks (DDP all-reduce, FSDP2 reduce-scatter). With equal
   micro-batches per rank and a per-micro-batch mean loss divided by `accum`, the update equals
   one process taking the mean over the whole global batch.
@@ -54,19 +57,13 @@ Facts the API relies on (each checked by tests/test_distributed.py):
 
 import contextlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-    set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
 try:  # torch >= 2.6
@@ -74,10 +71,8 @@ try:  # torch >= 2.6
 except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under _composable
     from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-import checkpoint
 
 WRAP_MODES = ("none", "ddp", "fsdp")
-TRAINING_STATE_FILE = "training_state.pt"
 
 
 # ---------------------------------------------------------------------------
@@ -472,189 +467,18 @@ def broadcast_object(obj, env, src=0):
 
 
 # ---------------------------------------------------------------------------
-# Full (unsharded) state dicts: save on N ranks, resume on M
+# Full (unsharded) state dicts and resumable checkpoints live in dist_checkpoint.py (which uses this
+# module's collectives). Their names stay reachable here (D.save_checkpoint, D.TRAINING_STATE_FILE,
+# `from distributed import load_checkpoint`) through a lazy module attribute, so there is no import circle.
 # ---------------------------------------------------------------------------
 
-def full_state_dict(model):
-    """{name: fp32/bf16 CPU tensor} of the whole model, same names as the unwrapped module.
-
-    Collective under FSDP (every rank must call it); with cpu_offload=True only rank 0 ends
-    up holding the tensors (other ranks get an empty dict) so memory stays bounded.
-    """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+CHECKPOINT_NAMES = ("TRAINING_STATE_FILE", "check_resumable", "full_optimizer_state_dict", "full_state_dict",
+                    "load_checkpoint", "load_full_state_dict", "save_checkpoint")
 
 
-def full_optimizer_state_dict(model, optimizer):
-    """The optimizer state keyed by parameter names (not ids), gathered and on CPU. Collective."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
+def __getattr__(name):
+    if name in CHECKPOINT_NAMES:
+        import dist_checkpoint
 
-
-def load_full_state_dict(model, model_state, optimizer=None, optimizer_state=None,
-                         broadcast_from_rank0=False):
-    """Load FULL state dicts into a (possibly sharded) model / optimizer. Collective.
-
-    broadcast_from_rank0=False: every rank passes the full dicts (each read the files).
-    broadcast_from_rank0=True: only rank 0's dicts are used (others may pass {}); rank 0
-      sends tensor by tensor, so an 8B model is never held in full by every rank.
-    """
-    distributed = dist.is_initialized()
-    options = StateDictOptions(full_state_dict=True, strict=True,
-                               broadcast_from_rank0=broadcast_from_rank0 and distributed)
-    set_model_state_dict(model, model_state, options=options)
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-
-
-def save_checkpoint(folder, model, optimizer, env, config=None, parts=None, extra=None):
-    """Write a resumable checkpoint of FULL state; every rank must call, rank 0 writes.
-
-    parts=None:  folder/config.json + model.safetensors        (checkpoint.save_model_dir)
-    parts={"encoder": enc_config, "demasker": dem_config} (a joint model whose children are
-                 named so): folder/encoder/{config.json, model.safetensors}, folder/demasker/...
-                 with the child's own key names, so Encoder/Demasker.from_pretrained read them
-                 when each config dict carries its "crocodil_model" key.
-    always:      folder/training_state.pt  {"optimizer": full AdamW state keyed by parameter
-                 name, "parts": [...], "extra": step, scheduler, data position, ...}
-    The folder appears atomically (built in a temporary folder, then renamed).
-    """
-    if parts is not None:
-        top_level = {key.split(".")[0] for key in unwrap(model).state_dict()}
-        stray = sorted(top_level - set(parts))
-        if stray:
-            raise ValueError(f"parts={sorted(parts)} leave the model's {stray} unsaved; "
-                             "list every child module that holds parameters")
-    model_state = full_state_dict(model)
-    optimizer_state = full_optimizer_state_dict(model, optimizer) if optimizer is not None else None
-    folder = Path(folder)
-    problem = None
-    if env.is_main:  # a NaN must never replace a good checkpoint (train loops skip such steps; this is the last net)
-        bad = checkpoint.non_finite(model_state) + checkpoint.non_finite(optimizer_state or {}, "optimizer.")
-        if bad:
-            problem = (f"refusing to save {folder}: {len(bad)} tensors hold NaN/inf ({', '.join(bad[:8])}"
-                       f"{' ...' if len(bad) > 8 else ''}); the previous checkpoint is left as it was")
-    problem = broadcast_object(problem, env)
-    if problem:
-        raise FloatingPointError(problem)
-    if env.is_main:
-        tmp_root = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=_parent(folder)))
-        try:
-            staged = tmp_root / "checkpoint"
-            if parts is None:
-                checkpoint.save_model_dir(staged, model_state, config or {})
-            else:
-                for name, part_config in parts.items():
-                    checkpoint.save_model_dir(staged / name, _strip_prefix(model_state, name),
-                                              part_config or {})
-            torch.save({"optimizer": optimizer_state, "parts": sorted(parts or []),
-                        "extra": extra or {}}, staged / TRAINING_STATE_FILE)
-            _replace_folder(staged, folder)
-        finally:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-    barrier(env)
-    return folder
-
-
-def load_checkpoint(folder, model, optimizer, env, broadcast_from_rank0=True):
-    """Restore what save_checkpoint wrote, on any number of ranks; returns `extra`. Collective.
-
-    broadcast_from_rank0=True: only rank 0 reads the files and sends the tensors (other
-    ranks need not see the folder). False: every rank reads the files itself.
-    """
-    folder = Path(folder)
-    broadcast_from_rank0 = broadcast_from_rank0 and env.distributed
-    reads_files = env.is_main or not broadcast_from_rank0
-    model_state, saved, problem = {}, {"optimizer": {}, "extra": None}, None
-    if reads_files:
-        checkpoint.recover_folder(folder)  # a save killed between its two renames left the old copy
-        state_file = folder / TRAINING_STATE_FILE
-        try:
-            if not state_file.is_file():
-                raise FileNotFoundError(f"{folder} has no {TRAINING_STATE_FILE}: it is not a training checkpoint "
-                                        "written by distributed.save_checkpoint (resuming needs the optimizer state)")
-            try:
-                saved = torch.load(state_file, map_location="cpu", weights_only=True)
-            except Exception as error:
-                raise checkpoint.CheckpointError(
-                    f"{state_file} is unreadable ({type(error).__name__}: {error}); restore the run folder from a "
-                    f"good copy or start a new run (a killed save never leaves such a file)") from None
-            if optimizer is not None and saved["optimizer"] is None:
-                raise FileNotFoundError(f"{state_file} holds no optimizer state (it was saved with optimizer=None)")
-            for name in saved["parts"] or [None]:
-                part_state = checkpoint.read_safetensors(folder / name if name else folder)
-                model_state.update(_add_prefix(part_state, name))
-            check_resumable(folder, model, model_state, optimizer, saved["optimizer"] if optimizer else None)
-        except (FileNotFoundError, checkpoint.CheckpointError) as error:
-            problem = (type(error).__name__, str(error))
-    if broadcast_from_rank0:
-        problem = broadcast_object(problem, env)  # every rank raises, none waits forever
-    if problem:
-        raise (FileNotFoundError if problem[0] == "FileNotFoundError" else checkpoint.CheckpointError)(problem[1])
-    load_full_state_dict(model, model_state, optimizer, saved["optimizer"] if optimizer else None,
-                         broadcast_from_rank0=broadcast_from_rank0)
-    return broadcast_object(saved["extra"], env) if broadcast_from_rank0 else saved["extra"]
-
-
-def _strip_prefix(state, name):
-    return {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")}
-
-
-def _add_prefix(state, name):
-    return state if name is None else {f"{name}.{key}": value for key, value in state.items()}
-
-
-def _parent(folder):
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    return folder.parent
-
-
-def _replace_folder(staged, folder):
-    checkpoint.swap_folder(staged, folder)  # crash-safe at every instant (checkpoint.py)
-
-
-def check_resumable(folder, model, model_state, optimizer=None, optimizer_state=None):
-    """Strict resume: every model tensor present with the model's shape, and every AdamW moment of
-    every trainable parameter present with its parameter's shape; else ONE CheckpointError listing
-    the missing, unexpected and mis-shaped keys. (torch's set_model_state_dict alone would leave a
-    missing tensor at its initial value.) Optimizer state may be absent as a whole (no step taken
-    yet) and is not expected for frozen parameters (staged training)."""
-    module = unwrap(model)
-    expected = {name: tuple(value.shape) for name, value in module.state_dict().items()}
-    missing = [name for name in expected if name not in model_state]
-    unexpected = [name for name in model_state if name not in expected]
-    shapes = [f"{name}: checkpoint {tuple(model_state[name].shape)} vs model {expected[name]}"
-              for name in model_state if name in expected and tuple(model_state[name].shape) != expected[name]]
-    if optimizer is not None and optimizer_state is not None:
-        names = {id(param): name for name, param in module.named_parameters()}
-        params = {name: param for name, param in module.named_parameters()}
-        groups = [[names.get(id(p), "?") for p in group["params"]] for group in optimizer.param_groups]
-        saved_groups = [list(group.get("params", [])) for group in optimizer_state.get("param_groups", [])]
-        if saved_groups != groups:
-            shapes.append(f"optimizer parameter groups: checkpoint {[len(g) for g in saved_groups]} parameters per "
-                          f"group vs this run's {[len(g) for g in groups]} (or other names)")
-        state = optimizer_state.get("state", {})
-        for name, moments in state.items():
-            if name not in params:
-                unexpected.append(f"optimizer.{name}")
-                continue
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key not in moments:
-                    missing.append(f"optimizer.{name}.{key}")
-                elif tuple(moments[key].shape) != tuple(params[name].shape):
-                    shapes.append(f"optimizer.{name}.{key}: checkpoint {tuple(moments[key].shape)} vs parameter "
-                                  f"{tuple(params[name].shape)}")
-            if "step" not in moments:
-                missing.append(f"optimizer.{name}.step")
-        if state:
-            trainable = [name for group in groups for name in group if params.get(name) is not None
-                         and params[name].requires_grad]
-            missing += [f"optimizer.{name}" for name in trainable if name not in state]
-    if missing or unexpected or shapes:
-        lines = [f"{folder} cannot be resumed exactly into this {type(module).__name__}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        lines.append("Resume with the flags the run was started with, restore the checkpoint from a good copy, "
-                     "or start a new run in another folder.")
-        raise checkpoint.CheckpointError("\n".join(lines))
+        return getattr(dist_checkpoint, name)
+    raise AttributeError(f"module 'distributed' has no attribute {name!r}")

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 import distributed as D
 from demasker import Demasker, DemaskerConfig
-from encoder import Encoder, EncoderConfig
 
 GLOBAL_BATCH, SEQ_LEN, NUM_REGISTERS, STEPS, SAVE_AT = 8, 16, 3, 4, 2
 LR, MAX_NORM = 3e-3, 0.5
@@ -445,101 +444,7 @@ def test_activation_checkpointing_both_routes_recompute_with_same_gradients():
     assert _count_block_calls(demasker, demasker.blocks, lambda: llada_loss(demasker, batch).backward()) == 4
 
 
-class _Joint(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.encoder = Encoder(EncoderConfig.tiny())
-        self.demasker = Demasker(DemaskerConfig.tiny(register_dim=EncoderConfig.tiny().hidden_size))
-
-    def loss(self, x0):
-        registers = self.encoder(x0)  # (B, K, d)
-        return self.demasker(x0, registers=registers).float().logsumexp(-1).mean()
-
-
-def test_checkpoint_parts_are_from_pretrained_folders_and_resume(tmp_path):
-    env = D.setup(device="cpu")
-    joint = _Joint()
-    optimizer = make_optimizer(joint)
-    x0 = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
-    joint.loss(x0).backward()
-    optimizer.step()
-    parts = {"encoder": {**joint.encoder.cfg.to_dict(), "crocodil_model": "encoder"},
-             "demasker": {**joint.demasker.cfg.to_dict(), "crocodil_model": "demasker"}}
-    with pytest.raises(ValueError, match=r"leave the model's \['demasker'\] unsaved"):
-        D.save_checkpoint(tmp_path / "ckpt", joint, optimizer, env, parts={"encoder": parts["encoder"]})
-    for _ in range(2):  # the second save replaces the first atomically
-        D.save_checkpoint(tmp_path / "ckpt", joint, optimizer, env, parts=parts, extra={"step": 1})
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["demasker", "encoder", D.TRAINING_STATE_FILE]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
-    encoder = Encoder.from_pretrained(tmp_path / "ckpt" / "encoder")
-    for key, value in joint.encoder.state_dict().items():
-        assert torch.equal(encoder.state_dict()[key], value), key
-
-    restored = _Joint()
-    torch.manual_seed(5)
-    for param in restored.parameters():  # scramble: everything must come from the files
-        param.data.normal_()
-    restored_optimizer = make_optimizer(restored)
-    assert D.load_checkpoint(tmp_path / "ckpt", restored, restored_optimizer, env) == {"step": 1}
-    for key, value in joint.state_dict().items():
-        assert torch.equal(restored.state_dict()[key], value), key
-    for a, b in zip(joint.parameters(), restored.parameters()):
-        assert torch.equal(optimizer.state[a]["exp_avg_sq"], restored_optimizer.state[b]["exp_avg_sq"])
-    with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
-        D.load_checkpoint(tmp_path / "ckpt" / "encoder", restored, restored_optimizer, env)
-
-
-def _saved_joint(tmp_path):
-    env = D.setup(device="cpu")
-    joint = _Joint()
-    optimizer = make_optimizer(joint)
-    joint.loss(torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))).backward()
-    optimizer.step()
-    parts = {"encoder": {**joint.encoder.cfg.to_dict(), "crocodil_model": "encoder"},
-             "demasker": {**joint.demasker.cfg.to_dict(), "crocodil_model": "demasker"}}
-    D.save_checkpoint(tmp_path / "ckpt", joint, optimizer, env, parts=parts, extra={"step": 1})
-    return env, tmp_path / "ckpt"
-
-
-def test_strict_resume_lists_missing_unexpected_and_mis_shaped_tensors(tmp_path):
-    """Issue 11: a deleted, added or reshaped tensor (model or AdamW) is one CheckpointError listing each,
-    never a tensor silently left at its initial value."""
-    from safetensors.torch import save_file
-
-    from checkpoint import CheckpointError, read_safetensors
-    env, folder = _saved_joint(tmp_path)
-    state = read_safetensors(folder / "encoder")
-    del state["norm.weight"]
-    state["extra.bias"] = torch.zeros(2)
-    state["embed_tokens.weight"] = state["embed_tokens.weight"][:-1]
-    save_file(state, str(folder / "encoder" / "model.safetensors"))
-    training = torch.load(folder / D.TRAINING_STATE_FILE, weights_only=True)
-    name = next(iter(training["optimizer"]["state"]))
-    del training["optimizer"]["state"][name]["exp_avg"]
-    torch.save(training, folder / D.TRAINING_STATE_FILE)
-    restored = _Joint()
-    with pytest.raises(CheckpointError) as error:
-        D.load_checkpoint(folder, restored, make_optimizer(restored), env)
-    message = str(error.value)
-    for text in ("missing", "encoder.norm.weight", f"optimizer.{name}.exp_avg", "unexpected", "encoder.extra.bias",
-                 "wrong shape", "encoder.embed_tokens.weight: checkpoint"):
-        assert text in message, message
-    training["optimizer"]["state"] = {k: v for k, v in training["optimizer"]["state"].items() if k != name}
-    torch.save(training, folder / D.TRAINING_STATE_FILE)
-    with pytest.raises(CheckpointError, match=f"optimizer.{name}[,\n]"):
-        D.load_checkpoint(folder, restored, make_optimizer(restored), env)
-
-
-def test_a_non_finite_model_is_never_saved(tmp_path):
-    env, folder = _saved_joint(tmp_path)
-    before = (folder / "encoder" / "model.safetensors").read_bytes()
-    joint = _Joint()
-    with torch.no_grad():
-        joint.encoder.norm.weight[0] = float("nan")
-    with pytest.raises(FloatingPointError, match="encoder.norm.weight"):
-        D.save_checkpoint(folder, joint, make_optimizer(joint), env, parts={"encoder": {}, "demasker": {}})
-    assert (folder / "encoder" / "model.safetensors").read_bytes() == before
+# Checkpoint parts, strict resume and non-finite saves on one process: tests/test_dist_checkpoint.py
 
 
 def test_compile_and_tf32_flags_on_cpu():
