@@ -143,6 +143,8 @@ def parse_args(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.no_registers and args.register_dropout:
+        p.error("--register-dropout withholds registers; the base MDM (--no-registers) has none")
     if args.no_registers:
         args.encoder_init = None  # the preset's encoder is not used (checked explicit flags in resolve_init_flags)
     if args.all_mask_prob is None:

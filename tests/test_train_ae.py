@@ -433,6 +433,8 @@ def test_paper_preset_no_registers_parses_and_builds_the_8b_base_on_meta(monkeyp
     with pytest.raises(SystemExit):
         T.parse_args(["--preset", "paper", "--no-registers", "--encoder-init", "x"])
     with pytest.raises(SystemExit):
+        T.parse_args(["--no-registers", "--register-dropout", "0.1"])
+    with pytest.raises(SystemExit):
         T.parse_args(["--preset", "paper", "--from-base", "/nonexistent/base"])
     assert "no base MDM checkpoint" in capsys.readouterr().err
 
