@@ -228,3 +228,24 @@ def read_panels(path):
     start = page.index("const DATA = ") + len("const DATA = ")
     end = page.index(";\nconst nsteps")
     return json.loads(page[start:end].replace("<\\/", "</"))
+
+
+def main(argv=None):
+    """python decode_trace.py merge A.html B.html ... --out BOTH.html: the panels of several traces side by
+    side on one page (e.g. the base MDM and ConThenDisc from the same seed)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["merge"], help="merge: put the panels of several pages on one page")
+    parser.add_argument("pages", nargs="+", help="trace pages written by sample.py --trace")
+    parser.add_argument("--out", required=True, help="the page to write")
+    parser.add_argument("--title", default="crocodil: decoding traces side by side", help="page title")
+    args = parser.parse_args(argv)
+    missing = [page for page in args.pages if not Path(page).is_file()]
+    if missing:
+        parser.error(f"no such trace page: {', '.join(missing)} (write them with sample.py --trace FILE.html)")
+    panels = [p for page in args.pages for p in read_panels(page)]
+    print(write_html(args.out, panels, args.title))
+
+
+if __name__ == "__main__":
+    main()

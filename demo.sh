@@ -48,13 +48,13 @@ tail -n 1 "$OUT/base.log" | tr '\r' '\n' | tail -n 2
 
 stage "autoencoding held-out programs (Alg. 6): h_phi(x_0) -> registers -> guided MDM, 1 token per step"
 python sample.py --ckpt "$OUT/ae" --data "$DATA" --method autoencode --num 4 --steps 128 \
-  --out "$OUT/autoencode.jsonl"
+  --out "$OUT/autoencode.jsonl" --trace "$OUT/traces/autoencode.html"
 
 # Random remasking: with LLaDA's low-confidence rule and one block, a toy base MDM fills the EOS padding
 # first and returns empty programs (README, "Results at toy scale").
 stage "the base MDM from an all-[M] start, 64 steps, random remasking (for comparison)"
 python sample.py --ckpt "$OUT/base" --method base --gen-length 128 --num 2 --steps 64 --temperature 1 \
-  --remasking random --out "$OUT/base_samples.jsonl"
+  --remasking random --out "$OUT/base_samples.jsonl" --trace "$OUT/traces/base.html"
 
 if [[ $WITH_PRIOR == 1 ]]; then
   stage "latent priors over the registers: unconditional (Alg. 5) and conditional on h(x^(r)) (Alg. 4), $PRIOR_STEPS steps each"
@@ -67,9 +67,13 @@ if [[ $WITH_PRIOR == 1 ]]; then
 
   stage "ConThenDisc (Alg. 2): registers from the prior, then the guided MDM, 64 steps"
   python sample.py --ae "$OUT/ae" --method conthendisc --prior "$OUT/prior" --gen-length 128 --steps 64 --num 3 \
-    --out "$OUT/conthendisc.jsonl"
+    --out "$OUT/conthendisc.jsonl" --trace "$OUT/traces/conthendisc.html"
   stage "ConWithinDisc (Alg. 3): registers redrawn from the conditional prior given x_t halfway, 64 steps"
   python sample.py --ae "$OUT/ae" --method conwithindisc --prior "$OUT/prior" --cond-prior "$OUT/cprior" \
-    --gen-length 128 --steps 64 --num 3 --out "$OUT/conwithindisc.jsonl"
+    --gen-length 128 --steps 64 --num 3 --out "$OUT/conwithindisc.jsonl" --trace "$OUT/traces/conwithindisc.html"
+  python decode_trace.py merge "$OUT/traces/base.html" "$OUT/traces/conthendisc.html" \
+    "$OUT/traces/conwithindisc.html" --out "$OUT/traces/all_methods.html" > /dev/null
 fi
+stage "decoding traces (open in a browser: a slider over the steps, [M] as grey boxes, reveals coloured by confidence)"
+ls -1 "$OUT"/traces/*.html
 stage "done; outputs in $OUT (checkpoints, log.jsonl files, *.jsonl samples)"

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -220,6 +221,11 @@ def save_scorer(folder, model, tokenizer_file, info):
         model.save_pretrained(staging / "scorer")
         shutil.copyfile(tokenizer_file, staging / "scorer" / TOKENIZER_FILE)
         (staging / "scorer" / SCORER_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        try:  # the hub model card (hub.py); a card problem never fails a save
+            import hub
+            (staging / "scorer" / hub.CARD_FILE).write_text(hub.model_card(staging / "scorer"))
+        except (Exception, SystemExit) as error:
+            print(f"warning: no model card for {folder}: {error}", file=sys.stderr)
         swap_folder(staging / "scorer", folder)  # a complete scorer at every instant (checkpoint.py)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
