@@ -2,8 +2,8 @@
 
 Paper map: App. C trains LLaDA-8B + Qwen3-Embedding-0.6B for 3 epochs at global batch 512 under FSDP2; a run
 that long is split into jobs, so it must stop and continue exactly, on any number of ranks. This file holds
-that concept; distributed.py (process groups, wrapping, collectives) re-exports every name, so callers write
-D.save_checkpoint / D.load_checkpoint as before.
+that concept and builds on distributed.py (process groups, wrapping, collectives); the trainers import it as
+`import dist_checkpoint as DC` (DC.save_checkpoint / DC.load_checkpoint).
 
 - full_state_dict / full_optimizer_state_dict: the whole model (and AdamW state keyed by parameter NAME)
   gathered to CPU with torch.distributed.checkpoint.state_dict (collective; DDP's "module." prefix and FSDP's

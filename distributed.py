@@ -25,8 +25,8 @@ and torch.distributed.checkpoint.state_dict for gathering / scattering full stat
                             parts={"encoder": enc_config, "demasker": dem_config}, extra={"step": step})
     cleanup(env)
 
-Checkpoints (full state, save on N ranks, resume on M, strict resume) live in dist_checkpoint.py;
-every name is re-exported here (D.save_checkpoint, D.load_checkpoint, D.TRAINING_STATE_FILE, ...).
+Checkpoints (full state, save on N ranks, resume on M, strict resume) live in dist_checkpoint.py, which
+builds on this file (import dist_checkpoint as DC; DC.save_checkpoint, DC.load_checkpoint).
 
 Facts the API relies on (each checked by tests/test_distributed.py and tests/test_dist_checkpoint.py):
 - Gradients are AVERAGED over ranks (DDP all-reduce, FSDP2 reduce-scatter). With equal
@@ -464,21 +464,3 @@ def broadcast_object(obj, env, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-# ---------------------------------------------------------------------------
-# Full (unsharded) state dicts and resumable checkpoints live in dist_checkpoint.py (which uses this
-# module's collectives). Their names stay reachable here (D.save_checkpoint, D.TRAINING_STATE_FILE,
-# `from distributed import load_checkpoint`) through a lazy module attribute, so there is no import circle.
-# ---------------------------------------------------------------------------
-
-CHECKPOINT_NAMES = ("TRAINING_STATE_FILE", "check_resumable", "full_optimizer_state_dict", "full_state_dict",
-                    "load_checkpoint", "load_full_state_dict", "save_checkpoint")
-
-
-def __getattr__(name):
-    if name in CHECKPOINT_NAMES:
-        import dist_checkpoint
-
-        return getattr(dist_checkpoint, name)
-    raise AttributeError(f"module 'distributed' has no attribute {name!r}")

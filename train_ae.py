@@ -68,6 +68,7 @@ import torch
 import torch.nn as nn
 
 import checkpoint as C
+import dist_checkpoint as DC
 import distributed as D
 import guards
 from run_state import check_same_tokenizers, rng_states, set_rng_states  # noqa: F401 (re-exported)
@@ -340,7 +341,7 @@ def save_run(out_dir, model, optimizer, env, step, args, stream, files):
     stage = Path(tempfile.mkdtemp(prefix=".checkpoint.stage-", dir=out_dir)) if env.is_main else None
     stage = Path(D.broadcast_object(str(stage) if stage else None, env))
     try:
-        D.save_checkpoint(stage / CHECKPOINT, model, optimizer, env, parts=parts, extra=extra)
+        DC.save_checkpoint(stage / CHECKPOINT, model, optimizer, env, parts=parts, extra=extra)
         if env.is_main:
             for name, source in files.items():
                 shutil.copyfile(source, stage / CHECKPOINT / name)
@@ -410,7 +411,7 @@ def train(args):
         if env.is_main:
             C.recover_folder(resume_dir)  # a save killed between its two renames left a complete old copy
         D.barrier(env)
-        if not (resume_dir / D.TRAINING_STATE_FILE).is_file():
+        if not (resume_dir / DC.TRAINING_STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: {resume_dir} holds no checkpoint; drop --resume to start a new run")
         check_same_tokenizers(resume_dir, files)
     encoder, demasker = build_models(args, meta, encoder_vocab, resume_dir)
@@ -434,7 +435,7 @@ def train(args):
     D.maybe_compile(model, args.compile, env)
     optimizer = make_optimizer(model, args)
     if resume_dir is not None:
-        extra = D.load_checkpoint(resume_dir, model, optimizer, env)
+        extra = DC.load_checkpoint(resume_dir, model, optimizer, env)
         if (extra["num_train"], extra["global_batch_size"], extra["seed"]) != (stream.n, args.global_batch_size, args.seed):
             raise ValueError(f"--resume: the checkpoint's data stream (programs, global batch, seed) = "
                              f"{(extra['num_train'], extra['global_batch_size'], extra['seed'])} differs from this run's "

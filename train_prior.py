@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint as C
+import dist_checkpoint as DC
 import distributed as D
 import guards
 from latent_data import RegisterBank, build_bank, default_cache_dir, encoder_fingerprint, mask_positions, visible_view
@@ -317,7 +318,7 @@ def save(ctx, model, optimizer, ema, step):
     if trainee.cond_encoder is not None:
         parts["cond_encoder"] = {**trainee.cond_encoder.cfg.to_dict(), "crocodil_model": "encoder"}
     ema_state = {key: value.detach().cpu() for key, value in ema.module.state_dict().items()}
-    D.save_checkpoint(out / STATE_DIR, model, optimizer, ctx["env"], parts=parts, extra={"step": step, "ema": ema_state})
+    DC.save_checkpoint(out / STATE_DIR, model, optimizer, ctx["env"], parts=parts, extra={"step": step, "ema": ema_state})
     if env.is_main:
         ema.module.dit.save_pretrained(out / "dit")
         if ema.module.cond_encoder is not None:
@@ -488,7 +489,7 @@ def main(argv=None):
         for name in (STATE_DIR, "dit", "cond_encoder"):
             C.recover_folder(out / name)
     D.barrier(env)
-    if args.resume and not (out / STATE_DIR / D.TRAINING_STATE_FILE).is_file():
+    if args.resume and not (out / STATE_DIR / DC.TRAINING_STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: {out / STATE_DIR} holds no checkpoint; drop --resume to start a new run")
     if not args.resume and (out / STATE_DIR).is_dir():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out-dir")
@@ -518,7 +519,7 @@ def main(argv=None):
     args.micro_batch_size = micro
     start = 0
     if args.resume:
-        extra = D.load_checkpoint(out / STATE_DIR, model, optimizer, env)
+        extra = DC.load_checkpoint(out / STATE_DIR, model, optimizer, env)
         ema.module.load_state_dict(extra["ema"])
         start = extra["step"]
         if env.is_main:

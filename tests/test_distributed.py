@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dist_checkpoint as DC
 import distributed as D
 from demasker import Demasker, DemaskerConfig
 
@@ -103,7 +104,7 @@ def reference(data, steps=STEPS, start_state=None, freeze=None, micro_batch=4):
 
 
 def state_of(model):
-    return {k: v.clone() for k, v in D.full_state_dict(model).items()}
+    return {k: v.clone() for k, v in DC.full_state_dict(model).items()}
 
 
 def assert_states_close(actual, expected, rel=1e-3, max_atol=2e-3):
@@ -140,7 +141,7 @@ def _rank_main(rank, port, folder):
         model = D.wrap_model(make_model(), env, mode=mode, **wrap)
         optimizer = make_optimizer(model)
         out[name] = train(model, optimizer, env, data, STEPS, micro_batch)
-        out[name + "/state"] = D.full_state_dict(model)
+        out[name + "/state"] = DC.full_state_dict(model)
         return model
 
     run("ddp", "ddp")
@@ -160,31 +161,31 @@ def _rank_main(rank, port, folder):
         model = D.wrap_model(model, env, mode=mode)
         optimizer = make_optimizer(model)
         train(model, optimizer, env, data, STEPS, 2, freeze=(lambda m: m.blocks[0], 2))
-        out[f"staged_{mode}/state"] = D.full_state_dict(model)
+        out[f"staged_{mode}/state"] = DC.full_state_dict(model)
 
     # Save on 2 ranks at SAVE_AT, keep going; and resume the 1-rank checkpoint here.
     model = D.wrap_model(make_model(), env, mode="fsdp")
     optimizer = make_optimizer(model)
     train(model, optimizer, env, data, SAVE_AT, 2)
-    D.save_checkpoint(os.path.join(folder, "ckpt_2rank"), model, optimizer, env,
+    DC.save_checkpoint(os.path.join(folder, "ckpt_2rank"), model, optimizer, env,
                       config={"saved_by": "2 ranks"}, extra={"step": SAVE_AT})
     out["saved_2rank/losses"] = train(model, optimizer, env, data, STEPS, 2, start=SAVE_AT)[0]
-    out["saved_2rank/state"] = D.full_state_dict(model)
+    out["saved_2rank/state"] = DC.full_state_dict(model)
 
     model = D.wrap_model(make_model(seed=123), env, mode="fsdp")
     optimizer = make_optimizer(model)
-    extra = D.load_checkpoint(os.path.join(folder, "ckpt_1rank"), model, optimizer, env)
+    extra = DC.load_checkpoint(os.path.join(folder, "ckpt_1rank"), model, optimizer, env)
     out["resumed_on_2/losses"] = train(model, optimizer, env, data, STEPS, 2, start=extra["step"])[0]
-    out["resumed_on_2/state"] = D.full_state_dict(model)
+    out["resumed_on_2/state"] = DC.full_state_dict(model)
 
     # The 8B route: build on the meta device, shard, then receive rank 0's weights.
     with torch.device("meta"):
         model = make_model()
     model = D.wrap_model(model, env, mode="fsdp")
     model.to_empty(device=env.device)
-    D.load_full_state_dict(model, make_model().state_dict() if env.is_main else {},
+    DC.load_full_state_dict(model, make_model().state_dict() if env.is_main else {},
                            broadcast_from_rank0=True)
-    out["meta_init/state"] = D.full_state_dict(model)
+    out["meta_init/state"] = DC.full_state_dict(model)
 
     # grad_sync(enabled=False) really keeps gradients local (no communication).
     for mode in ("ddp", "fsdp"):
@@ -236,7 +237,7 @@ def runs(tmp_path_factory, one_thread):
     model = make_model()
     optimizer = make_optimizer(model)
     first = train(model, optimizer, env, data, SAVE_AT, micro_batch=4)
-    D.save_checkpoint(folder / "ckpt_1rank", model, optimizer, env, extra={"step": SAVE_AT})
+    DC.save_checkpoint(folder / "ckpt_1rank", model, optimizer, env, extra={"step": SAVE_AT})
     rest = train(model, optimizer, env, data, STEPS, micro_batch=4, start=SAVE_AT)
     ref = {"losses": first[0] + rest[0], "norms": first[1] + rest[1], "state": state_of(model)}
     mp.spawn(_rank_main, args=(_free_port(), str(folder)), nprocs=WORLD, join=True)
@@ -313,7 +314,7 @@ def test_save_on_two_ranks_resume_on_one(runs):
     env = D.setup(device="cpu")
     model = make_model(seed=7)  # different init: everything must come from the checkpoint
     optimizer = make_optimizer(model)
-    extra = D.load_checkpoint(folder, model, optimizer, env)
+    extra = DC.load_checkpoint(folder, model, optimizer, env)
     assert extra == {"step": SAVE_AT}
     losses = train(model, optimizer, env, runs["data"], STEPS, 4, start=SAVE_AT)[0]
     ranks = runs["ranks"]
@@ -325,7 +326,7 @@ def test_resume_on_one_is_exact_and_on_two_matches(runs):
     env = D.setup(device="cpu")
     model = make_model(seed=7)
     optimizer = make_optimizer(model)
-    extra = D.load_checkpoint(runs["folder"] / "ckpt_1rank", model, optimizer, env)
+    extra = DC.load_checkpoint(runs["folder"] / "ckpt_1rank", model, optimizer, env)
     losses = train(model, optimizer, env, runs["data"], STEPS, 4, start=extra["step"])[0]
     assert losses == runs["ref"]["losses"][SAVE_AT:]
     for key, value in state_of(model).items():
@@ -429,7 +430,7 @@ def test_activation_checkpointing_both_routes_recompute_with_same_gradients():
     inner_blocks = list(wrapped.blocks)
     assert D.enable_activation_checkpointing(wrapped) == "checkpoint_wrapper"
     assert type(wrapped.blocks[0]).__name__ == "CheckpointWrapper"
-    assert D.full_state_dict(wrapped).keys() == _NoAttributeModel().state_dict().keys()  # names kept
+    assert DC.full_state_dict(wrapped).keys() == _NoAttributeModel().state_dict().keys()  # names kept
     got = []
     assert _count_block_calls(wrapped, inner_blocks, lambda: got.extend(grads(wrapped))) == 4  # recomputed
     assert len(got) == len(expected) == 7
