@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from atomic import read_json, write_json
+
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"]  # ids 0, 1, 2, 3 in a BPE we train
 SPLITS = ("train", "val", "test")
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -389,10 +391,9 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
                     overlong=overlong, whole_file_lines=whole_file_lines, include_tests=include_tests,
                     max_files=max_files, val_fraction=val_fraction, test_fraction=test_fraction)
     meta_path = out / "meta.json"
-    if meta_path.is_file() and not force:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("settings") == settings:
-            return meta
+    meta = None if force else _finished_meta(meta_path, settings)
+    if meta is not None:
+        return meta
     # Build into a staging folder beside `out`; the old cache stays untouched (and usable) until the new
     # one is complete, then checkpoint.swap_folder replaces it (a complete copy exists at every instant).
     # One builder at a time (locks.exclusive): a second process waits, then reuses the finished cache.
@@ -401,8 +402,9 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out.parent / f".{out.name}.lock"):
         recover_folder(out)
-        if meta_path.is_file() and not force and json.loads(meta_path.read_text()).get("settings") == settings:
-            return json.loads(meta_path.read_text())  # finished by another process while we waited
+        meta = None if force else _finished_meta(meta_path, settings)
+        if meta is not None:
+            return meta  # finished by another process while we waited
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
         try:
             meta = _build_into(stage, corpus, files, fingerprint, settings, seq_len, vocab_size, tokenizer,
@@ -412,6 +414,16 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return meta
+
+
+def _finished_meta(meta_path, settings):
+    """The cache's meta when it is complete and built with `settings`, else None (absent, other settings, or
+    an unreadable meta.json: then the cache is rebuilt in a staging folder and swapped in)."""
+    try:
+        meta = read_json(meta_path) if meta_path.is_file() else None
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) and meta.get("settings") == settings else None
 
 
 def check_build_args(seq_len, vocab_size, tokenizer, encoder_seq_len, overlong, whole_file_lines, max_files,
@@ -472,9 +484,7 @@ def _build_into(out, corpus, files, fingerprint, settings, seq_len, vocab_size, 
             **demasker_tok.special_ids(), "shared_tokenizer": encoder_tok is None,
             "encoder": dict(encoder_tok.special_ids(), seq_len=encoder_seq_len or seq_len) if encoder_tok else None,
             "build_seconds": round(time.time() - started, 1)}
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)  # written last: its presence means the cache is complete
+    write_json(meta_path, meta)  # written last: its presence means the cache is complete
     return meta
 
 
@@ -483,7 +493,26 @@ def load_meta(folder):
     if not (folder / "meta.json").is_file():
         raise FileNotFoundError(f"{folder} is not a finished data cache (no meta.json); build it with "
                                 f"`python data.py --out {folder}`")
-    return json.loads((folder / "meta.json").read_text())
+    return read_json(folder / "meta.json", f"rebuild the cache: python data.py --out {folder} --force ...")
+
+
+def check_tokenizer_matches(data_dir, run_dir, what="the checkpoint"):
+    """Data and a checkpoint belong together only if the cache's tokenizer file(s) are byte for byte the ones
+    the checkpoint was trained with (train_ae.py copies them next to demasker/). Refuses a mismatch naming
+    both sha256s; a run without a tokenizer copy is not checked. Returns the files compared."""
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    compared = []
+    for name in ("tokenizer.json", "encoder_tokenizer.json"):
+        ours, theirs = data_dir / name, run_dir / name
+        if not (ours.is_file() and theirs.is_file()):
+            continue
+        hashes = [hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in (ours, theirs)]
+        if hashes[0] != hashes[1]:
+            raise ValueError(f"the data cache's {ours} (sha256 {hashes[0]}) is not the tokenizer {what} {run_dir} was "
+                             f"trained with ({theirs}, sha256 {hashes[1]}); pass --data the cache the run was "
+                             f"trained on (its args.json 'data')")
+        compared.append(name)
+    return compared
 
 
 def load_split(folder, split):

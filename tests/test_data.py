@@ -1,6 +1,7 @@
 """data.py: corpus reading and splitting, tokenizers, the memmapped token cache, resumable batches."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,57 @@ def test_the_cli_names_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--seq-len must be"):
         data.main(["--out", str(tmp_path / "c"), "--seq-len", "1"])
     assert not (tmp_path / "c").exists()
+
+
+def _build_in_child(out, corpus, queue, barrier, log):
+    import sys
+    sys.stderr = open(log, "w")  # build_dataset announces each tokenizer it trains here: one line per build
+    try:
+        barrier.wait(timeout=60)  # both children past their imports: the builds really overlap
+        meta = build(Path(out), Path(corpus))
+        queue.put(("ok", meta["settings"]))
+    except BaseException as error:  # report, never hang the parent
+        queue.put(("error", repr(error)))
+    finally:
+        sys.stderr.close()
+
+
+def test_two_processes_build_one_cache_together(tmp_path, corpus):
+    """Started together on a fresh cache: both succeed, one builds, the other waits on the lock and reuses it."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(2)
+    out, logs = tmp_path / "cache", [tmp_path / f"child{i}.log" for i in range(2)]
+    procs = [ctx.Process(target=_build_in_child, args=(str(out), str(corpus), queue, barrier, str(log)))
+             for log in logs]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert [r[0] for r in results] == ["ok", "ok"], results
+    assert sum(log.read_text().count("training a byte-level BPE") for log in logs) == 1  # one build
+    assert results[0][1] == results[1][1] == data.load_meta(out)["settings"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".cache.stage")]  # no stray stage
+    assert data.TokenData(out, "train").batch([0])["ids"].shape == (1, 64)
+
+
+def test_an_unreadable_meta_names_the_file_and_a_rebuild_replaces_it(tmp_path, corpus):
+    out = tmp_path / "cache"
+    meta = build(out, corpus)
+    (out / "meta.json").write_text('{"settings": ')  # truncated
+    with pytest.raises(ValueError, match=r"meta.json is not readable JSON.*python data.py --out"):
+        data.load_meta(out)
+    assert build(out, corpus)["settings"] == meta["settings"] and data.load_meta(out)["settings"] == meta["settings"]
+
+
+def test_check_tokenizer_matches_names_both_files(tmp_path, corpus):
+    out = tmp_path / "cache"
+    build(out, corpus)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
+    assert data.check_tokenizer_matches(out, run) == ["tokenizer.json"]
+    (run / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"cache.*tokenizer.json \(sha256 \w+\) is not the tokenizer.*run"):
+        data.check_tokenizer_matches(out, run)
