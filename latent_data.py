@@ -29,13 +29,12 @@ of training (train_prior.py builds them itself when missing).
 import argparse
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from atomic import read_json, write_json
 from locks import exclusive
 
 BANK_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -113,7 +112,8 @@ class RegisterBank:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.meta = read_json(self.folder / "meta.json", f"delete {self.folder} and run latent_data.py (or "
+                              f"train_prior.py) again to rebuild the bank")
         if not self.meta.get("complete"):
             raise ValueError(f"{self.folder} is an unfinished register bank; run latent_data.py again to finish it")
         self.registers = np.load(self.folder / "registers.npy", mmap_mode="r")
@@ -135,10 +135,16 @@ class RegisterBank:
 
 def _write_json(path, payload):
     """Atomic JSON write under a temporary name of its own (two writers never share a .tmp file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=Path(path).parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, payload, sort_keys=True)
+
+
+def _stored_meta(meta_path):
+    """A bank's meta.json, or None when absent or unreadable (a bank killed while its meta was first written:
+    it is started over)."""
+    try:
+        return read_json(meta_path) if meta_path.is_file() else None
+    except ValueError:
+        return None
 
 
 def build_lock(lock_path, enabled=True):
@@ -167,7 +173,7 @@ def build_bank(encoder_dir, data_dir, split, num_registers, cache_dir, batch_siz
     key, encoder_hash = bank_key(encoder_dir, data_dir, split, num_registers, bank_dtype)
     folder = Path(cache_dir) / f"bank-{split}-K{num_registers}-{key[:16]}"
     meta_path = folder / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("complete"):
+    if (_stored_meta(meta_path) or {}).get("complete"):
         return folder
     # One builder at a time per bank, across processes (two priors trained side by side on one AE run);
     # the ranks of one job share rank 0's lock.
@@ -183,7 +189,7 @@ def _build_locked(folder, meta_path, key, encoder_hash, encoder_dir, data_dir, s
     from data import TokenData
     from encoder import Encoder
 
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("complete"):
+    if (_stored_meta(meta_path) or {}).get("complete"):
         return folder
 
     data = TokenData(data_dir, split)
@@ -194,7 +200,7 @@ def _build_locked(folder, meta_path, key, encoder_hash, encoder_dir, data_dir, s
     num_chunks = max(1, -(-N // chunk_size))
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        if not meta_path.is_file():  # a fresh bank: allocate; an unfinished one keeps its files
+        if _stored_meta(meta_path) is None:  # a fresh bank: allocate; an unfinished one keeps its files
             np.lib.format.open_memmap(folder / "registers.npy", mode="w+", dtype=BANK_DTYPES[bank_dtype],
                                       shape=(N, num_registers, d)).flush()
             np.save(folder / "done.npy", np.zeros(num_chunks, dtype=np.uint8))
@@ -203,7 +209,7 @@ def _build_locked(folder, meta_path, key, encoder_hash, encoder_dir, data_dir, s
                                     "split": split, "shape": [N, num_registers, d], "dtype": bank_dtype,
                                     "chunk_size": chunk_size, "complete": False})
     _barrier(env)
-    stored = json.loads(meta_path.read_text())
+    stored = read_json(meta_path)
     if stored["chunk_size"] != chunk_size:
         chunk_size = stored["chunk_size"]  # resume with the layout the bank was started with
         num_chunks = max(1, -(-N // chunk_size))
@@ -229,7 +235,7 @@ def _build_locked(folder, meta_path, key, encoder_hash, encoder_dir, data_dir, s
     if rank == 0:
         if not np.load(folder / "done.npy").all():
             raise RuntimeError(f"{folder}: some chunks were not written; run again to finish the bank")
-        _write_json(meta_path, {**json.loads(meta_path.read_text()), "complete": True})
+        _write_json(meta_path, {**read_json(meta_path), "complete": True})
     _barrier(env)
     return folder
 

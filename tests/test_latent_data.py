@@ -58,3 +58,19 @@ def test_a_second_builder_waits_for_the_lock_then_reuses_the_bank(run, tmp_path)
     status, built = queue.get(timeout=120)
     proc.join(timeout=60)
     assert (status, built) == ("ok", str(folder))
+
+
+def test_an_unreadable_bank_meta_is_named_and_a_rebuild_starts_it_over(run, tmp_path):  # noqa: F811
+    import pytest
+    cache = tmp_path / "banks"
+
+    def build():
+        return LD.build_bank(run["ae"] / "encoder", run["data"], "train", 4, cache, batch_size=4, chunk_size=8,
+                             progress=False)
+
+    folder = build()
+    registers = np.asarray(LD.RegisterBank(folder).registers).copy()
+    (folder / "meta.json").write_text('{"key": ')  # a torn write
+    with pytest.raises(ValueError, match=r"meta.json is not readable JSON.*delete .*bank-train"):
+        LD.RegisterBank(folder)
+    assert build() == folder and np.array_equal(np.asarray(LD.RegisterBank(folder).registers), registers)
