@@ -49,6 +49,13 @@ def decode_programs(tokenizer, tokens, eos_id, bos_id=None):
 # ------------------------------------------------------------------------------------------------
 
 
+def run_folder(ckpt):
+    """A train_ae.py run folder -> its latest checkpoint folder (OUT/checkpoint), else the folder itself."""
+    from pathlib import Path
+    folder = Path(ckpt)
+    return folder / "checkpoint" if (folder / "checkpoint" / "demasker").is_dir() else folder
+
+
 def load_run(ckpt, need_encoder, device="cpu", dtype=None):
     """(demasker, encoder | None, tokenizer) from a train_ae.py run (OUT or OUT/checkpoint: demasker/, encoder/,
     tokenizer.json).
@@ -59,9 +66,7 @@ def load_run(ckpt, need_encoder, device="cpu", dtype=None):
     from demasker import Demasker
     from encoder import Encoder
 
-    folder = Path(ckpt)
-    if (folder / "checkpoint" / "demasker").is_dir():  # a run folder: its latest checkpoint
-        folder = folder / "checkpoint"
+    folder = run_folder(ckpt)
     demasker_dir = folder / "demasker" if (folder / "demasker").is_dir() else folder
     if not (demasker_dir / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no demasker/ (or config.json); pass --ckpt a train_ae.py output folder")
@@ -253,6 +258,8 @@ def main(argv=None):
     if autoencoding:
         if args.data is None:
             raise ValueError("--method autoencode needs --data, the data cache folder written by data.py")
+        from data import check_tokenizer_matches
+        check_tokenizer_matches(args.data, run_folder(args.ckpt), "the AE run")  # data and checkpoint belong together
         sources = validation_sources(args.data, args.num, tokenizer, cfg, encoder.cfg)
         gen_length = args.gen_length or sources["length"]
     else:
@@ -330,13 +337,8 @@ def main(argv=None):
         for record in gathered:
             show(record, autoencoding)
     if args.out:  # a temporary file of our own, renamed at the end: an existing file is replaced whole or kept
-        import tempfile
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(args.out)}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w") as out:
-            out.writelines(json.dumps(record) + "\n" for record in gathered)
-        os.replace(tmp, args.out)
+        from atomic import write_text
+        write_text(args.out, "".join(json.dumps(record) + "\n" for record in gathered))
     errors = [record["cer"] for record in gathered] if autoencoding else []
     summary = (f"{args.num} programs on {env.world_size} rank(s), NFE {gathered[-1]['nfe']:.4g} per batch, "
                f"{time.time() - start:.1f}s")

@@ -349,8 +349,10 @@ def test_cli_base_and_autoencode_on_a_tiny_checkpoint(tmp_path, monkeypatch, cap
         def decode(self, ids):
             return "".join(chr(33 + i % 90) for i in ids)
 
+    import data as real_data
     stub = types.SimpleNamespace(load_tokenizer=lambda path: Tok(),
-                                 load_split=lambda data_dir, split: {"ids": val.numpy()})
+                                 load_split=lambda data_dir, split: {"ids": val.numpy()},
+                                 check_tokenizer_matches=real_data.check_tokenizer_matches)
     monkeypatch.setitem(sys.modules, "data", stub)
 
     out = tmp_path / "base.jsonl"
@@ -369,6 +371,19 @@ def test_cli_base_and_autoencode_on_a_tiny_checkpoint(tmp_path, monkeypatch, cap
     assert all(r["cer"] == S.cer(r["source"], r["text"]) and len(r["tokens"]) == L for r in records)
     printed = capsys.readouterr().out
     assert "--- source" in printed and "mean CER" in printed
+
+    # A data cache tokenized with another tokenizer: refused before decoding, naming both; --out untouched.
+    (tmp_path / "other_data").mkdir()
+    (tmp_path / "other_data" / "tokenizer.json").write_text('{"another": 1}')
+    before = out.read_text()
+    with pytest.raises(ValueError, match=r"other_data/tokenizer.json \(sha256 \w+\) is not the tokenizer the AE run"):
+        S.main(["--ckpt", str(tmp_path / "run"), "--method", "autoencode", "--data", str(tmp_path / "other_data"),
+                "--steps", "4", "--num", "2", "--out", str(out), "--device", "cpu"])
+    assert out.read_text() == before
+    with pytest.raises(SystemExit, match=r"--keep 99 but the encoder has K=\d+ registers; choose 1 <= --keep <= "):
+        S.main(["--ckpt", str(tmp_path / "run"), "--method", "autoencode", "--data", "unused", "--keep", "99",
+                "--steps", "4", "--num", "2", "--out", str(out), "--device", "cpu"])
+    assert out.read_text() == before
 
 
 class _CharTokenizer:
