@@ -13,20 +13,28 @@ Paper map (arXiv 2603.20210):
   `refresh_at` of the loop (default 0.5, App. G's best setting) the registers are redrawn from the
   conditional prior, z_0 ~ G_psi(eps, h(x_t)), with its own number of DDIM steps (paper: 32). h(x_t)
   is the encoder's register bank of the current canvas with the still-masked positions hidden
-  (encoder `hide`), built by latent_data.visible_view exactly as in conditional training (Alg. 4).
+  (encoder `hide`), built by the cross_tokenizer view exactly as in conditional training (Alg. 4).
   Comment (i) of Sec. 4.3.2: Alg. 3 refreshes at every step; refreshing at a subset is the variant the
   paper evaluates. refresh_at = () gives ConThenDisc exactly (same seeds, same output; tested). The
   initial registers come from the unconditional prior (App. G: "@0 is ConThenDisc"); without one they
   come from the conditional prior given the all-masked canvas (Alg. 3 line 6 at t = 1).
-- Tokenizers: h embeds x_t directly, which needs the encoder and demasker to share a tokenizer (the
-  tiny setting). With the paper's pair (Qwen3 / LLaDA) the visible spans of x_t would have to be
-  detokenised and re-tokenised for Qwen with a hidden mask over the gaps; that is not implemented and
-  raises NotImplementedError naming the gap (train_prior.py records `shared_tokenizer` in prior.json).
+- Tokenizers: h reads a canvas of demasker ids. With one shared tokenizer (the tiny setting) it embeds
+  x_t directly; with the paper's pair (Qwen3 / LLaDA) the canvas goes through cross_tokenizer's view
+  (visible runs detokenised and re-tokenised for the encoder, hidden slots over the gaps), the same view
+  conditional training takes of x^(r). Prior.view holds it; load_prior builds it from the AE run's two
+  tokenizer files and the slots-per-token ratio recorded in prior.json ("cross_tokenizer").
 
-NFE, the way the paper counts it (Sec. 5, Fig. 6, App. G "adding less than 2 to the NFE"): the number
-of demasker calls plus the prior's cost in demasker-call equivalents. `nfe_report` returns the raw call
-counts (demasker, DiT, conditional DiT, encoder) and equivalent = sum(calls x forward FLOPs) / demasker
-forward FLOPs, all per example. Forward FLOPs come from the configs (`*_flops` below): 2 x (multiply-
+NFE, the way the paper counts it (Sec. 5 footnote 4, Fig. 6, App. G "adding less than 2 to the NFE"): the
+number of demasker calls plus every other model's calls weighted by its size, nfe = demasker calls +
+sum_m calls_m x params(m) / params(demasker) ("the denoiser (400M parameters) is activated 128 times,
+leading to an overall load of ~6 demasker (8B) activations"; with the 32-step conditional refresh the
+reported points are 32 + 8 = 40). `nfe_report` returns that count as "nfe" (with "prior_equivalent"), the
+raw call counts (demasker, DiT, conditional DiT, encoder), the parameter counts, and beside it a FLOP-based
+equivalent "nfe_flops" = demasker calls + sum(calls x forward FLOPs) / demasker forward FLOPs, all per
+example. The FLOP count is ours, not the paper's: a DiT over K = 8 registers costs far less than its
+parameter share (its 8 tokens against the demasker's L), so the two differ by ~50x at the paper's sizes.
+The generators also time themselves ("seconds_per_sample", wall clock, CUDA synchronised).
+Forward FLOPs come from the configs (`*_flops` below): 2 x (multiply-
 adds of every matmul-like layer applied per token) + the attention matmuls 4 x T_q x T_k x heads x
 head_dim per layer (QK^T and AV, a full score matrix also for causal attention, as SDPA with a mask
 computes it). Norms, activations, softmax and RoPE are ignored (< 1% at these widths). Embedding
@@ -36,6 +44,7 @@ tests/test_generators.py checks the formulas against torch's FlopCounterMode on 
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -63,6 +72,7 @@ class Prior:
     block_offsets: bool = True            # False = the ablation (all registers at the same time)
     encoder: Optional[torch.nn.Module] = None  # conditional prior: the encoder that embeds x_t
     shared_tokenizer: bool = True         # encoder and demasker read the same token ids
+    view: Optional[object] = None         # cross_tokenizer view of a demasker canvas (None: shared, today's)
 
     @property
     def conditional(self):
@@ -102,23 +112,41 @@ def load_prior(folder, ae=None, device="cpu", dtype=None):
     if ae is not None:
         check_prior_matches_ae(folder, settings, ae)
     dit = LatentDiT.from_pretrained(str(folder / "dit"), dtype=dtype, device=device).eval()
-    encoder = None
+    encoder = view = None
+    shared = settings.get("shared_tokenizer", True)
     if dit.cfg.cond_dim:
+        ae_dir = Path(ae or settings["ae"])
+        if (ae_dir / "checkpoint" / "encoder").is_dir():  # a train_ae.py run folder: its checkpoint
+            ae_dir = ae_dir / "checkpoint"
         if (folder / "cond_encoder").is_dir():
             encoder_dir = folder / "cond_encoder"
         else:
-            ae_dir = Path(ae or settings["ae"])
-            if (ae_dir / "checkpoint" / "encoder").is_dir():  # a train_ae.py run folder: its checkpoint
-                ae_dir = ae_dir / "checkpoint"
             encoder_dir = ae_dir / "encoder"
             if not encoder_dir.is_dir():
                 raise FileNotFoundError(f"the conditional prior {folder} embeds x_t with the AE encoder, but "
                                         f"{encoder_dir} does not exist; pass --ae the train_ae.py run it was trained on")
         encoder = Encoder.from_pretrained(str(encoder_dir), num_registers=settings["cond_registers"],
                                           dtype=dtype, device=device).eval()
+        view = _load_view(settings, folder, ae_dir) if not shared else None
     return Prior(dit=dit, num_registers=settings["num_registers"], max_offset=settings["max_offset"],
-                 block_offsets=settings["block_offsets"], encoder=encoder,
-                 shared_tokenizer=settings.get("shared_tokenizer", True))
+                 block_offsets=settings["block_offsets"], encoder=encoder, shared_tokenizer=shared, view=view)
+
+
+def _load_view(settings, folder, ae_dir):
+    """The cross-tokenizer view a two-tokenizer conditional prior was trained with: prior.json's
+    "cross_tokenizer" ({"slots_per_token", "max_length"}) and the tokenizer files of the prior folder or of the
+    AE checkpoint. None for a prior trained before the view existed (ConWithinDisc then refuses it)."""
+    from cross_tokenizer import view_from_files
+
+    recorded = settings.get("cross_tokenizer") or {}
+    if "slots_per_token" not in recorded:
+        return None
+    for source in (folder, ae_dir):
+        if (source / "tokenizer.json").is_file() and (source / "encoder_tokenizer.json").is_file():
+            return view_from_files(source, recorded["slots_per_token"], recorded.get("max_length"))
+    raise FileNotFoundError(f"the conditional prior {folder} reads the demasker canvas through two tokenizers, but "
+                            f"neither {folder} nor {ae_dir} holds tokenizer.json and encoder_tokenizer.json; pass --ae "
+                            f"the train_ae.py run it was trained on")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,17 +188,22 @@ def sample_registers(prior, batch_size, steps=128, cond=None, cond_mask=None, ge
 
 
 @torch.no_grad()
-def embed_canvas(encoder, x, mask_id, eos_id):
+def embed_canvas(encoder, x, mask_id, eos_id, view=None):
     """h(x_t) for ConWithinDisc: the encoder's registers of the canvas x (B, L) with [M] positions hidden
-    and the text after the first visible EOS treated as padding (latent_data.visible_view, the same view
-    conditional training builds from x^(r)). Hidden ids are replaced by the encoder's pad id so that the
-    [M] id need not exist in its vocabulary. Returns (cond (B, Kc, d), cond_mask None: all valid)."""
-    from latent_data import visible_view
-
+    and the text after the first visible EOS treated as padding, the same view conditional training builds
+    from x^(r). view None (one shared tokenizer): latent_data.visible_view on x itself, hidden ids replaced by
+    the encoder's pad id so that the [M] id need not exist in its vocabulary. view (cross_tokenizer): the
+    canvas re-tokenised for the encoder, hidden slots over the masked runs.
+    Returns (cond (B, Kc, d), cond_mask None: all valid)."""
     masked = x == mask_id
-    attention_mask, hide = visible_view(x, masked, eos_id)
-    ids = x.masked_fill(masked, encoder.cfg.pad_token_id)
-    return encoder(ids, attention_mask=attention_mask, hide=hide).float(), None
+    if view is None:
+        from latent_data import visible_view
+        attention_mask, hide = visible_view(x, masked, eos_id)
+        ids = x.masked_fill(masked, encoder.cfg.pad_token_id)
+    else:
+        ids, attention_mask, hide = view(x, masked)
+    device = _model_device(encoder)
+    return encoder(ids.to(device), attention_mask=attention_mask.to(device), hide=hide.to(device)).float(), None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,25 +253,68 @@ def dit_flops(cfg, num_registers, cond_tokens=0):
     return embed + cfg.depth * block + _linear(K, h, cfg.register_dim)
 
 
-def nfe_report(demasker_cfg, gen_length, num_registers, demasker_calls, prior=None, prior_calls=0,
-               cond_prior=None, cond_prior_calls=0, encoder_calls=0):
-    """Raw call counts and the paper's NFE = demasker calls + prior cost in demasker-call equivalents.
+def param_count(module):
+    """Parameters of a model (each shared tensor once): the paper's unit of cost per call."""
+    return sum(p.numel() for p in module.parameters())
 
+
+def config_param_count(model_class, cfg):
+    """Parameters of model_class(cfg) without allocating them (built on the meta device): paper-size models."""
+    with torch.device("meta"):
+        return param_count(model_class(cfg))
+
+
+def paper_nfe(demasker_calls, demasker_params, others=()):
+    """The paper's NFE: demasker calls + sum over the other models of calls x params / params(demasker).
+    others: (calls, params) pairs. Returns (nfe, the others' share in demasker calls)."""
+    equivalent = sum(calls * params for calls, params in others) / demasker_params
+    return demasker_calls + equivalent, equivalent
+
+
+def nfe_report(demasker_cfg, gen_length, num_registers, demasker_calls, prior=None, prior_calls=0,
+               cond_prior=None, cond_prior_calls=0, encoder_calls=0, demasker_params=None, seconds=None,
+               batch_size=None):
+    """Raw call counts and the two NFE counts, per example (module docstring).
+
+    "nfe" / "prior_equivalent": the paper's count, by parameters (needs demasker_params; without it "nfe" falls
+    back to the FLOP count and says so in "nfe_count"). "nfe_flops" / "prior_equivalent_flops": by forward FLOPs.
     num_registers: k fed to the demasker. The conditional prior's cost per call is its DiT on K registers
     cross-attending to the Kc conditioning registers; each refresh also runs the encoder once on the
-    gen_length canvas. Returns a dict (see the module docstring for the FLOP model)."""
+    gen_length canvas. seconds, batch_size: the generator's wall clock for the batch -> "seconds_per_sample"."""
     per_call = demasker_flops(demasker_cfg, gen_length, num_registers)
-    prior_flops = 0
+    prior_flops, others, params = 0, [], {"demasker": demasker_params}
     if prior is not None and prior_calls:
         prior_flops += prior_calls * dit_flops(prior.dit.cfg, prior.num_registers)
+        params["prior"] = param_count(prior.dit)
+        others.append((prior_calls, params["prior"]))
     if cond_prior is not None and (cond_prior_calls or encoder_calls):
         cond_registers = cond_prior.encoder.cfg.num_registers
         prior_flops += cond_prior_calls * dit_flops(cond_prior.dit.cfg, cond_prior.num_registers, cond_registers)
         prior_flops += encoder_calls * encoder_flops(cond_prior.encoder.cfg, gen_length)
-    equivalent = prior_flops / per_call
-    return {"demasker_calls": demasker_calls, "prior_calls": prior_calls, "cond_prior_calls": cond_prior_calls,
-            "encoder_calls": encoder_calls, "demasker_flops_per_call": per_call, "prior_flops": prior_flops,
-            "prior_equivalent": equivalent, "nfe": demasker_calls + equivalent}
+        params["cond_prior"], params["encoder"] = param_count(cond_prior.dit), param_count(cond_prior.encoder)
+        others += [(cond_prior_calls, params["cond_prior"]), (encoder_calls, params["encoder"])]
+    flops_equivalent = prior_flops / per_call
+    report = {"demasker_calls": demasker_calls, "prior_calls": prior_calls, "cond_prior_calls": cond_prior_calls,
+              "encoder_calls": encoder_calls, "params": params, "demasker_flops_per_call": per_call,
+              "prior_flops": prior_flops, "prior_equivalent_flops": flops_equivalent,
+              "nfe_flops": demasker_calls + flops_equivalent}
+    if demasker_params:
+        report["nfe"], report["prior_equivalent"] = paper_nfe(demasker_calls, demasker_params, others)
+        report["nfe_count"] = "params"
+    else:
+        report["nfe"], report["prior_equivalent"] = report["nfe_flops"], flops_equivalent
+        report["nfe_count"] = "flops"
+    if seconds is not None:
+        report["seconds"] = seconds
+        report["seconds_per_sample"] = seconds / batch_size if batch_size else seconds
+    return report
+
+
+def _clock(device):
+    """Wall-clock seconds, after the device's queued work (CUDA kernels run asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,10 +365,14 @@ def conthendisc(demasker, prior, batch_size, gen_length=256, block_length=None, 
     _check_prior(prior, demasker, "prior", conditional=False)
     block_length, steps = block_length or gen_length, steps or gen_length
     check_schedule(gen_length, block_length, steps)
+    device = _model_device(demasker)
+    started = _clock(device)
     registers, prior_calls = sample_registers(prior, batch_size, prior_steps, generator=prior_generator)
     tokens, calls = generate(demasker, batch_size, gen_length, block_length, steps, temperature, remasking,
                              mask_id, registers=registers, generator=generator, decoding=decoding, stats=stats)
-    return tokens, nfe_report(demasker.cfg, gen_length, prior.num_registers, calls, prior, prior_calls)
+    return tokens, nfe_report(demasker.cfg, gen_length, prior.num_registers, calls, prior, prior_calls,
+                              demasker_params=param_count(demasker), seconds=_clock(device) - started,
+                              batch_size=batch_size)
 
 
 def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length=None, steps=None,
@@ -309,11 +389,13 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
     Returns (tokens (B, gen_length), nfe_report).
     """
     _check_prior(cond_prior, demasker, "cond_prior", conditional=True)
-    if not cond_prior.shared_tokenizer:
-        raise NotImplementedError(
-            "ConWithinDisc embeds the demasker's canvas x_t with the encoder, which needs a shared tokenizer; this "
-            "conditional prior was trained on an encoder with its own tokenizer. Re-tokenising the visible spans of "
-            "x_t for the encoder is not implemented yet; use ConThenDisc, or an AE run with one tokenizer")
+    view = cond_prior.view
+    if not cond_prior.shared_tokenizer and view is None:
+        raise ValueError(
+            "this conditional prior's encoder has its own tokenizer, and ConWithinDisc needs the cross-tokenizer view "
+            "it was trained with (prior.json 'cross_tokenizer': slots_per_token); a prior trained before that view "
+            "existed masked the encoder's ids, not the demasker's canvas: retrain it with train_prior.py --conditional "
+            "(or set Prior.view to a cross_tokenizer.CrossTokenizerView)")
     if cond_prior.encoder is None:
         raise ValueError("cond_prior has no encoder to embed x_t; load it with generators.load_prior")
     block_length, steps = block_length or gen_length, steps or gen_length
@@ -321,13 +403,14 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
     mask_id = _resolve_mask_id(demasker, mask_id)
     eos_id = demasker.cfg.eos_token_id
     device = _model_device(demasker)
+    started = _clock(device)
     counts = {"prior": 0, "cond_prior": 0, "encoder": 0}
     if prior is not None:
         _check_prior(prior, demasker, "prior", conditional=False)
         registers, counts["prior"] = sample_registers(prior, batch_size, prior_steps, generator=prior_generator)
     else:
         canvas = torch.full((batch_size, gen_length), mask_id, dtype=torch.long, device=device)
-        cond, cond_mask = embed_canvas(cond_prior.encoder, canvas, mask_id, eos_id)
+        cond, cond_mask = embed_canvas(cond_prior.encoder, canvas, mask_id, eos_id, view)
         counts["encoder"] += 1
         registers, counts["cond_prior"] = sample_registers(cond_prior, batch_size, prior_steps, cond, cond_mask,
                                                            generator=prior_generator)
@@ -348,7 +431,7 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
     def refresh(step, x, old, register_mask):
         if not due(step, x):
             return None
-        cond, cond_mask = embed_canvas(cond_prior.encoder, x, mask_id, eos_id)
+        cond, cond_mask = embed_canvas(cond_prior.encoder, x, mask_id, eos_id, view)
         counts["encoder"] += 1
         new, calls = sample_registers(cond_prior, batch_size, refresh_prior_steps, cond, cond_mask,
                                       generator=prior_generator)
@@ -363,5 +446,6 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
                              refresh_registers=refresh if (when or (adaptive and pending)) else None,
                              decoding=decoding, stats=stats)
     report = nfe_report(demasker.cfg, gen_length, cond_prior.num_registers, calls, prior, counts["prior"],
-                        cond_prior, counts["cond_prior"], counts["encoder"])
+                        cond_prior, counts["cond_prior"], counts["encoder"], demasker_params=param_count(demasker),
+                        seconds=_clock(device) - started, batch_size=batch_size)
     return tokens, report

@@ -215,7 +215,7 @@ def test_generators_reject_mismatched_priors(models):
     with pytest.raises(ValueError, match="conditional"):
         G.conwithindisc(demasker, prior, 1, gen_length=8, steps=2)
     separate = G.Prior(cond_prior.dit, K, encoder=cond_prior.encoder, shared_tokenizer=False)
-    with pytest.raises(NotImplementedError, match="tokenizer"):
+    with pytest.raises(ValueError, match="cross-tokenizer view"):  # a two-tokenizer prior without its view
         G.conwithindisc(demasker, separate, 1, gen_length=8, steps=2)
 
 
@@ -243,8 +243,15 @@ def test_nfe_counts_equal_forward_calls(models, use_prior):
     assert report["encoder_calls"] == enc.calls == 2 + (0 if use_prior else 1)
     flops = (dit.calls * G.dit_flops(prior.dit.cfg, K) + cdit.calls * G.dit_flops(cond_prior.dit.cfg, K, K)
              + enc.calls * G.encoder_flops(cond_prior.encoder.cfg, 16))
-    assert report["prior_equivalent"] == pytest.approx(flops / G.demasker_flops(demasker.cfg, 16, K))
+    assert report["prior_equivalent_flops"] == pytest.approx(flops / G.demasker_flops(demasker.cfg, 16, K))
+    assert report["nfe_flops"] == pytest.approx(6 + report["prior_equivalent_flops"])
+    # the paper's count: calls x params / params(demasker)
+    size = lambda m: sum(p.numel() for p in m.parameters())
+    weighted = dit.calls * size(prior.dit) + cdit.calls * size(cond_prior.dit) + enc.calls * size(cond_prior.encoder)
+    assert report["nfe_count"] == "params" and report["params"]["demasker"] == size(demasker)
+    assert report["prior_equivalent"] == pytest.approx(weighted / size(demasker))
     assert report["nfe"] == pytest.approx(6 + report["prior_equivalent"])
+    assert report["seconds_per_sample"] == pytest.approx(report["seconds"] / 2) and report["seconds"] > 0
 
 
 def math_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
@@ -285,3 +292,104 @@ def test_paper_scale_prior_costs_about_what_the_paper_says():
         G.encoder_flops(EncoderConfig.qwen3_embedding_0_6b(num_registers=8), 512)
     assert 0.05 < prior / one_call < 0.2
     assert (prior + refresh) / one_call < 2
+
+
+def test_paper_nfe_count_reproduces_the_papers_numbers():
+    """Sec. 5 footnote 4: a 400M denoiser activated 128 times ~ 6 activations of the 8B demasker; the conditional
+    one with 32 steps < 2; reported points 32 + 8 = 40 (L = 512) and 64 + 8 = 72 (L = 1024)."""
+    nfe, prior = G.paper_nfe(0, 8e9, [(128, 400e6)])
+    assert prior == pytest.approx(6.4) and round(prior) == 6
+    _, cond = G.paper_nfe(0, 8e9, [(32, 400e6)])
+    assert cond == pytest.approx(1.6) and cond < 2
+    assert G.paper_nfe(32, 8e9, [(128, 400e6), (32, 400e6)])[0] == pytest.approx(40)
+    assert G.paper_nfe(64, 8e9, [(128, 400e6), (32, 400e6)])[0] == pytest.approx(72)
+    # with the real parameter counts of the public configs (built on the meta device: nothing allocated)
+    llada = G.config_param_count(Demasker, DemaskerConfig.llada_8b_base())
+    qwen = G.config_param_count(Encoder, EncoderConfig.qwen3_embedding_0_6b(num_registers=8))
+    assert 7.9e9 < llada < 8.1e9 and 0.55e9 < qwen < 0.65e9
+    assert qwen / llada < 0.08  # the encoder's one call per refresh adds < 0.08 to the NFE
+
+
+def test_nfe_without_parameter_counts_falls_back_to_flops(models):
+    demasker, prior, _ = models
+    report = G.nfe_report(demasker.cfg, 16, K, 4, prior, 5)
+    assert report["nfe_count"] == "flops" and report["nfe"] == report["nfe_flops"]
+
+
+# ------------------------------------------------------------------------------------------------
+# ConWithinDisc with two tokenizers (the paper's Qwen3 encoder / LLaDA demasker pair)
+# ------------------------------------------------------------------------------------------------
+
+PROGRAMS = ["def concatenate(a, b):\n    return a + b\n", "for item in items:\n    print(item)\n",
+            "class Counter:\n    def increment(self):\n        self.count += 1\n"] * 3
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers():
+    from data import train_tokenizer
+    demasker_tok = train_tokenizer(PROGRAMS, vocab_size=320)
+    encoder_tok = train_tokenizer(PROGRAMS[:1], vocab_size=264)  # splits the same words differently
+    return demasker_tok, encoder_tok
+
+
+def test_conwithindisc_with_two_tokenizers_end_to_end(two_tokenizers):
+    import cross_tokenizer as X
+    demasker_tok, encoder_tok = two_tokenizers
+    torch.manual_seed(0)
+    demasker = Demasker(DemaskerConfig.tiny(vocab_size=demasker_tok.vocab_size, register_dim=D, max_registers=K,
+                                            mask_token_id=demasker_tok.mask_id, eos_token_id=demasker_tok.eos_id,
+                                            bos_token_id=demasker_tok.bos_id, pad_token_id=demasker_tok.eos_id)).eval()
+    encoder = Counting(Encoder(EncoderConfig.tiny(vocab_size=encoder_tok.vocab_size, hidden_size=D, num_registers=K,
+                                                  pad_token_id=encoder_tok.pad_id,
+                                                  eos_token_id=encoder_tok.eos_id)).eval())
+    view = X.make_view(demasker_tok, encoder_tok, texts=PROGRAMS)
+    assert view.slots_per_token > 1.2
+    seen = []
+    inner = view
+
+    def recording(ids, masked):
+        out = inner(ids, masked)
+        seen.append((ids.clone(), masked.clone(), out))
+        return out
+
+    cond_prior = G.Prior(random_dit(True, 2), K, max_offset=0.2, encoder=encoder, shared_tokenizer=False,
+                         view=recording)
+    prior = G.Prior(random_dit(False, 1), K, max_offset=0.2)
+    events = []
+    tokens, report = G.conwithindisc(demasker, cond_prior, 2, gen_length=24, steps=8, prior=prior, prior_steps=3,
+                                     refresh_at=(0.5,), refresh_prior_steps=2,
+                                     prior_generator=torch.Generator().manual_seed(0),
+                                     on_refresh=lambda step, x, old, new: events.append((step, x.clone())))
+    assert tokens.shape == (2, 24) and report["encoder_calls"] == 1 == len(seen) == len(events)
+    ids, masked, (enc_ids, attention, hide) = seen[0]
+    assert torch.equal(masked, ids == demasker_tok.mask_id) and int(masked.sum()) == 24  # half of 2 x 24 revealed
+    assert bool((enc_ids < encoder_tok.vocab_size).all())  # the encoder got its own ids, never a demasker [M]
+    (_, kwargs), = [call for call in encoder.seen]
+    assert torch.equal(kwargs["hide"], hide) and torch.equal(kwargs["attention_mask"], attention)
+    for b in range(2):  # what the encoder read is the view of that row
+        expected, hidden = view.row(ids[b].tolist(), masked[b].tolist())
+        n = len(expected)
+        assert enc_ids[b, :n].tolist() == expected and hide[b, :n].tolist() == hidden
+
+
+def test_load_prior_builds_the_recorded_view(tmp_path, two_tokenizers):
+    import json
+    import cross_tokenizer as X
+    demasker_tok, encoder_tok = two_tokenizers
+    ae = tmp_path / "ae" / "checkpoint"
+    encoder = Encoder(EncoderConfig.tiny(vocab_size=encoder_tok.vocab_size, hidden_size=D, num_registers=K))
+    encoder.save_pretrained(ae / "encoder")
+    demasker_tok.save(ae / "tokenizer.json")
+    encoder_tok.save(ae / "encoder_tokenizer.json")
+    folder = tmp_path / "prior"
+    random_dit(True).save_pretrained(folder / "dit")
+    settings = {"num_registers": K, "max_offset": 0.2, "block_offsets": True, "ae": str(tmp_path / "ae"),
+                "cond_registers": K, "shared_tokenizer": False,
+                "cross_tokenizer": {"shared_tokenizer": False, "slots_per_token": 1.5, "max_length": 40}}
+    (folder / "prior.json").write_text(json.dumps(settings))
+    prior = G.load_prior(folder)
+    assert isinstance(prior.view, X.CrossTokenizerView) and prior.view.slots_per_token == 1.5
+    assert prior.view.max_length == 40
+    del settings["cross_tokenizer"]  # a prior trained before the view: loads, ConWithinDisc refuses it
+    (folder / "prior.json").write_text(json.dumps(settings))
+    assert G.load_prior(folder).view is None
