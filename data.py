@@ -273,7 +273,12 @@ def load_tokenizer(name_or_path):
         except Exception as error:
             raise FileNotFoundError(f"could not download tokenizer.json of {name_or_path!r} ({error}); "
                                     f"offline, pass the path of a local tokenizer.json instead") from error
-    return TextTokenizer(Tokenizer.from_file(str(path)))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the library's own parse error names neither the file nor the fix
+        raise ValueError(f"{path} is not a readable tokenizer.json ({error}); rebuild the data cache (data.py "
+                         f"--force) or copy the tokenizer.json of the run again") from None
+    return TextTokenizer(tokenizer)
 
 
 def tokenizer_key(name_or_path):

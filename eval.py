@@ -40,7 +40,6 @@ random streams. Presets set sample counts and sweeps: tiny (minutes on CPU), sma
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import sys
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch
 
 import distributed as D
 import metrics as M
+from atomic import read_json
 from report import git_commit, md_table, panel, write_experiment
 from sample import autoencode, batch_seed, check_schedule, decode_programs, generate
 
@@ -85,7 +85,7 @@ def recorded_data_dir(run):
     """The data folder recorded in a run's args.json ("data"), or None."""
     for candidate in (Path(run) / "args.json", Path(run).parent / "args.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text()).get("data")
+            return read_json(candidate, "pass --data the data.py cache the run was trained on").get("data")
     return None
 
 
@@ -104,9 +104,13 @@ class Context:
         if data is None:
             raise ValueError("no --data given and no data folder recorded in the runs' args.json; pass --data "
                              "<the data.py cache the models were trained on>")
-        from data import load_meta, load_tokenizer
+        from data import check_tokenizer_matches, load_meta, load_tokenizer
         self.data_dir = Path(data)
         self.meta = load_meta(self.data_dir)
+        for flag in ("ae", "ae_no_noise", "base"):  # data and checkpoints belong together (tokenizer sha256)
+            if getattr(args, flag):
+                check_tokenizer_matches(self.data_dir, resolve_run(getattr(args, flag)),
+                                        f"the --{flag.replace('_', '-')} run")
         self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
         self.bos_id, self.eos_id = self.meta["bos_id"], self.meta["eos_id"]
         self._cache = {}
@@ -772,7 +776,7 @@ def write_outputs(ctx, name, title, result, text, panels):
     command = "python eval.py " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "eval.py" else None
     scorer_info = None
     if ctx.args.scorer and (Path(ctx.args.scorer) / "scorer.json").is_file():
-        scorer_info = json.loads((Path(ctx.args.scorer) / "scorer.json").read_text())
+        scorer_info = read_json(Path(ctx.args.scorer) / "scorer.json", "retrain it with train_scorer.py")
     record = {"experiment": name, "title": title, "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": command, "git_commit": git_commit(), "preset": ctx.args.preset,
               "settings": {k: v for k, v in vars(ctx.args).items() if k != "func"},
@@ -842,7 +846,34 @@ def parse_args(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (title, _) in EXPERIMENTS.items():
         commands.add_parser(name, parents=[common], help=title, description=title)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_numbers(parser, args)
+    return args
+
+
+COUNTS = ("num", "batch_size", "lengths", "length", "nfe", "blocks", "steps", "registers", "prior_steps",
+          "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples")
+
+
+def check_numbers(parser, args):
+    """Every number checked before anything is loaded (parser.error names the flag and the valid range)."""
+    def each(name):
+        value = getattr(args, name)
+        return [v for v in (value if isinstance(value, list) else [value]) if v is not None]
+    for name in COUNTS:
+        for value in each(name):
+            if value < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("temperature", "sigmas"):
+        for value in each(name):
+            if not value >= 0:
+                parser.error(f"--{name} must be >= 0, got {value}")
+    if not 0 < args.fig7_ratio <= 1:
+        parser.error(f"--fig7-ratio must be in (0, 1], got {args.fig7_ratio}")
+    if not 0 <= args.cond_ratio <= 1:
+        parser.error(f"--cond-ratio must be in [0, 1], got {args.cond_ratio}")
+    if Path(args.out).is_file():
+        parser.error(f"--out {args.out} is a file; pass a folder (NAME.json, REPORT.md and plots go in it)")
 
 
 def main(argv=None):

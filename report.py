@@ -1,13 +1,17 @@
 """Writing eval.py's results: OUT/NAME.json, a section of OUT/REPORT.md, OUT/NAME.png (matplotlib, optional).
 
-Every experiment record holds the command, the git commit, the settings and the results, so a number
+NAME.json and NAME.png are written whole or not at all (atomic.py: a temporary file of this process's
+own, renamed at the end); sections are appended to REPORT.md under a lock, so two eval.py runs sharing OUT
+never interleave. Every experiment record holds the command, the git commit, the settings and the results, so a number
 in the README can be traced to the command that produced it.
 """
 
-import json
 import os
 import subprocess
 from pathlib import Path
+
+from atomic import temporary_path, write_json
+from locks import exclusive
 
 
 def md_table(headers, rows):
@@ -40,8 +44,13 @@ def plot(panels, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    tmp = temporary_path(path)  # drawn beside it, then renamed: a reader never opens half a PNG
+    try:
+        figure.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(figure)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -58,10 +67,7 @@ def write_experiment(out, record, text, panels):
     appends a markdown section (title, command, text, plot) to OUT/REPORT.md. Returns the record."""
     out, name = Path(out), record["experiment"]
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    path = write_json(out / f"{name}.json", record, default=float)
     image = plot(panels, out / f"{name}.png")
     section = [f"## {name}: {record['title']}", "", f"_{record['created']}, preset {record['preset']}_", ""]
     if record.get("command"):
@@ -69,7 +75,7 @@ def write_experiment(out, record, text, panels):
     section += [text, ""]
     if image:
         section += [f"![{name}]({Path(image).name})", ""]
-    with open(out / "REPORT.md", "a") as handle:
+    with exclusive(out / ".REPORT.md.lock"), open(out / "REPORT.md", "a") as handle:  # two evals, one OUT
         handle.write("\n".join(section) + "\n")
     print(f"wrote {path}" + (f" and {image}" if image else "") + f"; appended to {out / 'REPORT.md'}")
     return record

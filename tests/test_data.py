@@ -369,3 +369,9 @@ def test_check_tokenizer_matches_names_both_files(tmp_path, corpus):
     (run / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match=r"cache.*tokenizer.json \(sha256 \w+\) is not the tokenizer.*run"):
         data.check_tokenizer_matches(out, run)
+
+
+def test_an_unreadable_tokenizer_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{torn")
+    with pytest.raises(ValueError, match=r"tokenizer.json is not a readable tokenizer.json .*rebuild"):
+        data.load_tokenizer(tmp_path)

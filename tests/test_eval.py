@@ -208,3 +208,60 @@ def test_missing_inputs_raise_clear_errors(runs):
     without_scorer = [c for c in common if "scorer" not in c]
     with pytest.raises(ValueError, match="train_scorer.py"):
         E.main(["fig8", *without_scorer, "--out", str(root / "results"), "--length", "16"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num", "0"], "--num must be >= 1"), (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--nfe", "8", "0"], "--nfe must be >= 1"), (["--lengths", "-4"], "--lengths must be >= 1"),
+    (["--prior-steps", "0"], "--prior-steps must be >= 1"), (["--mauve-seeds", "0"], "--mauve-seeds must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"), (["--sigmas", "0.5", "nan"], "--sigmas must be >= 0"),
+    (["--fig7-ratio", "0"], "--fig7-ratio must be in (0, 1]"), (["--cond-ratio", "1.5"], "--cond-ratio"),
+])
+def test_numbers_are_refused_before_anything_is_loaded(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        E.parse_args(["fig6", "--ae", str(tmp_path / "nothing"), "--out", str(tmp_path / "results"), *flags])
+    assert message in capsys.readouterr().err and not (tmp_path / "results").exists()
+
+
+def test_pieces_that_do_not_belong_together_are_refused(runs, tmp_path):
+    """A data cache tokenized with another tokenizer than the runs', and a prior of another AE run."""
+    import shutil
+    root, common = runs
+    other = tmp_path / "other_data"
+    shutil.copytree(root / "data", other)
+    (other / "tokenizer.json").write_text('{"another": "tokenizer"}')
+    with pytest.raises(ValueError, match=r"other_data/tokenizer.json \(sha256 \w+\) is not the tokenizer the --ae run"):
+        E.main(["fig4", *common, "--data", str(other), "--out", str(tmp_path / "results")])
+    swapped = [str(root / "ae_plain") if c == str(root / "ae") else c for c in common]  # prior.json names 'ae'
+    (root / "prior" / "prior.json").write_text(json.dumps({**json.loads((root / "prior" / "prior.json").read_text()),
+                                                           "encoder_fingerprint": "0" * 64}))
+    try:
+        with pytest.raises(ValueError, match=r"prior .* was trained on the registers of .*encoder fingerprint 000000"):
+            E.main(["fig6", *swapped, "--out", str(tmp_path / "results"), "--lengths", "16", "--nfe", "16"])
+    finally:
+        settings = json.loads((root / "prior" / "prior.json").read_text())
+        del settings["encoder_fingerprint"]
+        (root / "prior" / "prior.json").write_text(json.dumps(settings))
+    assert not (tmp_path / "results").exists()
+
+
+def test_unreadable_json_names_the_file(runs, tmp_path):
+    import shutil
+    root, common = runs
+    ae = tmp_path / "ae"
+    shutil.copytree(root / "ae", ae)
+    (ae / "args.json").write_text("{not json")
+    without_data = [str(ae) if c == str(root / "ae") else c for c in common]
+    with pytest.raises(ValueError, match=r"ae/args.json is not readable JSON.*pass --data"):
+        E.main(["fig4", *without_data, "--out", str(tmp_path / "results")])
+
+
+def test_report_outputs_are_whole_and_sections_never_interleave(tmp_path):
+    """write_experiment: NAME.json replaced whole (no stray temporary file), REPORT.md appended once per call."""
+    from report import write_experiment
+    record = {"experiment": "demo", "title": "t", "created": "now", "preset": "tiny", "command": "c", "x": 1}
+    for value in (1, 2):
+        write_experiment(tmp_path, {**record, "x": value}, "text", [])
+    assert json.loads((tmp_path / "demo.json").read_text())["x"] == 2
+    assert (tmp_path / "REPORT.md").read_text().count("## demo: t") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".REPORT.md.lock", "REPORT.md", "demo.json"]
