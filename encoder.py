@@ -7,7 +7,8 @@ Paper map:
       z_0 = (z^(1), ..., z^(K)),  z^(1) = state at the last valid token (Qwen's pooling),
                                   z^(j) = state at suffix register slot j-1,
   each register normalised to unit length and rescaled by sqrt(d).
-  Nested dropout: per example only the first k registers are exposed (`keep`).
+  Nested dropout: per example only the first k registers are exposed (`keep`); k is drawn by `sample_keep`,
+  uniform on {1..K} (App. C) or on the levels {1, 2, 4, ..., K} (App. E's grouping; schedules.py docstring).
 - App. E (ConWithinDisc): the same encoder embeds a partially masked sequence x^(r) "with an
   attention mask that blocks information flow through masked positions" (`hide`).
 
@@ -52,6 +53,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
                         read_safetensors, rename_keys, resolve_model_dir, save_model_dir, swap_columns)
 from layers import Block, RMSNorm, init_linear_, rope_angles, rope_cos_sin, rope_inv_freq
+from schedules import sample_keep_levels
 
 
 @dataclass
@@ -156,10 +158,11 @@ def register_keep_mask(keep, num_registers):
     return torch.arange(num_registers, device=keep.device).unsqueeze(0) < keep.unsqueeze(1)
 
 
-def sample_keep(batch_size, num_registers, generator=None, device=None):
-    """Nested dropout (App. C): k ~ U{1, ..., K} per example -> (B,) long."""
+def sample_keep(batch_size, num_registers, generator=None, device=None, distribution="uniform"):
+    """Nested dropout (App. C) -> (B,) long: k ~ U{1, ..., K} ("uniform"), or k uniform over the levels
+    {1, 2, 4, ..., K} ("geometric", App. E's grouping, the paper preset); schedules.sample_keep_levels."""
     device = device if device is not None else (generator.device if generator is not None else "cpu")
-    return torch.randint(1, num_registers + 1, (batch_size,), generator=generator, device=device)
+    return sample_keep_levels(batch_size, num_registers, distribution, generator=generator, device=device)
 
 
 class Encoder(nn.Module):

@@ -7,8 +7,18 @@ Paper map (arXiv 2603.20210):
   The sampler reveals the same number of tokens at each step of a block (LLaDA's get_num_transfer_tokens).
 - Continuous side (App. E, Alg. 4/5): cosine DDPM schedule (Nichol & Dhariwal 2021) in continuous time
   t in [0, 1], x0-prediction, deterministic DDIM sampling (Song et al. 2021, Eq. 12).
-- App. E block-wise timestep offsets: the K registers are split into geometric blocks 1, 2, 4, ...;
-  block b is noised at the effective time t_b = clip(t + Delta_b, 0, 1) with Delta_1 < Delta_2 < ...
+- App. E block-wise timestep offsets: the K registers are split into geometric blocks; block b is noised
+  at the effective time t_b = clip(t + Delta_b, 0, 1) with Delta_1 < Delta_2 < ...
+- Nested dropout (App. C) and the blocks share one set of boundaries, `nested_levels(K)` = 1, 2, 4, ..., K.
+  Our reading of the paper, which says two things: App. C draws "k in {1, ..., K}" (uniform), while App. E
+  groups the registers by "the same geometric grouping used by nested dropout (1, 2, 4, 8, ...)". We read
+  (1, 2, 4, 8, ...) as the nested-dropout LEVELS, the numbers k of registers the demasker may be shown, so
+  that a prior block is exactly what one level adds to the previous one: blocks {1}, {2}, {3, 4}, {5..8},
+  ..., sizes 1, 1, 2, 4, ..., (the last one ends at K when K is not a power of two). `sample_keep_levels`
+  offers both draws of k: "uniform" (App. C as written, k ~ U{1..K}) and "geometric" (k uniform over the
+  levels {1, 2, 4, ..., K}, App. E's grouping; the paper preset). With "uniform" the block boundaries are
+  the same levels (the prior's ordering does not depend on how k was drawn). The previous reading, blocks of
+  sizes 1, 2, 4, ... truncated at K (K = 8 -> [1, 2, 4, 1], boundaries 1, 3, 7, 8), matched neither.
 
 Conventions: t = 0 is clean, t = 1 is fully masked / pure noise (the paper's and LLaDA's direction).
 """
@@ -168,16 +178,40 @@ def ddim_timesteps(steps, t_end=0.0):
 # ------------------------------------------------------------------------------------------------
 
 
-def register_blocks(K):
-    """Geometric register blocks of App. E: sizes 1, 2, 4, ... with the last one truncated so they sum to K.
-    E.g. K = 8 -> [1, 2, 4, 1]; K = 7 -> [1, 2, 4]; K = 1 -> [1]."""
+NESTED_DROPOUT = ("uniform", "geometric")  # how k is drawn (module docstring); the paper preset: geometric
+
+
+def nested_levels(K):
+    """The nested-dropout levels 1, 2, 4, ..., and K (K itself always included): the values geometric nested
+    dropout draws k from, and the last register of every prior block. K = 8 -> [1, 2, 4, 8]; K = 7 -> [1, 2, 4, 7]."""
     if K < 1:
-        raise ValueError(f"register_blocks: K must be >= 1, got {K}")
-    sizes, size = [], 1
-    while sum(sizes) < K:
-        sizes.append(min(size, K - sum(sizes)))
-        size *= 2
-    return sizes
+        raise ValueError(f"nested_levels: K must be >= 1, got {K}")
+    levels, level = [], 1
+    while level < K:
+        levels.append(level)
+        level *= 2
+    return levels + [K]
+
+
+def sample_keep_levels(batch_size, K, distribution="uniform", generator=None, device=None):
+    """Nested dropout's k per example (App. C), (B,) long in [1, K].
+
+    "uniform": k ~ U{1, ..., K} (App. C as written; the same draw, number for number, as before this option).
+    "geometric": k uniform over nested_levels(K) = {1, 2, 4, ..., K} (App. E's grouping)."""
+    if distribution == "uniform":
+        return torch.randint(1, K + 1, (batch_size,), generator=generator, device=device)
+    if distribution == "geometric":
+        levels = torch.tensor(nested_levels(K), device=device)
+        index = torch.randint(0, len(levels), (batch_size,), generator=generator, device=device)
+        return levels[index]
+    raise ValueError(f"nested dropout distribution must be one of {NESTED_DROPOUT}, got {distribution!r}")
+
+
+def register_blocks(K):
+    """App. E's register blocks, bounded by the nested-dropout levels: block b holds registers
+    levels[b-1] + 1 .. levels[b]. Sizes: K = 8 -> [1, 1, 2, 4]; K = 7 -> [1, 1, 2, 3]; K = 1 -> [1]."""
+    levels = nested_levels(K)
+    return [hi - lo for lo, hi in zip([0] + levels[:-1], levels)]
 
 
 def block_offsets(num_blocks, max_offset):

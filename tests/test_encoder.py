@@ -406,6 +406,8 @@ def test_register_norms_and_keep():
     assert draws.min() == 1 and draws.max() == K and len(draws.unique()) == K
     assert torch.equal(sample_keep(10, K, torch.Generator().manual_seed(1)),
                        sample_keep(10, K, torch.Generator().manual_seed(1)))
+    geometric = sample_keep(4000, K, torch.Generator().manual_seed(0), distribution="geometric")
+    assert sorted(geometric.unique().tolist()) == [1, 2, 4, 8]
 
 
 def test_bad_inputs_raise_clear_errors():

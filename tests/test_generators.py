@@ -97,12 +97,12 @@ def test_sampler_times_follow_block_offsets_and_end_at_zero():
     assert torch.all((times >= 0) & (times <= 1))
     assert torch.all(times[:, :, 1:] >= times[:, :, :-1])  # later registers are never less noisy
     assert torch.all(times[1:] <= times[:-1])  # every register's time only goes down
-    blocks = [[0], [1, 2], [3, 4, 5, 6], [7]]  # K = 8 -> geometric blocks 1, 2, 4, (1)
+    blocks = [[0], [1], [2, 3], [4, 5, 6, 7]]  # K = 8 -> blocks ending at the nested-dropout levels 1, 2, 4, 8
     for block in blocks:
         assert torch.all(times[..., block] == times[..., block[:1]])
     step = (1 + max_offset) / steps  # the grid runs from 1 to -max_offset
     mid = times[5, 0]
-    assert torch.allclose(mid[[0, 1, 3, 7]], torch.tensor([1 - 5 * step + o for o in (0, 0.1, 0.2, 0.3)]), atol=1e-6)
+    assert torch.allclose(mid[[0, 1, 2, 4]], torch.tensor([1 - 5 * step + o for o in (0, 0.1, 0.2, 0.3)]), atol=1e-6)
     last = times[-1, 0]  # the last call: block 1 already at 0, the last block one step above 0
     assert last[0] == 0 and abs(last[-1].item() - step) < 1e-6
     flat = Oracle(z0)

@@ -214,15 +214,38 @@ def test_ddim_timesteps():
 
 # ---------------------------------------------------------------- App. E offsets
 
-def test_register_blocks_geometric_and_truncated():
+def test_nested_levels_and_blocks_share_boundaries():
+    assert S.nested_levels(1) == [1] and S.nested_levels(8) == [1, 2, 4, 8] and S.nested_levels(7) == [1, 2, 4, 7]
+    assert S.nested_levels(128) == [1, 2, 4, 8, 16, 32, 64, 128] and S.nested_levels(20) == [1, 2, 4, 8, 16, 20]
     assert S.register_blocks(1) == [1]
-    assert S.register_blocks(3) == [1, 2]
-    assert S.register_blocks(7) == [1, 2, 4]
-    assert S.register_blocks(8) == [1, 2, 4, 1]
-    assert S.register_blocks(128) == [1, 2, 4, 8, 16, 32, 64, 1]
-    assert S.register_blocks(20) == [1, 2, 4, 8, 5]
+    assert S.register_blocks(2) == [1, 1]
+    assert S.register_blocks(3) == [1, 1, 1]
+    assert S.register_blocks(8) == [1, 1, 2, 4]  # not the old [1, 2, 4, 1]
+    assert S.register_blocks(128) == [1, 1, 2, 4, 8, 16, 32, 64]
+    assert S.register_blocks(20) == [1, 1, 2, 4, 8, 4]
     for K in range(1, 70):
-        assert sum(S.register_blocks(K)) == K
+        blocks = S.register_blocks(K)
+        assert sum(blocks) == K
+        ends = [sum(blocks[:i + 1]) for i in range(len(blocks))]
+        assert ends == S.nested_levels(K)  # every block ends at a nested-dropout level, and every level ends a block
+    with pytest.raises(ValueError):
+        S.nested_levels(0)
+
+
+def test_keep_distributions():
+    g = torch.Generator().manual_seed(0)
+    uniform = S.sample_keep_levels(8000, 8, "uniform", generator=g)
+    assert sorted(uniform.unique().tolist()) == list(range(1, 9))
+    # "uniform" is number for number the draw it always was
+    assert torch.equal(S.sample_keep_levels(50, 8, generator=torch.Generator().manual_seed(3)),
+                       torch.randint(1, 9, (50,), generator=torch.Generator().manual_seed(3)))
+    geometric = S.sample_keep_levels(8000, 8, "geometric", generator=torch.Generator().manual_seed(0))
+    assert sorted(geometric.unique().tolist()) == [1, 2, 4, 8] and geometric.dtype == torch.long
+    counts = torch.bincount(geometric, minlength=9)[[1, 2, 4, 8]].float() / 8000
+    assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.03)  # uniform over the levels
+    assert sorted(S.sample_keep_levels(2000, 7, "geometric", generator=g).unique().tolist()) == [1, 2, 4, 7]
+    with pytest.raises(ValueError, match="geometric"):
+        S.sample_keep_levels(3, 8, "normal")
 
 
 def test_block_offsets_increasing_from_zero():
@@ -231,7 +254,7 @@ def test_block_offsets_increasing_from_zero():
     assert S.block_offsets(1, 0.3).tolist() == [0.0]
     per_reg = S.block_time_offsets(8, 0.3)
     assert per_reg.shape == (8,)
-    assert torch.allclose(per_reg, torch.tensor([0, .1, .1, .2, .2, .2, .2, .3], dtype=torch.float64))
+    assert torch.allclose(per_reg, torch.tensor([0, .1, .2, .2, .3, .3, .3, .3], dtype=torch.float64))
 
 
 def test_register_times_monotone_clipped_and_full_range():
