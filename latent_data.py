@@ -275,7 +275,11 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="encoder compute dtype (default: as stored)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("num_registers", "batch_size", "chunk_size"):  # K <= the encoder's K is checked once it is read
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
 
 
 def main(argv=None):

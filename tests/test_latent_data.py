@@ -74,3 +74,11 @@ def test_an_unreadable_bank_meta_is_named_and_a_rebuild_starts_it_over(run, tmp_
     with pytest.raises(ValueError, match=r"meta.json is not readable JSON.*delete .*bank-train"):
         LD.RegisterBank(folder)
     assert build() == folder and np.array_equal(np.asarray(LD.RegisterBank(folder).registers), registers)
+
+
+def test_the_cli_names_the_flag(capsys):
+    import pytest
+    for flag in ("--num-registers", "--batch-size", "--chunk-size"):
+        with pytest.raises(SystemExit):
+            LD.parse_args(["--ae", "run", "--data", "data", flag, "0"])
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
