@@ -407,6 +407,7 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out.parent / f".{out.name}.lock"):
         recover_folder(out)
+        refuse_foreign_folder(out)
         meta = None if force else _finished_meta(meta_path, settings)
         if meta is not None:
             return meta  # finished by another process while we waited
@@ -419,6 +420,15 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return meta
+
+
+def refuse_foreign_folder(out):
+    """The swap replaces `out` whole: never let it be a folder that is not a data cache (e.g. --out .)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder for the data cache")
+    if out.is_dir() and not (out / "meta.json").is_file() and any(out.iterdir()):
+        raise ValueError(f"--out {out} holds files but no meta.json: it is not a data.py cache, and a build replaces "
+                         f"the folder whole; pass a new or empty folder (or delete {out} if it is a broken cache)")
 
 
 def _finished_meta(meta_path, settings):
@@ -635,14 +645,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    try:  # the arguments first (no file touched), then the build: a refusal is one line naming the problem
         check_build_args(args.seq_len, args.vocab_size, args.tokenizer, args.encoder_seq_len, args.overlong,
                          args.whole_file_lines, args.max_files, args.val_fraction, args.test_fraction)
+        meta = build_dataset(args.out, args.corpus, args.seq_len, args.vocab_size, args.tokenizer,
+                             args.encoder_tokenizer, args.encoder_seq_len, args.overlong, args.whole_file_lines,
+                             args.include_tests, args.max_files, args.val_fraction, args.test_fraction, args.force)
     except ValueError as error:
         raise SystemExit(f"data.py: error: {error}") from None
-    meta = build_dataset(args.out, args.corpus, args.seq_len, args.vocab_size, args.tokenizer,
-                         args.encoder_tokenizer, args.encoder_seq_len, args.overlong, args.whole_file_lines,
-                         args.include_tests, args.max_files, args.val_fraction, args.test_fraction, args.force)
     keys = ("corpus", "stats", "splits", "vocab_size", "bos_id", "eos_id", "pad_id", "mask_id", "encoder",
             "build_seconds")
     print(json.dumps({key: meta[key] for key in keys}, indent=2))

@@ -375,3 +375,17 @@ def test_an_unreadable_tokenizer_names_the_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{torn")
     with pytest.raises(ValueError, match=r"tokenizer.json is not a readable tokenizer.json .*rebuild"):
         data.load_tokenizer(tmp_path)
+
+
+def test_a_folder_that_is_not_a_cache_is_never_replaced(tmp_path, corpus):
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a data.py cache"):
+        build(precious, corpus)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        build(tmp_path / "file", corpus)
+    (tmp_path / "empty").mkdir()
+    assert build(tmp_path / "empty", corpus)["splits"]["train"]["programs"] > 0
