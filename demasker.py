@@ -20,8 +20,14 @@ carries a global index g and a prefix-local index l:
                    registers the positions are LLaDA's 0..L-1, so the pretrained text-to-text
                    geometry is untouched.
 - prefix tokens:   all share one global slot just before the text, g = -1, and are told apart
-                   by l: START = 0, z_j = j (j = 1..k), END = max_registers + 1 (fixed, so END
-                   sits at the same place whatever k is).
+                   by l, on local indices that no text token uses (all negative, K = max_registers):
+                   START = -(K + 2), z_j = -(K + 2) + j (j = 1..k), END = -1. START, every z_j and
+                   END sit at the same place whatever k is, and on the local pairs END is the token
+                   right before the text (offset i + 1 to text token i), the registers before it.
+                   Before this, the prefix used l = 0, 1..k, K + 1, so register i and text token i
+                   had the same angle on the local pairs: exactly the positional clash the two-axis
+                   design exists to avoid. Checkpoints saved then keep that layout
+                   (prefix_local_positions="legacy", read from a config.json without the field).
 The `prefix_rope_pairs` fastest frequency pairs (pair i = dims i and i + head_dim/2) rotate by
 l, the remaining (slower) pairs by g. For text g = l, so text tokens see plain RoPE on every
 pair. Why the fast pairs: only pairs with theta_i * K >~ 1 rad can separate K registers (the
@@ -62,6 +68,9 @@ from checkpoint import (CheckpointError, assign_weights, config_from_dict, mater
 from layers import Block, RMSNorm, init_linear_, init_transformer_block_, rope_angles, rope_cos_sin, rope_inv_freq
 
 
+PREFIX_LOCAL_POSITIONS = ("negative", "legacy")  # see the module docstring (two-axis RoPE)
+
+
 @dataclass
 class DemaskerConfig:
     """Defaults equal GSAI-ML/LLaDA-8B-Base (llada.md Sec. 1) plus the paper's conditioning."""
@@ -81,6 +90,7 @@ class DemaskerConfig:
     register_dim: int = 1024           # encoder width (Qwen3-Embedding-0.6B); 0 = no conditioning
     max_registers: int = 128           # K, the paper's largest register bank
     prefix_rope_pairs: int = 16        # fastest rotary pairs on the prefix-local axis (of 64)
+    prefix_local_positions: str = "negative"  # prefix-local indices: "negative" (no text index) | "legacy"
     max_sequence_length: int = 4096    # LLaDA's pre-training length (RoPE has no hard limit)
 
     def __post_init__(self):
@@ -97,6 +107,9 @@ class DemaskerConfig:
         if self.d_model % self.n_heads == 0 and not 0 <= self.prefix_rope_pairs <= self.head_dim // 2:
             problems.append(f"prefix_rope_pairs={self.prefix_rope_pairs} must lie in [0, head_dim/2="
                             f"{self.head_dim // 2}]")
+        if self.prefix_local_positions not in PREFIX_LOCAL_POSITIONS:
+            problems.append(f"prefix_local_positions={self.prefix_local_positions!r} must be one of "
+                            f"{PREFIX_LOCAL_POSITIONS}")
         if problems:
             raise ValueError("invalid DemaskerConfig: " + "; ".join(problems))
 
@@ -121,6 +134,10 @@ class DemaskerConfig:
 
     @classmethod
     def from_dict(cls, fields):
+        """A saved config; a conditioned one written before prefix_local_positions existed keeps the layout it
+        was trained with ("legacy"; a base model without registers never used one)."""
+        fields = dict(fields)
+        fields.setdefault("prefix_local_positions", "legacy" if fields.get("register_dim") else "negative")
         return config_from_dict(cls, fields)
 
     @classmethod
@@ -254,8 +271,9 @@ class Demasker(nn.Module):
             return text, text
         k, K = num_registers, self.cfg.max_registers
         prefix_global = torch.full((k + 2,), -1, device=device, dtype=torch.long)
+        shift = -(K + 2) if self.cfg.prefix_local_positions == "negative" else 0
         prefix_local = torch.cat([torch.arange(k + 1, device=device),               # START=0, z_j=j
-                                  torch.tensor([K + 1], device=device)])             # END=K+1
+                                  torch.tensor([K + 1], device=device)]) + shift     # END=K+1 (then shifted)
         return torch.cat([prefix_global, text]), torch.cat([prefix_local, text])
 
     def rope_cos_sin(self, global_pos, local_pos):

@@ -321,7 +321,7 @@ def test_registers_match_slow_reference_with_two_axis_rope(public_folder):
     W, start, end = model.register_proj.weight.detach(), model.start_embedding.detach(), model.end_embedding.detach()
     for row in range(2):
         prefix = [start] + [W @ z for z in registers[row]] + [end]
-        local = [0, 1, 2, 3, 4 + 1]  # START, z_1..z_3, END at max_registers + 1
+        local = [-6, -5, -4, -3, -1]  # START = -(K + 2), z_1..z_3 = -(K + 2) + j, END = -1 (K = 4)
         visible = [True] + mask[row].tolist() + [True] + [True] * 5
         expected = slow_llada(state, config, ids[row].tolist(), prefix, local, prefix_pairs=3, key_visible=visible)
         torch.testing.assert_close(logits[row], expected, rtol=1e-5, atol=1e-5)
@@ -340,7 +340,8 @@ def test_two_axis_rope_is_plain_rope_on_text_and_per_pair_on_prefix():
     torch.testing.assert_close(cos[..., k + 2:, :], plain_cos, rtol=0, atol=0)
     torch.testing.assert_close(sin[..., k + 2:, :], plain_sin, rtol=0, atol=0)
     half = cfg.head_dim // 2
-    local = [0, 1, 2, 3, 4, 5, cfg.max_registers + 1]
+    K = cfg.max_registers
+    local = [-(K + 2), -(K + 1), -K, -(K - 1), -(K - 2), -(K - 3), -1]  # START, z_1..z_5, END
     for t, l in enumerate(local):
         for i in range(half):
             position = l if i < cfg.prefix_rope_pairs else -1
@@ -356,7 +357,31 @@ def test_text_and_boundary_positions_do_not_depend_on_k():
     for k in range(K + 1):
         global_pos, local_pos = model.positions(k, L)
         assert global_pos.tolist() == [-1] * (k + 2) + list(range(L))
-        assert local_pos.tolist() == list(range(k + 1)) + [K + 1] + list(range(L))
+        assert local_pos.tolist() == [j - (K + 2) for j in range(k + 1)] + [-1] + list(range(L))
+
+
+@pytest.mark.parametrize("L", [1, 6, 300])
+def test_no_prefix_local_index_equals_a_text_local_index(L):
+    model = tiny_model()
+    K = model.cfg.max_registers
+    for k in range(K + 1):
+        _, local_pos = model.positions(k, L)
+        prefix, text = set(local_pos[:k + 2].tolist()), set(local_pos[k + 2:].tolist())
+        assert not prefix & text and len(prefix) == k + 2  # no clash, and the prefix tokens all differ
+        assert max(prefix) == -1 and min(prefix) == -(K + 2)  # END right before the text, START fixed
+
+
+def test_legacy_prefix_layout_for_old_conditioned_checkpoints():
+    cfg = DemaskerConfig.tiny()
+    old = {key: value for key, value in cfg.to_dict().items() if key != "prefix_local_positions"}
+    assert DemaskerConfig.from_dict(old).prefix_local_positions == "legacy"  # what it was trained with
+    assert DemaskerConfig.from_dict({**old, "register_dim": 0}).prefix_local_positions == "negative"  # a base MDM
+    assert DemaskerConfig.from_dict(cfg.to_dict()) == cfg
+    legacy = Demasker(DemaskerConfig.tiny(prefix_local_positions="legacy"))
+    K = legacy.cfg.max_registers
+    assert legacy.positions(3, 4)[1].tolist() == [0, 1, 2, 3, K + 1] + list(range(4))
+    with pytest.raises(ValueError, match="prefix_local_positions"):
+        DemaskerConfig.tiny(prefix_local_positions="zero")
 
 
 # ---------------------------------------------------------------------------
