@@ -34,12 +34,13 @@ PRESETS = {
     "tiny": dict(seq_len=128, vocab_size=2048, num_registers=8, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1,
                  warmup_steps=100, global_batch_size=32, micro_batch_size=32, max_steps=2000, epochs=None,
                  encoder_warmup_steps=0, rewarm_steps=0, encoder_init=None, demasker_init=None, tokenizer=None,
-                 encoder_tokenizer=None, parallel="ddp", activation_checkpointing=False),
+                 encoder_tokenizer=None, parallel="ddp", activation_checkpointing=False, keep_distribution="uniform"),
     "paper": dict(seq_len=4096, vocab_size=None, num_registers=128, lr=2.5e-5, min_lr_ratio=0.1, weight_decay=0.1,
                   warmup_steps=500, global_batch_size=512, micro_batch_size=2, max_steps=None, epochs=3,
                   encoder_warmup_steps=4000, rewarm_steps=500, encoder_init="Qwen/Qwen3-Embedding-0.6B",
                   demasker_init="GSAI-ML/LLaDA-8B-Base", tokenizer="GSAI-ML/LLaDA-8B-Base",
-                  encoder_tokenizer="Qwen/Qwen3-Embedding-0.6B", parallel="fsdp", activation_checkpointing=True),
+                  encoder_tokenizer="Qwen/Qwen3-Embedding-0.6B", parallel="fsdp", activation_checkpointing=True,
+                  keep_distribution="geometric"),
 }
 
 
@@ -92,6 +93,10 @@ def parse_args(argv=None):
     a("--latent-cos", type=float, default=0.8, help="App. D robust noise: target CS(z_0, z_0 + e); 1 = no noise")
     a("--nested-dropout", action=argparse.BooleanOptionalAction, default=True,
       help="App. C nested dropout k ~ U{1..K} (--no-nested-dropout: always all K registers)")
+    a("--keep-distribution", choices=["uniform", "geometric"], default=None,
+      help="how nested dropout draws k: uniform over {1..K} (App. C's text; tiny preset) or uniform over the "
+           "levels {1, 2, 4, ..., K} (App. E's geometric grouping, shared with the prior's register blocks; paper "
+           "preset). schedules.sample_keep_levels")
     a("--encoder-warmup-steps", type=int, default=None, help="App. C staging: steps with the pretrained demasker "
       "frozen; the encoder and the new conditioning interface (register projection, START, END) train (tiny 0, "
       "paper 4000)")

@@ -8,7 +8,8 @@ One optimizer step of Algorithm 1, per example of the global batch:
                                     so the demasker must read the registers instead of token correlations
                                     (0 by default for --no-registers: the base MDM cannot use it)
   line 4  z_0 = h_phi(x_0)          encoder.py on the clean program (its own ids and validity mask)
-          nested dropout            App. C: k ~ U{1..K}; only registers 1..k are exposed (register_mask)
+          nested dropout            App. C: k ~ U{1..K} (--keep-distribution geometric: k in {1, 2, 4, ..., K},
+                                    App. E's grouping; the paper preset); only registers 1..k are exposed
   line 5  e ~ N(0, sigma^2 I)       App. D: sigma from the target cosine similarity --latent-cos (0.8), see
                                     latent_noise_std; --latent-cos 1 turns it off (the ablation of Fig. 7)
   line 6  L = Eq. 5                 schedules.masked_diffusion_loss: sum over masked tokens of CE / p_mask,
@@ -75,7 +76,7 @@ from run_state import check_same_tokenizers, rng_states, set_rng_states  # noqa:
 from ae_args import CHECKPOINT, PRESETS, RESUME_MUTABLE, parse_args  # noqa: F401 (train_ae.parse_args)
 from demasker import CONDITIONING_PARAMS, Demasker, DemaskerConfig
 from corruption import corrupt, example_generator, latent_noise_std  # noqa: F401 (Alg. 1 lines 2-5; re-exported)
-from encoder import Encoder, EncoderConfig, register_keep_mask
+from encoder import Encoder, EncoderConfig, register_keep_mask, sample_keep
 from schedules import masked_diffusion_loss
 
 PROGRESS = "progress.json"  # the step, readable without loading the optimizer state
@@ -451,6 +452,9 @@ def train(args):
 
     K = encoder.cfg.num_registers if encoder is not None else 0
     noise_std = latent_noise_std(args.latent_cos)
+    distribution = getattr(args, "keep_distribution", None) or "uniform"  # runs saved before the flag: uniform
+    keep_sampler = (None if distribution == "uniform"  # corruption's default, number for number as before
+                    else lambda n, K, gen: sample_keep(n, K, generator=gen, distribution=distribution))
     keeps = [("base", None)] if encoder is None else [(f"k={k}", k) for k in (args.val_keep or [K])]
     log = open(out_dir / "log.jsonl", "a") if env.is_main else None
     stop = min(max_steps, args.stop_at or max_steps)
@@ -481,7 +485,7 @@ def train(args):
             x0, enc_ids, enc_mask = batch["ids"], batch["encoder_ids"], batch["encoder_mask"]
             noisy = corrupt(x0, counters[part].tolist(), args.seed, demasker.cfg.mask_token_id, args.all_mask_prob,
                             K, args.nested_dropout, K and encoder.cfg.hidden_size, noise_std,
-                            register_dropout=args.register_dropout if K else 0.0)
+                            register_dropout=args.register_dropout if K else 0.0, keep_sampler=keep_sampler)
             to = lambda t: None if t is None else t.to(env.device)
             with D.grad_sync(model, enabled=micro == accum - 1):
                 with D.autocast(env, amp):

@@ -503,3 +503,28 @@ def test_a_card_that_cannot_be_written_never_fails_a_save(cache, tmp_path, monke
     with pytest.warns(UserWarning, match="model cards not written"):
         T.train(run_args(cache, tmp_path, "--max-steps", "1", "--no-registers"))
     assert (tmp_path / "checkpoint" / "demasker" / "model.safetensors").is_file()
+
+
+def test_keep_distribution_geometric_draws_only_the_levels(cache, tmp_path, monkeypatch):
+    """--keep-distribution geometric: nested dropout keeps k in {1, 2, 4, ..., K} (App. E's grouping);
+    uniform (the default) is the run of before, number for number."""
+    import corruption
+
+    kept = []
+    original = corruption.corrupt
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        kept.extend(out["keep"].tolist())
+        return out
+
+    monkeypatch.setattr(T, "corrupt", spy)
+    T.train(run_args(cache, tmp_path / "geo", "--max-steps", "3", "--keep-distribution", "geometric"))
+    levels = {1, 2, 4}  # K = 4
+    assert set(kept) <= levels and len(set(kept)) > 1, sorted(set(kept))
+    assert json.loads((tmp_path / "geo" / "args.json").read_text())["keep_distribution"] == "geometric"
+    monkeypatch.setattr(T, "corrupt", original)
+    T.train(run_args(cache, tmp_path / "uni", "--max-steps", "2", "--keep-distribution", "uniform"))
+    T.train(run_args(cache, tmp_path / "default", "--max-steps", "2"))
+    a, b = weights(tmp_path / "uni" / "checkpoint"), weights(tmp_path / "default" / "checkpoint")
+    assert all(torch.equal(a[k], b[k]) for k in a)
