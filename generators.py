@@ -322,8 +322,11 @@ def _clock(device):
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_prior(prior, demasker, name, conditional):
+def _check_prior(prior, demasker, name, conditional, keep=None):
     cfg = demasker.cfg
+    if keep is not None and not 1 <= keep <= prior.num_registers:
+        raise ValueError(f"keep={keep}: the demasker reads the first k of the {prior.num_registers} registers {name} "
+                         f"models; choose 1 <= keep <= {prior.num_registers}")
     if prior.conditional != conditional:
         kind = "conditional (cond_dim set)" if conditional else "unconditional"
         raise ValueError(f"{name} must be an {kind} prior; got the other kind. Train it with train_prior.py"
@@ -331,9 +334,15 @@ def _check_prior(prior, demasker, name, conditional):
     if prior.dit.cfg.register_dim != cfg.register_dim:
         raise ValueError(f"{name} samples registers of width {prior.dit.cfg.register_dim} but the demasker reads "
                          f"register_dim={cfg.register_dim}; use the prior trained on this AE run's encoder")
-    if prior.num_registers > cfg.max_registers:
-        raise ValueError(f"{name} models {prior.num_registers} registers but the demasker takes at most "
-                         f"max_registers={cfg.max_registers}; train the prior with --num-registers <= that")
+    if (keep or prior.num_registers) > cfg.max_registers:
+        raise ValueError(f"{name} feeds {keep or prior.num_registers} registers but the demasker takes at most "
+                         f"max_registers={cfg.max_registers}; pass keep <= that, or train the prior with "
+                         f"--num-registers <= that")
+
+
+def _first(registers, keep):
+    """The registers the demasker reads: the first k of the bank (B, K, d) -> (B, k, d); all with keep None."""
+    return registers if keep is None else registers[:, :keep]
 
 
 def refresh_steps(refresh_at, steps):
@@ -353,8 +362,11 @@ def refresh_steps(refresh_at, steps):
 
 def conthendisc(demasker, prior, batch_size, gen_length=256, block_length=None, steps=None, temperature=0.0,
                 remasking="low_confidence", mask_id=None, prior_steps=128, generator=None, prior_generator=None,
-                decoding=None, stats=None):
+                decoding=None, stats=None, keep=None):
     """Alg. 2: registers from the unconditional prior, then the guided MDM with them fixed.
+
+    keep: the demasker reads the first k registers of the sampled bank (a prior over all K = 128, the paper's
+    1024 x 128 latent, serving any k); None = all the prior models.
 
     block_length defaults to gen_length (one block, the paper's setting), steps to gen_length.
     generator: the MDM's random stream (sample.generate); prior_generator: the prior's initial noise
@@ -362,15 +374,16 @@ def conthendisc(demasker, prior, batch_size, gen_length=256, block_length=None, 
     guidance, random stream) and the per-sample statistics dict of mdm.mdm_loop.
     Returns (tokens (B, gen_length), nfe_report).
     """
-    _check_prior(prior, demasker, "prior", conditional=False)
+    _check_prior(prior, demasker, "prior", conditional=False, keep=keep)
     block_length, steps = block_length or gen_length, steps or gen_length
     check_schedule(gen_length, block_length, steps)
     device = _model_device(demasker)
     started = _clock(device)
     registers, prior_calls = sample_registers(prior, batch_size, prior_steps, generator=prior_generator)
     tokens, calls = generate(demasker, batch_size, gen_length, block_length, steps, temperature, remasking,
-                             mask_id, registers=registers, generator=generator, decoding=decoding, stats=stats)
-    return tokens, nfe_report(demasker.cfg, gen_length, prior.num_registers, calls, prior, prior_calls,
+                             mask_id, registers=_first(registers, keep), generator=generator, decoding=decoding,
+                             stats=stats)
+    return tokens, nfe_report(demasker.cfg, gen_length, keep or prior.num_registers, calls, prior, prior_calls,
                               demasker_params=param_count(demasker), seconds=_clock(device) - started,
                               batch_size=batch_size)
 
@@ -378,17 +391,18 @@ def conthendisc(demasker, prior, batch_size, gen_length=256, block_length=None, 
 def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length=None, steps=None,
                   temperature=0.0, remasking="low_confidence", mask_id=None, prior=None, prior_steps=128,
                   refresh_at=(0.5,), refresh_prior_steps=32, generator=None, prior_generator=None,
-                  on_refresh=None, decoding=None, stats=None):
+                  on_refresh=None, decoding=None, stats=None, keep=None):
     """Alg. 3 / App. G: the guided MDM whose registers are redrawn from P(z | h(x_t)) at `refresh_at`.
 
     prior: the unconditional prior for the initial registers (None: the conditional prior given the
     all-[M] canvas). refresh_prior_steps: DDIM steps of each redraw (paper: 32). on_refresh: optional
     callable(step, x, old_registers, new_registers) for inspection. With an adaptive decoding rule (threshold,
     factor) the number of steps is not known in advance: a fraction a refreshes before the first step at
-    which a share a of the canvas is revealed. Other arguments as conthendisc.
+    which a share a of the canvas is revealed. keep: the demasker reads the first k registers of every bank
+    drawn (initial and refreshed; on_refresh sees those). Other arguments as conthendisc.
     Returns (tokens (B, gen_length), nfe_report).
     """
-    _check_prior(cond_prior, demasker, "cond_prior", conditional=True)
+    _check_prior(cond_prior, demasker, "cond_prior", conditional=True, keep=keep)
     view = cond_prior.view
     if not cond_prior.shared_tokenizer and view is None:
         raise ValueError(
@@ -406,7 +420,7 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
     started = _clock(device)
     counts = {"prior": 0, "cond_prior": 0, "encoder": 0}
     if prior is not None:
-        _check_prior(prior, demasker, "prior", conditional=False)
+        _check_prior(prior, demasker, "prior", conditional=False, keep=keep)
         registers, counts["prior"] = sample_registers(prior, batch_size, prior_steps, generator=prior_generator)
     else:
         canvas = torch.full((batch_size, gen_length), mask_id, dtype=torch.long, device=device)
@@ -414,6 +428,7 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
         counts["encoder"] += 1
         registers, counts["cond_prior"] = sample_registers(cond_prior, batch_size, prior_steps, cond, cond_mask,
                                                            generator=prior_generator)
+    registers = _first(registers, keep)
     adaptive = (decoding or LLADA).rule != "fixed"
     when = refresh_steps(refresh_at, steps)
     pending = sorted(fraction for fraction in set(refresh_at) if fraction > 0)  # adaptive rules: by progress
@@ -436,6 +451,7 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
         new, calls = sample_registers(cond_prior, batch_size, refresh_prior_steps, cond, cond_mask,
                                       generator=prior_generator)
         counts["cond_prior"] += calls
+        new = _first(new, keep)
         if on_refresh is not None:
             on_refresh(step, x, old, new)
         return new, None
@@ -445,7 +461,7 @@ def conwithindisc(demasker, cond_prior, batch_size, gen_length=256, block_length
                              registers=registers, generator=generator,
                              refresh_registers=refresh if (when or (adaptive and pending)) else None,
                              decoding=decoding, stats=stats)
-    report = nfe_report(demasker.cfg, gen_length, cond_prior.num_registers, calls, prior, counts["prior"],
+    report = nfe_report(demasker.cfg, gen_length, keep or cond_prior.num_registers, calls, prior, counts["prior"],
                         cond_prior, counts["cond_prior"], counts["encoder"], demasker_params=param_count(demasker),
                         seconds=_clock(device) - started, batch_size=batch_size)
     return tokens, report

@@ -43,14 +43,21 @@ Choices (documented deviations from an image DiT):
   MLP, t_block and the conditioning MLP; tables randn / sqrt(h).
 
 Parameter counts (exact, `LatentDiT.num_parameters` on the meta device; tests/test_latent_dit.py
-asserts them): `DiTConfig.paper()` = d 1024, K 128, hidden 1088, 28 layers, 17 heads of 64,
-mlp_ratio 4:
-    unconditional                          409,000,896  (~409M, the prior of ConThenDisc)
-    conditional (cond_dim 1024, + x-attn)  544,002,112  (~544M: + 28 cross-attentions and the
-                                                         cond MLP at the same width)
-The paper states ~400M for the (unconditional) denoiser it costs in its NFE footnote. With
-PixArt's adaLN-single a 28-layer model costs ~12 h^2 per layer, hence h = 1088 (17 heads of
-64 keep head_dim 64 for the fused attention kernels; PixArt-XL uses 1152 / 16 heads, 611M).
+asserts them). `DiTConfig.paper()`: d 1024, K 128 (the paper's 1024 x 128 latent: the prior may model
+the whole bank while the demasker reads the first k, generators.py `keep`), 28 layers, mlp_ratio 4,
+head_dim 64:
+    unconditional, hidden 1088, 17 heads             409,000,896  (~409M, the prior of ConThenDisc)
+    conditional,   hidden  960, 15 heads, cond 1024  423,968,704  (~424M, the prior of ConWithinDisc)
+The paper states ~400M for its denoiser ("a compact 28-layer variant with roughly 400M parameters")
+and, for the conditional one, "32 time steps, leading to < 2 NFE" under its count (calls x params /
+params of the 8B demasker, generators.py). At the unconditional width (1088) the cross-attentions and
+the cond MLP make the conditional DiT 544M: 32 x 544M / 8.02B = 2.17 NFE, above the paper's bound. So
+the conditional preset keeps 28 layers and narrows to 960 (our choice; the paper gives no width):
+32 x 424M / 8.02B = 1.69, plus one Qwen3-0.6B encoder call per refresh (0.074) = 1.77 < 2; the
+unconditional one costs 128 x 409M / 8.02B = 6.53 ("~6"). ConWithinDisc at 32 demasker steps then
+counts 32 + 6.53 + 1.77 = 40.3 (the paper: 32 + 8 = 40); tested. With PixArt's adaLN-single a
+28-layer model costs ~12 h^2 per layer (+ 4 h^2 with cross-attention), hence h = 1088 and 960 (17 and
+15 heads of 64 keep head_dim 64 for the fused attention kernels; PixArt-XL uses 1152 / 16 heads, 611M).
 """
 
 import dataclasses
@@ -110,9 +117,12 @@ class DiTConfig:
 
     @classmethod
     def paper(cls, conditional=False, **overrides):
-        """App. E: 28 layers, ~400M parameters (unconditional); see the module docstring."""
-        fields = dict(register_dim=1024, num_registers=128, hidden_size=1088, depth=28, num_heads=17,
-                      mlp_ratio=4.0, cond_dim=1024 if conditional else None)
+        """App. E: 28 layers, ~400M parameters; the conditional prior (conditional=True or a cond_dim override)
+        at width 960 so that 32 calls stay below 2 NFE under the paper's count (module docstring)."""
+        conditional = conditional or bool(overrides.get("cond_dim"))
+        width = dict(hidden_size=960, num_heads=15) if conditional else dict(hidden_size=1088, num_heads=17)
+        fields = dict(register_dim=1024, num_registers=128, depth=28, mlp_ratio=4.0,
+                      cond_dim=1024 if conditional else None, **width)
         fields.update(overrides)
         return cls(**fields)
 

@@ -393,3 +393,23 @@ def test_load_prior_builds_the_recorded_view(tmp_path, two_tokenizers):
     del settings["cross_tokenizer"]  # a prior trained before the view: loads, ConWithinDisc refuses it
     (folder / "prior.json").write_text(json.dumps(settings))
     assert G.load_prior(folder).view is None
+
+
+def test_a_prior_over_all_registers_serves_the_first_k(models):
+    """Item 6: the prior models the whole bank, the demasker reads the first k (keep); same draws, sliced."""
+    demasker, prior, cond_prior = models
+    counting = Counting(demasker)
+    g = lambda: torch.Generator().manual_seed(5)
+    tokens, report = G.conthendisc(counting, prior, 2, gen_length=8, steps=4, prior_steps=3, prior_generator=g(),
+                                   keep=3)
+    full, _ = G.sample_registers(prior, 2, 3, generator=g())
+    assert all(torch.equal(kwargs["registers"], full[:, :3]) for _, kwargs in counting.seen)
+    assert report["demasker_flops_per_call"] == G.demasker_flops(demasker.cfg, 8, 3)
+    counting.seen.clear()
+    events = []
+    G.conwithindisc(counting, cond_prior, 2, gen_length=8, steps=4, prior=prior, prior_steps=3, refresh_prior_steps=2,
+                    prior_generator=g(), keep=2, on_refresh=lambda step, x, old, new: events.append(new))
+    assert all(kwargs["registers"].shape == (2, 2, D) for _, kwargs in counting.seen) and events[0].shape == (2, 2, D)
+    for bad in (0, K + 1):
+        with pytest.raises(ValueError, match="keep"):
+            G.conthendisc(demasker, prior, 1, gen_length=8, steps=2, keep=bad)

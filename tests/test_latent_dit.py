@@ -326,8 +326,11 @@ def test_paper_preset_parameter_counts():
         assert counts[conditional] == expected_parameter_count(cfg)
         assert cfg.depth == 28 and cfg.hidden_size // cfg.num_heads == 64
     # the figures quoted in the module docstring
-    assert counts[False] == 409_000_896 and counts[True] == 544_002_112
-    assert 380e6 < counts[False] < 430e6  # App. E: "roughly 400M"
+    assert counts[False] == 409_000_896 and counts[True] == 423_968_704
+    assert 380e6 < counts[False] < 430e6 and 380e6 < counts[True] < 430e6  # App. E: "roughly 400M"
+    # train_prior passes cond_dim, not conditional=True: the same conditional preset
+    assert DiTConfig.paper(cond_dim=1024) == DiTConfig.paper(conditional=True)
+    assert DiTConfig.paper(cond_dim=1024, hidden_size=1088, num_heads=17).hidden_size == 1088  # flags win
     tiny = make_model(conditional=True)
     assert tiny.num_parameters() == expected_parameter_count(tiny.cfg)
 
@@ -359,3 +362,23 @@ def test_load_rejects_other_checkpoints(tmp_path):
     config_path.write_text(config_path.read_text().replace('"latent_dit"', '"encoder"'))
     with pytest.raises(CheckpointError, match="not a crocodil latent DiT"):
         LatentDiT.from_pretrained(tmp_path / "uncond")
+
+
+def test_paper_presets_cost_what_the_paper_says_under_its_nfe_count():
+    """Sec. 5 fn. 4: the ~400M denoiser x 128 calls ~ 6 activations of the 8B demasker; the conditional one x 32 calls
+    (+ one encoder call per refresh) < 2; ConWithinDisc with 32 demasker steps ~ 32 + 8 = 40."""
+    from demasker import Demasker, DemaskerConfig
+    from encoder import Encoder, EncoderConfig
+    from generators import config_param_count, paper_nfe
+
+    llada = config_param_count(Demasker, DemaskerConfig.llada_8b_base())
+    qwen = config_param_count(Encoder, EncoderConfig.qwen3_embedding_0_6b(num_registers=8))
+    prior = config_param_count(LatentDiT, DiTConfig.paper())
+    cond = config_param_count(LatentDiT, DiTConfig.paper(conditional=True))
+    _, uncond_cost = paper_nfe(0, llada, [(128, prior)])
+    _, refresh_cost = paper_nfe(0, llada, [(32, cond), (1, qwen)])
+    assert 6 < uncond_cost < 7 and refresh_cost < 2
+    nfe, _ = paper_nfe(32, llada, [(128, prior), (32, cond), (1, qwen)])
+    assert 39 < nfe < 41
+    wide = config_param_count(LatentDiT, DiTConfig.paper(conditional=True, hidden_size=1088, num_heads=17))
+    assert paper_nfe(0, llada, [(32, wide)])[1] > 2  # why the conditional preset is narrower
