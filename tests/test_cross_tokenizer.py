@@ -186,3 +186,14 @@ def test_real_qwen3_encoder_tokenizer(toks):
     n = len(left) + int(hide[0].sum()) + len(right) + 1
     assert enc_ids[0, :len(left)].tolist() == left and bool(hide[0, len(left)])
     assert enc_ids[0, n - 1 - len(right):n].tolist() == right + [qwen.eos_id]
+
+
+def test_masked_view_masks_the_demasker_row(toks):
+    coarse, fine = toks
+    ids = demasker_rows(coarse, TEXTS[:3], 40)
+    g = torch.Generator().manual_seed(2)
+    u, r = torch.rand(ids.shape, generator=g), torch.tensor([0.2, 0.5, 0.9])
+    for view in (X.SharedView(coarse.eos_id, 5), X.CrossTokenizerView(coarse, fine, 1.3)):
+        out = X.masked_view(view, ids, u, r)
+        expected = view(ids, u < r[:, None])
+        assert all(torch.equal(a, b) for a, b in zip(out, expected))

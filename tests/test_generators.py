@@ -413,3 +413,16 @@ def test_a_prior_over_all_registers_serves_the_first_k(models):
     for bad in (0, K + 1):
         with pytest.raises(ValueError, match="keep"):
             G.conthendisc(demasker, prior, 1, gen_length=8, steps=2, keep=bad)
+
+
+def test_shared_view_through_embed_canvas_is_the_default_path(models):
+    import cross_tokenizer as X
+    demasker, _, cond_prior = models
+    cfg = demasker.cfg
+    x = torch.randint(0, 500, (3, 12), generator=torch.Generator().manual_seed(0))
+    x[torch.rand(3, 12, generator=torch.Generator().manual_seed(1)) < 0.4] = cfg.mask_token_id
+    x[1, 7] = cfg.eos_token_id
+    view = X.SharedView(cfg.eos_token_id, cond_prior.encoder.cfg.pad_token_id)
+    default, _ = G.embed_canvas(cond_prior.encoder, x, cfg.mask_token_id, cfg.eos_token_id)
+    through, _ = G.embed_canvas(cond_prior.encoder, x, cfg.mask_token_id, cfg.eos_token_id, view)
+    assert torch.equal(default, through)
