@@ -42,7 +42,6 @@ lookups cost nothing; the demasker's LM head is counted on the L text positions,
 tests/test_generators.py checks the formulas against torch's FlopCounterMode on the tiny models.
 """
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from atomic import read_json
 from mdm import LLADA, _model_device, _resolve_mask_id, check_schedule, generate, mdm_loop
 from schedules import base_time_range, ddim_step, register_times
 
@@ -108,7 +108,7 @@ def load_prior(folder, ae=None, device="cpu", dtype=None):
     if not settings_file.is_file() or not (folder / "dit").is_dir():
         raise FileNotFoundError(f"{folder} is not a train_prior.py run folder (needs {PRIOR_SETTINGS_FILE} and "
                                 f"dit/); pass --prior / --cond-prior the --out folder of train_prior.py")
-    settings = json.loads(settings_file.read_text())
+    settings = read_json(settings_file, f"retrain the prior with train_prior.py --out-dir {folder}")
     if ae is not None:
         check_prior_matches_ae(folder, settings, ae)
     dit = LatentDiT.from_pretrained(str(folder / "dit"), dtype=dtype, device=device).eval()
