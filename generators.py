@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from atomic import read_json
 from mdm import LLADA, _model_device, _resolve_mask_id, check_schedule, generate, mdm_loop
-from schedules import base_time_range, ddim_step, register_times
+from schedules import base_time_range, ddim_step, register_blocks, register_times
 
 PRIOR_SETTINGS_FILE = "prior.json"  # written by train_prior.py next to dit/
 
@@ -109,6 +109,12 @@ def load_prior(folder, ae=None, device="cpu", dtype=None):
         raise FileNotFoundError(f"{folder} is not a train_prior.py run folder (needs {PRIOR_SETTINGS_FILE} and "
                                 f"dit/); pass --prior / --cond-prior the --out folder of train_prior.py")
     settings = read_json(settings_file, f"retrain the prior with train_prior.py --out-dir {folder}")
+    recorded_blocks = settings.get("register_blocks")
+    if recorded_blocks is not None and list(recorded_blocks) != register_blocks(settings["num_registers"]):
+        raise ValueError(f"the prior {folder} was trained with register blocks {recorded_blocks}, but this code groups "
+                         f"K={settings['num_registers']} registers as {register_blocks(settings['num_registers'])} "
+                         f"(schedules.register_blocks); sampling would meet other block times than training. Retrain "
+                         f"the prior with this code")
     if ae is not None:
         check_prior_matches_ae(folder, settings, ae)
     dit = LatentDiT.from_pretrained(str(folder / "dit"), dtype=dtype, device=device).eval()

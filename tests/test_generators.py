@@ -393,6 +393,11 @@ def test_load_prior_builds_the_recorded_view(tmp_path, two_tokenizers):
     del settings["cross_tokenizer"]  # a prior trained before the view: loads, ConWithinDisc refuses it
     (folder / "prior.json").write_text(json.dumps(settings))
     assert G.load_prior(folder).view is None
+    (folder / "prior.json").write_text(json.dumps({**settings, "register_blocks": [1, 1, 2, 4]}))
+    G.load_prior(folder)  # the blocks it was trained with are this code's
+    (folder / "prior.json").write_text(json.dumps({**settings, "register_blocks": [1, 2, 4, 1]}))
+    with pytest.raises(ValueError, match="register blocks"):  # trained with the old grouping
+        G.load_prior(folder)
 
 
 def test_a_prior_over_all_registers_serves_the_first_k(models):
