@@ -201,6 +201,13 @@ def test_marginal_trap_subcommand(runs):
     assert all(0 <= r["base_random"] <= 1 and 0 <= r["guided_low_confidence"] <= 1 for r in result["rows"])
 
 
+def test_marginal_trap_needs_no_data_or_checkpoints(tmp_path):
+    """Each subcommand asks only for what it uses: the trap builds its own synthetic corpus."""
+    record = E.main(["marginal-trap", "--trap-pairs", "2", "--trap-choices", "2", "--trap-steps", "3",
+                     "--trap-samples", "4", "--device", "cpu", "--out", str(tmp_path / "results")])
+    assert record["data"] is None and len(record["results"]["rows"]) == 3
+
+
 def test_missing_inputs_raise_clear_errors(runs):
     root, common = runs
     with pytest.raises(ValueError, match="--ae-no-noise"):
