@@ -192,15 +192,16 @@ def clean_registers(ctx, programs, num_registers):
 
 @torch.no_grad()
 def partial_condition(ctx, cond_prior, programs, ratio, seed):
-    """h(x^(r)) for a conditional prior: each encoder position masked with probability r and hidden
-    (latent_data.mask_positions + generators.embed_canvas: the view conditional training builds)."""
+    """h(x^(r)) for a conditional prior: each DEMASKER position masked with probability r, then the encoder's
+    view of that canvas (generators.embed_canvas with the prior's cross-tokenizer view): what conditional
+    training builds (train_prior.conditioning_inputs) and what ConWithinDisc presents."""
     from generators import embed_canvas
     from latent_data import mask_positions
-    enc_ids = programs["enc_ids"].to(ctx.device)
-    u = torch.rand(enc_ids.shape, generator=torch.Generator().manual_seed(seed)).to(ctx.device)
-    masked = mask_positions(u, torch.full((enc_ids.shape[0],), ratio, device=ctx.device))
-    eos = ctx.eos_id if ctx.meta.get("shared_tokenizer", True) else cond_prior.encoder.cfg.eos_token_id
-    return embed_canvas(cond_prior.encoder, enc_ids.masked_fill(masked, -1), -1, eos)
+    ids = programs["ids"].to(ctx.device)
+    u = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)).to(ctx.device)
+    masked = mask_positions(u, torch.full((ids.shape[0],), ratio, device=ctx.device))
+    return embed_canvas(cond_prior.encoder, ids.masked_fill(masked, -1), -1, ctx.eos_id,
+                        view=getattr(cond_prior, "view", None))
 
 
 def run_fig9(ctx):

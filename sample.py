@@ -164,7 +164,8 @@ def parse_args(argv=None):
                         help="write a step-by-step trace of the first batch as one self-contained HTML page "
                              "(decode_trace.py); samples and the random stream are unchanged")
     parser.add_argument("--trace-samples", type=int, default=2, help="samples of the first batch shown in --trace")
-    parser.add_argument("--keep", type=int, default=None, help="autoencode: use only the first k registers")
+    parser.add_argument("--keep", type=int, default=None, help="autoencode, conthendisc, conwithindisc: the demasker "
+                        "reads only the first k registers (a prior over all K: train_prior.py --num-registers all)")
     parser.add_argument("--num", type=int, default=8, help="number of programs to decode")
     parser.add_argument("--batch-size", type=int, default=8, help="programs decoded in parallel")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed before sampling (LLaDA RNG order); "
@@ -295,7 +296,7 @@ def main(argv=None):
                                      args.temperature, args.remasking, keep=args.keep, decoding=decoding, stats=stats)
         elif hybrid is not None:
             tokens, report = hybrid(model, count, gen_length, block_length, steps, args.temperature, args.remasking,
-                                    decoding=decoding, stats=stats)
+                                    decoding=decoding, stats=stats, keep=args.keep)
             nfe = report["nfe"]
         else:
             tokens, nfe = generate(model, count, gen_length, block_length, steps, args.temperature, args.remasking,
@@ -312,7 +313,8 @@ def main(argv=None):
                       "tokens_per_step": gen_length / max(1, len(stats["tokens_per_step"])),
                       "seconds_per_sample": round(seconds_per_sample, 4)}
             if hybrid is not None:
-                record.update(nfe_counts=report, prior=args.prior, cond_prior=args.cond_prior,
+                record.update(nfe_counts=report, nfe_flops=report.get("nfe_flops"), nfe_count=report.get("nfe_count"),
+                              prior=args.prior, cond_prior=args.cond_prior,
                               prior_steps=args.prior_steps)
                 if args.method == "conwithindisc":
                     record.update(refresh_at=args.refresh_at, refresh_prior_steps=args.refresh_prior_steps)

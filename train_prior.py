@@ -63,13 +63,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint as C
+from cross_tokenizer import SharedView, describe, masked_view, view_from_data
 import dist_checkpoint as DC
 import distributed as D
 import guards
-from latent_data import RegisterBank, build_bank, default_cache_dir, encoder_fingerprint, mask_positions, visible_view
+from latent_data import RegisterBank, build_bank, default_cache_dir, encoder_fingerprint
 from latent_dit import DiTConfig, LatentDiT
 from generators import PRIOR_SETTINGS_FILE
-from schedules import q_sample, register_times, sample_base_times
+from schedules import q_sample, register_blocks, register_times, sample_base_times
 
 STATE_DIR = "train_state"
 # flags that may change on --resume; any other difference from OUT/args.json is refused. --ae and --data are paths:
@@ -170,12 +171,14 @@ def step_draws(seed, step, global_batch, num_registers, dim, max_offset, offsets
     return draws
 
 
-def conditioning_inputs(tokens, rows, uniforms, ratios, eos_id, pad_id, device):
-    """x^(r) for the encoder: (ids with masked positions set to pad, attention_mask, hide), each (B, L)."""
-    enc_ids = tokens.batch(rows)["encoder_ids"]
-    masked = mask_positions(uniforms, ratios)
-    attention_mask, hide = visible_view(enc_ids, masked, eos_id)
-    return enc_ids.masked_fill(masked, pad_id).to(device), attention_mask.to(device), hide.to(device)
+def conditioning_inputs(view, tokens, rows, uniforms, ratios, device):
+    """x^(r) of Alg. 4 drawn in the DEMASKER's token space (what the demasker's canvas x_t looks like when
+    ConWithinDisc refreshes), then the encoder's view of it (cross_tokenizer.py: the row itself with one
+    tokenizer; visible runs re-tokenised and hidden slots for masked runs with two). Returns (ids,
+    attention_mask, hide) on the device, each (B, L_enc)."""
+    ids = tokens.batch(rows)["ids"]  # (B, L) demasker ids
+    enc_ids, attention_mask, hide = masked_view(view, ids, uniforms, ratios, length=getattr(view, "max_length", None))
+    return enc_ids.to(device), attention_mask.to(device), hide.to(device)
 
 
 def model_inputs(ctx, rows, t_base, noise, r=None, u=None):
@@ -186,7 +189,7 @@ def model_inputs(ctx, rows, t_base, noise, r=None, u=None):
     t = register_times(t_base, a.num_registers, a.max_offset, not a.no_block_offsets).to(device)
     kwargs = {}
     if a.conditional:
-        ids, attention, hide = conditioning_inputs(ctx["tokens"], rows, u, r, ctx["eos_id"], ctx["pad_id"], device)
+        ids, attention, hide = conditioning_inputs(ctx["view"], ctx["tokens"], rows, u, r, device)
         if ctx["frozen_encoder"] is not None:
             with torch.no_grad():
                 kwargs["cond"] = ctx["frozen_encoder"](ids, attention_mask=attention, hide=hide).float()
@@ -287,13 +290,15 @@ def build_models(args, encoder_dir, device):
     return PriorTrainee(dit, trained).to(device), frozen
 
 
-def write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, data_settings=None):
+def write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, data_settings=None, view=None):
     settings = {"ae": str(resolve_ae(args.ae).resolve()), "data": str(Path(data_dir).resolve()),
                 "data_settings": data_settings,
                 "encoder_fingerprint": encoder_fingerprint(encoder_dir), "num_registers": args.num_registers,
                 "block_offsets": not args.no_block_offsets, "max_offset": args.max_offset,
                 "conditional": args.conditional, "cond_registers": args.cond_registers if args.conditional else None,
-                "train_cond_encoder": args.train_cond_encoder, "shared_tokenizer": shared_tokenizer}
+                "train_cond_encoder": args.train_cond_encoder, "shared_tokenizer": shared_tokenizer,
+                "register_blocks": register_blocks(args.num_registers),
+                "cross_tokenizer": describe(view) if view is not None and not view.shared else None}
     (out / PRIOR_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
@@ -504,10 +509,14 @@ def main(argv=None):
     if "train" not in banks:
         raise ValueError(f"the train split of {data_dir} is empty")
     model, frozen = build_models(args, encoder_dir, env.device)
+    view = None  # how the encoder reads a partially masked demasker row (Alg. 4's x^(r))
+    if args.conditional:
+        pad_id = C.read_config(encoder_dir)["pad_token_id"]
+        view = SharedView(meta["eos_id"], pad_id) if shared_tokenizer else view_from_data(data_dir, pad_id=pad_id)[0]
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
-            write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, meta.get("settings"))
+            write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, meta.get("settings"), view)
         else:  # what the run really uses (only RESUME_MUTABLE flags can differ from the record)
             (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     ema = EMA(model)
@@ -529,10 +538,8 @@ def main(argv=None):
            "train_bank": banks["train"], "val_bank": banks.get("val"), "frozen_encoder": frozen, "seq_len": None}
     if args.conditional:
         ctx["tokens"], ctx["val_tokens"] = TokenData(data_dir, "train"), TokenData(data_dir, "val")
-        ctx["seq_len"] = ctx["tokens"].encoder_ids.shape[1]
-        enc_cfg = (frozen or D.unwrap(model).cond_encoder).cfg
-        ctx["eos_id"] = meta["eos_id"] if shared_tokenizer else enc_cfg.eos_token_id
-        ctx["pad_id"] = enc_cfg.pad_token_id
+        ctx["seq_len"] = ctx["tokens"].ids.shape[1]  # the masks are drawn over the demasker's L
+        ctx["view"] = view
     G = args.global_batch_size
     stop = min(args.max_steps, args.stop_at or args.max_steps)
     n, dim, per_rank = len(banks["train"]), banks["train"].dim, G // env.world_size

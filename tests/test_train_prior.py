@@ -186,10 +186,11 @@ def test_conditional_prior_recovers_a_fully_visible_sequence_better(run):
     encoder = run["encoder"]
     with torch.no_grad():
         banks = encoder(batch["encoder_ids"], attention_mask=batch["encoder_mask"])
-    eos, pad = run["meta"]["eos_id"], run["meta"]["pad_id"]
+    from cross_tokenizer import SharedView
+    view = SharedView(run["meta"]["eos_id"], run["meta"]["pad_id"])  # one tokenizer: the row itself
 
     def cond_fn(rows_, draws):
-        ids, attention, hide = T.conditioning_inputs(tokens, rows_, draws["u"], draws["r"], eos, pad, "cpu")
+        ids, attention, hide = T.conditioning_inputs(view, tokens, rows_, draws["u"], draws["r"], "cpu")
         with torch.no_grad():
             return {"cond": encoder(ids, attention_mask=attention, hide=hide)}
 
@@ -199,7 +200,7 @@ def test_conditional_prior_recovers_a_fully_visible_sequence_better(run):
     torch.manual_seed(1)
     conditional = train_steps(T.PriorTrainee(LatentDiT(DiTConfig.tiny(register_dim=D, num_registers=K, cond_dim=D))),
                               banks, 200, lr=3e-3, cond_fn=cond_fn)
-    ids, attention, hide = T.conditioning_inputs(tokens, rows, torch.ones(6, 40), torch.zeros(6), eos, pad, "cpu")
+    ids, attention, hide = T.conditioning_inputs(view, tokens, rows, torch.ones(6, 40), torch.zeros(6), "cpu")
     assert not hide.any()  # r = 0: the whole sequence is visible
     with torch.no_grad():
         full_view = encoder(ids, attention_mask=attention, hide=hide)
