@@ -101,7 +101,7 @@ class Trace(torch.nn.Module):
 
 
 
-def panel(trace, sample, tokenizer, eos_id, label=None):
+def panel(trace, sample, tokenizer, eos_id, label=None, bos_id=None):
     """The data one page panel shows: one sample of one Trace (steps, pieces of text, per-step counts)."""
     if not trace.finished:
         raise ValueError("call trace.finish(tokens) before writing the page")
@@ -116,6 +116,7 @@ def panel(trace, sample, tokenizer, eos_id, label=None):
         "sample": sample,
         "mask_id": trace.mask_id,
         "eos_id": eos_id,
+        "bos_id": bos_id,  # not shown (decode_programs drops it too)
         "gen_start": trace.gen_start,
         "pieces": pieces,
         "canvases": [step["canvas"][sample] for step in trace.steps],
@@ -132,6 +133,8 @@ def text_at(panel_data, step):
     for token in panel_data["canvases"][step][panel_data["gen_start"]:]:
         if token == panel_data["eos_id"]:
             break
+        if token == panel_data.get("bos_id"):
+            continue
         out.append("_" if token == panel_data["mask_id"] else panel_data["pieces"][str(token)])
     return "".join(out)
 
@@ -185,6 +188,7 @@ function render(step){
     let out = "", done = false;
     for (let pos = p.gen_start; pos < canvas.length && !done; pos++) {
       const t = canvas[pos];
+      if (t === p.bos_id) continue;
       if (t === p.eos_id) { out += '<span class="info">&#9632;EOS</span>'; done = true; continue; }
       const piece = t === p.mask_id ? '<span class="m"></span>' : esc(p.pieces[String(t)]);
       out += pos in conf ? '<span class="new" style="background:'+colour(conf[pos])+'" title="p='+conf[pos]+'">'+piece+'</span>' : piece;
@@ -204,7 +208,8 @@ document.getElementById("prev").onclick = () => render(Math.max(0, +slider.value
 document.getElementById("next").onclick = () => render(Math.min(nsteps - 1, +slider.value + 1));
 document.getElementById("play").onclick = () => { if (timer) { clearInterval(timer); timer = null; return; }
   timer = setInterval(() => { const s = +slider.value + 1; if (s >= nsteps) { clearInterval(timer); timer = null; } else render(s); }, 150); };
-render(nsteps - 1);
+const wanted = location.hash.match(/step=(\d+)/);  // e.g. trace.html#step=40 opens at step 40
+render(wanted ? Math.min(nsteps - 1, +wanted[1]) : nsteps - 1);
 </script></body></html>
 """
 

@@ -329,7 +329,7 @@ def main(argv=None):
     if trace is not None:  # rank 0 decodes the first batch
         from decode_trace import panel, write_html
         shown = range(min(args.trace_samples, len(trace.steps[0]["canvas"])))
-        path = write_html(args.trace, [panel(trace, i, tokenizer, cfg.eos_token_id, f"{args.method} #{i}")
+        path = write_html(args.trace, [panel(trace, i, tokenizer, cfg.eos_token_id, f"{args.method} #{i}", cfg.bos_token_id)
                                        for i in shown], title=f"crocodil {args.method}: decoding trace")
         print(f"trace: {path}")
     if gathered is None:  # not rank 0
