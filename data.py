@@ -28,20 +28,20 @@ Pipeline (`build_dataset`, CLI `python data.py --out data/stdlib`):
 meta.json holds the settings and a hash of the corpus file list; it is written last, and a cache
 whose settings differ is rebuilt.
 
+Files: corpus.py (steps 1-4), tokenization.py (step 5), this file (steps 6 and the batches); their names are
+re-exported here.
+
 Batches: `TokenData(folder, split).batches(batch_size, seed, position, rank, world_size)` serves
 torch tensors in a (seed, epoch) permutation dealt across ranks by `shard_indices`; the position
 (epoch, step) it yields resumes the stream exactly.
 """
 
 import argparse
-import ast
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -52,240 +52,12 @@ from tqdm import tqdm
 
 from atomic import read_json, write_json
 
-SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"]  # ids 0, 1, 2, 3 in a BPE we train
-SPLITS = ("train", "val", "test")
-SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-TEST_DIRS = {"test", "tests", "idle_test"}
-SKIP_FILES = {"pydoc_data/topics.py"}  # a generated 750 KB string table, not a program
+from corpus import (SKIP_DIRS, SKIP_FILES, SPLITS, TEST_DIRS, collect_programs, corpus_fingerprint,  # noqa: F401
+                    default_corpus_dir, find_source_files, normalised_hash, split_of, split_programs)
+from tokenization import (SPECIAL_TOKENS, TextTokenizer, load_tokenizer, tokenizer_key,  # noqa: F401
+                          train_tokenizer)
 FORMAT_VERSION = 2
 CHUNK = 512  # programs tokenized (and written) at a time
-
-
-# ------------------------------------------------------------------------------------------------
-# Corpus: files -> programs -> deduplicated, assigned to a split by file
-# ------------------------------------------------------------------------------------------------
-
-def default_corpus_dir():
-    """The running interpreter's standard library source folder."""
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def find_source_files(root, include_tests=False):
-    """Sorted .py files under root, skipping site-packages, generated tables and (unless asked) tests."""
-    root = Path(root)
-    skip = SKIP_DIRS if include_tests else SKIP_DIRS | TEST_DIRS
-    files = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [name for name in subfolders if name not in skip]  # prune: never walk into them
-        for name in names:
-            path = Path(folder) / name
-            if name.endswith(".py") and path.relative_to(root).as_posix() not in SKIP_FILES:
-                files.append(path)
-    return sorted(files)
-
-
-def split_programs(source, whole_file_lines=40):
-    """Self-contained programs of one file: the whole file if small, else its top-level defs/classes.
-
-    Raises SyntaxError (or ValueError for NUL bytes) on unparsable source; the caller counts it.
-    """
-    tree = ast.parse(source)
-    lines = source.splitlines()
-    if len(lines) <= whole_file_lines:
-        return [source.strip("\n")] if source.strip() else []
-    programs = []
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
-            programs.append("\n".join(lines[first - 1:node.end_lineno]))
-    return programs
-
-
-def split_of(relative_path, val_fraction=0.05, test_fraction=0.05):
-    """'train' | 'val' | 'test' from a hash of the file's relative path (the same on every machine)."""
-    digest = hashlib.sha256(Path(relative_path).as_posix().encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2 ** 64  # uniform in [0, 1)
-    if u < val_fraction:
-        return "val"
-    if u < val_fraction + test_fraction:
-        return "test"
-    return "train"
-
-
-def normalised_hash(text):
-    """Duplicate key: programs equal up to runs of whitespace share it."""
-    return hashlib.sha256(re.sub(r"\s+", " ", text).strip().encode()).hexdigest()
-
-
-def collect_programs(source, whole_file_lines=40, include_tests=False, val_fraction=0.05,
-                     test_fraction=0.05, files=None):
-    """({split: [(relative file path, program text)]}, stats) from a folder or a .jsonl file.
-
-    files: the .py files to read under the folder (default: find_source_files). A JSONL line is
-    one program; its "path" field (default: its line number) decides its split. The first copy of a
-    duplicated program (in sorted file order) is kept.
-    """
-    source = Path(source)
-    stats = {"files": 0, "skipped_non_utf8": 0, "skipped_unparsable": 0, "programs_found": 0,
-             "duplicates": 0}
-    programs = {split: [] for split in SPLITS}
-    seen = set()
-
-    def add(relative, text):
-        stats["programs_found"] += 1
-        key = normalised_hash(text)
-        if key in seen:
-            stats["duplicates"] += 1
-        elif text.strip():
-            seen.add(key)
-            programs[split_of(relative, val_fraction, test_fraction)].append((str(relative), text))
-
-    if source.is_file():
-        with open(source, "rb") as handle:
-            for number, raw in enumerate(handle):
-                if not raw.strip():
-                    continue
-                stats["files"] += 1
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                    text, path = record["text"], record.get("path", f"line{number}")
-                    if not isinstance(text, str):
-                        raise TypeError("text is not a string")
-                except UnicodeDecodeError:
-                    stats["skipped_non_utf8"] += 1
-                    continue
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    stats["skipped_unparsable"] += 1
-                    continue
-                add(path, text)
-    elif source.is_dir():
-        for path in tqdm(find_source_files(source, include_tests) if files is None else files,
-                         desc="reading corpus", unit="file", leave=False):
-            stats["files"] += 1
-            try:
-                file_programs = split_programs(path.read_text(encoding="utf-8"), whole_file_lines)
-            except UnicodeDecodeError:
-                stats["skipped_non_utf8"] += 1
-                continue
-            except (SyntaxError, ValueError):  # ValueError: source holding NUL bytes
-                stats["skipped_unparsable"] += 1
-                continue
-            for text in file_programs:
-                add(path.relative_to(source), text)
-    else:
-        raise FileNotFoundError(f"corpus {source} is neither a folder of .py files nor a .jsonl file; "
-                                f"pass --corpus a folder or a JSONL of {{\"text\": ...}} lines")
-    stats["programs"] = sum(len(p) for p in programs.values())
-    return programs, stats
-
-
-def corpus_fingerprint(source, files):
-    """{'files', 'bytes', 'sha256'} over the sorted (relative path, size, mtime) list."""
-    source = Path(source)
-    entries = []
-    for path in files:
-        status = path.stat()
-        name = path.name if path == source else path.relative_to(source).as_posix()
-        entries.append(f"{name}\t{status.st_size}\t{status.st_mtime_ns}")
-    return {"files": len(files), "bytes": sum(path.stat().st_size for path in files),
-            "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Tokenizers
-# ------------------------------------------------------------------------------------------------
-
-class TextTokenizer:
-    """A `tokenizers.Tokenizer` plus the special ids the models need (None where it has none).
-
-    Ours (train_tokenizer): <|bos|>=0, <|eos|>=1, <|pad|>=2, <|mask|>=3.
-    LLaDA:  BOS <|startoftext|>=126080, EOS = PAD <|endoftext|>=126081, MASK <|mdm_mask|>=126336.
-    Qwen3:  no BOS, EOS = PAD <|endoftext|>=151643 (its post-processor appends it; we encode without
-            specials and append it ourselves), no mask token (mask_id None: the encoder hides masked
-            positions with an attention mask instead of reading a [M] token, see encoder.py).
-    Public tokenizers pad with EOS; only ours has a separate <|pad|>.
-    """
-
-    ROLE_TOKENS = {"bos": ("<|bos|>", "<|startoftext|>"), "eos": ("<|eos|>", "<|endoftext|>"),
-                   "mask": ("<|mask|>", "<|mdm_mask|>")}
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-        def find(names):
-            return next((tokenizer.token_to_id(n) for n in names if tokenizer.token_to_id(n) is not None), None)
-
-        self.bos_id, self.eos_id, self.mask_id = (find(self.ROLE_TOKENS[r]) for r in ("bos", "eos", "mask"))
-        if self.eos_id is None:
-            raise ValueError("tokenizer has no EOS token (<|eos|> or <|endoftext|>); it cannot end programs")
-        ours = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
-        self.pad_id = 2 if ours else self.eos_id
-
-    @property
-    def vocab_size(self):
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def special_ids(self):
-        return {"vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
-                "pad_id": self.pad_id, "mask_id": self.mask_id}
-
-    def encode(self, text):
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts):
-        """`tokenizers.Encoding`s (ids and character offsets), no special tokens added."""
-        return self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def save(self, path):
-        self.tokenizer.save(str(path))
-
-
-def train_tokenizer(texts, vocab_size=4096):
-    """Byte-level BPE on `texts`: every byte is a token, so any text encodes and decodes losslessly."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return TextTokenizer(tokenizer)
-
-
-def load_tokenizer(name_or_path):
-    """A tokenizer.json file, a folder holding one, or a hub id such as GSAI-ML/LLaDA-8B-Base."""
-    from tokenizers import Tokenizer
-
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        if path.exists() or Path(name_or_path).is_dir() or str(name_or_path).count("/") != 1:
-            raise FileNotFoundError(f"no tokenizer.json at {name_or_path}; pass a tokenizer.json, a folder "
-                                    f"holding one, or a hub id like Qwen/Qwen3-Embedding-0.6B")
-        from huggingface_hub import hf_hub_download
-        try:
-            path = Path(hf_hub_download(str(name_or_path), "tokenizer.json"))
-        except Exception as error:
-            raise FileNotFoundError(f"could not download tokenizer.json of {name_or_path!r} ({error}); "
-                                    f"offline, pass the path of a local tokenizer.json instead") from error
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as error:  # the library's own parse error names neither the file nor the fix
-        raise ValueError(f"{path} is not a readable tokenizer.json ({error}); rebuild the data cache (data.py "
-                         f"--force) or copy the tokenizer.json of the run again") from None
-    return TextTokenizer(tokenizer)
-
-
-def tokenizer_key(name_or_path):
-    """What identifies a tokenizer in meta.json: its file's hash if local, else the hub id."""
-    path = Path(name_or_path).expanduser()
-    path = path / "tokenizer.json" if path.is_dir() else path
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(name_or_path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ micro-batches) follows the same trajectory up to float summation order.
     python train_prior.py --ae runs/ae --out-dir runs/cprior --conditional --max-steps 2000
     torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers 8
     torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers all
+
+Length: one file for one training loop (objective, draws, validation, save/resume, CLI) of ~600 lines, as
+train_ae.py was before its corruption and run-state parts moved out; the next split would take validation
+(PSNR vs t) into its own file.
 """
 
 import argparse

@@ -1,0 +1,154 @@
+"""The corpus of Python programs (paper Sec. 5: the Python subset of StarCoder; offline stand-in: the running
+interpreter's standard library, present on every machine without a download). Any folder of .py files, or a
+JSONL file of {"text": ..., "path": optional} lines, works the same way: find the files, split each into
+self-contained programs (top-level functions and classes via `ast`, or the whole file when small), drop exact
+duplicates, assign train/val/test by FILE (a hash of its relative path), never by program. data.py builds the
+token cache from it.
+"""
+
+import ast
+import hashlib
+import json
+import os
+import re
+import sysconfig
+from pathlib import Path
+
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "test")
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+TEST_DIRS = {"test", "tests", "idle_test"}
+SKIP_FILES = {"pydoc_data/topics.py"}  # a generated 750 KB string table, not a program
+
+
+# ------------------------------------------------------------------------------------------------
+# Corpus: files -> programs -> deduplicated, assigned to a split by file
+# ------------------------------------------------------------------------------------------------
+
+def default_corpus_dir():
+    """The running interpreter's standard library source folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def find_source_files(root, include_tests=False):
+    """Sorted .py files under root, skipping site-packages, generated tables and (unless asked) tests."""
+    root = Path(root)
+    skip = SKIP_DIRS if include_tests else SKIP_DIRS | TEST_DIRS
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in skip]  # prune: never walk into them
+        for name in names:
+            path = Path(folder) / name
+            if name.endswith(".py") and path.relative_to(root).as_posix() not in SKIP_FILES:
+                files.append(path)
+    return sorted(files)
+
+
+def split_programs(source, whole_file_lines=40):
+    """Self-contained programs of one file: the whole file if small, else its top-level defs/classes.
+
+    Raises SyntaxError (or ValueError for NUL bytes) on unparsable source; the caller counts it.
+    """
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    if len(lines) <= whole_file_lines:
+        return [source.strip("\n")] if source.strip() else []
+    programs = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
+            programs.append("\n".join(lines[first - 1:node.end_lineno]))
+    return programs
+
+
+def split_of(relative_path, val_fraction=0.05, test_fraction=0.05):
+    """'train' | 'val' | 'test' from a hash of the file's relative path (the same on every machine)."""
+    digest = hashlib.sha256(Path(relative_path).as_posix().encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2 ** 64  # uniform in [0, 1)
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def normalised_hash(text):
+    """Duplicate key: programs equal up to runs of whitespace share it."""
+    return hashlib.sha256(re.sub(r"\s+", " ", text).strip().encode()).hexdigest()
+
+
+def collect_programs(source, whole_file_lines=40, include_tests=False, val_fraction=0.05,
+                     test_fraction=0.05, files=None):
+    """({split: [(relative file path, program text)]}, stats) from a folder or a .jsonl file.
+
+    files: the .py files to read under the folder (default: find_source_files). A JSONL line is
+    one program; its "path" field (default: its line number) decides its split. The first copy of a
+    duplicated program (in sorted file order) is kept.
+    """
+    source = Path(source)
+    stats = {"files": 0, "skipped_non_utf8": 0, "skipped_unparsable": 0, "programs_found": 0,
+             "duplicates": 0}
+    programs = {split: [] for split in SPLITS}
+    seen = set()
+
+    def add(relative, text):
+        stats["programs_found"] += 1
+        key = normalised_hash(text)
+        if key in seen:
+            stats["duplicates"] += 1
+        elif text.strip():
+            seen.add(key)
+            programs[split_of(relative, val_fraction, test_fraction)].append((str(relative), text))
+
+    if source.is_file():
+        with open(source, "rb") as handle:
+            for number, raw in enumerate(handle):
+                if not raw.strip():
+                    continue
+                stats["files"] += 1
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                    text, path = record["text"], record.get("path", f"line{number}")
+                    if not isinstance(text, str):
+                        raise TypeError("text is not a string")
+                except UnicodeDecodeError:
+                    stats["skipped_non_utf8"] += 1
+                    continue
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    stats["skipped_unparsable"] += 1
+                    continue
+                add(path, text)
+    elif source.is_dir():
+        for path in tqdm(find_source_files(source, include_tests) if files is None else files,
+                         desc="reading corpus", unit="file", leave=False):
+            stats["files"] += 1
+            try:
+                file_programs = split_programs(path.read_text(encoding="utf-8"), whole_file_lines)
+            except UnicodeDecodeError:
+                stats["skipped_non_utf8"] += 1
+                continue
+            except (SyntaxError, ValueError):  # ValueError: source holding NUL bytes
+                stats["skipped_unparsable"] += 1
+                continue
+            for text in file_programs:
+                add(path.relative_to(source), text)
+    else:
+        raise FileNotFoundError(f"corpus {source} is neither a folder of .py files nor a .jsonl file; "
+                                f"pass --corpus a folder or a JSONL of {{\"text\": ...}} lines")
+    stats["programs"] = sum(len(p) for p in programs.values())
+    return programs, stats
+
+
+def corpus_fingerprint(source, files):
+    """{'files', 'bytes', 'sha256'} over the sorted (relative path, size, mtime) list."""
+    source = Path(source)
+    entries = []
+    for path in files:
+        status = path.stat()
+        name = path.name if path == source else path.relative_to(source).as_posix()
+        entries.append(f"{name}\t{status.st_size}\t{status.st_mtime_ns}")
+    return {"files": len(files), "bytes": sum(path.stat().st_size for path in files),
+            "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest()}
+
+
