@@ -174,10 +174,13 @@ class Context:
 # ------------------------------------------------------------------------------------------------
 
 
-def sharded_samples(ctx, num, make_batch, desc):
-    """Run make_batch(indices, generator, prior_generator) -> (tokens (B, L), nfe float) over this rank's
-    round-robin share of range(num), decode, gather on rank 0. Returns (texts, mean NFE) on rank 0, else
-    (None, None)."""
+def sharded_samples(ctx, num, make_batch, desc, with_stats=False):
+    """Run make_batch(indices, generator, prior_generator) -> (tokens (B, L), nfe float | {"nfe", "nfe_flops"})
+    over this rank's round-robin share of range(num), decode, gather on rank 0. Returns (texts, mean NFE) on rank
+    0, else (None, None); with_stats: (texts, mean NFE, {"nfe_flops", "seconds_per_sample"}) (wall-clock of the
+    batches on this machine, the same run for every method)."""
+    import time
+
     from tqdm import tqdm
     env, batch_size = ctx.env, ctx.get("batch_size")
     mine = D.shard_indices(num, env.rank, env.world_size, seed=None)
@@ -187,14 +190,21 @@ def sharded_samples(ctx, num, make_batch, desc):
         seed = batch_seed(ctx.args.seed, int(indices[0]))
         generator = torch.Generator(device=ctx.device).manual_seed(seed)
         prior_generator = torch.Generator().manual_seed(seed + 1)
+        started = time.perf_counter()
         tokens, nfe = make_batch(indices, generator, prior_generator)
+        seconds = (time.perf_counter() - started) / len(indices)
+        nfe, nfe_flops = (nfe["nfe"], nfe.get("nfe_flops", nfe["nfe"])) if isinstance(nfe, dict) else (nfe, nfe)
         texts = decode_programs(ctx.tokenizer, tokens, ctx.eos_id, ctx.bos_id)
-        records += [(int(i), text, float(nfe)) for i, text in zip(indices, texts)]
+        records += [(int(i), text, float(nfe), float(nfe_flops), seconds) for i, text in zip(indices, texts)]
     gathered = D.gather_objects(records, env)
     if gathered is None:
-        return None, None
+        return (None, None, None) if with_stats else (None, None)
     gathered.sort()
-    return [text for _, text, _ in gathered], float(np.mean([nfe for _, _, nfe in gathered]))
+    texts, nfe = [r[1] for r in gathered], float(np.mean([r[2] for r in gathered]))
+    if not with_stats:
+        return texts, nfe
+    return texts, nfe, {"nfe_flops": float(np.mean([r[3] for r in gathered])),
+                        "seconds_per_sample": float(np.mean([r[4] for r in gathered]))}
 
 
 def mauve_summary(ctx, features, reference_features):

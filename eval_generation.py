@@ -30,7 +30,7 @@ def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None
         def run(idx, g, pg):
             tokens, report = conthendisc(demasker, prior, len(idx), length, length, steps, temp, remasking,
                                          prior_steps=prior_steps, generator=g, prior_generator=pg)
-            return tokens, report["nfe"]
+            return tokens, {"nfe": report["nfe"], "nfe_flops": report.get("nfe_flops", report["nfe"])}
         return run
 
     def run(idx, g, pg):
@@ -38,7 +38,7 @@ def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None
                                        prior=prior, prior_steps=prior_steps, refresh_at=refresh_at,
                                        refresh_prior_steps=ctx.get("refresh_prior_steps"), generator=g,
                                        prior_generator=pg)
-        return tokens, report["nfe"]
+        return tokens, {"nfe": report["nfe"], "nfe_flops": report.get("nfe_flops", report["nfe"])}
     return run
 
 
@@ -46,10 +46,11 @@ def sweep(ctx, label, length, make_sampler, steps_list, reference_features):
     """Rows {"method", "steps", "nfe", metrics...} of one method over the NFE grid (rank 0; None elsewhere)."""
     rows = []
     for steps in steps_list:
-        texts, nfe = sharded_samples(ctx, ctx.get("num"), make_sampler(steps), f"{label} L={length} steps={steps}")
-        if texts is not None:
-            rows.append({"method": label, "steps": steps, "nfe": nfe, **score_texts(ctx, texts, reference_features),
-                         "examples": texts[:2]})
+        texts, nfe, stats = sharded_samples(ctx, ctx.get("num"), make_sampler(steps),
+                                            f"{label} L={length} steps={steps}", with_stats=True)
+        if texts is not None:  # nfe: the paper's count (parameter ratio); nfe_flops: ours; wall-clock beside
+            rows.append({"method": label, "steps": steps, "nfe": nfe, **stats,
+                         **score_texts(ctx, texts, reference_features), "examples": texts[:2]})
     return rows
 
 
@@ -78,8 +79,10 @@ def speedups(rows, length):
 
 
 def generation_table(rows):
-    return md_table(["method", "steps", "NFE", "MAUVE", "Gen-PPL", "entropy", "parse", "dup"],
-                    [[r["method"], r["steps"], f"{r['nfe']:.1f}", f"{r['mauve']:.3f}" + (
+    return md_table(["method", "steps", "NFE (paper)", "NFE (FLOPs)", "s/sample", "MAUVE", "Gen-PPL", "entropy",
+                     "parse", "dup"],
+                    [[r["method"], r["steps"], f"{r['nfe']:.1f}", f"{r.get('nfe_flops', r['nfe']):.1f}",
+                      f"{r.get('seconds_per_sample', float('nan')):.3f}", f"{r['mauve']:.3f}" + (
                         f" ± {r['mauve_sd']:.3f}" if len(r["mauve_seeds"]) > 1 else ""), f"{r['gen_ppl']:.2f}",
                       f"{r['unigram_entropy']:.2f}", f"{r['parse_rate']:.2f}", f"{r['duplicate_rate']:.2f}"]
                      for r in rows])

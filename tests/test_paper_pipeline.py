@@ -82,4 +82,5 @@ def test_two_tokenizer_pipeline_from_the_clis(tmp_path, capsys):
     assert {row["method"] for row in rows} == {"base", "conthendisc", "conwithindisc"}
     # the paper's NFE: 4 demasker calls + the priors by parameter ratio (tiny DiT vs tiny demasker: > 4)
     assert all(row["nfe"] > 4 for row in rows if row["method"] != "base")
+    assert all(row["seconds_per_sample"] > 0 and row["nfe_flops"] >= 4 for row in rows)  # beside it in every row
     assert (tmp_path / "results" / "fig6.json").is_file()
