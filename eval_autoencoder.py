@@ -82,7 +82,7 @@ def register_counts(ctx, encoder):
 
 
 def run_fig4(ctx):
-    programs = ctx.held_out(ctx.get("num"))
+    programs = ctx.held_out(ctx.args.num or ctx.get("fig4_num"))  # paper: 1000 validation programs
     demasker, encoder = ctx.ae()
     models = {f"guided_k{k}": (demasker, encoder, k) for k in register_counts(ctx, encoder)}
     if ctx.args.base:
@@ -132,18 +132,19 @@ def run_fig7(ctx):
 def block_grid(ctx, length):
     if ctx.args.blocks:
         return sorted({b for b in ctx.args.blocks if 1 <= b <= length and length % b == 0})
-    return sorted({b for b in (length // 8, length // 4, length // 2, length) if b >= 1})
+    extra = tuple(b for b in ctx.get("table_blocks") if length % b == 0)  # paper: block 32 always in the grid
+    return sorted({b for b in (length // 8, length // 4, length // 2, length) + extra if b >= 1})
 
 
 def run_table(ctx, index):
-    length = ctx.args.length or ctx.get("lengths")[index]
+    length = ctx.args.length or ctx.get("table_lengths")[index]
     programs = ctx.held_out(ctx.get("num"), length)
     sources = programs["texts"]
     demasker, encoder = ctx.ae()
     temp = temperature(ctx, 0.0)
     rows = []
     for block in block_grid(ctx, length):
-        for nfe in nfe_grid(ctx, length):
+        for nfe in nfe_grid(ctx, length, "table_nfe_min"):
             try:
                 check_schedule(length, block, nfe)
             except ValueError:

@@ -18,11 +18,12 @@ from sample import batch_seed, decode_programs
 
 PRESETS = {
     # num: samples (or programs) per point; lengths: the two generation lengths (Fig. 6, Tables 1/2)
-    "tiny": dict(num=48, batch_size=16, lengths=(64, 128), nfe_min=8, prior_steps=32, refresh_prior_steps=16,
+    # table_*: Tables 1/2 (paper: L = 256 and 512, block sizes including 32, NFE down to 4); fig4_num: Fig. 4
+    "tiny": dict(table_lengths=(64, 128), table_nfe_min=8, table_blocks=(), fig4_num=48, num=48, batch_size=16, lengths=(64, 128), nfe_min=8, prior_steps=32, refresh_prior_steps=16,
                  mauve_seeds=1, trap_steps=400, trap_samples=256, trap_trials=5000, psnr_points=11),
-    "small": dict(num=400, batch_size=32, lengths=(128, 256), nfe_min=8, prior_steps=64, refresh_prior_steps=32,
+    "small": dict(table_lengths=(128, 256), table_nfe_min=8, table_blocks=(), fig4_num=400, num=400, batch_size=32, lengths=(128, 256), nfe_min=8, prior_steps=64, refresh_prior_steps=32,
                   mauve_seeds=3, trap_steps=1500, trap_samples=1024, trap_trials=20000, psnr_points=21),
-    "paper": dict(num=5000, batch_size=64, lengths=(512, 1024), nfe_min=16, prior_steps=128,
+    "paper": dict(table_lengths=(256, 512), table_nfe_min=4, table_blocks=(32,), fig4_num=1000, num=5000, batch_size=64, lengths=(512, 1024), nfe_min=16, prior_steps=128,
                   refresh_prior_steps=32, mauve_seeds=5, trap_steps=3000, trap_samples=4096, trap_trials=50000,
                   psnr_points=21),
 }
@@ -251,11 +252,11 @@ def real_reference(ctx, length, count):
     return ctx.cached(key, build)
 
 
-def nfe_grid(ctx, length):
-    """--nfe, else powers of two from the preset's nfe_min up to the length (whole sequence one block)."""
+def nfe_grid(ctx, length, key="nfe_min"):
+    """--nfe, else powers of two from the preset's `key` (nfe_min; table_nfe_min for Tables 1/2) up to the length."""
     if ctx.args.nfe:
         return sorted({n for n in ctx.args.nfe if 1 <= n <= length})
-    grid, n = [], ctx.get("nfe_min")
+    grid, n = [], ctx.get(key)
     while n < length:
         grid.append(n)
         n *= 2

@@ -272,3 +272,17 @@ def test_report_outputs_are_whole_and_sections_never_interleave(tmp_path):
     assert json.loads((tmp_path / "demo.json").read_text())["x"] == 2
     assert (tmp_path / "REPORT.md").read_text().count("## demo: t") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [".REPORT.md.lock", "REPORT.md", "demo.json"]
+
+
+def test_paper_preset_protocol_defaults():
+    """Issue 10 item 7: Tables 1/2 at L = 256 / 512 with block 32 in the grid and NFE down to 4; Fig. 4 on 1000."""
+    import types
+
+    from eval_autoencoder import block_grid
+    from eval_context import PRESETS, nfe_grid
+    preset = PRESETS["paper"]
+    ctx = types.SimpleNamespace(args=types.SimpleNamespace(nfe=None, blocks=None), get=lambda name: preset[name])
+    assert preset["table_lengths"] == (256, 512) and preset["fig4_num"] == 1000 and preset["lengths"] == (512, 1024)
+    assert block_grid(ctx, 256) == [32, 64, 128, 256] and block_grid(ctx, 512) == [32, 64, 128, 256, 512]
+    assert nfe_grid(ctx, 256, "table_nfe_min") == [4, 8, 16, 32, 64, 128, 256]
+    assert nfe_grid(ctx, 512)[0] == 16  # Fig. 6 keeps its own grid
