@@ -101,6 +101,9 @@ def parse_args(argv=None):
     a("--prior", help="unconditional train_prior.py run (ConThenDisc; initial registers of ConWithinDisc)")
     a("--cond-prior", help="conditional train_prior.py --conditional run (ConWithinDisc)")
     a("--prior-no-offsets", help="fig11: a prior trained with --no-block-offsets")
+    a("--length-priors", nargs="*", metavar="L=DIR", help="fig6: a prior per generation length (the paper: K = 8 at "
+      "L = 512, K = 16 at L = 1024); lengths not named use --prior")
+    a("--length-cond-priors", nargs="*", metavar="L=DIR", help="fig6: a conditional prior per length (else --cond-prior)")
     a("--k-priors", nargs="*", help="fig11: priors trained with different --num-registers (default: --prior)")
     a("--scorer", help="train_scorer.py output folder, or a Qwen3 causal LM folder / hub id (Gen-PPL, MAUVE)")
     a("--data", help="data.py cache (default: the 'data' recorded in the AE run's args.json)")

@@ -177,8 +177,8 @@ def run_table(ctx, index):
 
 
 def run_fig8(ctx):
-    length = ctx.args.length or ctx.data_length  # 3 x num held-out programs must fit
-    num = ctx.get("num")
+    length = ctx.args.length or ctx.get("fig8_length") or ctx.data_length  # paper: ~256-token programs
+    num = ctx.args.num or ctx.get("fig8_pairs")  # pairs (A, B); 3 x num held-out programs must fit
     a, b = ctx.held_out(num, length), ctx.held_out(num, length, skip=num)
     reference_features, ceiling = real_reference(ctx, length, num)
     demasker, encoder = ctx.ae()

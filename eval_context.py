@@ -18,12 +18,15 @@ from sample import batch_seed, decode_programs
 
 PRESETS = {
     # num: samples (or programs) per point; lengths: the two generation lengths (Fig. 6, Tables 1/2)
-    # table_*: Tables 1/2 (paper: L = 256 and 512, block sizes including 32, NFE down to 4); fig4_num: Fig. 4
-    "tiny": dict(table_lengths=(64, 128), table_nfe_min=8, table_blocks=(), fig4_num=48, num=48, batch_size=16, lengths=(64, 128), nfe_min=8, prior_steps=32, refresh_prior_steps=16,
+    # table_*: Tables 1/2 (paper: L = 256 and 512, block sizes including 32, NFE down to 4); fig4_num: Fig. 4;
+    # fig8_*: Fig. 8's program length (None: the data's L) and number of interpolated pairs
+    "tiny": dict(table_lengths=(64, 128), table_nfe_min=8, table_blocks=(), fig4_num=48, fig8_length=None, fig8_pairs=48, num=48, batch_size=16, lengths=(64, 128), nfe_min=8, prior_steps=32, refresh_prior_steps=16,
                  mauve_seeds=1, trap_steps=400, trap_samples=256, trap_trials=5000, psnr_points=11),
-    "small": dict(table_lengths=(128, 256), table_nfe_min=8, table_blocks=(), fig4_num=400, num=400, batch_size=32, lengths=(128, 256), nfe_min=8, prior_steps=64, refresh_prior_steps=32,
+    "small": dict(table_lengths=(128, 256), table_nfe_min=8, table_blocks=(), fig4_num=400, fig8_length=None, fig8_pairs=400,
+                  num=400, batch_size=32, lengths=(128, 256), nfe_min=8, prior_steps=64, refresh_prior_steps=32,
                   mauve_seeds=3, trap_steps=1500, trap_samples=1024, trap_trials=20000, psnr_points=21),
-    "paper": dict(table_lengths=(256, 512), table_nfe_min=4, table_blocks=(32,), fig4_num=1000, num=5000, batch_size=64, lengths=(512, 1024), nfe_min=16, prior_steps=128,
+    "paper": dict(table_lengths=(256, 512), table_nfe_min=4, table_blocks=(32,), fig4_num=1000, fig8_length=256,
+                  fig8_pairs=1000, num=5000, batch_size=64, lengths=(512, 1024), nfe_min=16, prior_steps=128,
                   refresh_prior_steps=32, mauve_seeds=5, trap_steps=3000, trap_samples=4096, trap_trials=50000,
                   psnr_points=21),
 }

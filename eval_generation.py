@@ -96,12 +96,28 @@ def generation_panels(title, rows):
             panel(f"{title}: Gen-PPL", "NFE", "Gen-PPL", series("gen_ppl"), logx=True)]
 
 
+def length_priors(pairs, flag):
+    """{L: folder} from --length-priors / --length-cond-priors values "L=DIR" (the paper: one prior per length,
+    K = 8 at L = 512 and K = 16 at L = 1024)."""
+    out = {}
+    for pair in pairs or []:
+        length, sep, folder = pair.partition("=")
+        if not sep or not length.isdigit():
+            raise ValueError(f"{flag} takes L=DIR pairs (e.g. 512=runs/prior-k8), got {pair!r}")
+        out[int(length)] = folder
+    return out
+
+
 def run_fig6(ctx):
-    prior = ctx.prior(ctx.args.prior)
-    cond_prior = ctx.prior(ctx.args.cond_prior, "--cond-prior") if ctx.args.cond_prior else None
+    per_length = length_priors(ctx.args.length_priors, "--length-priors")
+    per_length_cond = length_priors(ctx.args.length_cond_priors, "--length-cond-priors")
     temp = temperature(ctx, 1.0)
-    result, sections, panels = {"temperature": temp, "lengths": {}}, [], []
+    result, sections, panels = {"temperature": temp, "lengths": {}, "priors": {}}, [], []
     for length in ctx.args.lengths or ctx.get("lengths"):
+        prior = ctx.prior(per_length.get(length, ctx.args.prior))
+        cond_folder = per_length_cond.get(length, ctx.args.cond_prior)
+        cond_prior = ctx.prior(cond_folder, "--cond-prior") if cond_folder else None
+        result["priors"][str(length)] = {"prior": per_length.get(length, ctx.args.prior), "cond_prior": cond_folder}
         reference_features, ceiling = real_reference(ctx, length, ctx.get("num"))
         steps_list = nfe_grid(ctx, length)
         methods = [("base", {}), ("conthendisc", {"prior": prior})]

@@ -286,3 +286,12 @@ def test_paper_preset_protocol_defaults():
     assert block_grid(ctx, 256) == [32, 64, 128, 256] and block_grid(ctx, 512) == [32, 64, 128, 256, 512]
     assert nfe_grid(ctx, 256, "table_nfe_min") == [4, 8, 16, 32, 64, 128, 256]
     assert nfe_grid(ctx, 512)[0] == 16  # Fig. 6 keeps its own grid
+
+
+def test_fig6_takes_a_prior_per_length(runs):
+    root, common = runs
+    result = _run(runs, "fig6", "--lengths", "16", "--nfe", "4", "--length-priors", f"16={root / 'prior_flat'}")
+    assert result["priors"]["16"]["prior"] == str(root / "prior_flat")
+    from eval_generation import length_priors
+    with pytest.raises(ValueError, match="L=DIR"):
+        length_priors(["runs/prior"], "--length-priors")
