@@ -37,7 +37,8 @@ random streams. Presets set sample counts and sweeps: tiny (minutes on CPU), sma
     torchrun --nproc_per_node 8 eval.py fig6 ... --preset paper
 
 Files: eval.py (this command line and the output record), eval_context.py (presets, loading, sharded sampling,
-scoring), eval_autoencoder.py (Fig. 4, 7, 8, Tables 1-2), eval_generation.py (Fig. 6, 11, 9, PRDC, App. B).
+scoring), eval_autoencoder.py (Fig. 4, 7, 8, Tables 1-2), eval_generation.py (Fig. 6, 11, 9, PRDC, App. B),
+eval_speed.py (`speed`: quality vs NFE and wall-clock with fixed and threshold decoding, the speed headline).
 """
 
 import argparse
@@ -52,6 +53,7 @@ from atomic import read_json
 from report import git_commit, write_experiment
 from eval_context import ALPHAS, PRESETS, SIGMAS, Context
 from eval_autoencoder import run_fig4, run_fig7, run_fig8, run_table
+from eval_speed import run_speed
 from eval_generation import (run_fig6, run_fig9, run_fig11, run_marginal_trap, run_prdc, speedup_text,  # noqa: F401
                              speedups)
 
@@ -85,6 +87,7 @@ EXPERIMENTS = {
     "fig9": ("PSNR of the prior's prediction vs t (Fig. 9, App. E)", run_fig9),
     "prdc": ("PRDC of prior samples per register (App. E)", run_prdc),
     "fig11": ("Ablations: registers K, refresh fraction, block offsets (Fig. 11, App. G)", run_fig11),
+    "speed": ("The speed headline: quality vs NFE and wall-clock, fixed and threshold decoding (issue 14)", run_speed),
     "marginal-trap": ("The marginal trap: valid samples vs tokens per step (App. B, Theorem B.1)", run_marginal_trap),
 }
 
@@ -104,6 +107,8 @@ def parse_args(argv=None):
     a("--length-priors", nargs="*", metavar="L=DIR", help="fig6: a prior per generation length (the paper: K = 8 at "
       "L = 512, K = 16 at L = 1024); lengths not named use --prior")
     a("--length-cond-priors", nargs="*", metavar="L=DIR", help="fig6: a conditional prior per length (else --cond-prior)")
+    a("--thresholds", type=float, nargs="+", help="speed: confidence thresholds tau of the adaptive rule "
+      "(default: 0.5 0.7 0.9 0.99)")
     a("--k-priors", nargs="*", help="fig11: priors trained with different --num-registers (default: --prior)")
     a("--scorer", help="train_scorer.py output folder, or a Qwen3 causal LM folder / hub id (Gen-PPL, MAUVE)")
     a("--data", help="data.py cache (default: the 'data' recorded in the AE run's args.json)")

@@ -197,9 +197,11 @@ def sharded_samples(ctx, num, make_batch, desc, with_stats=False):
         started = time.perf_counter()
         tokens, nfe = make_batch(indices, generator, prior_generator)
         seconds = (time.perf_counter() - started) / len(indices)
+        calls = nfe.get("demasker_calls", nfe["nfe"]) if isinstance(nfe, dict) else nfe
         nfe, nfe_flops = (nfe["nfe"], nfe.get("nfe_flops", nfe["nfe"])) if isinstance(nfe, dict) else (nfe, nfe)
         texts = decode_programs(ctx.tokenizer, tokens, ctx.eos_id, ctx.bos_id)
-        records += [(int(i), text, float(nfe), float(nfe_flops), seconds) for i, text in zip(indices, texts)]
+        records += [(int(i), text, float(nfe), float(nfe_flops), seconds, float(calls))
+                    for i, text in zip(indices, texts)]
     gathered = D.gather_objects(records, env)
     if gathered is None:
         return (None, None, None) if with_stats else (None, None)
@@ -208,7 +210,8 @@ def sharded_samples(ctx, num, make_batch, desc, with_stats=False):
     if not with_stats:
         return texts, nfe
     return texts, nfe, {"nfe_flops": float(np.mean([r[3] for r in gathered])),
-                        "seconds_per_sample": float(np.mean([r[4] for r in gathered]))}
+                        "seconds_per_sample": float(np.mean([r[4] for r in gathered])),
+                        "demasker_calls": float(np.mean([r[5] for r in gathered]))}
 
 
 def mauve_summary(ctx, features, reference_features):

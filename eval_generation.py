@@ -5,6 +5,7 @@ Each run_* takes eval_context.Context and returns (result, text, panels).
 
 import dataclasses
 
+import numpy as np
 import torch
 
 import metrics as M
@@ -18,27 +19,46 @@ from eval_context import REFRESH_FRACTIONS, nfe_grid, real_reference, score_text
 # ------------------------------------------------------------------------------------------------
 
 
-def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None, refresh_at=(0.5,)):
-    """make_batch for sharded_samples: 'base' (plain MDM), 'conthendisc' (Alg. 2), 'conwithindisc' (Alg. 3)."""
+def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None, refresh_at=(0.5,), decoding=None):
+    """make_batch for sharded_samples: 'base' (plain MDM), 'conthendisc' (Alg. 2), 'conwithindisc' (Alg. 3).
+    decoding: mdm.Decoding (None: LLaDA's fixed schedule). With an adaptive rule the NFE is per sample: the mean
+    demasker calls of the batch's rows (mdm stats) plus the priors' cost."""
     from generators import conthendisc, conwithindisc
     remasking, prior_steps = ctx.args.remasking, ctx.get("prior_steps")
+
+    def nfe_of(report, stats):
+        adaptive = decoding is not None and decoding.rule != "fixed"
+        calls = float(np.mean(stats["nfe_per_sample"])) if adaptive else report["demasker_calls"]
+        extra = report["nfe"] - report["demasker_calls"]
+        extra_flops = report.get("nfe_flops", report["nfe"]) - report["demasker_calls"]
+        return {"nfe": calls + extra, "nfe_flops": calls + extra_flops, "demasker_calls": calls}
+
     if method == "base":
         base = ctx.base()
-        return lambda idx, g, pg: generate(base, len(idx), length, length, steps, temp, remasking, generator=g)
+
+        def run(idx, g, pg):
+            stats = {}
+            tokens, calls = generate(base, len(idx), length, length, steps, temp, remasking, generator=g,
+                                     decoding=decoding, stats=stats)
+            return tokens, nfe_of({"nfe": calls, "demasker_calls": calls}, stats)
+        return run
     demasker, _ = ctx.ae()
     if method == "conthendisc":
         def run(idx, g, pg):
+            stats = {}
             tokens, report = conthendisc(demasker, prior, len(idx), length, length, steps, temp, remasking,
-                                         prior_steps=prior_steps, generator=g, prior_generator=pg)
-            return tokens, {"nfe": report["nfe"], "nfe_flops": report.get("nfe_flops", report["nfe"])}
+                                         prior_steps=prior_steps, generator=g, prior_generator=pg,
+                                         decoding=decoding, stats=stats)
+            return tokens, nfe_of(report, stats)
         return run
 
     def run(idx, g, pg):
+        stats = {}
         tokens, report = conwithindisc(demasker, cond_prior, len(idx), length, length, steps, temp, remasking,
                                        prior=prior, prior_steps=prior_steps, refresh_at=refresh_at,
                                        refresh_prior_steps=ctx.get("refresh_prior_steps"), generator=g,
-                                       prior_generator=pg)
-        return tokens, {"nfe": report["nfe"], "nfe_flops": report.get("nfe_flops", report["nfe"])}
+                                       prior_generator=pg, decoding=decoding, stats=stats)
+        return tokens, nfe_of(report, stats)
     return run
 
 

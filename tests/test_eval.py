@@ -295,3 +295,15 @@ def test_fig6_takes_a_prior_per_length(runs):
     from eval_generation import length_priors
     with pytest.raises(ValueError, match="L=DIR"):
         length_priors(["runs/prior"], "--length-priors")
+
+
+def test_speed_subcommand_rows_and_headline(runs):
+    result = _run(runs, "speed", "--length", "16", "--nfe", "4", "16", "--thresholds", "0.0", "1.5")
+    rows = result["rows"]
+    assert {(r["method"], r["decoding"]) for r in rows} >= {("base", "fixed"), ("conthendisc", "threshold 0.0"),
+                                                           ("conwithindisc", "threshold 1.5")}
+    by = {(r["method"], r["decoding"], r["steps"]): r for r in rows}
+    assert by[("base", "threshold 0.0", 16)]["demasker_calls"] == 1  # tau = 0: the whole block in one step
+    assert by[("base", "threshold 1.5", 16)]["tokens_per_step"] == 1  # tau > 1: one token per step
+    assert all(r["seconds_per_sample"] > 0 for r in rows)
+    assert result["headline"]["reference"]["nfe"] == 16
