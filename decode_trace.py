@@ -24,12 +24,12 @@ small bar plot of tokens revealed per step; the refresh steps and register cosin
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from atomic import write_text
 
 
 class Trace(torch.nn.Module):
@@ -217,13 +217,8 @@ render(wanted ? Math.min(nsteps - 1, +wanted[1]) : nsteps - 1);
 def write_html(path, panels, title="crocodil: decoding trace"):
     """Write the page for a list of panel() dicts, atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(panels, separators=(",", ":")).replace("</", "<\\/")  # no '</script>' inside the JSON
-    page = PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, path)
+    write_text(path, PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data))
     return path
 
 

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -221,11 +220,7 @@ def save_scorer(folder, model, tokenizer_file, info):
         model.save_pretrained(staging / "scorer")
         shutil.copyfile(tokenizer_file, staging / "scorer" / TOKENIZER_FILE)
         (staging / "scorer" / SCORER_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        try:  # the hub model card (hub.py); a card problem never fails a save
-            import hub
-            (staging / "scorer" / hub.CARD_FILE).write_text(hub.model_card(staging / "scorer"))
-        except (Exception, SystemExit) as error:
-            print(f"warning: no model card for {folder}: {error}", file=sys.stderr)
+        guards.write_cards_or_warn(staging / "scorer")  # the hub model card; a card problem never fails a save
         swap_folder(staging / "scorer", folder)  # a complete scorer at every instant (checkpoint.py)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
