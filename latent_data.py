@@ -147,11 +147,6 @@ def _stored_meta(meta_path):
         return None
 
 
-def build_lock(lock_path, enabled=True):
-    """The bank's exclusive lock (locks.exclusive): a second process waits, then reuses the finished bank."""
-    return exclusive(lock_path, enabled)
-
-
 def build_bank(encoder_dir, data_dir, split, num_registers, cache_dir, batch_size=32, chunk_size=1024,
                device="cpu", dtype=None, bank_dtype="float32", env=None, progress=True):
     """Encode `split` of the data cache with the frozen encoder into a bank, or reuse a finished one.
@@ -177,7 +172,7 @@ def build_bank(encoder_dir, data_dir, split, num_registers, cache_dir, batch_siz
         return folder
     # One builder at a time per bank, across processes (two priors trained side by side on one AE run);
     # the ranks of one job share rank 0's lock.
-    with build_lock(Path(cache_dir) / f".{folder.name}.lock", enabled=rank == 0):
+    with exclusive(Path(cache_dir) / f".{folder.name}.lock", enabled=rank == 0):
         _barrier(env)
         return _build_locked(folder, meta_path, key, encoder_hash, encoder_dir, data_dir, split, num_registers,
                              batch_size, chunk_size, device, dtype, bank_dtype, env, progress, rank, world)

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 import latent_data as LD
+from locks import exclusive
 from test_train_prior import run  # noqa: F401  (the tiny data cache + AE run fixture)
 
 
@@ -50,7 +51,7 @@ def test_a_second_builder_waits_for_the_lock_then_reuses_the_bank(run, tmp_path)
     meta = (folder / "meta.json").read_text()
     (folder / "meta.json").write_text(meta.replace('"complete": true', '"complete": false'))  # as if mid-build
     queue = mp.get_context("spawn").Queue()
-    with LD.build_lock(cache / f".{folder.name}.lock"):
+    with exclusive(cache / f".{folder.name}.lock"):  # the lock build_bank takes
         proc = _start(run, cache, queue)
         time.sleep(3)
         assert queue.empty()  # blocked on the lock while "the first builder" holds it
