@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+import atomic
+
 CARD_FILE = "README.md"
 
 # What each kind of model is, in the paper's terms.
@@ -58,9 +60,9 @@ def read_json(path):
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"{path}: not readable JSON ({error}); restore it from the run or delete it") from None
+        return atomic.read_json(path, "restore it from the run or delete it")
+    except ValueError as error:  # a card is optional: the CLI stops with the message, trainers warn
+        raise SystemExit(str(error)) from None
 
 
 def model_kind(folder):
