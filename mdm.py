@@ -243,10 +243,11 @@ def reveal_step(x, logits, block_end, k_per_row, temperature, remasking, mask_id
     else:
         candidates = torch.zeros(B, L, dtype=torch.bool, device=x.device)
         candidates[rows, cols] = True
-        score = torch.zeros(B, L, dtype=torch.float32, device=x.device)
-        score[rows, cols] = probability.float()
+        value = probability.float()
         if decoding.confidence_eos_eot_inf and len(eos_ids):  # EOS/EOT predictions pass no threshold
-            score[rows, cols] = torch.where(candidate_confidence < 0, 0.0, probability.float())
+            value = torch.where(candidate_confidence < 0, 0.0, value)
+        score = torch.zeros(B, L, dtype=torch.float32, device=x.device)
+        score[rows, cols] = value
         transfer = choose_adaptive(score, candidates, decoding.rule, decoding.threshold, decoding.factor)
     if transfer is None:
         return x, torch.zeros(B, dtype=torch.long, device=x.device)
