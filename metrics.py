@@ -17,6 +17,15 @@ from the published definitions; the GPL `mauve-text` package was not copied):
   set (memorisation check).                                              `parse_rate`, `duplicate_rate`
 - A semantic similarity in place of CodeBERTScore (Tables 1-2): the cosine between the scorer's
   mean-pooled features of reconstruction and source.                              `feature_cosine`
+- Ours, not the paper's (issue 12): seeded percentile-bootstrap 95% intervals over the samples for Gen-PPL
+  (pooled over the resampled samples' tokens), MAUVE (each replicate resamples the method's samples with
+  replacement and runs k-means with a new seed; the reference set stays fixed, see `bootstrap_mauve`) and any
+  per-sample mean (parse rate, empty rate, CER).   `bootstrap_indices`, `percentile_interval`,
+  `bootstrap_mean`, `bootstrap_gen_ppl`, `bootstrap_mauve`
+
+Empty samples (no text between BOS and EOS, or only whitespace: `is_empty`) are scored as empty text: they
+contribute no token to the pooled Gen-PPL (not a lone EOS, whose low NLL would flatter it); an all-empty set
+has Gen-PPL nan, and the share of empty samples is reported beside it (`empty_rate`).
 
 Conventions: numpy float64 results; torch is used only where it is faster (k-means, pairwise distances).
 """
@@ -123,12 +132,42 @@ def generative_perplexity(scorer, texts, batch_size=16):
 
     scorer.score(texts, batch_size) -> (nll_sums (N,), token_counts (N,), token_lists): the texts are
     re-encoded with the scorer's tokenizer, wrapped BOS .. EOS, and every token after BOS (EOS included)
-    is scored teacher-forced. Returns gen_ppl's dict plus `unigram_entropy` over the re-encoded tokens
-    (BOS/EOS excluded)."""
-    nll_sums, token_counts, token_lists = scorer.score(list(texts), batch_size=batch_size)
+    is scored teacher-forced. Empty texts are scored as empty (`score_without_empty`: no tokens). Returns
+    gen_ppl's dict plus `unigram_entropy` over the re-encoded tokens (BOS/EOS excluded), and a "note" when
+    every text is empty (Gen-PPL nan)."""
+    texts = list(texts)
+    nll_sums, token_counts, token_lists = score_without_empty(scorer, texts, batch_size)
     result = gen_ppl(nll_sums, token_counts)
     result["unigram_entropy"] = unigram_entropy(token_lists)
+    if result["num_samples"] == 0 and texts:
+        result["note"] = "every sample is empty: no token to score, Gen-PPL is nan (see empty_rate)"
     return result
+
+
+def is_empty(text):
+    """An empty sample: no text between BOS and EOS (whitespace only counts as none)."""
+    return not text.strip()
+
+
+def empty_rate(texts):
+    """Share of empty samples (`is_empty`); nan for no texts."""
+    texts = list(texts)
+    return sum(is_empty(text) for text in texts) / len(texts) if texts else math.nan
+
+
+def score_without_empty(scorer, texts, batch_size=16):
+    """scorer.score with empty texts scored as empty text: 0 NLL over 0 tokens and no token list (the scorer
+    alone would score their lone EOS, a cheap token that flatters Gen-PPL). Only non-empty texts are run."""
+    keep = [i for i, text in enumerate(texts) if not is_empty(text)]
+    nll_sums = np.zeros(len(texts), dtype=np.float64)
+    counts = np.zeros(len(texts), dtype=np.int64)
+    token_lists = [[] for _ in texts]
+    if keep:
+        some_nll, some_counts, some_tokens = scorer.score([texts[i] for i in keep], batch_size=batch_size)
+        nll_sums[keep], counts[keep] = np.asarray(some_nll, np.float64), np.asarray(some_counts, np.int64)
+        for i, tokens in zip(keep, some_tokens):
+            token_lists[i] = tokens
+    return nll_sums, counts, token_lists
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,3 +435,53 @@ def feature_cosine(a, b):
     b = np.asarray(b, dtype=np.float64)
     norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     return (a * b).sum(axis=1) / norms
+
+
+# ------------------------------------------------------------------------------------------------
+# Ours: bootstrap 95% intervals (issue 12)
+# ------------------------------------------------------------------------------------------------
+
+
+def bootstrap_indices(n, replicates, seed=0):
+    """(replicates, n) int64: row b resamples range(n) with replacement (numpy default_rng(seed)), so every
+    metric of one sample set computed from row b belongs to the same resample."""
+    if n < 1:
+        raise ValueError(f"bootstrap needs at least one sample, got {n}")
+    return np.random.default_rng(seed).integers(0, n, size=(int(replicates), int(n)))
+
+
+def percentile_interval(values, level=0.95):
+    """[lo, hi] = the (1 - level)/2 and (1 + level)/2 percentiles of the finite replicate values, or None
+    when none is finite (e.g. every replicate all-empty)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    tail = 100 * (1 - level) / 2
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+def bootstrap_mean(values, indices):
+    """Replicate means of per-sample values (n,) over bootstrap `indices` (B, n) -> (B,) float64."""
+    return np.asarray(values, dtype=np.float64)[indices].mean(axis=1)
+
+
+def bootstrap_gen_ppl(nll_sums, token_counts, indices):
+    """Replicate Gen-PPL (B,): exp(sum NLL / sum tokens) over each resample, pooled over tokens like `gen_ppl`;
+    empty samples (0 tokens) are drawn like any other but add nothing; a resample without tokens gives nan."""
+    nll = np.asarray(nll_sums, dtype=np.float64)[indices].sum(axis=1)
+    count = np.asarray(token_counts, dtype=np.float64)[indices].sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(count > 0, np.exp(nll / np.maximum(count, 1)), np.nan)
+
+
+def bootstrap_mauve(p_features, q_features, indices, seed=0, restarts=1, **kwargs):
+    """Replicate MAUVE (B,): replicate b scores p_features[indices[b]] (the method's samples resampled with
+    replacement) against the FIXED reference q_features with k-means seed seed + b and `restarts` restarts
+    (1 by default: a replicate is one draw of the k-means noise, which the interval is meant to contain).
+
+    The reference is shared by every row compared against it, so its sampling noise moves all rows together
+    and is left out of the interval (a between-methods comparison does not see it)."""
+    p = np.asarray(p_features, dtype=np.float64)
+    return np.array([mauve(p[rows], q_features, seed=seed + b, restarts=restarts, **kwargs)["mauve"]
+                     for b, rows in enumerate(indices)])

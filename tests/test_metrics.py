@@ -114,6 +114,24 @@ def test_gen_ppl_of_a_known_distribution_under_a_unigram_scorer():
     assert math.isclose(out["unigram_entropy"], -sum(q * math.log(q) for q in (4 / 7, 2 / 7, 1 / 7)))
 
 
+def test_empty_samples_add_no_token_to_gen_ppl():
+    """An empty sample is scored as empty text: the scorer alone would score its lone EOS (p = .125 here), which
+    would pull Gen-PPL towards 8; a mix gives the Gen-PPL of the non-empty samples, all-empty gives nan."""
+    from train_scorer import Scorer
+    words = ["<bos>", "<eos>", "a", "b", "c", "<unk>"]
+    p = torch.tensor([1e-9, 0.125, 0.5, 0.25, 0.125, 1e-9])
+    scorer = Scorer(UnigramModel(p.log()), word_tokenizer(words), bos_id=0, eos_id=1)
+    _, counts, _ = scorer.score([""])
+    assert counts[0] == 1  # what the fix avoids: "" -> BOS EOS, one scored token
+    mixed = M.generative_perplexity(scorer, ["a a a b c b a", "", "  \n", "a a a b c b a"])
+    assert math.isclose(mixed["gen_ppl"], 2 ** 1.75, rel_tol=1e-6)
+    assert mixed["num_tokens"] == 16 and mixed["num_samples"] == 2 and "note" not in mixed
+    alone = M.generative_perplexity(scorer, ["", "", " "])
+    assert math.isnan(alone["gen_ppl"]) and alone["num_tokens"] == 0 and "empty" in alone["note"]
+    assert math.isnan(alone["unigram_entropy"])
+    assert M.empty_rate(["", " \n", "x", "def f(): pass"]) == 0.5 and math.isnan(M.empty_rate([]))
+
+
 # ------------------------------------------------------------------------------------------------ MAUVE
 
 
@@ -251,3 +269,46 @@ def test_feature_cosine():
     a = np.array([[1.0, 0.0], [1.0, 1.0]])
     b = np.array([[2.0, 0.0], [-1.0, -1.0]])
     assert np.allclose(M.feature_cosine(a, b), [1.0, -1.0])
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+
+
+def test_bootstrap_indices_and_percentile_interval():
+    a, b = M.bootstrap_indices(5, 7, seed=3), M.bootstrap_indices(5, 7, seed=3)
+    assert a.shape == (7, 5) and a.min() >= 0 and a.max() <= 4 and np.array_equal(a, b)
+    assert not np.array_equal(a, M.bootstrap_indices(5, 7, seed=4))
+    assert np.allclose(M.percentile_interval(np.arange(101)), [2.5, 97.5])
+    assert M.percentile_interval([1.0, math.nan, 3.0], level=1.0) == [1.0, 3.0]  # nan replicates are dropped
+    assert M.percentile_interval([math.nan, math.inf]) is None
+    with pytest.raises(ValueError, match="at least one"):
+        M.bootstrap_indices(0, 3)
+
+
+def test_bootstrap_mean_interval_has_the_binomial_width():
+    """A 0/1 mean with p = .3 over n = 400: the 95% interval is about p +- 1.96 sqrt(p (1 - p) / n) = +- .045."""
+    values = np.array([1.0] * 120 + [0.0] * 280)
+    lo, hi = M.percentile_interval(M.bootstrap_mean(values, M.bootstrap_indices(400, 2000, seed=0)))
+    assert lo < 0.3 < hi and math.isclose(hi - lo, 2 * 1.96 * math.sqrt(0.3 * 0.7 / 400), rel_tol=0.15)
+    assert np.all(M.bootstrap_mean(np.full(9, 2.5), M.bootstrap_indices(9, 5)) == 2.5)
+
+
+def test_bootstrap_gen_ppl_pools_each_resample():
+    nll, counts = np.array([2.0, 6.0, 0.0]), np.array([1, 3, 0])  # the third sample is empty
+    identity = np.array([[0, 1, 2], [2, 2, 2], [0, 0, 2], [1, 1, 1]])
+    out = M.bootstrap_gen_ppl(nll, counts, identity)
+    assert math.isclose(out[0], M.gen_ppl(nll, counts)["gen_ppl"]) and math.isnan(out[1])
+    assert math.isclose(out[2], math.exp(2.0)) and math.isclose(out[3], math.exp(2.0))
+
+
+def test_bootstrap_mauve_is_seeded_and_separates_near_from_far():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(120, 8))
+    near, far = rng.normal(size=(120, 8)), rng.normal(size=(120, 8)) + np.r_[1.5, np.zeros(7)]
+    indices = M.bootstrap_indices(120, 30, seed=1)
+    near_values = M.bootstrap_mauve(near, q, indices, seed=5)
+    assert np.array_equal(near_values, M.bootstrap_mauve(near, q, indices, seed=5)) and len(near_values) == 30
+    assert len(set(near_values.round(6))) > 1  # resamples and k-means seeds vary the value
+    near_ci = M.percentile_interval(near_values)
+    far_ci = M.percentile_interval(M.bootstrap_mauve(far, q, indices, seed=5))
+    assert far_ci[1] < near_ci[0] and 0 < far_ci[0] and near_ci[1] <= 1
