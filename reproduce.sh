@@ -48,6 +48,11 @@ train() {  # train RUN_DIR CHECKPOINT_SUBDIR command...: skip when done, resume 
   if [[ -d $run/$ckpt ]]; then "$@" --resume; else "$@"; fi
   touch "$run/.done"
 }
+once() {  # once RUN_DIR command...: skip when done (a run with no resume: started over when interrupted)
+  local run=$1; shift
+  if [[ -f $run/.done ]]; then echo "$run: finished earlier, reused"; return; fi
+  "$@"; mkdir -p "$run"; touch "$run/.done"
+}
 background() {  # background LOG command...: run, remember the pid
   local log=$1; shift
   "$@" > "$log" 2>&1 &
@@ -63,15 +68,20 @@ if has 1; then
 fi
 
 if has 2; then
-  stage "2. base MDM, encoder-demasker, encoder-demasker without latent noise ($AE_STEPS steps each), scorer"
+  stage "2. base MDM; from it the encoder-demasker, one without latent noise, the equal-budget base ($AE_STEPS steps each); scorer"
   ae=(--preset tiny --data "$DATA" --seq-len $L --device $DEVICE --threads $THREADS --max-steps $AE_STEPS
       --global-batch-size $BATCH --micro-batch-size $BATCH --eval-interval $AE_STEPS --save-interval 500
       "${MODEL[@]}")
-  background "$OUT/scorer.log" python train_scorer.py --data "$DATA" --out "$OUT/scorer" --device $DEVICE "${SCORER[@]}"
+  background "$OUT/scorer.log" once "$OUT/scorer" python train_scorer.py --data "$DATA" --out "$OUT/scorer" \
+    --device $DEVICE "${SCORER[@]}"
   log_to "$OUT/base.log" train "$OUT/base" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/base" --no-registers
   # As in the paper (guided LLaDA fine-tuned from LLaDA-8B-Base), the guided demaskers start from the base
-  # MDM's weights (AE_FROM_BASE=0: from scratch, side by side with the base).
+  # MDM's weights (AE_FROM_BASE=0: from scratch, side by side with the base). The equal-budget base continues
+  # the base MDM with the guided fine-tune's recipe (same steps, warm-up and decay, no registers): it has seen
+  # as many demasker updates as the guided demasker (issue 12: the paper's protocol and an equal budget).
   [[ ${AE_FROM_BASE:-1} == 1 ]] && ae+=(--demasker-init "$OUT/base/checkpoint")
+  background "$OUT/base_equal.log" train "$OUT/base_equal" checkpoint python train_ae.py "${ae[@]}" \
+    --out-dir "$OUT/base_equal" --no-registers $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((2 * AE_STEPS)))
   background "$OUT/ae_no_noise.log" train "$OUT/ae_no_noise" checkpoint python train_ae.py "${ae[@]}" \
     --out-dir "$OUT/ae_no_noise" --latent-cos 1
   log_to "$OUT/ae.log" train "$OUT/ae" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/ae"
