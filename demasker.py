@@ -10,6 +10,9 @@ Paper map (arXiv 2603.20210):
   z_j (width register_dim, 1024 for Qwen3-Embedding-0.6B) go through a learned linear
   projection register_dim -> d_model (no bias, like every LLaDA linear); START and END are
   learned d_model vectors. Logits are returned for the text positions only.
+- CADD beside CRoCoDiL (cadd.py; ICLR 2026, not this paper): `latents` (B, L, D) are added to the input
+  embedding of every [M] position (additive fusion E([M]) + z_t); cfg.cadd_schedule / cadd_table record how
+  the model was trained ("none" = a plain MDM). Without latents the forward is unchanged, bit for bit.
 - App. C, nested dropout: the trainer samples k per example and passes register_mask (B, k);
   False entries are hidden as keys from every query, which is exactly the same as leaving
   those registers out (tested). A batch may also carry fewer than max_registers registers.
@@ -69,6 +72,8 @@ from layers import Block, RMSNorm, init_linear_, init_transformer_block_, rope_a
 
 
 PREFIX_LOCAL_POSITIONS = ("negative", "legacy")  # see the module docstring (two-axis RoPE)
+CADD_SCHEDULES = ("linear", "cosine")  # CADD's gamma_bar_t of the [M] latents (cadd.gamma_bar); "none" = plain
+CADD_TABLES = ("own", "frozen")        # CADD's latent table w: the own embedding, or the same values detached
 
 
 @dataclass
@@ -92,6 +97,8 @@ class DemaskerConfig:
     prefix_rope_pairs: int = 16        # fastest rotary pairs on the prefix-local axis (of 64)
     prefix_local_positions: str = "negative"  # prefix-local indices: "negative" (no text index) | "legacy"
     max_sequence_length: int = 4096    # LLaDA's pre-training length (RoPE has no hard limit)
+    cadd_schedule: str = "none"        # CADD (cadd.py): gamma_bar schedule of the [M] latents; "none" = plain MDM
+    cadd_table: str = "own"            # CADD: latent table w = own embedding ("own") or its detached copy ("frozen")
 
     def __post_init__(self):
         self.register_dim = self.register_dim or 0
@@ -110,6 +117,9 @@ class DemaskerConfig:
         if self.prefix_local_positions not in PREFIX_LOCAL_POSITIONS:
             problems.append(f"prefix_local_positions={self.prefix_local_positions!r} must be one of "
                             f"{PREFIX_LOCAL_POSITIONS}")
+        if self.cadd_schedule not in ("none",) + CADD_SCHEDULES or self.cadd_table not in CADD_TABLES:
+            problems.append(f"cadd_schedule={self.cadd_schedule!r} / cadd_table={self.cadd_table!r} must be one of "
+                            f"{('none',) + CADD_SCHEDULES} / {CADD_TABLES}")
         if problems:
             raise ValueError("invalid DemaskerConfig: " + "; ".join(problems))
 
@@ -310,13 +320,20 @@ class Demasker(nn.Module):
         always = torch.ones(batch, 1, dtype=torch.bool, device=register_mask.device)
         return prefix, torch.cat([always, register_mask.to(torch.bool), always], dim=1)
 
-    def forward(self, input_ids, registers=None, register_mask=None, attention_mask=None):
+    def forward(self, input_ids, registers=None, register_mask=None, attention_mask=None, latents=None):
         """input_ids (B, L) long; registers (B, k, register_dim) | None; register_mask (B, k) bool
-        (False = register withheld); attention_mask (B, L) bool (False = pad key) -> logits (B, L, V)."""
+        (False = register withheld); attention_mask (B, L) bool (False = pad key); latents (B, L, D) | None:
+        CADD's per-position continuous latents, added to the embedding of every [M] position (E([M]) + z_t,
+        cadd.py), ignored elsewhere; None = the plain demasker, bit for bit -> logits (B, L, V)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
         B, L = input_ids.shape
         x = self.wte(input_ids)  # (B, L, D)
+        if latents is not None:
+            if latents.shape != x.shape:
+                raise ValueError(f"latents must be (B, L, d_model) = {tuple(x.shape)}, got {tuple(latents.shape)}")
+            at_mask = (input_ids == self.cfg.mask_token_id).unsqueeze(-1)  # (B, L, 1)
+            x = x + torch.where(at_mask, latents.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
         num_registers, prefix_keys, text_keys = None, None, None
         if registers is not None:
             num_registers = registers.shape[1]

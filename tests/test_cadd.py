@@ -1,0 +1,161 @@
+"""cadd.py: the schedule, the forward marginal, the fused input, z0_hat, the Gaussian posterior, the sampler."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import cadd
+from demasker import Demasker, DemaskerConfig
+from mdm import generate
+
+
+def tiny(schedule="linear", **over):
+    torch.manual_seed(0)
+    return Demasker(DemaskerConfig.tiny(vocab_size=64, mask_token_id=63, eos_token_id=62, bos_token_id=61,
+                                        pad_token_id=62, register_dim=0, max_registers=0, cadd_schedule=schedule,
+                                        **over)).eval()
+
+
+def test_schedules_run_from_clean_to_noise():
+    t = torch.tensor([0.0, 0.5, 1.0])
+    linear, cosine = cadd.gamma_bar(t, "linear"), cadd.gamma_bar(t, "cosine")
+    eps = cadd.SCHEDULE_EPS
+    assert torch.allclose(linear, torch.tensor([1 - eps, 0.5, eps]))
+    assert torch.allclose(cosine, torch.tensor([1 - eps, (1 - 2 * eps) * (1 - 0.5 ** 0.5) + eps, eps]))
+    assert (cadd.gamma_bar(torch.linspace(0, 1, 11), "cosine").diff() < 0).all()
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        cadd.gamma_bar(t, "sigmoid")
+
+
+def test_config_rejects_unknown_cadd_settings():
+    with pytest.raises(ValueError, match="cadd_schedule"):
+        DemaskerConfig.tiny(cadd_schedule="sigmoid")
+
+
+def test_no_or_zero_latents_equal_the_plain_demasker():
+    model = tiny()
+    x = torch.randint(0, 60, (2, 12))
+    x[:, 3:9] = 63
+    plain = model(x)
+    assert torch.equal(model(x, latents=torch.zeros(2, 12, 64)), plain)
+    # gamma_bar = 0 everywhere (no signal) with the noise at its mean 0: the fused latents are 0, the demasker is plain
+    zero = cadd.forward_latents(torch.randn(2, 12, 64), torch.zeros(2, 1), torch.zeros(2, 12, 64))
+    assert torch.equal(model(x, latents=zero), plain)
+    # latents are added only at [M]: changing them at revealed positions changes nothing
+    latents = torch.randn(2, 12, 64)
+    moved = latents.clone()
+    moved[:, :3] += 5.0
+    assert torch.equal(model(x, latents=latents), model(x, latents=moved))
+    assert not torch.allclose(model(x, latents=latents), plain)
+    with pytest.raises(ValueError, match="latents must be"):
+        model(x, latents=torch.zeros(2, 12, 8))
+
+
+def test_forward_marginal_matches_the_closed_form():
+    torch.manual_seed(1)
+    z0 = torch.randn(1, 1, 16).expand(20000, 1, 16)
+    for gb in (0.0, 0.3, 0.9):
+        z = cadd.forward_latents(z0, torch.full((20000, 1), gb), torch.randn(20000, 1, 16))
+        assert torch.allclose(z.mean(0), gb ** 0.5 * z0[0], atol=0.03)
+        assert torch.allclose(z.var(0), torch.full((1, 16), 1 - gb), atol=0.04)
+    # at gamma_bar = 0 the latent is independent of the token: the same law for two different z0
+    a = cadd.forward_latents(torch.ones(20000, 4), torch.zeros(20000), torch.randn(20000, 4))
+    assert a.mean().abs() < 0.02 and (a.var() - 1).abs() < 0.03
+
+
+def test_training_latents_units_and_gradients():
+    model = tiny()
+    x0 = torch.randint(0, 60, (3, 8))
+    noise = cadd.training_noise([0, 1, 2], 0, 8, 64)
+    assert torch.equal(noise, cadd.training_noise([0, 1, 2], 0, 8, 64))  # a pure function of the stream position
+    table, scale = cadd.latent_table(model)
+    assert abs(float(table.detach().pow(2).mean()) - 1.0) < 1e-4
+    clean = cadd.training_latents(model, x0, torch.zeros(3), torch.zeros_like(noise))  # t = 0: the own embedding
+    assert torch.allclose(clean, model.wte(x0) * (1 - cadd.SCHEDULE_EPS) ** 0.5, atol=1e-5)
+    clean.sum().backward()
+    assert model.wte.weight.grad is not None and model.wte.weight.grad.abs().sum() > 0
+    frozen = tiny(cadd_table="frozen")
+    assert not cadd.training_latents(frozen, x0, torch.zeros(3), noise).requires_grad  # no gradient into w
+
+
+def test_hard_and_soft_agree_on_one_hot_predictions():
+    table = torch.randn(10, 5)
+    probs = torch.nn.functional.one_hot(torch.tensor([[3, 7, 0]]), 10).float()
+    hard = cadd.estimate_z0(probs, table, 0.0)
+    assert torch.allclose(hard, cadd.estimate_z0(probs, table, 1.0), atol=1e-6)
+    assert torch.allclose(hard, cadd.estimate_z0(probs, table, 0.4), atol=1e-6)
+    assert torch.equal(hard, table[[3, 7, 0]][None])
+    spread = torch.full((1, 1, 10), 0.1)
+    assert torch.allclose(cadd.estimate_z0(spread, table, 1.0), table.mean(0)[None, None], atol=1e-6)
+    with pytest.raises(ValueError, match="softness"):
+        cadd.estimate_z0(probs, table, 1.5)
+
+
+def test_posterior_matches_monte_carlo_regression():
+    """z_s ~ q(z_s | z0), z_t = sqrt(g) z_s + sqrt(1 - g) e: E[z_s | z_t] = a z0 + b z_t, Var = var."""
+    torch.manual_seed(2)
+    gb_s, gb_t, z0, n = torch.tensor(0.7), torch.tensor(0.2), 1.5, 400000
+    z_s = gb_s.sqrt() * z0 + (1 - gb_s).sqrt() * torch.randn(n)
+    g = gb_t / gb_s
+    z_t = g.sqrt() * z_s + (1 - g).sqrt() * torch.randn(n)
+    a, b, var = cadd.posterior_coefficients(gb_t, gb_s)
+    slope = ((z_t - z_t.mean()) * (z_s - z_s.mean())).mean() / z_t.var()
+    intercept = z_s.mean() - slope * z_t.mean()
+    assert abs(float(slope - b)) < 0.01 and abs(float(intercept - a * z0)) < 0.01
+    assert abs(float((z_s - intercept - slope * z_t).var() - var)) < 0.01
+    same = cadd.posterior_coefficients(gb_t, gb_t)  # nothing revealed: the latent stays
+    assert float(same[0]) == 0.0 and abs(float(same[1]) - 1.0) < 1e-6 and float(same[2]) == 0.0
+
+
+@pytest.mark.parametrize("softness,num_latents,noise", [(0.0, 1, False), (1.0, 1, True), (0.5, 3, False)])
+def test_sampler_never_changes_revealed_tokens(softness, num_latents, noise):
+    model = tiny("cosine")
+    prompt = torch.randint(0, 60, (2, 4))
+    seen = []
+
+    class Spy(torch.nn.Module):  # records every canvas the decoder sees
+        def __init__(self):
+            super().__init__()
+            self.inner = cadd.CaddDecoder(model, softness, num_latents, noise, gen_start=4,
+                                          generator=torch.Generator().manual_seed(0))
+            self.cfg = model.cfg
+
+        def forward(self, x, **kw):
+            seen.append(x.clone())
+            return self.inner(x, **kw)
+
+    out, nfe = generate(Spy(), prompt, 12, 4, 6, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert nfe == 6 and len(seen) == 6 and (out != 63).all() and torch.equal(out[:, :4], prompt)
+    for before, after in zip(seen, seen[1:] + [out]):
+        revealed = before != 63
+        assert torch.equal(after[revealed], before[revealed])
+    tokens, k_nfe = cadd.cadd_generate(model, prompt, 12, 4, 6, 1.0, softness=softness, num_latents=num_latents,
+                                       posterior_noise=noise, generator=torch.Generator().manual_seed(1),
+                                       latent_generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, out) and k_nfe == 6 * num_latents
+
+
+def test_latents_move_toward_the_estimate():
+    model = tiny()
+    decoder = cadd.CaddDecoder(model, generator=torch.Generator().manual_seed(0))
+    x = torch.full((1, 8), 63)
+    decoder(x)
+    start, target = decoder.z.clone(), decoder.z0_hat.clone()
+    x[0, :4] = 5  # half revealed: t 1 -> 0.5
+    decoder(x)
+    a, b, _ = cadd.posterior_coefficients(cadd.gamma_bar(torch.tensor([1.0]), "linear"),
+                                          cadd.gamma_bar(torch.tensor([0.5]), "linear"))
+    assert torch.allclose(decoder.z, a * target + b * start, atol=1e-5)
+
+
+def test_plain_and_cadd_demaskers_are_not_mixed_up():
+    plain = tiny("none")
+    with pytest.raises(ValueError, match="trained without CADD"):
+        cadd.CaddDecoder(plain)
+    with pytest.raises(ValueError, match="is a CADD demasker"):
+        cadd.check_cadd(tiny(), wanted=False)
+    cfg = dataclasses.replace(plain.cfg, cadd_schedule="cosine")
+    assert DemaskerConfig.from_dict(cfg.to_dict()).cadd_schedule == "cosine"
+    old = {k: v for k, v in plain.cfg.to_dict().items() if not k.startswith("cadd_")}
+    assert DemaskerConfig.from_dict(old).cadd_schedule == "none"  # a checkpoint saved before CADD: a plain MDM
