@@ -14,7 +14,8 @@ validation (masked-token CE / top-1 at mask ratio 1.0, registers only) at the en
 
 Resumable: OUT/results.json holds every finished point (skipped on a rerun); an interrupted training resumes
 from its last checkpoint (train_ae --resume; --save-interval). Wall-clock is the sum of the training
-subprocesses' times (data loading and train_ae's final validation included), on whatever else the machine runs.
+subprocesses' times (data loading and train_ae's final validation included), on whatever else the machine runs;
+their CPU time (user + system) is recorded beside it: with one thread it estimates an idle core's wall-clock.
 Writes OUT/results.json and OUT/results.md (atomic.py), one row per (configuration, budget, evaluation point).
 
     python bench/bench_ae_budget.py --data runs/study/data --out runs/study/bench --sweep factors --steps 600
@@ -31,6 +32,7 @@ import argparse
 import functools
 import json
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -58,8 +60,6 @@ SWEEPS = {
         ("K-16", "--num-registers 16"),
         ("all-mask-0.5", "--all-mask-prob 0.5"),
         ("dem-width-128", "--demasker-width 128"),
-        ("enc-layers-4", "--encoder-layers 4"),
-        ("batch-64", "--global-batch-size 64 --micro-batch-size 64"),
     ],
 }
 NAME = re.compile(r"^[A-Za-z0-9_.+=-]+$")
@@ -101,17 +101,20 @@ def trained_step(run_dir):
 
 
 def train_to(args, run_dir, flags, steps, stop_at):
-    """Train (or resume) run_dir up to step stop_at of a `steps` schedule; returns the wall seconds spent."""
+    """Train (or resume) run_dir up to step stop_at of a `steps` schedule; returns (wall seconds, CPU seconds of
+    the subprocess: user + system, which on a shared machine is the better estimate of one idle core's time)."""
     if trained_step(run_dir) >= stop_at:
-        return 0.0
+        return 0.0, 0.0
     run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    start, before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(run_dir / "train.log", "a") as log:
         done = subprocess.run(train_command(args, run_dir, flags, steps, stop_at), stdout=log, stderr=subprocess.STDOUT,
                               cwd=REPO)
     if done.returncode:
         raise SystemExit(f"train_ae.py failed for {run_dir} (exit {done.returncode}); see {run_dir / 'train.log'}")
-    return time.time() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.time() - start, cpu
 
 
 def last_validation(run_dir):
@@ -181,14 +184,16 @@ def write_results(out, results):
         nfe = [f"{r['cer'][str(n)]:.3f}" for n in results["nfe"]]
         val = r.get("val") or {}
         rows.append([r["name"], "`" + (" ".join(r["flags"]) or "(demo default)") + "`", f"{r['step']} / {r['steps']}",
-                     f"{r['train_wall_s'] / 60:.1f}", f"{r['train_wall_s'] / max(r['step'], 1):.3f}", *nfe,
+                     f"{r['train_wall_s'] / 60:.1f}", f"{r['train_cpu_s'] / 60:.1f}",
+                     f"{r['train_cpu_s'] / max(r['step'], 1):.3f}", *nfe,
                      f"{r['train_cer']:.3f}", f"{val['ce_r1']:.2f} / {val['top1_r1']:.3f}" if val else "-"])
-    headers = ["config", "flags", "step / of", "train min", "s/step", *[f"CER NFE {n}" for n in results["nfe"]],
+    headers = ["config", "flags", "step / of", "wall min", "CPU min", "CPU s/step", *[f"CER NFE {n}" for n in results["nfe"]],
                f"train CER NFE {max(results['nfe'])}", "val CE / top-1 at r = 1"]
     note = (f"Held-out CER of Alg. 6 at L = {results['length']}, one block, temperature 0, {results['remasking']} "
             f"remasking, {results['num']} held-out programs (train CER: {results['num']} training programs); "
             f"train_ae.py {' '.join(DEMO_FLAGS)} + flags, 1 thread. 'step / of': evaluated at step s of an s-step "
-            f"cosine schedule (s < of: mid-schedule, LR not annealed).\n\n")
+            f"cosine schedule (s < of: mid-schedule, LR not annealed). Wall / CPU: the training subprocesses' wall-clock "
+            f"and user + system time (1 thread: CPU time ~ an idle core's wall-clock).\n\n")
     write_text(out / "results.md", note + md_table(headers, rows) + "\n")
 
 
@@ -210,9 +215,9 @@ def run(args):
                 if key in results["points"]:
                     continue
                 walls = read_json(wall_file) if wall_file.is_file() else {}
-                seconds = train_to(args, run_dir, flags, steps, point)
+                seconds, cpu = train_to(args, run_dir, flags, steps, point)
                 if seconds:
-                    walls[str(point)] = seconds
+                    walls[str(point)] = [seconds, cpu]
                     write_json(wall_file, walls)
                 cer = {}
                 for nfe in args.nfe:
@@ -220,14 +225,15 @@ def run(args):
                                                             args.batch_size, args.remasking)
                 train_cer, _ = autoencode_cer(run_dir, seen, ctx, args.seq_len, max(args.nfe), args.batch_size,
                                               args.remasking)
-                wall = sum(v for s, v in walls.items() if int(s) <= point)
+                wall = sum(v[0] for s, v in walls.items() if int(s) <= point)
+                cpu = sum(v[1] for s, v in walls.items() if int(s) <= point)
                 results["points"][key] = {"name": name, "flags": flags, "steps": steps, "step": point,
-                                          "train_wall_s": wall, "cer": cer, "train_cer": train_cer,
+                                          "train_wall_s": wall, "train_cpu_s": cpu, "cer": cer, "train_cer": train_cer,
                                           "val": last_validation(run_dir) if point == steps else None,
                                           "example": example}
                 write_results(out, results)
                 print(f"{key}: CER " + " ".join(f"NFE {n} {v:.3f}" for n, v in cer.items())
-                      + f" | train CER {train_cer:.3f} | {wall / 60:.1f} min", flush=True)
+                      + f" | train CER {train_cer:.3f} | {wall / 60:.1f} min ({cpu / 60:.1f} CPU)", flush=True)
     return results
 
 

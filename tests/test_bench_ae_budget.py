@@ -45,7 +45,7 @@ def test_a_sweep_records_every_point_with_wall_clock_and_a_table(swept):
     assert sorted(results["points"]) == ["tiny@2:1", "tiny@2:2"]
     mid, end = results["points"]["tiny@2:1"], results["points"]["tiny@2:2"]
     assert (mid["step"], end["step"], end["steps"]) == (1, 2, 2)
-    assert 0 < mid["train_wall_s"] < end["train_wall_s"]  # cumulative over the two segments
+    assert 0 < mid["train_wall_s"] < end["train_wall_s"] and 0 < mid["train_cpu_s"] < end["train_cpu_s"]  # cumulative
     for point in (mid, end):
         assert set(point["cer"]) == {"32", "8"} and all(v >= 0 for v in point["cer"].values())
         assert point["train_cer"] >= 0
