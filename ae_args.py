@@ -20,6 +20,7 @@ import torch
 import checkpoint as C
 import guards
 from data import SPECIAL_TOKENS
+from demasker import CADD_SCHEDULES, CADD_TABLES
 
 CHECKPOINT = "checkpoint"
 # flags that may change on --resume (the rest would change the model, the data or the objective, and are refused):
@@ -106,6 +107,14 @@ def parse_args(argv=None):
     a("--register-dropout", type=float, default=0.0, help="register guidance (issue 14): P(every register of an "
       "example is withheld: register_mask all False, the demasker sees only [START, END]), the null branch that "
       "sampling's guidance weight w extrapolates from (logits_null + w (logits_guided - logits_null)); 0 = off")
+    a("--cadd", action="store_true", help="CADD beside CRoCoDiL (cadd.py, issue 17): every [M] position also gets "
+      "a continuous latent z_t ~ N(sqrt(gamma_bar_t) w(x_0), (1 - gamma_bar_t) I) from the demasker's own embedding "
+      "table w, added to E([M]); CE-only loss (the same as the base MDM). Works with and without registers; the "
+      "demasker's config.json records the settings (sample with cadd.cadd_generate / eval.py cadd)")
+    a("--cadd-schedule", choices=CADD_SCHEDULES, default="linear", help="with --cadd: gamma_bar_t over the mask ratio "
+      "t: linear 1 - t (CADD's choice) or cosine 1 - cos(pi/2 (1 - t)), clipped to [1e-4, 1 - 1e-4]")
+    a("--cadd-table", choices=CADD_TABLES, default="own", help="with --cadd: the latent table w is the demasker's own "
+      "embedding, trained through the latents too (own), or the same values detached (frozen)")
     # optimization
     a("--lr", type=float, default=None, help="peak AdamW learning rate (tiny 3e-3, paper 2.5e-5)")
     a("--min-lr-ratio", type=float, default=None, help="final LR of the cosine decay as a fraction of --lr (0.1)")

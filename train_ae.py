@@ -68,6 +68,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import cadd
 import checkpoint as C
 import dist_checkpoint as DC
 import distributed as D
@@ -96,16 +97,19 @@ class EncoderDemasker(nn.Module):
         self.encoder = encoder
         self.demasker = demasker
 
-    def forward(self, x_t, enc_ids=None, enc_mask=None, keep=None, noise=None):
+    def forward(self, x_t, enc_ids=None, enc_mask=None, keep=None, noise=None, cadd_inputs=None):
         """x_t (B, L); enc_ids/enc_mask (B, Le) clean program for h_phi; keep (B,) registers exposed;
-        noise (B, K, d) | None added to the exposed registers (App. D). -> logits (B, L, V)."""
+        noise (B, K, d) | None added to the exposed registers (App. D); cadd_inputs: None, or (x_0 (B, L),
+        t (B,) mask ratios, noise (B, L, D)) for the CADD latents at [M] (cadd.py, --cadd). -> logits (B, L, V)."""
+        latents = None if cadd_inputs is None else cadd.training_latents(self.demasker, *cadd_inputs)
         if self.encoder is None:
-            return self.demasker(x_t)
+            return self.demasker(x_t) if latents is None else self.demasker(x_t, latents=latents)
         registers = self.encoder(enc_ids, attention_mask=enc_mask, keep=keep)  # (B, K, d), 0 beyond keep
         register_mask = register_keep_mask(keep, registers.shape[1])  # (B, K)
         if noise is not None:
             registers = registers + (noise * register_mask.unsqueeze(-1)).to(registers.dtype)
-        return self.demasker(x_t, registers=registers, register_mask=register_mask)
+        extra = {} if latents is None else {"latents": latents}  # without CADD: the call as before
+        return self.demasker(x_t, registers=registers, register_mask=register_mask, **extra)
 
 
 def model_configs(args, meta, encoder_vocab):
@@ -130,7 +134,7 @@ def model_configs(args, meta, encoder_vocab):
     dem = DemaskerConfig.tiny(vocab_size=meta["vocab_size"], mask_token_id=meta["mask_id"],
                               eos_token_id=meta["eos_id"], bos_token_id=meta["bos_id"], pad_token_id=meta["eos_id"],
                               register_dim=0 if args.no_registers else enc.hidden_size, max_registers=K,
-                              max_sequence_length=args.seq_len, **dem_over)
+                              max_sequence_length=args.seq_len, **cadd_settings(args), **dem_over)
     return enc, dem
 
 
@@ -151,13 +155,27 @@ def build_models(args, meta, encoder_vocab, resume_dir=None):
     register_dim = 0 if encoder is None else encoder.cfg.hidden_size
     if args.demasker_init:
         demasker = Demasker.from_pretrained(part_folder(args.demasker_init, "demasker"), register_dim=register_dim,
-                                            max_registers=args.num_registers)
+                                            max_registers=args.num_registers, **cadd_settings(args))
     else:
         demasker = Demasker(dem_cfg)
     if register_dim and conditioning_is_new(args.demasker_init):
         match_conditioning_rms_(demasker)
     check_vocab(demasker.cfg, meta, encoder, encoder_vocab)
     return (encoder.float() if encoder is not None else None), demasker.float()  # fp32 master weights
+
+
+def cadd_settings(args):
+    """The demasker config's CADD fields from --cadd / --cadd-schedule / --cadd-table (runs saved before: none)."""
+    if not getattr(args, "cadd", False):
+        return {"cadd_schedule": "none", "cadd_table": "own"}
+    return {"cadd_schedule": args.cadd_schedule, "cadd_table": args.cadd_table}
+
+
+def cadd_batch(args, demasker, x0, t, counters, seed):
+    """cadd_inputs for EncoderDemasker (x_0, t, N(0, I) noise per example from its stream position), or None."""
+    if demasker.cfg.cadd_schedule == "none":
+        return None
+    return x0, t, cadd.training_noise(counters, seed, x0.shape[1], demasker.cfg.d_model)
 
 
 def part_folder(name_or_path, part):
@@ -308,8 +326,10 @@ def evaluate(model, data, args, env, amp, keeps):
             for ratio in VAL_RATIOS:
                 scored = (u < ratio) & program
                 x_t = torch.where(u < ratio, torch.full_like(x0, mask_id), x0)
+                cadd_inputs = cadd_batch(args, D.unwrap(model).demasker, x0, torch.full((len(picked),), ratio,
+                                         device=env.device), picked, args.seed + 1)
                 with D.autocast(env, amp):
-                    logits = model(x_t, enc_ids, enc_mask, keep)
+                    logits = model(x_t, enc_ids, enc_mask, keep, None, cadd_inputs)
                 ce = nn.functional.cross_entropy(logits[scored].float(), x0[scored], reduction="sum")
                 correct = (logits[scored].argmax(-1) == x0[scored]).sum()
                 for name, value in (("ce", ce), ("correct", correct), ("count", scored.sum())):
@@ -489,7 +509,9 @@ def train(args):
             to = lambda t: None if t is None else t.to(env.device)
             with D.grad_sync(model, enabled=micro == accum - 1):
                 with D.autocast(env, amp):
-                    logits = model(to(noisy["x_t"]), to(enc_ids), to(enc_mask), to(noisy["keep"]), to(noisy["noise"]))
+                    cadd_inputs = cadd_batch(args, demasker, to(x0), to(noisy["p_mask"][:, 0]), counters[part], args.seed)
+                    logits = model(to(noisy["x_t"]), to(enc_ids), to(enc_mask), to(noisy["keep"]), to(noisy["noise"]),
+                                   cadd_inputs)
                 loss = masked_diffusion_loss(logits, to(x0), to(noisy["masked"]), to(noisy["p_mask"])) / accum
                 loss.backward()
             step_loss += loss.item()

@@ -1,6 +1,7 @@
 """cadd.py: the schedule, the forward marginal, the fused input, z0_hat, the Gaussian posterior, the sampler."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -159,3 +160,69 @@ def test_plain_and_cadd_demaskers_are_not_mixed_up():
     assert DemaskerConfig.from_dict(cfg.to_dict()).cadd_schedule == "cosine"
     old = {k: v for k, v in plain.cfg.to_dict().items() if not k.startswith("cadd_")}
     assert DemaskerConfig.from_dict(old).cadd_schedule == "none"  # a checkpoint saved before CADD: a plain MDM
+
+
+# ------------------------------------------------------------------------------------------------
+# train_ae.py --cadd: a few real steps, the checkpoint records the settings, loading is checked
+# ------------------------------------------------------------------------------------------------
+
+PROGRAMS = [f"def f{i}(x, y):\n    return x {'+-*'[i % 3]} y * {i + 2}" for i in range(11)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    import json
+
+    import data
+    folder = tmp_path_factory.mktemp("cadd_data")
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "path": f"prog_{i}.py"}) + "\n" for i, t in enumerate(PROGRAMS)))
+    data.build_dataset(folder / "cache", corpus, seq_len=32, vocab_size=320, overlong="drop")
+    return folder / "cache"
+
+
+def train_args(cache, out_dir, *extra):
+    import train_ae
+    return train_ae.parse_args(["--data", str(cache), "--seq-len", "32", "--out-dir", str(out_dir),
+                                "--num-registers", "4", "--global-batch-size", "8", "--micro-batch-size", "4",
+                                "--warmup-steps", "1", "--log-interval", "1", "--max-steps", "3",
+                                "--eval-interval", "3", "--val-programs", "2", "--threads", "1", *extra])
+
+
+def losses(folder):
+    import json
+    return [json.loads(line) for line in open(folder / "log.jsonl")]
+
+
+def test_train_ae_cadd_trains_saves_and_loads(cache, tmp_path, capsys):
+    import json
+
+    import train_ae
+    train_ae.train(train_args(cache, tmp_path / "base", "--no-registers"))
+    train_ae.train(train_args(cache, tmp_path / "cadd", "--no-registers", "--cadd", "--cadd-schedule", "cosine"))
+    train_ae.train(train_args(cache, tmp_path / "both", "--cadd"))  # CADD + registers
+    base, plain = losses(tmp_path / "cadd"), losses(tmp_path / "base")
+    assert all(math.isfinite(r["loss"]) for r in base if r["type"] == "train")
+    # the same data, masks and init: only the latents differ, so the very first loss differs
+    assert base[0]["loss"] != plain[0]["loss"]
+    val = [r for r in base if r["type"] == "val"][0]["results"]["base"]  # with latents at the ratio's gamma_bar
+    assert all(math.isfinite(c) and c > 0 for c in val["ce"])
+    config = json.loads((tmp_path / "cadd" / "checkpoint" / "demasker" / "config.json").read_text())
+    assert (config["cadd_schedule"], config["cadd_table"]) == ("cosine", "own")
+    loaded = Demasker.from_pretrained(str(tmp_path / "cadd" / "checkpoint" / "demasker"))
+    assert loaded.cfg.cadd_schedule == "cosine"
+    tokens, nfe = cadd.cadd_generate(loaded.eval(), 2, 8, 8, 4, 1.0, generator=torch.Generator().manual_seed(0),
+                                     latent_generator=torch.Generator().manual_seed(1))
+    assert tokens.shape == (2, 8) and nfe == 4 and (tokens != loaded.cfg.mask_token_id).all()
+    plain_model = Demasker.from_pretrained(str(tmp_path / "base" / "checkpoint" / "demasker"))
+    assert plain_model.cfg.cadd_schedule == "none"
+    with pytest.raises(ValueError, match="trained without CADD"):
+        cadd.CaddDecoder(plain_model)
+    with pytest.raises(ValueError, match="is a CADD demasker"):
+        cadd.check_cadd(loaded, wanted=False)
+    both = Demasker.from_pretrained(str(tmp_path / "both" / "checkpoint" / "demasker"))
+    assert both.cfg.register_dim > 0 and both.cfg.cadd_schedule == "linear"
+    # resuming with another CADD setting is refused (the objective changes)
+    with pytest.raises(SystemExit):
+        train_ae.parse_args(["--out-dir", str(tmp_path / "cadd"), "--resume", "--cadd-schedule", "linear"])
+    assert "--cadd-schedule: run 'cosine', now 'linear'" in capsys.readouterr().err
