@@ -12,7 +12,8 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (metrics.py holds
   Fig. 6/12   fig6            THE HEADLINE: MAUVE and Gen-PPL vs NFE for the base MDM, ConThenDisc and
                               ConWithinDisc at two lengths, whole sequence one block, same seeds, and the
                               speedup = NFE_base(L) / the smallest NFE at which a guided method matches the
-                              base MDM's quality at NFE = L (MAUVE >=, Gen-PPL <=, and both)
+                              base MDM's quality at NFE = L (MAUVE, Gen-PPL, and both; "matches" below),
+                              with the time-to-quality (wall-clock) speedup beside it, each with an interval
   Fig. 9      fig9            PSNR(g(z_t, t), z_0) vs t, unconditional vs conditional prior (r = 0.5)
   App. E      prdc            PRDC (k = 5) per register index, averaged, for both priors' samples
   Fig. 11     fig11           ablations: number of registers K (one prior per K), refresh fraction
@@ -23,10 +24,24 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (metrics.py holds
 Every subcommand writes OUT/NAME.json (settings, checkpoints, command, results), appends a section to
 OUT/REPORT.md and, when matplotlib is importable, draws OUT/NAME.png. Generated texts are scored with the
 reference scorer (--scorer, train_scorer.py): Gen-PPL pooled over tokens (MDLM), always next to the unigram
-entropy and the same numbers for held-out real programs of matched length; MAUVE features are its mean-
-pooled final hidden states. Real references are held-out programs (val, then test split) whose BOS..EOS
-length fits the generated length. The parse rate (ast.parse) and the exact-duplicate rate against the
-training split are ours, not the paper's.
+entropy and the same numbers for held-out real programs of matched length; MAUVE features are its final
+hidden state at the last valid token (--features last, MAUVE's convention; mean pooling is --features mean).
+An empty sample (nothing between BOS and EOS) is scored as empty text: it adds no token to Gen-PPL, and the
+share of empty samples (empty_rate) is a column of every generation table. Real references are held-out
+programs (val, then test split) whose BOS..EOS length fits the generated length. The parse rate (ast.parse)
+and the exact-duplicate rate against the training split are ours, not the paper's.
+
+Statistics (ours; issue 12): --bootstrap N (preset default 200 at tiny; 0 = off) seeded percentile-bootstrap
+95% intervals over each row's samples: Gen-PPL pooled over each resample's tokens, MAUVE with each replicate
+resampling the method's samples and a new k-means seed (--bootstrap-restarts restarts; the reference set fixed,
+as it is shared by every row), the parse / empty rates, CER; the real-vs-real ceiling gets its interval too.
+"Matches the base": a point matches the base reference (the base MDM at NFE = L) on MAUVE when its MAUVE >=
+the reference's lower 95% bound, on Gen-PPL when its Gen-PPL <= the reference's upper bound, and on "both"
+when both hold: it is not detectably worse than the base. The speedup's interval bootstraps over the replicate
+index b: every row (the reference too) takes its b-th replicate values, the tolerances (the reference's lower
+MAUVE and upper Gen-PPL half-widths) stay, the matching NFE is recomputed, and the 2.5/97.5 percentiles of
+NFE_base / NFE_match_b (0 where nothing matches in replicate b) give the interval; the same for wall-clock
+(base seconds/sample / the fastest matching point's). NFE and seconds are the measured means (not resampled).
 
 Sampling is sharded over ranks under torchrun (distributed.py: round-robin sample indices, gathered on
 rank 0, which scores and writes). Batch b of every method uses the same seeds, so methods see the same
@@ -135,7 +150,12 @@ def parse_args(argv=None):
     a("--cond-ratio", type=float, default=0.5, help="fig9/prdc: mask ratio r of the conditioning (paper: 0.5)")
     a("--prdc-k", type=int, default=5, help="prdc: nearest neighbours k (paper: 5)")
     a("--mauve-seeds", type=int, help="k-means seeds averaged per MAUVE value (default: the preset's)")
-    a("--features", choices=["mean", "last"], default="mean", help="MAUVE features: mean-pooled or last-token state")
+    a("--features", choices=["mean", "last"], default="last", help="MAUVE features: the scorer's final state at the "
+      "last valid token (default, MAUVE's GPT-2 convention) or mean-pooled over the tokens")
+    a("--bootstrap", type=int, help="bootstrap replicates of every 95%% interval (default: the preset's, 200 at "
+      "tiny; 0 = no intervals)")
+    a("--bootstrap-restarts", type=int, default=1, help="k-means restarts of each MAUVE bootstrap replicate (the "
+      "point value keeps 5; 1 keeps 200 replicates at 256 samples to seconds per row)")
     a("--trap-pairs", type=int, default=4, help="marginal-trap: pairs per sequence (length 2 x pairs)")
     a("--trap-choices", type=int, default=4, help="marginal-trap: subjects per slot (A)")
     a("--trap-steps", type=int, help="marginal-trap: training steps per model (default: the preset's)")
@@ -153,7 +173,8 @@ def parse_args(argv=None):
 
 
 COUNTS = ("num", "batch_size", "lengths", "length", "nfe", "blocks", "steps", "registers", "prior_steps",
-          "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples")
+          "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples",
+          "bootstrap_restarts")
 
 
 def check_numbers(parser, args):
@@ -165,6 +186,8 @@ def check_numbers(parser, args):
         for value in each(name):
             if value < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.bootstrap is not None and args.bootstrap < 0:
+        parser.error(f"--bootstrap must be >= 0 (0 = no intervals), got {args.bootstrap}")
     for name in ("temperature", "sigmas"):
         for value in each(name):
             if not value >= 0:

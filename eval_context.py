@@ -2,6 +2,13 @@
 sampling sharded over ranks with scoring of a sample set (Sec. 5's protocol: Gen-PPL pooled over tokens next
 to the unigram entropy and held-out real programs of matched length; MAUVE on the scorer's features).
 
+Statistics (issue 12; ours): every scored sample set carries seeded percentile-bootstrap 95% intervals over its
+samples (--bootstrap N replicates, 0 = off): Gen-PPL (pooled over each resample's tokens), MAUVE (each replicate
+resamples the method's samples with replacement and runs k-means with a new seed and --bootstrap-restarts
+restarts; the reference set is fixed, being shared by every row), the parse and empty rates and the CER. The
+replicate values are kept in the row (`*_replicates`) so speedups can be bootstrapped over the replicate index.
+Empty samples add no token to Gen-PPL (metrics.score_without_empty) and are counted in `empty_rate`.
+
 The experiments (eval_autoencoder.py: Fig. 4, 7, 8, Tables 1-2; eval_generation.py: Fig. 6, 11, 9, PRDC, the
 marginal trap) build on this file; eval.py is the command line.
 """
@@ -20,15 +27,19 @@ PRESETS = {
     # num: samples (or programs) per point; lengths: the two generation lengths (Fig. 6, Tables 1/2)
     # table_*: Tables 1/2 (paper: L = 256 and 512, block sizes including 32, NFE down to 4); fig4_num: Fig. 4;
     # fig8_*: Fig. 8's program length (None: the data's L) and number of interpolated pairs
-    "tiny": dict(table_lengths=(64, 128), table_nfe_min=8, table_blocks=(), fig4_num=48, fig8_length=None, fig8_pairs=48, num=48, batch_size=16, lengths=(64, 128), nfe_min=8, prior_steps=32, refresh_prior_steps=16,
-                 mauve_seeds=1, trap_steps=400, trap_samples=256, trap_trials=5000, psnr_points=11),
+    # gen_num: samples per generation point (fig6, fig11, speed); bootstrap: replicates of every interval
+    "tiny": dict(table_lengths=(64, 128), table_nfe_min=8, table_blocks=(), fig4_num=48, fig8_length=None,
+                 fig8_pairs=48, num=48, gen_num=256, bootstrap=200, batch_size=16, lengths=(64, 128), nfe_min=1,
+                 prior_steps=32, refresh_prior_steps=16, mauve_seeds=1, trap_steps=400, trap_samples=256,
+                 trap_trials=5000, psnr_points=11),
     "small": dict(table_lengths=(128, 256), table_nfe_min=8, table_blocks=(), fig4_num=400, fig8_length=None, fig8_pairs=400,
-                  num=400, batch_size=32, lengths=(128, 256), nfe_min=8, prior_steps=64, refresh_prior_steps=32,
-                  mauve_seeds=3, trap_steps=1500, trap_samples=1024, trap_trials=20000, psnr_points=21),
-    "paper": dict(table_lengths=(256, 512), table_nfe_min=4, table_blocks=(32,), fig4_num=1000, fig8_length=256,
-                  fig8_pairs=1000, num=5000, batch_size=64, lengths=(512, 1024), nfe_min=16, prior_steps=128,
-                  refresh_prior_steps=32, mauve_seeds=5, trap_steps=3000, trap_samples=4096, trap_trials=50000,
+                  num=400, gen_num=400, bootstrap=200, batch_size=32, lengths=(128, 256), nfe_min=1, prior_steps=64,
+                  refresh_prior_steps=32, mauve_seeds=3, trap_steps=1500, trap_samples=1024, trap_trials=20000,
                   psnr_points=21),
+    "paper": dict(table_lengths=(256, 512), table_nfe_min=4, table_blocks=(32,), fig4_num=1000, fig8_length=256,
+                  fig8_pairs=1000, num=5000, gen_num=5000, bootstrap=100, batch_size=64, lengths=(512, 1024),
+                  nfe_min=16, prior_steps=128, refresh_prior_steps=32, mauve_seeds=5, trap_steps=3000,
+                  trap_samples=4096, trap_trials=50000, psnr_points=21),
 }
 MASK_RATIOS = [round(0.1 * i, 1) for i in range(1, 11)]   # Fig. 4's x axis
 SIGMAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]       # Fig. 7 (0.75 = the CS 0.8 training noise)
@@ -97,6 +108,11 @@ class Context:
         value = getattr(self.args, name, None)
         return self.preset[name] if value is None else value
 
+    @property
+    def gen_num(self):
+        """Samples per generation point (fig6, fig11, speed): --num, else the preset's gen_num."""
+        return self.args.num or self.preset["gen_num"]
+
     def cached(self, key, build):
         if key not in self._cache:
             self._cache[key] = build()
@@ -142,6 +158,15 @@ class Context:
         return self.cached("train", build)
 
     # -- held-out programs ----------------------------------------------------------------
+    def held_out_count(self, max_tokens=None):
+        """How many held-out programs (val + test) have a BOS..EOS length <= max_tokens."""
+        from data import load_split
+        total = 0
+        for split_name in SPLITS:
+            lengths = np.asarray(load_split(self.data_dir, split_name)["lengths"])
+            total += len(lengths) if max_tokens is None else int((lengths <= max_tokens).sum())
+        return total
+
     def held_out(self, count, max_tokens=None, skip=0):
         """`count` held-out programs (val, then test) whose BOS..EOS length <= max_tokens, after skipping the
         first `skip` such programs. Returns {"ids" (n, L) long, "enc_ids", "enc_mask", "lengths", "texts"}."""
@@ -214,46 +239,91 @@ def sharded_samples(ctx, num, make_batch, desc, with_stats=False):
                         "demasker_calls": float(np.mean([r[5] for r in gathered]))}
 
 
-def mauve_summary(ctx, features, reference_features):
-    """MAUVE over --mauve-seeds k-means seeds: mean, sd and the per-seed values."""
+def mauve_summary(ctx, features, reference_features, indices=None):
+    """MAUVE over --mauve-seeds k-means seeds: mean, sd and the per-seed values; with bootstrap `indices`
+    (B, n) also the replicate values (metrics.bootstrap_mauve) and their 95% interval `mauve_ci`."""
     values = [M.mauve(features, reference_features, seed=ctx.args.seed + 25 + s)["mauve"]
               for s in range(ctx.get("mauve_seeds"))]
-    return {"mauve": float(np.mean(values)), "mauve_sd": float(np.std(values)), "mauve_seeds": values}
+    out = {"mauve": float(np.mean(values)), "mauve_sd": float(np.std(values)), "mauve_seeds": values}
+    if indices is not None:
+        replicates = M.bootstrap_mauve(features, reference_features, indices, seed=ctx.args.seed + 1000,
+                                       restarts=ctx.args.bootstrap_restarts)
+        out.update(mauve_ci=M.percentile_interval(replicates), mauve_replicates=json_values(replicates))
+    return out
+
+
+def json_values(values):
+    """Floats for a JSON record, nan/inf as None (null)."""
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=np.float64)]
+
+
+def interval_of(values, indices):
+    """The bootstrap 95% interval of the mean of per-sample `values` (None without indices)."""
+    return None if indices is None else M.percentile_interval(M.bootstrap_mean(values, indices))
 
 
 def score_texts(ctx, texts, reference_features=None, references=None):
     """Gen-PPL (+ entropy), parse rate, duplicate rate, empty rate, MAUVE vs reference_features, and the
-    mean CER / feature cosine against `references` (autoencoding) when given."""
-    scorer = ctx.scorer()
-    result = M.generative_perplexity(scorer, texts, ctx.get("batch_size"))
-    result.update(parse_rate=M.parse_rate(texts), duplicate_rate=M.duplicate_rate(texts, ctx.training_programs()),
-                  empty_rate=float(np.mean([not t.strip() for t in texts])),
-                  mean_chars=float(np.mean([len(t) for t in texts])))
-    if reference_features is not None or references is not None:
-        features = scorer.features(texts, ctx.get("batch_size"), pool=ctx.args.features)
-        if reference_features is not None:
-            result.update(mauve_summary(ctx, features, reference_features))
-        if references is not None:
-            source_features = scorer.features(references, ctx.get("batch_size"), pool=ctx.args.features)
-            result["cer"] = float(np.mean([M.cer(r, t) for r, t in zip(references, texts)]))
-            result["semantic_similarity"] = float(M.feature_cosine(features, source_features).mean())
+    mean CER / feature cosine against `references` (autoencoding) when given; with --bootstrap N > 0 the
+    95% intervals `gen_ppl_ci`, `mauve_ci`, `parse_rate_ci`, `empty_rate_ci`, `cer_ci` from one set of
+    resamples, and the replicate values of Gen-PPL and MAUVE."""
+    import time
+    scorer, batch_size = ctx.scorer(), ctx.get("batch_size")
+    result, (nll_sums, counts) = M.generative_perplexity(scorer, texts, batch_size, return_scores=True)
+    parsed = np.array([M.parses(t) for t in texts], dtype=np.float64)
+    empty = np.array([M.is_empty(t) for t in texts], dtype=np.float64)
+    result.update(parse_rate=float(parsed.mean()), duplicate_rate=M.duplicate_rate(texts, ctx.training_programs()),
+                  empty_rate=float(empty.mean()), mean_chars=float(np.mean([len(t) for t in texts])))
+    replicates = ctx.get("bootstrap")
+    indices = M.bootstrap_indices(len(texts), replicates, ctx.args.seed + 7) if replicates else None
+    started = time.perf_counter()
+    if indices is not None:
+        ppl = M.bootstrap_gen_ppl(nll_sums, counts, indices)
+        result.update(bootstrap=replicates, gen_ppl_ci=M.percentile_interval(ppl), gen_ppl_replicates=json_values(ppl),
+                      parse_rate_ci=interval_of(parsed, indices), empty_rate_ci=interval_of(empty, indices))
+    if reference_features is not None:
+        features = scorer.features(texts, batch_size, pool=ctx.args.features)
+        result.update(mauve_summary(ctx, features, reference_features, indices))
+    if references is not None:  # the semantic similarity keeps mean-pooled features (Tables 1-2's stand-in)
+        features = scorer.features(texts, batch_size, pool="mean")
+        source_features = scorer.features(references, batch_size, pool="mean")
+        cers = np.array([M.cer(r, t) for r, t in zip(references, texts)])
+        result.update(cer=float(cers.mean()), cer_ci=interval_of(cers, indices),
+                      semantic_similarity=float(M.feature_cosine(features, source_features).mean()))
+    if indices is not None:
+        result["bootstrap_seconds"] = time.perf_counter() - started  # featurising included
     return result
 
 
 def real_reference(ctx, length, count):
     """Held-out programs that fit in `length` tokens: a reference set (MAUVE's q side) and a second, disjoint
-    set scored like a method (the real-data ceiling). Returns (reference features, ceiling metrics)."""
+    set scored like a method (the real-data ceiling, with its intervals). Returns (reference features, ceiling
+    metrics). With fewer than 2 x count such programs the available ones are split in two halves (reference,
+    ceiling) and the ceiling says so in its "note"; with fewer than 4, the ceiling is the reference scored
+    without MAUVE."""
     key = ("reference", length, count)
 
     def build():
         scorer = ctx.scorer()
-        reference = ctx.held_out(count, length)["texts"]
+        available = ctx.held_out_count(length)
+        first, second = (count, count) if available >= 2 * count else (available - available // 2, available // 2)
+        if first < 2:
+            raise ValueError(f"only {available} held-out programs of at most {length} tokens in {ctx.data_dir}: "
+                             f"MAUVE needs a reference of 2 or more; use a longer length or more held-out data "
+                             f"(data.py --val-fraction/--test-fraction)")
+        reference = ctx.held_out(first, length)["texts"]
         features = scorer.features(reference, ctx.get("batch_size"), pool=ctx.args.features)
-        try:
-            other = ctx.held_out(count, length, skip=count)["texts"]
-            ceiling = score_texts(ctx, other, features)
-        except ValueError as error:  # too few held-out programs for a second set
-            ceiling = {"note": str(error), **score_texts(ctx, reference)}
+        note = None if first == count else (f"only {available} held-out programs of <= {length} tokens: reference "
+                                            f"{first}, real-vs-real set {second} (not {count} each)")
+        if second >= 2:
+            ceiling = score_texts(ctx, ctx.held_out(second, length, skip=first)["texts"], features)
+        else:
+            ceiling = score_texts(ctx, reference)
+            note = f"only {available} held-out programs of <= {length} tokens: no second set, no real-vs-real MAUVE"
+        if note:
+            print(f"real_reference: {note}")
+        ceiling.update(reference_size=first, num_programs=second if second >= 2 else first,
+                       **({"note": note} if note else {}))
         return features, ceiling
     return ctx.cached(key, build)
 

@@ -1,15 +1,19 @@
 """Generation (Sec. 5.3, App. B, E, G): the headline quality vs NFE and speedup (Fig. 6 / 12), the ablations
 (Fig. 11), the priors' PSNR vs t (Fig. 9) and PRDC (App. E), and the marginal trap (App. B, Theorem B.1).
 Each run_* takes eval_context.Context and returns (result, text, panels).
+
+Rows carry bootstrap 95% intervals (eval_context.score_texts); "matches the base" and the speedup intervals are
+defined in eval.py's docstring and implemented once here (`match_tests`, `speedup_entry`; eval_speed reuses them).
 """
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
 
 import metrics as M
-from report import md_table, panel
+from report import fmt_ci, md_table, panel
 from sample import generate
 from eval_context import REFRESH_FRACTIONS, nfe_grid, real_reference, score_texts, sharded_samples, temperature
 
@@ -66,7 +70,7 @@ def sweep(ctx, label, length, make_sampler, steps_list, reference_features):
     """Rows {"method", "steps", "nfe", metrics...} of one method over the NFE grid (rank 0; None elsewhere)."""
     rows = []
     for steps in steps_list:
-        texts, nfe, stats = sharded_samples(ctx, ctx.get("num"), make_sampler(steps),
+        texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, make_sampler(steps),
                                             f"{label} L={length} steps={steps}", with_stats=True)
         if texts is not None:  # nfe: the paper's count (parameter ratio); nfe_flops: ours; wall-clock beside
             rows.append({"method": label, "steps": steps, "nfe": nfe, **stats,
@@ -74,46 +78,143 @@ def sweep(ctx, label, length, make_sampler, steps_list, reference_features):
     return rows
 
 
+def replicate_value(row, key, b=None):
+    """row[key], or (b given) its b-th bootstrap replicate; a row without replicates gives its point value."""
+    replicates = row.get(f"{key}_replicates") if b is not None else None
+    value = row[key] if not replicates else replicates[b]
+    return math.nan if value is None else value
+
+
+def replicate_count(rows):
+    """Bootstrap replicates shared by every row (0 when any row has none)."""
+    counts = [min(len(r.get("mauve_replicates") or []), len(r.get("gen_ppl_replicates") or [])) for r in rows]
+    return min(counts) if counts else 0
+
+
+def match_tests(reference):
+    """{"mauve", "gen_ppl", "both"}: test(row, b=None) -> whether row matches the base reference (eval.py's rule):
+    MAUVE >= the reference's lower 95% bound, Gen-PPL <= its upper bound. At replicate b both sides take their
+    b-th replicate values and the tolerances (the reference's half-widths) stay. Without intervals: >= and <=."""
+    mauve_tolerance = reference["mauve"] - (reference.get("mauve_ci") or [reference["mauve"]])[0]
+    ppl_tolerance = (reference.get("gen_ppl_ci") or [None, reference["gen_ppl"]])[1] - reference["gen_ppl"]
+    tests = {"mauve": lambda r, b=None: replicate_value(r, "mauve", b) >=
+             replicate_value(reference, "mauve", b) - mauve_tolerance,
+             "gen_ppl": lambda r, b=None: replicate_value(r, "gen_ppl", b) <=
+             replicate_value(reference, "gen_ppl", b) + ppl_tolerance}
+    tests["both"] = lambda r, b=None: tests["mauve"](r, b) and tests["gen_ppl"](r, b)
+    return tests
+
+
+def best_match(reference, candidates, test, b=None):
+    """(the smallest-NFE matching row, the fastest matching row) at replicate b, or (None, None)."""
+    matching = [r for r in candidates if test(r, b)]
+    if not matching:
+        return None, None
+    fastest = min(matching, key=lambda r: r.get("seconds_per_sample", math.inf))
+    return min(matching, key=lambda r: r["nfe"]), fastest
+
+
+def speedup_entry(reference, candidates, test, replicates=0):
+    """The matched-quality speedups of `candidates` against `reference` under `test`: in NFE (reference NFE /
+    the smallest matching NFE) and in wall-clock (reference seconds/sample / the fastest matching row's), with
+    their bootstrap intervals over the replicate index (0 where nothing matches) and the share of replicates
+    with a match. at_grid_bottom: the match is the smallest NFE swept (the speedup is bounded by the grid)."""
+    def ratios(b):
+        first, fastest = best_match(reference, candidates, test, b)
+        if first is None:
+            return 0.0, 0.0
+        seconds = reference.get("seconds_per_sample"), fastest.get("seconds_per_sample")
+        return reference["nfe"] / first["nfe"], seconds[0] / seconds[1] if all(seconds) else math.nan
+    first, fastest = best_match(reference, candidates, test)
+    entry = {"nfe": None, "steps": None, "speedup": None, "time_speedup": None}
+    if first is not None:
+        entry.update(nfe=first["nfe"], steps=first["steps"], speedup=ratios(None)[0],
+                     time_speedup=ratios(None)[1], seconds_per_sample=fastest.get("seconds_per_sample"),
+                     at_grid_bottom=first["nfe"] <= min(r["nfe"] for r in candidates))
+    if replicates:
+        draws = np.array([ratios(b) for b in range(replicates)])  # (B, 2)
+        entry.update(speedup_ci=M.percentile_interval(draws[:, 0]), time_speedup_ci=M.percentile_interval(draws[:, 1]),
+                     matched_share=float((draws[:, 0] > 0).mean()))
+    return entry
+
+
+def reference_row(rows, length):
+    """The base MDM's row at NFE = length (else its largest NFE), or None without base rows."""
+    base = [r for r in rows if r["method"] == "base"]
+    return max(base, key=lambda r: (r["steps"] == length, r["steps"])) if base else None
+
+
 def speedups(rows, length):
     """For each guided method: the smallest NFE at which it matches the base MDM at NFE = length (or the
-    base's largest NFE if length was not swept): MAUVE >=, Gen-PPL <=, and both. speedup = base NFE / it."""
-    base = [r for r in rows if r["method"] == "base"]
-    if not base:
+    base's largest NFE if length was not swept) on MAUVE, Gen-PPL and both (`match_tests`); speedup = base NFE /
+    it, time_speedup = base seconds/sample / the fastest matching point's, each with its interval."""
+    reference = reference_row(rows, length)
+    if reference is None:
         return {}
-    reference = max(base, key=lambda r: (r["steps"] == length, r["steps"]))
-    tests = {"mauve": lambda r: r["mauve"] >= reference["mauve"],
-             "gen_ppl": lambda r: r["gen_ppl"] <= reference["gen_ppl"]}
-    tests["both"] = lambda r: tests["mauve"](r) and tests["gen_ppl"](r)
-    out = {"base_reference": {k: reference[k] for k in ("steps", "nfe", "mauve", "gen_ppl")}}
+    tests, replicates = match_tests(reference), replicate_count(rows)
+    keys = ("steps", "nfe", "mauve", "mauve_ci", "gen_ppl", "gen_ppl_ci", "seconds_per_sample", "empty_rate")
+    out = {"base_reference": {k: reference[k] for k in keys if k in reference}, "replicates": replicates}
     empty = reference.get("empty_rate", 0.0)
     if empty > 0.5:  # e.g. an undertrained MDM whose one-block low-confidence decoding fills all EOS first
         out["base_reference"]["degenerate"] = f"{100 * empty:.0f}% of the base MDM's samples are empty"
     for method in sorted({r["method"] for r in rows} - {"base"}):
-        out[method] = {}
-        for name, test in tests.items():
-            matching = sorted((r for r in rows if r["method"] == method and test(r)), key=lambda r: r["nfe"])
-            first = matching[0] if matching else None
-            out[method][name] = {"nfe": first["nfe"] if first else None, "steps": first["steps"] if first else None,
-                                 "speedup": reference["nfe"] / first["nfe"] if first else None}
+        candidates = [r for r in rows if r["method"] == method]
+        out[method] = {name: speedup_entry(reference, candidates, test, replicates) for name, test in tests.items()}
     return out
 
 
 def generation_table(rows):
-    return md_table(["method", "steps", "NFE (paper)", "NFE (FLOPs)", "s/sample", "MAUVE", "Gen-PPL", "entropy",
-                     "parse", "dup"],
+    """Every row with its intervals: `value [lo, hi]` (bootstrap 95%), the empty share for every method."""
+    def mauve(r):
+        if r.get("mauve_ci") is None and len(r.get("mauve_seeds", [])) > 1:
+            return f"{r['mauve']:.3f} ± {r['mauve_sd']:.3f}"
+        return fmt_ci(r["mauve"], r.get("mauve_ci"), 3)
+    return md_table(["method", "steps", "NFE (paper)", "NFE (FLOPs)", "s/sample", "MAUVE [95% CI]",
+                     "Gen-PPL [95% CI]", "entropy", "parse", "empty", "dup"],
                     [[r["method"], r["steps"], f"{r['nfe']:.1f}", f"{r.get('nfe_flops', r['nfe']):.1f}",
-                      f"{r.get('seconds_per_sample', float('nan')):.3f}", f"{r['mauve']:.3f}" + (
-                        f" ± {r['mauve_sd']:.3f}" if len(r["mauve_seeds"]) > 1 else ""), f"{r['gen_ppl']:.2f}",
-                      f"{r['unigram_entropy']:.2f}", f"{r['parse_rate']:.2f}", f"{r['duplicate_rate']:.2f}"]
-                     for r in rows])
+                      f"{r.get('seconds_per_sample', float('nan')):.3f}", mauve(r),
+                      fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2), f"{r['unigram_entropy']:.2f}",
+                      f"{r['parse_rate']:.2f}", fmt_ci(r["empty_rate"], r.get("empty_rate_ci"), 2),
+                      f"{r['duplicate_rate']:.2f}"] for r in rows])
 
 
-def generation_panels(title, rows):
+def ceiling_text(ceiling):
+    """One sentence on the real-vs-real ceiling with its intervals."""
+    size = f" ({ceiling['num_programs']} programs vs a reference of {ceiling['reference_size']})" \
+        if "reference_size" in ceiling else ""
+    mauve = fmt_ci(ceiling["mauve"], ceiling.get("mauve_ci"), 3) if "mauve" in ceiling else "n/a"
+    return (f"Real held-out programs{size}: MAUVE {mauve}, Gen-PPL {fmt_ci(ceiling['gen_ppl'], ceiling.get('gen_ppl_ci'), 2)}"
+            f", entropy {ceiling['unigram_entropy']:.2f}, empty {ceiling['empty_rate']:.2f}."
+            + (f" Note: {ceiling['note']}." if ceiling.get("note") else ""))
+
+
+def generation_panels(title, rows, ceiling=None, wallclock=False):
+    """MAUVE and Gen-PPL vs NFE (log x; error bars: the 95% intervals; grey band: the real-vs-real ceiling),
+    and with wallclock MAUVE vs seconds per sample."""
     methods = sorted({r["method"] for r in rows}, key=lambda m: [r["method"] for r in rows].index(m))
-    series = lambda key: {m: ([r["nfe"] for r in rows if r["method"] == m], [r[key] for r in rows if r["method"] == m])
-                          for m in methods}
-    return [panel(f"{title}: MAUVE", "NFE", "MAUVE", series("mauve"), logx=True),
-            panel(f"{title}: Gen-PPL", "NFE", "Gen-PPL", series("gen_ppl"), logx=True)]
+
+    def series(x, key):
+        out = {}
+        for m in methods:
+            mine = [r for r in rows if r["method"] == m]
+            bounds = [r.get(f"{key}_ci") or [math.nan, math.nan] for r in mine]
+            out[m] = ([r[x] for r in mine], [r[key] for r in mine], [b[0] for b in bounds], [b[1] for b in bounds])
+        return out
+
+    def band(key, name):
+        if not ceiling or key not in ceiling:
+            return None
+        lo, hi = ceiling.get(f"{key}_ci") or [ceiling[key], ceiling[key]]
+        return (lo, hi, f"real programs ({name})")
+    panels = [panel(f"{title}: MAUVE vs NFE", "NFE (log scale)", "MAUVE (higher is better)",
+                    series("nfe", "mauve"), logx=True, band=band("mauve", "95% CI")),
+              panel(f"{title}: Gen-PPL vs NFE", "NFE (log scale)", "Gen-PPL (log scale, lower is better)",
+                    series("nfe", "gen_ppl"), logx=True, logy=True, band=band("gen_ppl", "95% CI"))]
+    if wallclock and all("seconds_per_sample" in r for r in rows):
+        panels.append(panel(f"{title}: MAUVE vs wall-clock", "seconds per sample (log scale)",
+                            "MAUVE (higher is better)", series("seconds_per_sample", "mauve"), logx=True,
+                            band=band("mauve", "95% CI")))
+    return panels
 
 
 def length_priors(pairs, flag):
@@ -138,7 +239,7 @@ def run_fig6(ctx):
         cond_folder = per_length_cond.get(length, ctx.args.cond_prior)
         cond_prior = ctx.prior(cond_folder, "--cond-prior") if cond_folder else None
         result["priors"][str(length)] = {"prior": per_length.get(length, ctx.args.prior), "cond_prior": cond_folder}
-        reference_features, ceiling = real_reference(ctx, length, ctx.get("num"))
+        reference_features, ceiling = real_reference(ctx, length, ctx.gen_num)
         steps_list = nfe_grid(ctx, length)
         methods = [("base", {}), ("conthendisc", {"prior": prior})]
         if cond_prior is not None:
@@ -149,31 +250,44 @@ def run_fig6(ctx):
                           steps_list, reference_features)
         if ctx.env.is_main:
             result["lengths"][str(length)] = {"rows": rows, "real": ceiling, "speedup": speedups(rows, length)}
-            sections.append(f"### L = {length}\n\nReal held-out programs: MAUVE {ceiling.get('mauve', float('nan')):.3f}, "
-                            f"Gen-PPL {ceiling['gen_ppl']:.2f}, entropy {ceiling['unigram_entropy']:.2f}.\n\n"
-                            + generation_table(rows) + "\n\n" + speedup_text(result["lengths"][str(length)]["speedup"], length))
-            panels += generation_panels(f"Fig. 6 (L={length})", rows)
+            sections.append(f"### L = {length}\n\n{ceiling_text(ceiling)}\n\n" + generation_table(rows) + "\n\n"
+                            + speedup_text(result["lengths"][str(length)]["speedup"], length))
+            panels += generation_panels(f"Fig. 6 (L={length})", rows, ceiling, wallclock=True)
     if not ctx.env.is_main:
         return None, None, None
-    result.update(num_samples=ctx.get("num"), prior_steps=ctx.get("prior_steps"),
+    result.update(num_samples=ctx.gen_num, bootstrap=ctx.get("bootstrap"), prior_steps=ctx.get("prior_steps"),
                   refresh_prior_steps=ctx.get("refresh_prior_steps"), refresh_at=[0.5])
     return result, "\n\n".join(sections), panels
+
+
+def speedup_phrase(entry):
+    """'x6.2 [3.1, 12.4] at NFE 10.3, x5.0 [2.2, 9.9] in wall-clock' for a speedup_entry."""
+    if not entry["speedup"]:
+        share = entry.get("matched_share")
+        return "not matched in the sweep" + (f" (matched in {100 * share:.0f}% of replicates)" if share else "")
+    text = f"x{fmt_ci(entry['speedup'], entry.get('speedup_ci'), 1)} at NFE {entry['nfe']:.1f}"
+    if entry.get("time_speedup") is not None and math.isfinite(entry["time_speedup"]):
+        text += f", x{fmt_ci(entry['time_speedup'], entry.get('time_speedup_ci'), 1)} in wall-clock"
+    if entry.get("at_grid_bottom"):
+        text += " (the smallest NFE swept: bounded by the grid)"
+    return text
 
 
 def speedup_text(info, length):
     if not info:
         return "No base MDM rows: no speedup."
     ref = info["base_reference"]
-    lines = [f"Speedup vs the base MDM at NFE {ref['nfe']:.0f} (MAUVE {ref['mauve']:.3f}, Gen-PPL {ref['gen_ppl']:.2f}):"]
+    lines = [f"Speedup vs the base MDM at NFE {ref['nfe']:.0f} (MAUVE {fmt_ci(ref['mauve'], ref.get('mauve_ci'), 3)}, "
+             f"Gen-PPL {fmt_ci(ref['gen_ppl'], ref.get('gen_ppl_ci'), 2)}). A point matches on MAUVE when its MAUVE "
+             f">= the base's lower 95% bound, on Gen-PPL when its Gen-PPL <= the base's upper bound; speedup intervals: "
+             f"{info.get('replicates', 0)} bootstrap replicates (0 where nothing matched):"]
     if ref.get("degenerate"):
         lines.append(f"- WARNING: the reference is degenerate ({ref['degenerate']}); a speedup against it means "
                      "nothing. Try --remasking random or a better-trained base MDM.")
     for method, tests in info.items():
-        if method == "base_reference":
+        if method in ("base_reference", "replicates"):
             continue
-        parts = [f"{name}: " + (f"x{t['speedup']:.1f} at NFE {t['nfe']:.1f}" if t["speedup"] else "not matched in the sweep")
-                 for name, t in tests.items()]
-        lines.append(f"- {method}: " + "; ".join(parts))
+        lines.append(f"- {method}: " + "; ".join(f"{name}: {speedup_phrase(t)}" for name, t in tests.items()))
     return "\n".join(lines)
 
 
@@ -181,7 +295,7 @@ def run_fig11(ctx):
     length = ctx.args.length or ctx.get("lengths")[0]
     temp = temperature(ctx, 1.0)
     steps_list = ctx.args.nfe or [s for s in nfe_grid(ctx, length) if s < length][-3:] or [length]
-    reference_features, ceiling = real_reference(ctx, length, ctx.get("num"))
+    reference_features, ceiling = real_reference(ctx, length, ctx.gen_num)
     prior = ctx.prior(ctx.args.prior)
     rows = {"registers": [], "refresh": [], "offsets": []}
     for folder in ctx.args.k_priors or [ctx.args.prior]:
@@ -209,11 +323,12 @@ def run_fig11(ctx):
     result = {"length": length, "temperature": temp, "steps": steps_list, "real": ceiling, **rows}
     missing = [flag for flag, given in (("--k-priors", ctx.args.k_priors), ("--cond-prior", ctx.args.cond_prior),
                                         ("--prior-no-offsets", ctx.args.prior_no_offsets)) if not given]
-    text = "\n\n".join(f"### {name}\n\n" + generation_table(r) for name, r in rows.items() if r)
+    text = ceiling_text(ceiling) + "\n\n" + "\n\n".join(f"### {name}\n\n" + generation_table(r)
+                                                       for name, r in rows.items() if r)
     if missing:
         text += "\n\nNot run (flags not given): " + ", ".join(missing)
-    panels = [p for name, r in rows.items() if r for p in generation_panels(f"Fig. 11 {name}", r)]
-    return result, f"Ablations at L={length} ({ctx.get('num')} samples per point).\n\n" + text, panels
+    panels = [p for name, r in rows.items() if r for p in generation_panels(f"Fig. 11 {name}", r, ceiling)]
+    return result, f"Ablations at L={length} ({ctx.gen_num} samples per point).\n\n" + text, panels
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,15 +4,19 @@ run on one machine, for the base MDM, ConThenDisc and ConWithinDisc, each decode
 over the NFE grid and with Fast-dLLM's confidence threshold (mdm.Decoding, adaptive per-sample NFE).
 
 Every row: method, decoding, NFE (the paper's count; adaptive rules: the mean demasker calls per sample plus
-the priors by parameter ratio), nfe_flops, demasker calls, tokens per step, seconds per sample, MAUVE (± sd over
-k-means seeds when --mauve-seeds > 1) and Gen-PPL. The reference is the base MDM at NFE = L with the fixed
-schedule; for each other row that matches it (MAUVE >= and Gen-PPL <=) the speedups in NFE and in wall-clock;
-the headline is the best of each.
+the priors by parameter ratio), nfe_flops, demasker calls, tokens per step, seconds per sample, MAUVE and
+Gen-PPL with their bootstrap 95% intervals, and the share of empty samples. The reference is the base MDM at
+NFE = L with the fixed schedule; a row matches it when its MAUVE >= the reference's lower 95% bound and its
+Gen-PPL <= the reference's upper bound (eval.py's "matches", eval_generation.match_tests); for each matching
+row the speedups in NFE and in wall-clock; the headline is the best of each, with an interval bootstrapped over
+the replicate index (eval_generation.speedup_entry: the best matching row recomputed in every replicate).
 """
 
+import math
+
 from eval_context import nfe_grid, real_reference, score_texts, sharded_samples, temperature
-from eval_generation import method_sampler
-from report import md_table, panel
+from eval_generation import ceiling_text, match_tests, method_sampler, replicate_count, speedup_entry
+from report import fmt_ci, md_table, panel
 
 THRESHOLDS = [0.5, 0.7, 0.9, 0.99]
 
@@ -23,7 +27,7 @@ def run_speed(ctx):
     prior = ctx.prior(ctx.args.prior)
     cond_prior = ctx.prior(ctx.args.cond_prior, "--cond-prior") if ctx.args.cond_prior else None
     temp = temperature(ctx, 1.0)
-    reference_features, ceiling = real_reference(ctx, length, ctx.get("num"))
+    reference_features, ceiling = real_reference(ctx, length, ctx.gen_num)
     methods = [("base", {}), ("conthendisc", {"prior": prior})]
     if cond_prior is not None:
         methods.append(("conwithindisc", {"prior": prior, "cond_prior": cond_prior}))
@@ -34,7 +38,7 @@ def run_speed(ctx):
     for method, kwargs in methods:
         for label, steps, decoding in settings:
             sampler = method_sampler(ctx, method, length, steps, temp, decoding=decoding, **kwargs)
-            texts, nfe, stats = sharded_samples(ctx, ctx.get("num"), sampler, f"{method} {label} L={length}",
+            texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, sampler, f"{method} {label} L={length}",
                                                 with_stats=True)
             if texts is not None:
                 rows.append({"method": method, "decoding": label, "steps": steps, "nfe": nfe, **stats,
@@ -43,41 +47,58 @@ def run_speed(ctx):
     if not ctx.env.is_main:
         return None, None, None
     headline = speed_headline(rows, length)
-    result = {"length": length, "temperature": temp, "num_samples": ctx.get("num"), "rows": rows, "real": ceiling,
-              "headline": headline}
-    table = md_table(["method", "decoding", "NFE", "tokens/step", "s/sample", "MAUVE", "Gen-PPL"],
+    result = {"length": length, "temperature": temp, "num_samples": ctx.gen_num, "bootstrap": ctx.get("bootstrap"),
+              "rows": rows, "real": ceiling, "headline": headline}
+    table = md_table(["method", "decoding", "NFE", "tokens/step", "s/sample", "MAUVE [95% CI]", "Gen-PPL [95% CI]",
+                      "empty"],
                      [[r["method"], r["decoding"], f"{r['nfe']:.1f}", f"{r['tokens_per_step']:.1f}",
-                       f"{r['seconds_per_sample']:.3f}", f"{r['mauve']:.3f}" + (
-                           f" ± {r['mauve_sd']:.3f}" if len(r["mauve_seeds"]) > 1 else ""), f"{r['gen_ppl']:.2f}"]
-                      for r in rows])
-    def series(x):  # one curve per method and rule: (x values, MAUVE)
+                       f"{r['seconds_per_sample']:.3f}", fmt_ci(r["mauve"], r.get("mauve_ci"), 3),
+                       fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2), f"{r['empty_rate']:.2f}"] for r in rows])
+
+    def series(x, key):  # one curve per method and rule: (x values, values, 95% lows, highs)
         curves = {}
         for m, _ in methods:
             for rule in ("fixed", "threshold"):
                 mine = [r for r in rows if r["method"] == m and r["decoding"].split()[0] == rule]
-                curves[f"{m} {rule}"] = ([r[x] for r in mine], [r["mauve"] for r in mine])
+                bounds = [r.get(f"{key}_ci") or [math.nan, math.nan] for r in mine]
+                curves[f"{m} {rule}"] = ([r[x] for r in mine], [r[key] for r in mine], [b[0] for b in bounds],
+                                         [b[1] for b in bounds])
         return curves
-    panels = [panel(f"Speed (L={length}): MAUVE vs NFE", "NFE", "MAUVE", series("nfe"), logx=True),
-              panel(f"Speed (L={length}): MAUVE vs seconds per sample", "s/sample", "MAUVE",
-                    series("seconds_per_sample"), logx=True)]
-    return result, table + "\n\n" + headline_text(headline), panels
+    lo, hi = ceiling.get("mauve_ci") or [ceiling.get("mauve", math.nan)] * 2
+    band = (lo, hi, "real programs (95% CI)") if math.isfinite(lo) else None
+    panels = [panel(f"Speed (L={length}): MAUVE vs NFE", "NFE (log scale)", "MAUVE (higher is better)",
+                    series("nfe", "mauve"), logx=True, band=band),
+              panel(f"Speed (L={length}): MAUVE vs wall-clock", "seconds per sample (log scale)",
+                    "MAUVE (higher is better)", series("seconds_per_sample", "mauve"), logx=True, band=band),
+              panel(f"Speed (L={length}): Gen-PPL vs wall-clock", "seconds per sample (log scale)",
+                    "Gen-PPL (log scale, lower is better)", series("seconds_per_sample", "gen_ppl"), logx=True,
+                    logy=True)]
+    return result, ceiling_text(ceiling) + "\n\n" + table + "\n\n" + headline_text(headline), panels
 
 
 def speed_headline(rows, length):
-    """Matched-quality speedups against the base MDM at NFE = L (fixed schedule), in NFE and in wall-clock."""
+    """Matched-quality speedups against the base MDM at NFE = L (fixed schedule), in NFE and in wall-clock; a row
+    matches on MAUVE and Gen-PPL together (eval_generation.match_tests); the best of each with its interval."""
     base = [r for r in rows if r["method"] == "base" and r["decoding"] == "fixed"]
     if not base:
         return {}
     ref = max(base, key=lambda r: (r["steps"] == length, r["steps"]))
-    matched = [r for r in rows if r is not ref and r["mauve"] >= ref["mauve"] and r["gen_ppl"] <= ref["gen_ppl"]]
-    out = {"reference": {k: ref[k] for k in ("nfe", "seconds_per_sample", "mauve", "gen_ppl")}, "matched": []}
-    for r in matched:
-        out["matched"].append({"method": r["method"], "decoding": r["decoding"], "nfe": r["nfe"],
-                               "nfe_speedup": ref["nfe"] / r["nfe"],
-                               "wallclock_speedup": ref["seconds_per_sample"] / r["seconds_per_sample"]})
+    test, replicates = match_tests(ref)["both"], replicate_count(rows)
+    candidates = [r for r in rows if r is not ref]
+    keys = ("nfe", "seconds_per_sample", "mauve", "mauve_ci", "gen_ppl", "gen_ppl_ci", "empty_rate")
+    out = {"reference": {k: ref[k] for k in keys if k in ref}, "replicates": replicates, "matched": []}
+    for r in candidates:
+        if test(r):
+            out["matched"].append({"method": r["method"], "decoding": r["decoding"], "nfe": r["nfe"],
+                                   "nfe_speedup": ref["nfe"] / r["nfe"],
+                                   "wallclock_speedup": ref["seconds_per_sample"] / r["seconds_per_sample"]})
     if out["matched"]:
-        out["best_nfe"] = max(out["matched"], key=lambda m: m["nfe_speedup"])
-        out["best_wallclock"] = max(out["matched"], key=lambda m: m["wallclock_speedup"])
+        entry = speedup_entry(ref, candidates, test, replicates)
+        out["best_nfe"] = {**max(out["matched"], key=lambda m: m["nfe_speedup"]),
+                           "nfe_speedup_ci": entry.get("speedup_ci")}
+        out["best_wallclock"] = {**max(out["matched"], key=lambda m: m["wallclock_speedup"]),
+                                 "wallclock_speedup_ci": entry.get("time_speedup_ci")}
+        out["matched_share"] = entry.get("matched_share")
     return out
 
 
@@ -85,12 +106,20 @@ def headline_text(headline):
     if not headline:
         return "No base MDM rows: no speedup."
     ref = headline["reference"]
-    lines = [f"Reference: base MDM, fixed schedule, NFE {ref['nfe']:.0f} (MAUVE {ref['mauve']:.3f}, Gen-PPL "
-             f"{ref['gen_ppl']:.2f}, {ref['seconds_per_sample']:.3f} s/sample)."]
+    lines = [f"Reference: base MDM, fixed schedule, NFE {ref['nfe']:.0f} (MAUVE {fmt_ci(ref['mauve'], ref.get('mauve_ci'), 3)}"
+             f", Gen-PPL {fmt_ci(ref['gen_ppl'], ref.get('gen_ppl_ci'), 2)}, {ref['seconds_per_sample']:.3f} s/sample). "
+             f"A setting matches when its MAUVE >= the reference's lower 95% bound and its Gen-PPL <= its upper bound."]
     if not headline["matched"]:
-        return "\n".join(lines + ["No other setting matched its quality (MAUVE >= and Gen-PPL <=) in this sweep."])
-    for key, what in (("best_nfe", "NFE"), ("best_wallclock", "wall-clock")):
+        return "\n".join(lines + ["No other setting matched its quality in this sweep."])
+    share = headline.get("matched_share")
+    for key, what, ci in (("best_nfe", "NFE", "nfe_speedup_ci"), ("best_wallclock", "wall-clock", "wallclock_speedup_ci")):
         best = headline[key]
+        nfe_ci = best.get(ci) if what == "NFE" else None
+        time_ci = best.get(ci) if what != "NFE" else None
         lines.append(f"- best {what} speedup at matched quality: {best['method']} ({best['decoding']}): "
-                     f"x{best['nfe_speedup']:.1f} in NFE, x{best['wallclock_speedup']:.1f} in wall-clock")
+                     f"x{fmt_ci(best['nfe_speedup'], nfe_ci, 1)} in NFE, x{fmt_ci(best['wallclock_speedup'], time_ci, 1)} "
+                     f"in wall-clock")
+    if share is not None:
+        lines.append(f"(intervals over {headline['replicates']} bootstrap replicates of the best matching setting; "
+                     f"a match in {100 * share:.0f}% of them, 0 counted where none matched)")
     return "\n".join(lines)

@@ -127,21 +127,21 @@ def gen_ppl(nll_sums, token_counts):
             "num_tokens": int(token_counts.sum()), "num_samples": int(keep.sum())}
 
 
-def generative_perplexity(scorer, texts, batch_size=16):
+def generative_perplexity(scorer, texts, batch_size=16, return_scores=False):
     """Gen-PPL of `texts` under `scorer` (a train_scorer.Scorer or anything with the same `score`).
 
     scorer.score(texts, batch_size) -> (nll_sums (N,), token_counts (N,), token_lists): the texts are
     re-encoded with the scorer's tokenizer, wrapped BOS .. EOS, and every token after BOS (EOS included)
     is scored teacher-forced. Empty texts are scored as empty (`score_without_empty`: no tokens). Returns
     gen_ppl's dict plus `unigram_entropy` over the re-encoded tokens (BOS/EOS excluded), and a "note" when
-    every text is empty (Gen-PPL nan)."""
+    every text is empty (Gen-PPL nan). return_scores: (that dict, (nll_sums, token_counts)) for bootstraps."""
     texts = list(texts)
     nll_sums, token_counts, token_lists = score_without_empty(scorer, texts, batch_size)
     result = gen_ppl(nll_sums, token_counts)
     result["unigram_entropy"] = unigram_entropy(token_lists)
     if result["num_samples"] == 0 and texts:
         result["note"] = "every sample is empty: no token to score, Gen-PPL is nan (see empty_rate)"
-    return result
+    return (result, (nll_sums, token_counts)) if return_scores else result
 
 
 def is_empty(text):

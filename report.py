@@ -4,8 +4,12 @@ NAME.json and NAME.png are written whole or not at all (atomic.py: a temporary f
 own, renamed at the end); sections are appended to REPORT.md under a lock, so two eval.py runs sharing OUT
 never interleave. Every experiment record holds the command, the git commit, the settings and the results, so a number
 in the README can be traced to the command that produced it.
+
+Tables show a bootstrap interval as `value [lo, hi]` (`fmt_ci`); plots draw it as error bars, and a panel's
+`band` (the real-vs-real ceiling) as a grey horizontal band.
 """
 
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -20,12 +24,63 @@ def md_table(headers, rows):
     return "\n".join(lines)
 
 
-def panel(title, xlabel, ylabel, series, logx=False):
-    return {"title": title, "xlabel": xlabel, "ylabel": ylabel, "series": series, "logx": logx}
+def fmt_ci(value, interval, digits=3):
+    """'0.512 [0.401, 0.603]' (a value and its 95% interval), the value alone without one, 'n/a' for None."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    if interval is not None and all(v is not None for v in interval):
+        text += f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+    return text
 
 
-def plot(panels, path):
-    """One row of line plots, if matplotlib is importable; returns the path or None."""
+def panel(title, xlabel, ylabel, series, logx=False, logy=False, band=None):
+    """A plot panel. series: {label: (xs, ys)} or {label: (xs, ys, lows, highs)} (error bars; nan = none);
+    band: (lo, hi, label) drawn as a horizontal band (e.g. the real-vs-real ceiling), or None."""
+    return {"title": title, "xlabel": xlabel, "ylabel": ylabel, "series": series, "logx": logx, "logy": logy,
+            "band": band}
+
+
+def _finite(value):
+    return value is not None and math.isfinite(value)
+
+
+def _draw(ax, spec):
+    """One panel: lines with markers, 95% error bars where the series has them, the band, log axes."""
+    from matplotlib.ticker import FuncFormatter
+    if spec.get("band"):
+        lo, hi, label = spec["band"]
+        if hi > lo:
+            ax.axhspan(lo, hi, color="grey", alpha=0.2, label=label)
+        else:
+            ax.axhline(lo, color="grey", linestyle="--", label=label)
+    for label, values in spec["series"].items():
+        xs, ys = values[0], values[1]
+        if len(values) == 4 and any(_finite(v) for v in values[2]):
+            below = [y - lo if _finite(lo) and _finite(y) else 0.0 for y, lo in zip(ys, values[2])]
+            above = [hi - y if _finite(hi) and _finite(y) else 0.0 for y, hi in zip(ys, values[3])]
+            ax.errorbar(xs, ys, yerr=[[max(v, 0.0) for v in below], [max(v, 0.0) for v in above]], marker="o",
+                        capsize=3, label=label)
+        else:
+            ax.plot(xs, ys, marker="o", label=label)
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 1, 2, 4 ... not 2^0, 2^1; 300 not 3 x 10^2
+    if spec["logx"]:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(plain)
+    if spec.get("logy"):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        low, high = ax.get_ylim()
+        if high < 10 * low:  # less than a decade: label the minor ticks too, else there may be none
+            ax.yaxis.set_minor_formatter(plain)
+    ax.set_title(spec["title"], fontsize=10)
+    ax.set(xlabel=spec["xlabel"], ylabel=spec["ylabel"])
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def plot(panels, path, columns=3):
+    """Line plots on a grid of `columns` per row, if matplotlib is importable; returns the path or None."""
     if not panels:
         return None
     try:
@@ -34,15 +89,14 @@ def plot(panels, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, spec in zip(axes[0], panels):
-        for label, (xs, ys) in spec["series"].items():
-            ax.plot(xs, ys, marker="o", label=label)
-        if spec["logx"]:
-            ax.set_xscale("log", base=2)
-        ax.set(title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    ncols = min(columns, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    figure, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        if index < len(panels):
+            _draw(ax, panels[index])
+        else:
+            ax.axis("off")
     figure.tight_layout()
     tmp = temporary_path(path)  # drawn beside it, then renamed: a reader never opens half a PNG
     try:

@@ -8,6 +8,7 @@ base MDM, an unconditional prior, a conditional prior, a prior without block off
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,7 +86,8 @@ def runs(tmp_path_factory):
                 {"bos_id": meta["bos_id"], "eos_id": meta["eos_id"], "max_length": 128})
     common = ["--ae", str(root / "ae"), "--base", str(root / "base"), "--prior", str(root / "prior"),
               "--cond-prior", str(root / "cprior"), "--scorer", str(root / "scorer"), "--num", "4",
-              "--batch-size", "4", "--prior-steps", "2", "--refresh-prior-steps", "2", "--device", "cpu"]
+              "--batch-size", "4", "--prior-steps", "2", "--refresh-prior-steps", "2", "--device", "cpu",
+              "--bootstrap", "6"]
     return root, common
 
 
@@ -149,12 +151,66 @@ def test_fig6_with_speedup(runs):
     guided = [r for r in block["rows"] if r["method"] != "base"]
     assert all(r["nfe"] > r["steps"] for r in guided)  # + the prior's cost in demasker-call equivalents
     speed = block["speedup"]
-    assert speed["base_reference"]["steps"] == 32
+    assert speed["base_reference"]["steps"] == 32 and speed["replicates"] == 6
     for method in ("conthendisc", "conwithindisc"):
         for test in ("mauve", "gen_ppl", "both"):
             entry = speed[method][test]
             assert entry["speedup"] is None or math.isclose(entry["speedup"], 32 / entry["nfe"])
+            assert 0 <= entry["matched_share"] <= 1 and "time_speedup_ci" in entry
     assert 0 <= block["real"]["mauve"] <= 1
+    for row in block["rows"] + [block["real"]]:  # every row and the real-vs-real ceiling carry 95% intervals
+        for key in ("mauve", "gen_ppl", "empty_rate"):
+            lo, hi = row[f"{key}_ci"]
+            assert lo <= hi
+        assert len(row["mauve_replicates"]) == len(row["gen_ppl_replicates"]) == 6 and row["bootstrap"] == 6
+    assert result["bootstrap"] == 6
+    report = (runs[0] / "results" / "REPORT.md").read_text()
+    assert "| MAUVE [95% CI] |" in report and "| empty |" in report and "matches on MAUVE when" in report
+
+
+def test_fig6_without_bootstrap_has_no_intervals(runs):
+    result = _run(runs, "fig6", "--lengths", "16", "--nfe", "4", "16", "--bootstrap", "0")
+    block = result["lengths"]["16"]
+    assert all("mauve_ci" not in r and "gen_ppl_replicates" not in r for r in block["rows"])
+    assert block["speedup"]["replicates"] == 0 and "speedup_ci" not in block["speedup"]["conthendisc"]["both"]
+
+
+def test_matching_and_speedup_intervals_over_replicates():
+    """A point matches when MAUVE >= the base's lower bound and Gen-PPL <= its upper bound; in replicate b every
+    row takes its b-th values with the base's half-widths kept (tolerances .1 and 2 here)."""
+    def row(method, nfe, mauve, ppl, seconds, mauve_reps, ppl_reps, ci=None):
+        out = {"method": method, "steps": nfe, "nfe": nfe, "mauve": mauve, "gen_ppl": ppl,
+               "seconds_per_sample": seconds, "mauve_replicates": mauve_reps, "gen_ppl_replicates": ppl_reps}
+        return {**out, **(ci or {})}
+    base = row("base", 64, 0.6, 20.0, 1.0, [0.6, 0.4, 0.6, 0.9], [20.0, 20.0, 30.0, 20.0],
+               {"mauve_ci": [0.5, 0.7], "gen_ppl_ci": [18.0, 22.0]})
+    fast = row("g", 5.5, 0.52, 21.0, 0.1, [0.52, 0.52, 0.1, 0.52], [21.0, 21.0, 21.0, 21.0])
+    slow = row("g", 9.5, 0.65, 15.0, 0.2, [0.65, 0.65, 0.65, 0.65], [15.0, 15.0, 15.0, 15.0])
+    out = E.speedups([base, fast, slow], 64)
+    both = out["g"]["both"]
+    # the point: 0.52 >= 0.6 - 0.1 and 21 <= 20 + 2 -> the NFE 5.5 row matches (plain >= / <= would refuse it)
+    assert both["nfe"] == 5.5 and math.isclose(both["speedup"], 64 / 5.5) and math.isclose(both["time_speedup"], 10)
+    assert both["at_grid_bottom"]
+    # replicates: 0, 1 -> NFE 5.5; 2 -> the fast row's MAUVE .1 fails, NFE 9.5 (x5 in time); 3 -> nothing (.52 < .8)
+    draws = [64 / 5.5, 64 / 5.5, 64 / 9.5, 0.0]
+    assert np.allclose(both["speedup_ci"], np.percentile(draws, [2.5, 97.5]))
+    assert np.allclose(both["time_speedup_ci"], np.percentile([10.0, 10.0, 5.0, 0.0], [2.5, 97.5]))
+    assert both["matched_share"] == 0.75
+    assert "x11.6 [" in E.speedup_text(out, 64) and "bounded by the grid" in E.speedup_text(out, 64)
+
+
+def test_a_png_is_written_with_intervals_and_a_band(tmp_path):
+    pytest.importorskip("matplotlib")
+    from report import fmt_ci, panel, plot
+    series = {"base": ([1, 2, 4], [0.2, 0.3, 0.5], [0.1, None, 0.4], [0.3, None, 0.6]), "plain": ([1, 2], [0.1, 0.2])}
+    panels = [panel("MAUVE", "NFE", "MAUVE", series, logx=True, band=(0.8, 0.9, "real")),
+              panel("Gen-PPL", "NFE", "Gen-PPL", {"base": ([1, 2], [300.0, 290.0])}, logx=True, logy=True,
+                    band=(250.0, 250.0, "real"))] * 2
+    path = plot(panels, tmp_path / "x.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+    assert plot([], tmp_path / "none.png") is None
+    assert fmt_ci(0.5123, [0.4, 0.61], 2) == "0.51 [0.40, 0.61]" and fmt_ci(3.0, None, 1) == "3.0"
+    assert fmt_ci(None, None) == "n/a"
 
 
 def test_speedups_pick_the_smallest_matching_nfe():
@@ -223,6 +279,7 @@ def test_missing_inputs_raise_clear_errors(runs):
     (["--prior-steps", "0"], "--prior-steps must be >= 1"), (["--mauve-seeds", "0"], "--mauve-seeds must be >= 1"),
     (["--temperature", "-1"], "--temperature must be >= 0"), (["--sigmas", "0.5", "nan"], "--sigmas must be >= 0"),
     (["--fig7-ratio", "0"], "--fig7-ratio must be in (0, 1]"), (["--cond-ratio", "1.5"], "--cond-ratio"),
+    (["--bootstrap", "-1"], "--bootstrap must be >= 0"), (["--bootstrap-restarts", "0"], "--bootstrap-restarts"),
 ])
 def test_numbers_are_refused_before_anything_is_loaded(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
@@ -307,3 +364,30 @@ def test_speed_subcommand_rows_and_headline(runs):
     assert by[("base", "threshold 1.5", 16)]["tokens_per_step"] == 1  # tau > 1: one token per step
     assert all(r["seconds_per_sample"] > 0 for r in rows)
     assert result["headline"]["reference"]["nfe"] == 16
+
+
+def test_tiny_preset_statistics_protocol():
+    """Issue 12: 256 samples per generation point, 200 bootstrap replicates, an NFE grid from 1 up to L, MAUVE on
+    the last valid token's features by default."""
+    import types
+
+    from eval_context import PRESETS, nfe_grid
+    preset = PRESETS["tiny"]
+    ctx = types.SimpleNamespace(args=types.SimpleNamespace(nfe=None), get=lambda name: preset[name])
+    assert preset["gen_num"] == 256 and preset["bootstrap"] == 200
+    assert nfe_grid(ctx, 64) == [1, 2, 4, 8, 16, 32, 64] and len(nfe_grid(ctx, 128)) == 8
+    args = E.parse_args(["fig6", "--out", "results"])
+    assert args.features == "last" and args.bootstrap is None and args.bootstrap_restarts == 1
+
+
+def test_real_reference_splits_too_few_held_out_programs(runs):
+    """Fewer than 2 x count programs fit: the available ones are halved into the reference and the real-vs-real
+    set, and the ceiling says so."""
+    from eval_context import Context, real_reference
+    root, common = runs
+    ctx = Context(E.parse_args(["fig6", *common, "--out", str(root / "results")]))
+    available = ctx.held_out_count(16)
+    assert 4 <= available < ctx.held_out_count()
+    features, ceiling = real_reference(ctx, 16, available)
+    assert features.shape[0] == ceiling["reference_size"] == available - available // 2
+    assert ceiling["num_programs"] == available // 2 and "only" in ceiling["note"] and "mauve_ci" in ceiling
