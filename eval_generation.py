@@ -425,22 +425,17 @@ def run_prdc(ctx):
 
 
 def run_marginal_trap(ctx):
+    """App. B with every method: base, guided (oracle registers), ConThenDisc and ConWithinDisc with priors
+    trained on the trap's bank, under the fixed schedule and threshold decoding (marginal_trap.run / report)."""
     import marginal_trap
     if not ctx.env.is_main:
         return None, None, None
     result = marginal_trap.run(pairs=ctx.args.trap_pairs, choices=ctx.args.trap_choices,
                                train_steps=ctx.get("trap_steps"), num_samples=ctx.get("trap_samples"),
-                               seed=ctx.args.seed, trials=ctx.get("trap_trials"))
-    keys = [k for k in result["rows"][0] if k not in ("steps", "tokens_per_step") and not k.endswith("_distinct")]
-    table = md_table(["tokens/step"] + keys, [[f"{r['tokens_per_step']:g}"] + [f"{r[k]:.3f}" for k in keys]
-                                               for r in result["rows"]])
-    x = [r["tokens_per_step"] for r in result["rows"]]
-    panels = [panel("App. B: valid samples vs tokens per step", "tokens revealed per step", "fraction valid",
-                    {k: (x, [r[k] for r in result["rows"]]) for k in keys}, logx=True)]
-    task = result["task"]
-    note = (f"{task['pairs']} pairs over {task['choices']} choices ({task['num_valid']} valid sequences of "
-            f"{task['length']} tokens); fraction of valid samples. optimal_factorized_random = the best any "
-            f"factorised demasker can do with random remasking (App. B, eq. 8).\n\n")
-    return result, note + table, panels
+                               seed=ctx.args.seed, trials=ctx.get("trap_trials"),
+                               thresholds=ctx.args.thresholds or marginal_trap.THRESHOLDS,
+                               prior_steps=ctx.get("prior_steps"), refresh_prior_steps=ctx.get("refresh_prior_steps"))
+    text, panels = marginal_trap.report(result)
+    return result, text, panels
 
 
