@@ -131,12 +131,15 @@ def test_table1(runs):
     row = result["rows"][0]
     assert _finite(row["gen_ppl"], row["cer"], row["semantic_similarity"], row["parse_rate"], row["unigram_entropy"])
     assert result["sources"]["gen_ppl"] > 0 and result["num_programs"] == 4
+    assert row["cer_ci"][0] <= row["cer_ci"][1] and row["empty_rate_ci"][0] <= row["empty_rate_ci"][1]
+    assert "| CER [95% CI] |" in (runs[0] / "results" / "REPORT.md").read_text()
 
 
 def test_fig8(runs):
     result = _run(runs, "fig8", "--length", "16", "--steps", "4", "--alphas", "0", "0.5", "1")
     assert [r["alpha"] for r in result["rows"]] == [0.0, 0.5, 1.0]
     assert all(0 <= r["mauve"] <= 1 and _finite(r["gen_ppl"], r["cer_to_a"], r["cer_to_b"]) for r in result["rows"])
+    assert all(len(r["mauve_ci"]) == 2 and 0 <= r["empty_rate"] <= 1 for r in result["rows"])
 
 
 def test_fig6_with_speedup(runs):
