@@ -10,7 +10,8 @@ generated text, and never the CRoCoDiL encoder under test (that would score its 
     scorer = Scorer.load(path)               # this script's output folder, or any Qwen3 causal LM folder /
                                              # hub id with a tokenizer.json (e.g. Qwen/Qwen3-0.6B-Base on a GPU)
     nll_sums, counts, tokens = scorer.score(texts)   # teacher-forced NLL per text (nats), tokens scored
-    features = scorer.features(texts)                # (N, D) mean-pooled final hidden states (MAUVE)
+    features = scorer.features(texts)                # (N, D) final hidden state at the last valid token (MAUVE);
+                                                     # pool="mean": mean-pooled over the tokens
 Every text is re-encoded with the scorer's own tokenizer and wrapped BOS .. EOS (EOS doubles as BOS
 when the tokenizer has none, as for Qwen3), truncated to max_length tokens; every token after BOS is
 scored, EOS included (MDLM's Gen-PPL; metrics.generative_perplexity pools them).
@@ -145,10 +146,10 @@ class Scorer:
         return nll_sums, counts
 
     @torch.no_grad()
-    def features(self, texts, batch_size=16, pool="mean"):
-        """(N, D) float32 text features from the final (normed) hidden states: pool='mean' averages the
-        states of every token after BOS (EOS included); pool='last' takes the last token's state (the GPT-2
-        terminal-state convention of MAUVE)."""
+    def features(self, texts, batch_size=16, pool="last"):
+        """(N, D) float32 text features from the final (normed) hidden states: pool='last' (default) takes the
+        last valid token's state (EOS, or the last kept token of a cut text: the GPT-2 terminal-state convention
+        of MAUVE); pool='mean' averages the states of every token after BOS (EOS included)."""
         if pool not in ("mean", "last"):
             raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
         encoded = self.encode(texts)

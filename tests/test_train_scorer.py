@@ -56,7 +56,7 @@ def test_truncation_keeps_the_first_tokens_without_an_eos():
 
 def test_features_mean_and_last():
     scorer = tiny_scorer()
-    mean, last = scorer.features(TEXTS, batch_size=2), scorer.features(TEXTS, batch_size=2, pool="last")
+    mean, last = scorer.features(TEXTS, batch_size=2, pool="mean"), scorer.features(TEXTS, batch_size=2)
     for i, ids in enumerate(scorer.encode(TEXTS)):
         with torch.no_grad():
             hidden = scorer.model.backbone(torch.tensor([ids]))[0]
