@@ -19,7 +19,16 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (metrics.py holds
   Fig. 11     fig11           ablations: number of registers K (one prior per K), refresh fraction
                               {0, .25, .5, .75}, block offsets on/off (a second prior trained without)
   App. B      marginal-trap   fraction of valid samples vs tokens revealed per step on a synthetic corpus
-                              with pairs that must co-occur, base vs guided (marginal_trap.py; Theorem B.1)
+                              with pairs that must co-occur: base, guided (oracle registers), ConThenDisc and
+                              ConWithinDisc (priors trained on the trap's bank), fixed schedule and threshold
+                              decoding (marginal_trap.py; Theorem B.1)
+  Sec. 5      base-decoding   the base MDM at NFE = L with each of LLaDA's options (remasking x blocks x EOS
+                              handling) on selection programs disjoint from fig6's references; the best
+                              setting per L goes to OUT/base-decoding.json, which fig6 / speed take with
+                              --base-decoding (eval_base.py)
+  CADD        cadd            beyond the paper (issue 17, eval_cadd.py): base MDM vs CADD (per-token latents,
+                              hard / soft z0_hat) vs CRoCoDiL vs CADD + registers: masked-token CE per ratio,
+                              quality vs NFE (with --scorer), the marginal trap (--cadd-trap)
 
 Every subcommand writes OUT/NAME.json (settings, checkpoints, command, results), appends a section to
 OUT/REPORT.md and, when matplotlib is importable, draws OUT/NAME.png. Generated texts are scored with the
@@ -69,6 +78,8 @@ from report import git_commit, write_experiment
 from eval_context import ALPHAS, PRESETS, SIGMAS, Context
 from eval_autoencoder import run_fig4, run_fig7, run_fig8, run_table
 from eval_speed import run_speed
+from eval_base import run_base_decoding
+from eval_cadd import run_cadd
 from eval_generation import (run_fig6, run_fig9, run_fig11, run_marginal_trap, run_prdc, speedup_text,  # noqa: F401
                              speedups)
 
@@ -103,7 +114,10 @@ EXPERIMENTS = {
     "prdc": ("PRDC of prior samples per register (App. E)", run_prdc),
     "fig11": ("Ablations: registers K, refresh fraction, block offsets (Fig. 11, App. G)", run_fig11),
     "speed": ("The speed headline: quality vs NFE and wall-clock, fixed and threshold decoding (issue 14)", run_speed),
+    "base-decoding": ("The base MDM's decoding chosen on selection programs: every LLaDA option at NFE = L "
+                      "(issue 12)", run_base_decoding),
     "marginal-trap": ("The marginal trap: valid samples vs tokens per step (App. B, Theorem B.1)", run_marginal_trap),
+    "cadd": ("CADD beside CRoCoDiL: per-token latents vs registers (issue 17)", run_cadd),
 }
 
 
@@ -123,7 +137,7 @@ def parse_args(argv=None):
       "L = 512, K = 16 at L = 1024); lengths not named use --prior")
     a("--length-cond-priors", nargs="*", metavar="L=DIR", help="fig6: a conditional prior per length (else --cond-prior)")
     a("--thresholds", type=float, nargs="+", help="speed: confidence thresholds tau of the adaptive rule "
-      "(default: 0.5 0.7 0.9 0.99)")
+      "(default: 0.5 0.7 0.9 0.99); marginal-trap: its threshold rows (default: 0.1 0.3 0.5 0.7 0.9 0.99)")
     a("--k-priors", nargs="*", help="fig11: priors trained with different --num-registers (default: --prior)")
     a("--scorer", help="train_scorer.py output folder, or a Qwen3 causal LM folder / hub id (Gen-PPL, MAUVE)")
     a("--data", help="data.py cache (default: the 'data' recorded in the AE run's args.json)")
@@ -137,14 +151,24 @@ def parse_args(argv=None):
     a("--length", type=int, help="one length for table1/table2 (default: the preset's first/second), fig11 (the "
       "first) and fig8 (the data's L)")
     a("--nfe", type=int, nargs="+", help="NFE (= MDM steps) grid (default: powers of two up to the length)")
-    a("--blocks", type=int, nargs="+", help="table1/table2: block lengths (default: L/8, L/4, L/2, L)")
+    a("--blocks", type=int, nargs="+", help="table1/table2: block lengths (default: L/8, L/4, L/2, L); "
+      "base-decoding: semi-autoregressive block lengths tried beside the whole sequence (default: 32)")
+    a("--base-decoding", metavar="FILE", help="fig6/speed: decode the base MDM rows with the setting chosen per "
+      "length in FILE (OUT/base-decoding.json of `eval.py base-decoding`: remasking, block length, EOS handling); "
+      "default: --remasking, one block. The guided methods keep --remasking and one block")
+    a("--fig6-num", type=int, help="base-decoding: samples per point of the fig6 run whose reference programs the "
+      "selection set must avoid (default: the preset's generation samples)")
+    a("--selection-split", choices=["auto", "val", "train"], default="auto", help="base-decoding: real programs "
+      "to choose on: val (held-out val programs after fig6's references; an error if too few), train (the last "
+      "training programs), auto (val when enough remain, else train)")
     a("--steps", type=int, help="fig8: MDM steps for decoding (default: the length)")
     a("--registers", type=int, nargs="+", help="fig4: register counts k (default: 1, 2, 4, ..., K)")
     a("--sigmas", type=float, nargs="+", help=f"fig7: noise std list (default: {SIGMAS})")
     a("--fig7-ratio", type=float, default=0.9, help="fig7: mask ratio (paper: 0.9)")
     a("--alphas", type=float, nargs="+", help=f"fig8: interpolation weights (default: {ALPHAS})")
     a("--temperature", type=float, help="Gumbel temperature (default: 1.0 for generation, 0 for autoencoding)")
-    a("--remasking", choices=["low_confidence", "random"], default="low_confidence", help="LLaDA remasking")
+    a("--remasking", choices=["low_confidence", "random"], default="low_confidence", help="LLaDA remasking of the "
+      "guided methods (and of the base MDM without --base-decoding)")
     a("--prior-steps", type=int, help="DDIM steps of a prior draw (default: the preset's; paper 128)")
     a("--refresh-prior-steps", type=int, help="DDIM steps of a ConWithinDisc refresh (default: preset; paper 32)")
     a("--cond-ratio", type=float, default=0.5, help="fig9/prdc: mask ratio r of the conditioning (paper: 0.5)")
@@ -160,6 +184,19 @@ def parse_args(argv=None):
     a("--trap-choices", type=int, default=4, help="marginal-trap: subjects per slot (A)")
     a("--trap-steps", type=int, help="marginal-trap: training steps per model (default: the preset's)")
     a("--trap-samples", type=int, help="marginal-trap: samples per point (default: the preset's)")
+    a("--cadd-run", help="cadd: a train_ae.py --no-registers --cadd run (CADD's latents at [M], no registers)")
+    a("--cadd-ae", help="cadd: a train_ae.py --cadd run with registers (CADD + CRoCoDiL's encoder)")
+    a("--cadd-prior", help="cadd: a train_prior.py run over --cadd-ae's encoder (CADD + registers generation)")
+    a("--cadd-softness", type=float, nargs="+", default=[0.0, 1.0], help="cadd: z0_hat dials to decode with, "
+      "0 = hard (embedding of the argmax), 1 = soft (expected embedding), between = their mix (default: 0 1)")
+    a("--cadd-latents", type=int, default=1, help="cadd: K latents per [M] position, probabilities averaged "
+      "(Monte Carlo); NFE counts K forward passes per step (default 1)")
+    a("--cadd-posterior-noise", action="store_true", help="cadd: sample the Gaussian posterior (mean + noise) "
+      "instead of moving the latents to its mean")
+    a("--cadd-trap", action="store_true", help="cadd: also train a CADD demasker on the marginal-trap corpus "
+      "(--trap-*) and compare its valid-sample fraction with the base MDM and the factorised bound")
+    a("--cadd-trap-schedule", choices=["linear", "cosine"], default="linear", help="cadd: gamma_bar of the trap's "
+      "CADD demasker")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (torchrun: cuda:rank)")
     a("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: as stored)")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -173,8 +210,8 @@ def parse_args(argv=None):
 
 
 COUNTS = ("num", "batch_size", "lengths", "length", "nfe", "blocks", "steps", "registers", "prior_steps",
-          "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples",
-          "bootstrap_restarts")
+          "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples", "fig6_num",
+          "bootstrap_restarts", "cadd_latents")
 
 
 def check_numbers(parser, args):
@@ -194,6 +231,9 @@ def check_numbers(parser, args):
                 parser.error(f"--{name} must be >= 0, got {value}")
     if not 0 < args.fig7_ratio <= 1:
         parser.error(f"--fig7-ratio must be in (0, 1], got {args.fig7_ratio}")
+    for value in args.cadd_softness:
+        if not 0 <= value <= 1:
+            parser.error(f"--cadd-softness values must lie in [0, 1] (0 = hard, 1 = soft), got {value}")
     if not 0 <= args.cond_ratio <= 1:
         parser.error(f"--cond-ratio must be in [0, 1], got {args.cond_ratio}")
     if Path(args.out).is_file():
