@@ -22,6 +22,8 @@ projected register's RMS (and START/END's) equals the token embeddings' RMS (mat
 --rewarm-steps N re-warms the LR linearly over N steps when f_theta unfreezes (get_lr). `--no-registers` trains
 the base MDM (f_theta(x_t) without registers, Sec. 5's baseline) on the same data with the same budget; the
 guided run starts from it with --from-base (the paper's recipe; required by the paper preset).
+CADD beside CRoCoDiL (--cadd, issue 17; cadd.py): every [M] position also receives z_t ~ N(sqrt(gb_t) w(x_0),
+(1 - gb_t) I) at t = p_mask (--cadd-schedule), added to E([M]); the loss is the same CE; works with registers too.
 Register dropout (--register-dropout P, issue 14): every register of an example withheld with probability P
 (the null bank of mdm.guided_logits), drawn from the example's generator (corruption.py).
 
