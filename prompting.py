@@ -76,19 +76,26 @@ def load_prompted_prior(folder, ae=None, device="cpu", dtype=None):
 # ------------------------------------------------------------------------------------------------
 
 
+def join_cond(xt_cond, xt_shown, kappa):
+    """The prompted prior's conditioning: cond (B, Kc + Kk, d) = [h(x_t) ; h_kappa(c)] and its mask (B, Kc + Kk).
+    xt_cond (B, Kc, d); xt_shown (B,) bool: False withholds a row's h(x_t) half; kappa (B, Kk, d)."""
+    B, Kc, Kk = kappa.shape[0], xt_cond.shape[1], kappa.shape[1]
+    device = kappa.device
+    mask = torch.cat([xt_shown.to(device)[:, None].expand(B, Kc),
+                      torch.ones(B, Kk, dtype=torch.bool, device=device)], dim=1)
+    return torch.cat([xt_cond.to(device).float(), kappa], dim=1), mask
+
+
 def prompted_cond(pprior, prompt_ids, prompt_mask, xt_cond=None):
-    """cond (B, Kc + Kk, d) = [h(x_t) ; h_kappa(c)] and its mask (B, Kc + Kk) bool. xt_cond (B, Kc, d) | None:
-    None withholds the h(x_t) half (ConThenDisc). prompt_ids / prompt_mask (B, Lc): the prompt in the encoder's
-    layout (prompts.encoder_rows)."""
+    """join_cond for sampling: h_kappa of the prompt (prompt_ids / prompt_mask (B, Lc), the encoder layout of
+    prompts.encoder_rows) and xt_cond (B, Kc, d), or None to withhold the h(x_t) half (ConThenDisc)."""
     device = _model_device(pprior.prior.dit)
     kappa = pprior.kappa(prompt_ids.to(device), attention_mask=prompt_mask.to(device)).float()  # (B, Kk, d)
     B, Kc = kappa.shape[0], pprior.prior.encoder.cfg.num_registers
-    shown = xt_cond is not None
+    shown = torch.full((B,), xt_cond is not None, dtype=torch.bool)
     if xt_cond is None:
         xt_cond = torch.zeros(B, Kc, kappa.shape[-1], device=device)
-    mask = torch.cat([torch.full((B, Kc), shown, dtype=torch.bool, device=device),
-                      torch.ones(B, kappa.shape[1], dtype=torch.bool, device=device)], dim=1)
-    return torch.cat([xt_cond.to(device).float(), kappa], dim=1), mask
+    return join_cond(xt_cond, shown, kappa)
 
 
 def prompt_registers(pprior, prompt_ids, prompt_mask, steps=128, generator=None, xt_cond=None):

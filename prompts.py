@@ -170,7 +170,7 @@ def encode_pairs(pairs, tokenizer, seq_len, encoder_tokenizer=None, encoder_seq_
 
     Returns a dict: "ids" (N, L) long canvases BOS prompt answer EOS ... EOS; "prompt_len" (N,) long, the fixed
     prefix (BOS + prompt tokens); "lengths" (N,) BOS..EOS; "pairs" the kept Pairs; "dropped" int; and the
-    encoder inputs "answer", "prompt", "program", each (ids (N, Le), mask (N, Le)). The prompt is tokenised as
+    encoder inputs "answer", "prompt", "program", each (ids (N, Le), mask (N, Le)) with Le the longest row. The prompt is tokenised as
     prompt + "\n" and the answer alone, so the canvas decodes to Pair.program and the prompt's tokens are the
     same in every canvas that starts with it.
     """
@@ -191,7 +191,9 @@ def encode_pairs(pairs, tokenizer, seq_len, encoder_tokenizer=None, encoder_seq_
              "pairs": kept, "dropped": len(pairs) - len(kept)}
     for name, texts in (("answer", [p.answer for p in kept]), ("prompt", [p.prompt for p in kept]),
                         ("program", [p.program for p in kept])):
-        batch[name] = encoder_rows(texts, enc_tok, enc_len, shared)
+        ids, mask = encoder_rows(texts, enc_tok, enc_len, shared)
+        width = max(1, int(mask.sum(dim=1).max())) if len(texts) else enc_len
+        batch[name] = (ids[:, :width], mask[:, :width])  # (N, longest row): no all-pad columns to encode
     return batch
 
 
