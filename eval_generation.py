@@ -14,7 +14,6 @@ import torch
 
 import metrics as M
 from report import fmt_ci, md_table, panel
-from sample import generate
 from eval_context import REFRESH_FRACTIONS, nfe_grid, real_reference, score_texts, sharded_samples, temperature
 
 
@@ -24,7 +23,9 @@ from eval_context import REFRESH_FRACTIONS, nfe_grid, real_reference, score_text
 
 
 def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None, refresh_at=(0.5,), decoding=None):
-    """make_batch for sharded_samples: 'base' (plain MDM), 'conthendisc' (Alg. 2), 'conwithindisc' (Alg. 3).
+    """make_batch for sharded_samples: 'base' (plain MDM, decoded with --base-decoding's remasking, block length and
+    EOS handling for this length, else --remasking in one block: eval_base.base_sampler), 'conthendisc' (Alg. 2),
+    'conwithindisc' (Alg. 3), these two with --remasking in one block (the paper's setting).
     decoding: mdm.Decoding (None: LLaDA's fixed schedule). With an adaptive rule the NFE is per sample: the mean
     demasker calls of the batch's rows (mdm stats) plus the priors' cost."""
     from generators import conthendisc, conwithindisc
@@ -37,15 +38,9 @@ def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None
         extra_flops = report.get("nfe_flops", report["nfe"]) - report["demasker_calls"]
         return {"nfe": calls + extra, "nfe_flops": calls + extra_flops, "demasker_calls": calls}
 
-    if method == "base":
-        base = ctx.base()
-
-        def run(idx, g, pg):
-            stats = {}
-            tokens, calls = generate(base, len(idx), length, length, steps, temp, remasking, generator=g,
-                                     decoding=decoding, stats=stats)
-            return tokens, nfe_of({"nfe": calls, "demasker_calls": calls}, stats)
-        return run
+    if method == "base":  # its own setting: --base-decoding's choice for this length (eval_base.py)
+        from eval_base import base_sampler, base_setting
+        return base_sampler(ctx, base_setting(ctx, length), length, steps, temp, decoding)
     demasker, _ = ctx.ae()
     if method == "conthendisc":
         def run(idx, g, pg):
