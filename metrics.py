@@ -85,6 +85,20 @@ def cer(reference, hypothesis):
     return levenshtein(reference, hypothesis) / max(len(reference), 1)
 
 
+def token_f1(reference, hypothesis):
+    """Bag-of-tokens F1 (SQuAD's): 2 P R / (P + R) over the multiset overlap of two token sequences (ids or
+    strings); 1.0 when both are empty, 0.0 when only one is. Ours (prompted generation, issue 13)."""
+    from collections import Counter
+    reference, hypothesis = list(reference), list(hypothesis)
+    if not reference or not hypothesis:
+        return float(reference == hypothesis)
+    common = sum((Counter(reference) & Counter(hypothesis)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(hypothesis), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
 # ------------------------------------------------------------------------------------------------
 # Generative perplexity and its entropy guardrail
 # ------------------------------------------------------------------------------------------------

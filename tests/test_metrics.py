@@ -312,3 +312,10 @@ def test_bootstrap_mauve_is_seeded_and_separates_near_from_far():
     near_ci = M.percentile_interval(near_values)
     far_ci = M.percentile_interval(M.bootstrap_mauve(far, q, indices, seed=5))
     assert far_ci[1] < near_ci[0] and 0 < far_ci[0] and near_ci[1] <= 1
+
+
+def test_token_f1_bag_of_tokens():
+    assert M.token_f1([1, 2, 3], [1, 2, 3]) == 1.0
+    assert M.token_f1([1, 2, 3], [4, 5]) == 0.0
+    assert abs(M.token_f1([1, 1, 2, 3], [1, 2, 2]) - 2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4)) < 1e-12
+    assert M.token_f1([], []) == 1.0 and M.token_f1([], [1]) == 0.0
