@@ -29,6 +29,9 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (metrics.py holds
   CADD        cadd            beyond the paper (issue 17, eval_cadd.py): base MDM vs CADD (per-token latents,
                               hard / soft z0_hat) vs CRoCoDiL vs CADD + registers: masked-token CE per ratio,
                               quality vs NFE (with --scorer), the marginal trap (--cadd-trap)
+  App. H      prompt          beyond the paper (issue 13, eval_prompt.py): signature + docstring -> body on held-out
+                              functions: base MDM vs ConThenDisc / ConWithinDisc with a prompted prior, CER,
+                              token F1, parse rate, Gen-PPL vs NFE; infilling rows with --cond-prior
 
 Every subcommand writes OUT/NAME.json (settings, checkpoints, command, results), appends a section to
 OUT/REPORT.md and, when matplotlib is importable, draws OUT/NAME.png. Generated texts are scored with the
@@ -80,6 +83,7 @@ from eval_autoencoder import run_fig4, run_fig7, run_fig8, run_table
 from eval_speed import run_speed
 from eval_base import run_base_decoding
 from eval_cadd import run_cadd
+from eval_prompt import run_prompt
 from eval_generation import (run_fig6, run_fig9, run_fig11, run_marginal_trap, run_prdc, speedup_text,  # noqa: F401
                              speedups)
 
@@ -118,6 +122,7 @@ EXPERIMENTS = {
                       "(issue 12)", run_base_decoding),
     "marginal-trap": ("The marginal trap: valid samples vs tokens per step (App. B, Theorem B.1)", run_marginal_trap),
     "cadd": ("CADD beside CRoCoDiL: per-token latents vs registers (issue 17)", run_cadd),
+    "prompt": ("Prompted generation and infilling through the registers (App. H, issue 13)", run_prompt),
 }
 
 
@@ -131,7 +136,10 @@ def parse_args(argv=None):
     a("--ae-no-noise", help="fig7: a second AE run trained without latent noise (train_ae.py --latent-cos 1)")
     a("--base", help="base MDM run (train_ae.py --no-registers)")
     a("--prior", help="unconditional train_prior.py run (ConThenDisc; initial registers of ConWithinDisc)")
-    a("--cond-prior", help="conditional train_prior.py --conditional run (ConWithinDisc)")
+    a("--cond-prior", help="conditional train_prior.py --conditional run (ConWithinDisc; prompt: the infilling rows)")
+    a("--prompted-prior", help="prompt: train_prompted.py run (App. H, Eq. 12: the prior conditioned on h_kappa(c))")
+    a("--pairs", help="prompt: prompts.py --out folder (prompt/answer pairs; the test split is scored)")
+    a("--span-fraction", type=float, default=0.3, help="prompt: share of each program masked as the infilling span")
     a("--prior-no-offsets", help="fig11: a prior trained with --no-block-offsets")
     a("--length-priors", nargs="*", metavar="L=DIR", help="fig6: a prior per generation length (the paper: K = 8 at "
       "L = 512, K = 16 at L = 1024); lengths not named use --prior")
@@ -234,6 +242,8 @@ def check_numbers(parser, args):
     for value in args.cadd_softness:
         if not 0 <= value <= 1:
             parser.error(f"--cadd-softness values must lie in [0, 1] (0 = hard, 1 = soft), got {value}")
+    if not 0 < args.span_fraction < 1:
+        parser.error(f"--span-fraction must lie in (0, 1), got {args.span_fraction}")
     if not 0 <= args.cond_ratio <= 1:
         parser.error(f"--cond-ratio must be in [0, 1], got {args.cond_ratio}")
     if Path(args.out).is_file():
