@@ -123,8 +123,8 @@ def _gen_start(canvas, mask_id, decoding):
         return 0
     first = (canvas == mask_id).float().argmax(dim=1)  # (B,) first [M]
     if not bool((first == first[0]).all()) or bool((canvas[:, int(first[0]):] != mask_id).any()):
-        raise ValueError("cfg_scale > 0 needs one prompt length per batch and [M] after it; batch prompts of equal "
-                         "length (e.g. --batch-size 1)")
+        raise ValueError("cfg_scale > 0 needs one prompt length per batch followed only by [M] (not infilling); batch "
+                         "prompts of equal length (e.g. --batch-size 1)")
     return int(first[0])
 
 

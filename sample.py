@@ -3,6 +3,9 @@
 Methods (paper arXiv 2603.20210): `base` (the LLaDA baseline, Sec. 5), `autoencode` (Alg. 6: z_0 = h_phi(x_0),
 then the guided MDM; prints source, reconstruction and CER), `conthendisc` / `conwithindisc` (Alg. 2, 3, the
 hybrid generators of generators.py with priors trained by train_prior.py; NFE as the paper counts it).
+With --prompt / --prompt-file (App. H: the prompt as the fixed prefix; ConThenDisc / ConWithinDisc with a
+train_prompted.py prior) or --infill 'prefix<|span|>suffix' (the span decoded, the context fixed; registers from
+the conditional prior given the context) the methods decode a canvas with fixed tokens (prompting.py).
 The decoding loop itself (LLaDA's sampler, exact parity, RNG order) lives in mdm.py; its functions are
 re-exported here for old imports.
 
@@ -157,6 +160,8 @@ def parse_args(argv=None):
     parser.add_argument("--guidance", type=float, default=1.0, help="register guidance weight w: logits = null + "
                         "w (guided - null), the null bank = every register withheld (1 = plain guided decoding; "
                         "a model trained with train_ae.py --register-dropout)")
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="--prompt: LLaDA's classifier-free guidance, the "
+                        "unconditional branch with the prompt replaced by [M]: logits = un + (s + 1)(cond - un); 0 = off")
     parser.add_argument("--logits-eos-inf", action="store_true", help="never predict EOS (LLaDA's option)")
     parser.add_argument("--confidence-eos-eot-inf", action="store_true",
                         help="reveal EOS predictions last (acts on the choice, unlike LLaDA's flag)")
@@ -166,6 +171,16 @@ def parse_args(argv=None):
     parser.add_argument("--trace-samples", type=int, default=2, help="samples of the first batch shown in --trace")
     parser.add_argument("--keep", type=int, default=None, help="autoencode, conthendisc, conwithindisc: the demasker "
                         "reads only the first k registers (a prior over all K: train_prior.py --num-registers all)")
+    parser.add_argument("--prompt", default=None, help="App. H: a prompt (e.g. a signature + docstring) kept as the "
+                        "fixed prefix of the canvas; --length is then the whole canvas, prompt included. base: the "
+                        "base MDM; conthendisc / conwithindisc: registers from --prompted-prior given h_kappa(prompt)")
+    parser.add_argument("--prompt-file", default=None, help="a UTF-8 text file holding the prompt (instead of --prompt)")
+    parser.add_argument("--infill", default=None, metavar="TEXT", help="infilling: 'prefix<|span|>suffix' with the span "
+                        "marker once; --span-tokens [M] are filled, every context token kept. base: the base MDM; "
+                        "conthendisc / conwithindisc: registers from --cond-prior given the context")
+    parser.add_argument("--span-tokens", type=int, default=16, help="--infill: tokens of the masked span")
+    parser.add_argument("--prompted-prior", default=None, help="train_prompted.py run (App. H, Eq. 12) for --prompt "
+                        "with conthendisc / conwithindisc")
     parser.add_argument("--num", type=int, default=8, help="number of programs to decode")
     parser.add_argument("--batch-size", type=int, default=8, help="programs decoded in parallel")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed before sampling (LLaDA RNG order); "
@@ -183,7 +198,7 @@ def parse_args(argv=None):
 def check_numbers(parser, args):
     """Every number checked before any model is loaded or file written (parser.error names the flag)."""
     at_least_one = ("num", "batch_size", "gen_length", "block_length", "steps", "prior_steps", "refresh_prior_steps",
-                    "keep", "trace_samples")
+                    "keep", "trace_samples", "span_tokens")
     for name in at_least_one:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -192,6 +207,10 @@ def check_numbers(parser, args):
         parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not args.threshold >= 0:
         parser.error(f"--threshold must be >= 0, got {args.threshold}")
+    if not args.cfg_scale >= 0:
+        parser.error(f"--cfg-scale must be >= 0 (0 = off), got {args.cfg_scale}")
+    if args.cfg_scale > 0 and args.prompt is None:
+        parser.error("--cfg-scale guides on a prompt: pass --prompt or --prompt-file")
     if not args.factor > 0:
         parser.error(f"--factor must be > 0, got {args.factor}")
     for fraction in args.refresh_at or []:
@@ -199,6 +218,19 @@ def check_numbers(parser, args):
             parser.error(f"--refresh-at fractions must lie in [0, 1) (0 = no refresh), got {fraction}")
     if args.out and os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a folder; pass a .jsonl file path")
+    if sum(x is not None for x in (args.prompt, args.prompt_file, args.infill)) > 1:
+        parser.error("pass one of --prompt, --prompt-file and --infill")
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            parser.error(f"--prompt-file {args.prompt_file} does not exist; pass a text file holding the prompt")
+        with open(args.prompt_file, encoding="utf-8") as handle:
+            args.prompt = handle.read()
+    if (args.prompt is not None or args.infill is not None) and args.method == "autoencode":
+        parser.error("--prompt / --infill decode a canvas with fixed tokens: use --method base, conthendisc or "
+                     "conwithindisc")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("the prompt is empty; pass a function signature and docstring, e.g. --prompt "
+                     "'def add(a, b):\n    \"\"\"Return a + b.\"\"\"'")
 
 
 def hybrid_generator(args, dtype):
@@ -221,6 +253,48 @@ def hybrid_generator(args, dtype):
     return (lambda demasker, count, *settings, **options: conwithindisc(
         demasker, cond_prior, count, *settings, prior=prior, prior_steps=args.prior_steps, refresh_at=args.refresh_at,
         refresh_prior_steps=args.refresh_prior_steps, prior_generator=prior_generator, **options)), prior_generator
+
+
+def conditional_generator(args, tokenizer, cfg, gen_length, dtype):
+    """--prompt / --infill (prompting.py, App. H): (a callable (model, count, steps, temperature, remasking,
+    decoding, stats) -> (tokens, nfe report), the priors' CPU generator, the canvas (L,))."""
+    import prompting as PR
+    from prompts import encoder_rows, parse_infill, prompt_canvas
+
+    mask_id = cfg.mask_token_id
+    try:
+        if args.infill is not None:
+            canvas, _ = parse_infill(args.infill, tokenizer, args.span_tokens, gen_length, mask_id)
+        else:
+            canvas, _ = prompt_canvas(args.prompt, tokenizer, gen_length, mask_id)
+    except ValueError as error:
+        raise SystemExit(f"sample.py: error: {error}")
+    prior_generator = torch.Generator().manual_seed(args.seed)
+    rows = lambda count: canvas[None].expand(count, -1).to(args.device)  # noqa: E731
+    if args.method == "base":
+        fn = PR.base_infill if args.infill is not None else PR.base_prompted
+        return (lambda model, count, steps, temp, remasking, **o: fn(model, rows(count), steps, temp, remasking, **o)), \
+            None, canvas
+    if args.infill is not None:
+        from generators import load_prior
+        if args.cond_prior is None:
+            raise SystemExit("sample.py: error: --infill with a guided method needs --cond-prior (train_prior.py "
+                             "--conditional): the registers are drawn given the context")
+        cond_prior = load_prior(args.cond_prior, ae=args.ckpt, device=args.device, dtype=dtype)
+        return (lambda model, count, steps, temp, remasking, **o: PR.infill(
+            model, cond_prior, rows(count), steps, temp, remasking, prior_steps=args.refresh_prior_steps,
+            prior_generator=prior_generator, keep=args.keep, **o)), prior_generator, canvas
+    if args.prompted_prior is None:
+        raise SystemExit(f"sample.py: error: --prompt with --method {args.method} needs --prompted-prior (train_prompted.py)")
+    pprior = PR.load_prompted_prior(args.prompted_prior, ae=args.ckpt, device=args.device, dtype=dtype)
+    prompt_ids, prompt_mask = encoder_rows([args.prompt], tokenizer, gen_length, shared=True)
+    fn = PR.conthendisc_prompted if args.method == "conthendisc" else PR.conwithindisc_prompted
+    extra = {} if args.method == "conthendisc" else {"refresh_at": args.refresh_at,
+                                                     "refresh_prior_steps": args.refresh_prior_steps}
+    return (lambda model, count, steps, temp, remasking, **o: fn(
+        model, pprior, rows(count), prompt_ids.expand(count, -1), prompt_mask.expand(count, -1), steps, temp,
+        remasking, prior_steps=args.prior_steps, prior_generator=prior_generator, keep=args.keep, **extra, **o)), \
+        prior_generator, canvas
 
 
 def batch_seed(seed, first_index):
@@ -253,8 +327,13 @@ def main(argv=None):
     autoencoding = args.method == "autoencode"
     demasker, encoder, tokenizer = load_run(args.ckpt, autoencoding, args.device, dtype)
     cfg = demasker.cfg
-    hybrid, prior_generator = (hybrid_generator(args, dtype) if args.method in ("conthendisc", "conwithindisc")
-                               else (None, None))
+    conditional = canvas = None
+    if args.prompt is not None or args.infill is not None:
+        conditional, prior_generator, canvas = conditional_generator(args, tokenizer, cfg, args.gen_length or 256, dtype)
+        hybrid = None
+    else:
+        hybrid, prior_generator = (hybrid_generator(args, dtype) if args.method in ("conthendisc", "conwithindisc")
+                                   else (None, None))
     sources = None
     if autoencoding:
         if args.data is None:
@@ -266,12 +345,14 @@ def main(argv=None):
     else:
         gen_length = args.gen_length or 256
     block_length, steps = args.block_length or gen_length, args.steps or gen_length
+    if canvas is not None:  # --prompt / --infill: one block over the canvas, one token per [M] by default
+        block_length, steps = gen_length, args.steps or int((canvas == cfg.mask_token_id).sum())
     check_schedule(gen_length, block_length, steps)
     if args.keep is not None and encoder is not None and args.keep > encoder.cfg.num_registers:
         raise SystemExit(f"sample.py: error: --keep {args.keep} but the encoder has K={encoder.cfg.num_registers} "
                          f"registers; choose 1 <= --keep <= {encoder.cfg.num_registers}")
     decoding = Decoding(rule=args.decoding, threshold=args.threshold, factor=args.factor, rng=args.rng,
-                        guidance=args.guidance, logits_eos_inf=args.logits_eos_inf,
+                        guidance=args.guidance, cfg_scale=args.cfg_scale, logits_eos_inf=args.logits_eos_inf,
                         confidence_eos_eot_inf=args.confidence_eos_eot_inf).check()
     trace = None
 
@@ -294,6 +375,10 @@ def main(argv=None):
             enc_mask = sources["enc_mask"][first:first + count].to(args.device)
             tokens, nfe = autoencode(encoder, model, enc_ids, enc_mask, gen_length, block_length, steps,
                                      args.temperature, args.remasking, keep=args.keep, decoding=decoding, stats=stats)
+        elif conditional is not None:
+            tokens, report = conditional(model, count, steps, args.temperature, args.remasking,
+                                         decoding=decoding, stats=stats)
+            nfe = report["nfe"]
         elif hybrid is not None:
             tokens, report = hybrid(model, count, gen_length, block_length, steps, args.temperature, args.remasking,
                                     decoding=decoding, stats=stats, keep=args.keep)
@@ -312,6 +397,9 @@ def main(argv=None):
                       "decoding": args.decoding, "demasker_calls": stats["nfe_per_sample"][i],
                       "tokens_per_step": gen_length / max(1, len(stats["tokens_per_step"])),
                       "seconds_per_sample": round(seconds_per_sample, 4)}
+            if conditional is not None:
+                record.update(prompt=args.prompt, infill=args.infill, nfe_counts=report,
+                              prompted_prior=args.prompted_prior, cond_prior=args.cond_prior)
             if hybrid is not None:
                 record.update(nfe_counts=report, nfe_flops=report.get("nfe_flops"), nfe_count=report.get("nfe_count"),
                               prior=args.prior, cond_prior=args.cond_prior,

@@ -470,3 +470,71 @@ def test_cli_trace_and_adaptive_decoding_on_a_tiny_checkpoint(tmp_path, monkeypa
     S.main(common + ["--out", str(tmp_path / "tau.jsonl"), "--decoding", "threshold", "--threshold", "0"])
     tau = [json.loads(line) for line in (tmp_path / "tau.jsonl").read_text().splitlines()]
     assert all(r["demasker_calls"] == 1 and r["tokens_per_step"] == 16 for r in tau)  # tau = 0: one step
+
+
+# ------------------------------------------------------------------------------------------------
+# --prompt / --prompt-file / --infill (App. H, issue 13; the runs of tests/test_eval_prompt.py)
+# ------------------------------------------------------------------------------------------------
+
+from test_eval_prompt import runs  # noqa: E402,F401  (the module-scoped fixture: tiny AE, base, priors, pairs)
+
+PROMPT = 'def f(x):\n    """Multiply x by 3 and add 4."""'
+
+
+def _records(path):
+    import json
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.parametrize("method", ["base", "conthendisc", "conwithindisc"])
+def test_prompt_is_the_fixed_prefix_of_every_sample(runs, tmp_path, method):  # noqa: F811
+    from tokenization import load_tokenizer
+    tok = load_tokenizer(str(runs / "ae" / "tokenizer.json"))
+    ckpt = runs / ("base" if method == "base" else "ae")
+    S.main(["--ckpt", str(ckpt), "--method", method, "--prompt", PROMPT, "--prompted-prior", str(runs / "pprior"),
+            "--length", "40", "--steps", "8", "--num", "3", "--batch-size", "2", "--prior-steps", "2",
+            "--refresh-prior-steps", "2", "--temperature", "1", "--out", str(tmp_path / "s.jsonl"), "--quiet"])
+    prefix = [tok.bos_id] + tok.encode(PROMPT + "\n")
+    for record in _records(tmp_path / "s.jsonl"):
+        assert record["tokens"][:len(prefix)] == prefix and record["prompt"] == PROMPT
+        assert record["text"].startswith(PROMPT) and record["steps"] == 8
+        assert tok.mask_id not in record["tokens"]
+
+
+def test_prompt_file_and_infill_keep_their_tokens(runs, tmp_path):  # noqa: F811
+    from tokenization import load_tokenizer
+    tok = load_tokenizer(str(runs / "ae" / "tokenizer.json"))
+    (tmp_path / "p.txt").write_text(PROMPT)
+    S.main(["--ckpt", str(runs / "base"), "--prompt-file", str(tmp_path / "p.txt"), "--length", "40", "--steps", "4",
+            "--num", "2", "--out", str(tmp_path / "f.jsonl"), "--quiet"])
+    assert all(r["text"].startswith(PROMPT) for r in _records(tmp_path / "f.jsonl"))
+    text = "def f(x):\n<|span|>\n    return y"
+    for method, extra in (("base", []), ("conwithindisc", ["--cond-prior", str(runs / "cprior")])):
+        ckpt = runs / ("base" if method == "base" else "ae")
+        S.main(["--ckpt", str(ckpt), "--method", method, "--infill", text, "--span-tokens", "6", "--length", "40",
+                "--num", "2", "--refresh-prior-steps", "2", "--out", str(tmp_path / "i.jsonl"), "--quiet", *extra])
+        before = [tok.bos_id] + tok.encode("def f(x):\n")
+        after = tok.encode("\n    return y") + [tok.eos_id]
+        for record in _records(tmp_path / "i.jsonl"):
+            t = record["tokens"]
+            assert t[:len(before)] == before and t[len(before) + 6:len(before) + 6 + len(after)] == after
+            assert tok.mask_id not in t and record["steps"] == 6 and record["infill"] == text
+
+
+@pytest.mark.parametrize("flags, text", [
+    (["--prompt", "  "], "the prompt is empty"),
+    (["--prompt", PROMPT * 3, "--length", "16"], "shorten the prompt or raise --length"),
+    (["--infill", "def f(x):\n    return y"], "span marker <|span|> exactly once"),
+    (["--prompt", PROMPT, "--infill", "a<|span|>b"], "one of --prompt, --prompt-file and --infill"),
+    (["--prompt-file", "/nonexistent/p.txt"], "does not exist"),
+    (["--prompt", PROMPT, "--method", "conthendisc"], "needs --prompted-prior"),
+    (["--infill", "a<|span|>b", "--method", "conwithindisc"], "needs --cond-prior"),
+    (["--cfg-scale", "1"], "pass --prompt"),
+])
+def test_bad_prompt_input_is_named(runs, tmp_path, capsys, flags, text):  # noqa: F811
+    ckpt = runs / ("ae" if "--method" in flags else "base")
+    with pytest.raises(SystemExit) as stop:
+        S.main(["--ckpt", str(ckpt), "--length", "40", "--num", "1", "--quiet", "--out", str(tmp_path / "x.jsonl"),
+                *flags])
+    assert text in capsys.readouterr().err + str(stop.value)
+    assert not (tmp_path / "x.jsonl").exists()
