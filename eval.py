@@ -192,6 +192,8 @@ def parse_args(argv=None):
     a("--trap-choices", type=int, default=4, help="marginal-trap: subjects per slot (A)")
     a("--trap-steps", type=int, help="marginal-trap: training steps per model (default: the preset's)")
     a("--trap-samples", type=int, help="marginal-trap: samples per point (default: the preset's)")
+    a("--trap-prior-steps", type=int, help="marginal-trap: training steps of each prior on the trap's register bank "
+      "(ConThenDisc, ConWithinDisc; default: 2 x --trap-steps)")
     a("--cadd-run", help="cadd: a train_ae.py --no-registers --cadd run (CADD's latents at [M], no registers)")
     a("--cadd-ae", help="cadd: a train_ae.py --cadd run with registers (CADD + CRoCoDiL's encoder)")
     a("--cadd-prior", help="cadd: a train_prior.py run over --cadd-ae's encoder (CADD + registers generation)")
@@ -218,7 +220,8 @@ def parse_args(argv=None):
 
 
 COUNTS = ("num", "batch_size", "lengths", "length", "nfe", "blocks", "steps", "registers", "prior_steps",
-          "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples", "fig6_num",
+          "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples",
+          "fig6_num", "trap_prior_steps",
           "bootstrap_restarts", "cadd_latents")
 
 

@@ -429,7 +429,8 @@ def run_marginal_trap(ctx):
                                train_steps=ctx.get("trap_steps"), num_samples=ctx.get("trap_samples"),
                                seed=ctx.args.seed, trials=ctx.get("trap_trials"),
                                thresholds=ctx.args.thresholds or marginal_trap.THRESHOLDS,
-                               prior_steps=ctx.get("prior_steps"), refresh_prior_steps=ctx.get("refresh_prior_steps"))
+                               prior_steps=ctx.get("prior_steps"), refresh_prior_steps=ctx.get("refresh_prior_steps"),
+                               prior_train_steps=ctx.args.trap_prior_steps)
     text, panels = marginal_trap.report(result)
     return result, text, panels
 
