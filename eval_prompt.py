@@ -22,7 +22,7 @@ import torch
 
 import metrics as M
 from eval_context import interval_of, nfe_grid, score_texts, temperature
-from report import fmt_ci, md_table
+from report import fmt_ci, md_table, panel
 
 
 def _pairs(ctx, length):
@@ -173,4 +173,19 @@ def run_prompt(ctx):
                        fmt_ci(r.get("gen_ppl"), r.get("gen_ppl_ci"), 1)] for r in rows])
     text = (f"{n} held-out prompts (signature + docstring -> body), L = {length}, temperature {temp}; CER / token F1 "
             f"of the generated body against the true one, parse rate and Gen-PPL of prompt + body.\n\n" + table)
-    return result, text, []
+    def series(task, key):  # one curve per method: (NFE, value, 95% low, high)
+        curves = {}
+        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
+            mine = [r for r in rows if r["task"] == task and r["method"] == method]
+            bounds = [r.get(f"{key}_ci") or [float("nan")] * 2 for r in mine]
+            curves[method] = ([r["nfe"] for r in mine], [r[key] for r in mine], [b[0] for b in bounds],
+                              [b[1] for b in bounds])
+        return curves
+    panels = [panel(f"Prompted generation (L={length}): CER of the body vs NFE", "NFE (log scale)",
+                    "CER (lower is better)", series("prompt", "cer"), logx=True),
+              panel(f"Prompted generation (L={length}): token F1 vs NFE", "NFE (log scale)",
+                    "token F1 (higher is better)", series("prompt", "token_f1"), logx=True)]
+    if any(r["task"] == "infill" for r in rows):
+        panels.append(panel(f"Infilling (span {ctx.args.span_fraction:g}): CER of the span vs NFE", "NFE (log scale)",
+                            "CER (lower is better)", series("infill", "cer"), logx=True))
+    return result, text, panels
