@@ -118,9 +118,11 @@ def git_commit():
 
 def write_experiment(out, record, text, panels):
     """record (dict with "experiment", "title", "created", "command", "preset", ...) -> OUT/NAME.json (atomic);
-    appends a markdown section (title, command, text, plot) to OUT/REPORT.md. Returns the record."""
+    appends a markdown section (title, command, text, plot) to OUT/REPORT.md. Returns the record. The record
+    keeps the markdown text too ("markdown"): results_section.py rebuilds the README's results from the JSONs."""
     out, name = Path(out), record["experiment"]
     out.mkdir(parents=True, exist_ok=True)
+    record = {**record, "markdown": text}
     path = write_json(out / f"{name}.json", record, default=float)
     image = plot(panels, out / f"{name}.png")
     section = [f"## {name}: {record['title']}", "", f"_{record['created']}, preset {record['preset']}_", ""]
