@@ -107,6 +107,9 @@ def parse_args(argv=None):
     a("--register-dropout", type=float, default=0.0, help="register guidance (issue 14): P(every register of an "
       "example is withheld: register_mask all False, the demasker sees only [START, END]), the null branch that "
       "sampling's guidance weight w extrapolates from (logits_null + w (logits_guided - logits_null)); 0 = off")
+    a("--pad-eos-weight", type=float, default=1.0, help="loss weight of the EOS padding after a program's first EOS "
+      "(issue 12): 1 = LLaDA (every position scored, as its SFT scores the EOS padding of answers); below 1 the "
+      "padding, which dominates the targets of short programs, counts less; 0 = not scored (the first EOS always is)")
     a("--cadd", action="store_true", help="CADD beside CRoCoDiL (cadd.py, issue 17): every [M] position also gets "
       "a continuous latent z_t ~ N(sqrt(gamma_bar_t) w(x_0), (1 - gamma_bar_t) I) from the demasker's own embedding "
       "table w, added to E([M]); CE-only loss (the same as the base MDM). Works with and without registers; the "
@@ -234,6 +237,7 @@ def check_numbers(p, args):
     r("weight_decay", low=0)
     r("all_mask_prob", low=0, high=1)
     r("register_dropout", low=0, high=1)
+    r("pad_eos_weight", low=0, high=1)
     r("latent_cos", low=0, high=1, low_open=True)
     r("val_keep", low=1, high=args.num_registers, integer=True)
     for name in ("encoder_width", "demasker_width"):

@@ -31,8 +31,10 @@ Padding EOS (issue 12): data.py pads every program with EOS to L and train_ae.py
 LLaDA's SFT does (llada.md Sec. 3.3: "the padding EOS tokens are part of the answer", masked and scored;
 LLaDA's pre-training packs documents to 4096 tokens and has no padding). EOS then dominates the targets at
 toy scale, and one-block low-confidence decoding reveals the confident EOS tail first and collapses to empty
-programs. We keep LLaDA's training objective and handle it at decoding, as LLaDA's options allow: "revealed
-last" and semi-autoregressive blocks are in the grid, and the selection rule excludes collapsed settings.
+programs. By default we keep LLaDA's training objective and handle it at decoding, as LLaDA's options allow:
+"revealed last" and semi-autoregressive blocks are in the grid, and the selection rule excludes collapsed
+settings. The training-side option is train_ae.py --pad-eos-weight W (ours): the padding after the first EOS
+weighs W in Eq. 5 (0: not scored), for a base MDM whose targets the padding should not dominate.
 """
 
 import itertools

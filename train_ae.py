@@ -29,7 +29,11 @@ Register dropout (--register-dropout P, issue 14): every register of an example 
 
 Which positions count in the loss: all L positions, as in LLaDA pre-training, i.e. also BOS and the EOS
 padding (predicting where the program ends is how the MDM decides its length; the paper's models "generate
-similar programs of varying lengths, with BOS and EOS tokens"). Validation scores program tokens only.
+similar programs of varying lengths, with BOS and EOS tokens"; LLaDA's SFT likewise masks and scores the EOS
+padding of its answers). Validation scores program tokens only. --pad-eos-weight W < 1 (issue 12; ours) weighs
+the padding after the first EOS by W (0: not scored), since at toy scale it dominates the targets and one-block
+low-confidence decoding of the base then fills EOS first; the default 1 is LLaDA's objective, and eval.py
+base-decoding handles the collapse at decoding instead (EOS revealed last, semi-autoregressive blocks).
 
 Randomness. Every random draw of an example (t, all-mask coin, k, the mask, the latent noise) comes from a
 generator seeded by (--seed, the example's position in the training stream). The stream position is a pure
@@ -178,6 +182,18 @@ def cadd_batch(args, demasker, x0, t, counters, seed):
     if demasker.cfg.cadd_schedule == "none":
         return None
     return x0, t, cadd.training_noise(counters, seed, x0.shape[1], demasker.cfg.d_model)
+
+
+def pad_weighted(masked, p_mask, lengths, weight):
+    """--pad-eos-weight: the Eq. 5 term of a padding position (index >= the row's BOS..first-EOS length) scaled
+    by `weight`, written as CE / (p_mask / weight); weight 0 drops it from the sum (it still counts in LLaDA's
+    B * L denominator). masked, p_mask (B, L); lengths (B,). Returns (masked, p_mask), unchanged at weight 1."""
+    if weight == 1:
+        return masked, p_mask
+    pad = torch.arange(masked.shape[1])[None, :] >= lengths[:, None]  # (B, L) after the first EOS
+    if weight == 0:
+        return masked & ~pad, p_mask
+    return masked, torch.where(pad, p_mask / weight, p_mask)
 
 
 def part_folder(name_or_path, part):
@@ -514,7 +530,9 @@ def train(args):
                     cadd_inputs = cadd_batch(args, demasker, to(x0), to(noisy["p_mask"][:, 0]), counters[part], args.seed)
                     logits = model(to(noisy["x_t"]), to(enc_ids), to(enc_mask), to(noisy["keep"]), to(noisy["noise"]),
                                    cadd_inputs)
-                loss = masked_diffusion_loss(logits, to(x0), to(noisy["masked"]), to(noisy["p_mask"])) / accum
+                masked, p_mask = pad_weighted(noisy["masked"], noisy["p_mask"], batch["lengths"],
+                                              getattr(args, "pad_eos_weight", 1.0))
+                loss = masked_diffusion_loss(logits, to(x0), to(masked), to(p_mask)) / accum
                 loss.backward()
             step_loss += loss.item()
         grad_norm = D.clip_grad_norm(model, args.grad_clip)  # global: the same on every rank

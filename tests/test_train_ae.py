@@ -528,3 +528,35 @@ def test_keep_distribution_geometric_draws_only_the_levels(cache, tmp_path, monk
     T.train(run_args(cache, tmp_path / "default", "--max-steps", "2"))
     a, b = weights(tmp_path / "uni" / "checkpoint"), weights(tmp_path / "default" / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pad_eos_weight_scales_the_padding_terms_of_eq5():
+    """--pad-eos-weight W: each masked padding position (after the first EOS) contributes W x CE / p_mask; W = 0
+    drops it; W = 1 is LLaDA's loss unchanged; program tokens (BOS .. first EOS) always count fully."""
+    from schedules import masked_diffusion_loss
+    torch.manual_seed(0)
+    logits, x0 = torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
+    masked = torch.tensor([[1, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    p_mask = torch.full((2, 6), 0.5)
+    lengths = torch.tensor([3, 5])  # padding: positions 3.. of row 0, 5 of row 1
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(2, 6) / 0.5
+    pad = torch.arange(6)[None, :] >= lengths[:, None]
+
+    def loss(weight):
+        return float(masked_diffusion_loss(logits, x0, *T.pad_weighted(masked, p_mask, lengths, weight)))
+    for weight in (0.0, 0.25, 1.0):
+        expected = float((ce * masked * torch.where(pad, weight, 1.0)).sum() / 12)
+        assert math.isclose(loss(weight), expected, rel_tol=1e-6)
+    assert loss(0.0) < loss(0.25) < loss(1.0)
+
+
+def test_pad_eos_weight_reaches_training(cache, tmp_path):
+    """The flag is checked up front and changes the trained weights; its default is LLaDA's objective."""
+    T.train(run_args(cache, tmp_path / "w0", "--max-steps", "2", "--pad-eos-weight", "0"))
+    T.train(run_args(cache, tmp_path / "w1", "--max-steps", "2", "--pad-eos-weight", "1"))
+    T.train(run_args(cache, tmp_path / "off", "--max-steps", "2"))
+    w0, w1, off = (weights(tmp_path / name / "checkpoint") for name in ("w0", "w1", "off"))
+    assert all(torch.equal(w1[k], off[k]) for k in off)
+    assert any(not torch.equal(w0[k], off[k]) for k in off)
+    with pytest.raises(SystemExit):
+        run_args(cache, tmp_path / "bad", "--max-steps", "2", "--pad-eos-weight", "1.5")
