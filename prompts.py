@@ -170,7 +170,8 @@ def encode_pairs(pairs, tokenizer, seq_len, encoder_tokenizer=None, encoder_seq_
 
     Returns a dict: "ids" (N, L) long canvases BOS prompt answer EOS ... EOS; "prompt_len" (N,) long, the fixed
     prefix (BOS + prompt tokens); "lengths" (N,) BOS..EOS; "pairs" the kept Pairs; "dropped" int; and the
-    encoder inputs "answer", "prompt", "program", each (ids (N, Le), mask (N, Le)) with Le the longest row. The prompt is tokenised as
+    encoder inputs "answer", "prompt", "program", each (ids (N, Le), mask (N, Le)) with Le the longest row. The
+    prompt is tokenised as
     prompt + "\n" and the answer alone, so the canvas decodes to Pair.program and the prompt's tokens are the
     same in every canvas that starts with it.
     """

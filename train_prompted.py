@@ -130,7 +130,8 @@ def train_loop(model, params, loss_fn, steps, args, lr, label, log, ema=None):
         if ema is not None:
             ema.update(model, ema_decay(args.ema_decay, step))
         if step % args.log_interval == 0 or step == steps - 1:
-            log({"type": label, "step": step, "loss": round(float(loss.detach()), 5), "seconds": round(time.time() - started, 1)})
+            log({"type": label, "step": step, "loss": round(float(loss.detach()), 5),
+                 "seconds": round(time.time() - started, 1)})
 
 
 def load_data(args, tokenizer, encoder, mask_id, split="train"):

@@ -38,8 +38,8 @@ def runs(tmp_path_factory):
     torch.manual_seed(0)
     encoder = Encoder(EncoderConfig.tiny(vocab_size=V, hidden_size=D, num_registers=K, pad_token_id=meta["pad_id"],
                                          eos_token_id=meta["eos_id"], mask_token_id=meta["mask_id"]))
-    special = dict(vocab_size=V, mask_token_id=meta["mask_id"], eos_token_id=meta["eos_id"], bos_token_id=meta["bos_id"],
-                   pad_token_id=meta["eos_id"])
+    special = dict(vocab_size=V, mask_token_id=meta["mask_id"], eos_token_id=meta["eos_id"],
+                   bos_token_id=meta["bos_id"], pad_token_id=meta["eos_id"])
     for name, demasker in (("ae", Demasker(DemaskerConfig.tiny(register_dim=D, max_registers=K, **special))),
                            ("base", Demasker(DemaskerConfig.tiny(register_dim=0, **special)))):
         demasker.save_pretrained(root / name / "demasker")

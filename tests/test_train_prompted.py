@@ -33,7 +33,8 @@ def run(tmp_path_factory):
         n, m = int(rng.integers(2, 9)), int(rng.integers(0, 99))
         word = words[i % len(words)]
         prompt = f'def {word}_{i}(x):\n    """Multiply x by {n} and add {m}."""'
-        body = f"    y = x * {n}\n    return y + {m}" if i % 2 else f"    for k in range({n}):\n        x += {m}\n    return x"
+        loop = f"    for k in range({n}):\n        x += {m}\n    return x"
+        body = f"    y = x * {n}\n    return y + {m}" if i % 2 else loop
         pairs.append(P.Pair(f"f{i}.py", prompt, body))
     P.write_pairs(root / "pairs", {"train": pairs[:8], "val": pairs[8:], "test": []})
     tokenizer = train_tokenizer([p.program for p in pairs] * 3, vocab_size=300)
@@ -136,3 +137,12 @@ def test_numbers_are_checked_with_the_flag_named(run, tmp_path, capsys, flags, t
         T.main(argv(run, tmp_path / "p", *flags))
     assert text in capsys.readouterr().err + str(stop.value)
     assert not (tmp_path / "p" / "prompted.json").exists()
+
+
+def test_two_tokenizers_are_refused_with_the_fix(run, tmp_path):
+    import shutil
+    ae = tmp_path / "ae"
+    shutil.copytree(run["ae"], ae)
+    shutil.copy(ae / "tokenizer.json", ae / "encoder_tokenizer.json")
+    with pytest.raises(ValueError, match="one shared tokenizer"):
+        T.main(["--ae", str(ae), "--pairs", str(run["pairs"]), "--out-dir", str(tmp_path / "p")])
