@@ -118,14 +118,16 @@ def train_to(args, run_dir, flags, steps, stop_at):
 
 
 def last_validation(run_dir):
-    """train_ae's last validation record at mask ratio 1.0 (registers only): {"ce", "top1"} | None."""
+    """train_ae's last validation record (masked-token CE / top-1 of program tokens per mask ratio; at ratio 1.0
+    only the registers inform the demasker): {"step", "ratio", "ce", "acc", "ce_r1", "top1_r1"} | None."""
     log = run_dir / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     vals = [r for r in records if r.get("type") == "val"]
     if not vals:
         return None
     result = next(iter(vals[-1]["results"].values()))
-    return {"step": vals[-1]["step"], "ce_r1": result["ce"][-1], "top1_r1": result["acc"][-1]}
+    return {"step": vals[-1]["step"], "ratio": result["ratio"], "ce": result["ce"], "acc": result["acc"],
+            "ce_r1": result["ce"][-1], "top1_r1": result["acc"][-1]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,9 +188,10 @@ def write_results(out, results):
         rows.append([r["name"], "`" + (" ".join(r["flags"]) or "(demo default)") + "`", f"{r['step']} / {r['steps']}",
                      f"{r['train_wall_s'] / 60:.1f}", f"{r['train_cpu_s'] / 60:.1f}",
                      f"{r['train_cpu_s'] / max(r['step'], 1):.3f}", *nfe,
-                     f"{r['train_cer']:.3f}", f"{val['ce_r1']:.2f} / {val['top1_r1']:.3f}" if val else "-"])
+                     f"{r['train_cer']:.3f}", f"{val['ce'][0]:.2f} / {val['ce_r1']:.2f} / {val['top1_r1']:.3f}"
+                     if val else "-"])
     headers = ["config", "flags", "step / of", "wall min", "CPU min", "CPU s/step", *[f"CER NFE {n}" for n in results["nfe"]],
-               f"train CER NFE {max(results['nfe'])}", "val CE / top-1 at r = 1"]
+               f"train CER NFE {max(results['nfe'])}", "val CE r = 0.1 / CE r = 1 / top-1 r = 1"]
     note = (f"Held-out CER of Alg. 6 at L = {results['length']}, one block, temperature 0, {results['remasking']} "
             f"remasking, {results['num']} held-out programs (train CER: {results['num']} training programs); "
             f"train_ae.py {' '.join(DEMO_FLAGS)} + flags, 1 thread. 'step / of': evaluated at step s of an s-step "
@@ -204,6 +207,9 @@ def run(args):
     path = out / "results.json"
     results = read_json(path) if path.is_file() else {"points": {}}
     results.update(length=args.seq_len, nfe=args.nfe, num=args.num, remasking=args.remasking)
+    for point in results["points"].values():  # records written before the full curves were kept
+        if point.get("val") and "ce" not in point["val"]:
+            point["val"] = last_validation(out / "runs" / f"{point['name']}-s{point['steps']}")
     held_out, ctx = held_out_programs(args.data, args.num, args.seq_len)
     seen = train_programs(ctx, args.num, args.seq_len)
     for name, flags in configurations(args):

@@ -49,7 +49,7 @@ def test_a_sweep_records_every_point_with_wall_clock_and_a_table(swept):
     for point in (mid, end):
         assert set(point["cer"]) == {"32", "8"} and all(v >= 0 for v in point["cer"].values())
         assert point["train_cer"] >= 0
-    assert mid["val"] is None and end["val"]["step"] == 2 and 0 <= end["val"]["top1_r1"] <= 1
+    assert mid["val"] is None and end["val"]["step"] == 2 and 0 <= end["val"]["top1_r1"] <= 1 and len(end["val"]["ce"]) == 10
     assert json.loads((out / "results.json").read_text()) == results
     table = (out / "results.md").read_text()
     assert "| tiny | `--num-registers 2" in table and "| 2 / 2 |" in table and "| 1 / 2 |" in table
