@@ -155,7 +155,7 @@ def parse_args(argv=None):
     a("--num", type=int, help="samples / programs per point (default: the preset's)")
     a("--batch-size", type=int, help="sequences per forward (default: the preset's)")
     a("--seed", type=int, default=0, help="seed of every random stream (masks, noise, sampling, k-means)")
-    a("--lengths", type=int, nargs="+", help="fig6: generation lengths (default: the preset's two)")
+    a("--lengths", type=int, nargs="+", help="fig6, base-decoding: generation lengths (default: the preset's two)")
     a("--length", type=int, help="one length for table1/table2 (default: the preset's first/second), fig11 (the "
       "first) and fig8 (the data's L)")
     a("--nfe", type=int, nargs="+", help="NFE (= MDM steps) grid (default: powers of two up to the length)")

@@ -11,8 +11,9 @@ LLaDA's options (../shared/reference/llada.md Sec. 3.1; mdm.py):
   is never predicted, so every sample runs to L tokens; LLaDA's option for fixed-length answers, kept in the
   grid so that the rule below, not we, rejects it). Both apply to unconditional generation: they act on the
   generated canvas, not on a prompt (cfg_scale, the other prompt option, needs a prompt and does not apply).
-Each setting is scored like a Fig. 6 row (eval_context.score_texts: MAUVE, Gen-PPL, empty rate, bootstrap
-intervals) against a SELECTION set of real programs disjoint from Fig. 6's references:
+Each setting draws as many samples as a Fig. 6 point (--num, else the preset's gen_num: 256 at tiny) and is
+scored like a Fig. 6 row (eval_context.score_texts: MAUVE, Gen-PPL, empty rate, bootstrap intervals) against a
+SELECTION set of as many real programs, disjoint from Fig. 6's references:
 - fig6 (eval_context.real_reference) takes the first min(2 n, available) held-out programs that fit in L
   (val, then test; n = the fig6 run's samples per point, --fig6-num, default the preset's gen_num);
 - the selection set is the next --num held-out programs when they all come from the val split
@@ -185,7 +186,7 @@ def choose(rows):
 
 def run_base_decoding(ctx):
     temp = temperature(ctx, 1.0)
-    num = ctx.get("num")
+    num = ctx.gen_num  # as many samples per setting as fig6 takes per point (--num; tiny 256)
     result = {"temperature": temp, "num_samples": num, "nfe": "L (one token per step)",
               "rule": f"empty rate <= {MAX_EMPTY}, then highest MAUVE (3 decimals), then lowest Gen-PPL",
               "lengths": {}, "chosen": {}}
