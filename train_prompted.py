@@ -238,6 +238,10 @@ def save(args, out, trainee, demasker, folder):
         demasker.save_pretrained(ae_out / "demasker")
         shutil.copytree(folder / "encoder", ae_out / "encoder", dirs_exist_ok=True)
         shutil.copy(folder / "tokenizer.json", ae_out / "tokenizer.json")
+        recorded = next((json.loads(p.read_text()).get("data") for p in (folder / "args.json", folder.parent / "args.json")
+                         if p.is_file()), None)  # the data cache the AE was trained on: eval.py finds it there
+        write_json(ae_out / "args.json", {"data": recorded, "fine_tuned_by": "train_prompted.py", "from_ae": str(folder),
+                                          "demasker_steps": args.demasker_steps, "guide": args.guide})
 
 
 def parse_args(argv=None):
