@@ -123,8 +123,10 @@ def speedup_entry(reference, candidates, test, replicates=0):
     first, fastest = best_match(reference, candidates, test)
     entry = {"nfe": None, "steps": None, "speedup": None, "time_speedup": None}
     if first is not None:
-        entry.update(nfe=first["nfe"], steps=first["steps"], speedup=ratios(None)[0],
-                     time_speedup=ratios(None)[1], seconds_per_sample=fastest.get("seconds_per_sample"),
+        nfe_ratio, time_ratio = ratios(None)
+        entry.update(nfe=first["nfe"], steps=first["steps"], speedup=nfe_ratio,
+                     time_speedup=time_ratio if math.isfinite(time_ratio) else None,
+                     seconds_per_sample=fastest.get("seconds_per_sample"),
                      at_grid_bottom=first["nfe"] <= min(r["nfe"] for r in candidates))
     if replicates:
         draws = np.array([ratios(b) for b in range(replicates)])  # (B, 2)
@@ -207,7 +209,7 @@ def generation_panels(title, rows, ceiling=None, wallclock=False):
                     series("nfe", "gen_ppl"), logx=True, logy=True, band=band("gen_ppl", "95% CI"))]
     if wallclock and all("seconds_per_sample" in r for r in rows):
         panels.append(panel(f"{title}: MAUVE vs wall-clock", "seconds per sample (log scale)",
-                            "MAUVE (higher is better)", series("seconds_per_sample", "mauve"), logx=True,
+                            "MAUVE (higher is better)", series("seconds_per_sample", "mauve"), logx=10,
                             band=band("mauve", "95% CI")))
     return panels
 

@@ -69,9 +69,9 @@ def run_speed(ctx):
     panels = [panel(f"Speed (L={length}): MAUVE vs NFE", "NFE (log scale)", "MAUVE (higher is better)",
                     series("nfe", "mauve"), logx=True, band=band),
               panel(f"Speed (L={length}): MAUVE vs wall-clock", "seconds per sample (log scale)",
-                    "MAUVE (higher is better)", series("seconds_per_sample", "mauve"), logx=True, band=band),
+                    "MAUVE (higher is better)", series("seconds_per_sample", "mauve"), logx=10, band=band),
               panel(f"Speed (L={length}): Gen-PPL vs wall-clock", "seconds per sample (log scale)",
-                    "Gen-PPL (log scale, lower is better)", series("seconds_per_sample", "gen_ppl"), logx=True,
+                    "Gen-PPL (log scale, lower is better)", series("seconds_per_sample", "gen_ppl"), logx=10,
                     logy=True)]
     return result, ceiling_text(ceiling) + "\n\n" + table + "\n\n" + headline_text(headline), panels
 

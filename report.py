@@ -36,6 +36,7 @@ def fmt_ci(value, interval, digits=3):
 
 def panel(title, xlabel, ylabel, series, logx=False, logy=False, band=None):
     """A plot panel. series: {label: (xs, ys)} or {label: (xs, ys, lows, highs)} (error bars; nan = none);
+    logx: True (log base 2) or a base (e.g. 10); logy: log base 10;
     band: (lo, hi, label) drawn as a horizontal band (e.g. the real-vs-real ceiling), or None."""
     return {"title": title, "xlabel": xlabel, "ylabel": ylabel, "series": series, "logx": logx, "logy": logy,
             "band": band}
@@ -64,8 +65,8 @@ def _draw(ax, spec):
         else:
             ax.plot(xs, ys, marker="o", label=label)
     plain = FuncFormatter(lambda value, _: f"{value:g}")  # 1, 2, 4 ... not 2^0, 2^1; 300 not 3 x 10^2
-    if spec["logx"]:
-        ax.set_xscale("log", base=2)
+    if spec["logx"]:  # True: base 2 (NFE 1, 2, 4 ...); a number: that base (10 for seconds)
+        ax.set_xscale("log", base=2 if spec["logx"] is True else spec["logx"])
         ax.xaxis.set_major_formatter(plain)
     if spec.get("logy"):
         ax.set_yscale("log")
