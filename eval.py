@@ -152,13 +152,15 @@ def parse_args(argv=None):
     a("--out", default="results", help="output folder for NAME.json, REPORT.md and plots")
     a("--preset", choices=sorted(PRESETS), default="tiny", help="sample counts and sweeps: tiny (minutes on CPU), "
       "small (about an hour on CPU), paper (the paper's sizes, GPUs)")
-    a("--num", type=int, help="samples / programs per point (default: the preset's)")
+    a("--num", type=int, help="samples / programs per point (default: the preset's; fig6, fig11, speed: its gen_num, "
+      "256 at tiny)")
     a("--batch-size", type=int, help="sequences per forward (default: the preset's)")
     a("--seed", type=int, default=0, help="seed of every random stream (masks, noise, sampling, k-means)")
     a("--lengths", type=int, nargs="+", help="fig6, base-decoding: generation lengths (default: the preset's two)")
     a("--length", type=int, help="one length for table1/table2 (default: the preset's first/second), fig11 (the "
       "first) and fig8 (the data's L)")
-    a("--nfe", type=int, nargs="+", help="NFE (= MDM steps) grid (default: powers of two up to the length)")
+    a("--nfe", type=int, nargs="+", help="NFE (= MDM steps) grid (default: powers of two from the preset's nfe_min, 1 "
+      "at tiny, up to the length)")
     a("--blocks", type=int, nargs="+", help="table1/table2: block lengths (default: L/8, L/4, L/2, L); "
       "base-decoding: semi-autoregressive block lengths tried beside the whole sequence (default: 32)")
     a("--base-decoding", metavar="FILE", help="fig6/speed: decode the base MDM rows with the setting chosen per "
