@@ -9,14 +9,17 @@ needs a prior over its own encoder, --cadd-prior). Three parts:
    masked_token_curves (one uniform vector per program, nested across r). CADD is scored twice: `q` with the
    latents of training, z_t ~ N(sqrt(gb_r) w(x_0), (1 - gb_r) I), which carry x_0 (at r = 0.1, gb = 0.9: this CE
    is not comparable to the base MDM's, it is the CE CADD's loss minimises), and `blind` with pure-noise latents
-   (gb = 0, what the sampler's first step sees): the comparable one. The guided rows use h_phi(x_0), also x_0's
-   information, as Fig. 4 does.
+   (gb ~ 0, what the sampler's first step sees). At r = 1 the two coincide and compare directly with the base
+   MDM; below r = 1 `blind` is an input CADD never saw in training (there the latents carried x_0), a pessimistic
+   number. The guided rows use h_phi(x_0), also x_0's information, as Fig. 4 does.
 2. Fig. 6-style quality vs NFE (only with --scorer): MAUVE (with the scorer's intervals when eval_context
    gives them), Gen-PPL, entropy per method over the NFE grid; CADD's NFE counts K forward passes per step.
 3. The marginal trap (App. B, Theorem B.1) with a CADD demasker trained on marginal_trap's corpus next to the
-   base MDM and the optimal factorised bound: at one step (all tokens revealed at once) every latent is pure
-   noise, so CADD samples a product of marginals and cannot beat the bound; with more steps its latents move
-   toward the model's own estimate, a function of the canvas the base MDM also sees.
+   base MDM and the optimal factorised bound (a demasker factorised given x_t alone). CADD's reveal is
+   factorised given (x_t, z), not given x_t: at one step every latent is pure noise, but every position reads
+   all of them (attention), so the two tokens of a pair can both follow the same random z_i, and the joint is a
+   mixture of products over z that may exceed the bound. Whether it does is what this part measures; with more
+   steps the latents also move toward the model's own (hard or soft) estimate.
 """
 
 import dataclasses
@@ -263,8 +266,9 @@ def run_cadd(ctx):
     table = md_table(["model"] + [f"r={r}" for r in MASK_RATIOS],
                      [[n] + [f"{c:.3f} / {a:.3f}" for c, a in zip(v["ce"], v["top1"])]
                       for n, v in result["curves"].items()])
-    sections = ["CE / top-1 of masked program tokens per mask ratio. cadd_q: latents from q(z_t | x_0) (carry x_0; "
-                "not comparable to base); cadd_blind: pure-noise latents (comparable).\n\n" + table]
+    sections = ["CE / top-1 of masked program tokens per mask ratio. *_q: latents from q(z_t | x_0) (they carry x_0: "
+                "not comparable to base); *_blind: pure-noise latents (off CADD's training inputs below r = 1); at "
+                "r = 1 both equal the sampler's first step and compare with base.\n\n" + table]
     panels = [panel("CADD vs base: masked-token CE", "mask ratio", "cross-entropy (nats)",
                     {n: (MASK_RATIOS, v["ce"]) for n, v in result["curves"].items()})]
     if args.scorer:
