@@ -437,7 +437,7 @@ def report(result):
                             ["tau"] + [LABELS[m] for m in methods],
                             [[f"{tau:g}"] + [f"{cell[m, tau]['valid']:.3f} @ {cell[m, tau]['tokens_per_step']:.2f}"
                                              for m in methods] for tau in taus]))
+        points = {m: sorted((cell[m, t]["tokens_per_step"], cell[m, t]["valid"]) for t in taus) for m in methods}
         panels.append(panel("App. B: threshold decoding", "measured tokens per step", "fraction valid",
-                            {LABELS[m]: ([cell[m, t]["tokens_per_step"] for t in taus],
-                                         [cell[m, t]["valid"] for t in taus]) for m in methods}, logx=True))
+                            {LABELS[m]: ([x for x, _ in p], [y for _, y in p]) for m, p in points.items()}, logx=True))
     return "\n\n".join(sections), panels
