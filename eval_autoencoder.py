@@ -164,10 +164,11 @@ def run_table(ctx, index):
     reference = score_texts(ctx, sources)
     result = {"length": length, "temperature": temp, "num_programs": len(sources), "rows": rows,
               "sources": reference}
-    table = md_table(["block", "NFE", "Gen-PPL [95% CI]", "semantic sim.", "CER [95% CI]", "parse", "empty", "entropy"],
-                     [[r["block"], r["nfe"], fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2), f"{r['semantic_similarity']:.3f}",
-                       fmt_ci(r["cer"], r.get("cer_ci"), 3), f"{r['parse_rate']:.2f}", f"{r['empty_rate']:.2f}",
-                       f"{r['unigram_entropy']:.2f}"] for r in rows])
+    table = md_table(["block", "NFE", "Gen-PPL [95% CI]", "semantic sim.", "CER [95% CI]", "parse", "empty",
+                      "entropy"],
+                     [[r["block"], r["nfe"], fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2),
+                       f"{r['semantic_similarity']:.3f}", fmt_ci(r["cer"], r.get("cer_ci"), 3),
+                       f"{r['parse_rate']:.2f}", f"{r['empty_rate']:.2f}", f"{r['unigram_entropy']:.2f}"] for r in rows])
     note = (f"Autoencoder (Alg. 6) at L={length}, {len(sources)} held-out programs, temperature {temp}. Sources: "
             f"Gen-PPL {reference['gen_ppl']:.2f}, parse rate {reference['parse_rate']:.2f}. Semantic similarity = "
             f"cosine of the scorer's mean-pooled features (our stand-in for CodeBERTScore).\n\n")
@@ -210,9 +211,10 @@ def run_fig8(ctx):
               "real": ceiling}
     table = md_table(["alpha", "MAUVE [95% CI]", "Gen-PPL [95% CI]", "entropy", "CER to A", "CER to B", "parse",
                       "empty"],
-                     [[r["alpha"], fmt_ci(r["mauve"], r.get("mauve_ci"), 3), fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2),
-                       f"{r['unigram_entropy']:.2f}", f"{r['cer_to_a']:.3f}", f"{r['cer_to_b']:.3f}",
-                       f"{r['parse_rate']:.2f}", f"{r['empty_rate']:.2f}"] for r in rows])
+                     [[r["alpha"], fmt_ci(r["mauve"], r.get("mauve_ci"), 3),
+                       fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2), f"{r['unigram_entropy']:.2f}",
+                       f"{r['cer_to_a']:.3f}", f"{r['cer_to_b']:.3f}", f"{r['parse_rate']:.2f}",
+                       f"{r['empty_rate']:.2f}"] for r in rows])
     note = (f"{num} pairs of held-out programs, L={length}, {steps} steps. Real held-out programs: MAUVE "
             f"{ceiling.get('mauve', float('nan')):.3f}, Gen-PPL {ceiling['gen_ppl']:.2f}.\n\n")
     alphas = [r["alpha"] for r in rows]

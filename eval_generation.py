@@ -180,8 +180,9 @@ def ceiling_text(ceiling):
     size = f" ({ceiling['num_programs']} programs vs a reference of {ceiling['reference_size']})" \
         if "reference_size" in ceiling else ""
     mauve = fmt_ci(ceiling["mauve"], ceiling.get("mauve_ci"), 3) if "mauve" in ceiling else "n/a"
-    return (f"Real held-out programs{size}: MAUVE {mauve}, Gen-PPL {fmt_ci(ceiling['gen_ppl'], ceiling.get('gen_ppl_ci'), 2)}"
-            f", entropy {ceiling['unigram_entropy']:.2f}, empty {ceiling['empty_rate']:.2f}."
+    ppl = fmt_ci(ceiling["gen_ppl"], ceiling.get("gen_ppl_ci"), 2)
+    return (f"Real held-out programs{size}: MAUVE {mauve}, Gen-PPL {ppl}, entropy {ceiling['unigram_entropy']:.2f}, "
+            f"empty {ceiling['empty_rate']:.2f}."
             + (f" Note: {ceiling['note']}." if ceiling.get("note") else ""))
 
 
