@@ -49,8 +49,13 @@ from report import md_table
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_FLAGS = ["--preset", "tiny", "--warmup-steps", "50"]  # demo.sh's AE run (from scratch)
-# named lists of (name, train_ae flags): one or two factors at a time against the demo's default
+# named lists of (name, train_ae flags): one or two factors at a time against the demo's default; "channel" opens
+# the register channel every way at once (no latent noise, all K registers always, half the examples all-[M])
 SWEEPS = {
+    "channel": [
+        ("default", ""),
+        ("open-channel", "--latent-cos 1 --no-nested-dropout --all-mask-prob 0.5"),
+    ],
     "factors": [
         ("default", ""),
         ("no-latent-noise", "--latent-cos 1"),
@@ -244,7 +249,7 @@ def run(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Example:\n  python bench/bench_ae_budget.py --data runs/study/data --out "
                                        "runs/study/bench --sweep factors --steps 600")
     a = p.add_argument
