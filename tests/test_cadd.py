@@ -226,3 +226,15 @@ def test_train_ae_cadd_trains_saves_and_loads(cache, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_ae.parse_args(["--out-dir", str(tmp_path / "cadd"), "--resume", "--cadd-schedule", "linear"])
     assert "--cadd-schedule: run 'cosine', now 'linear'" in capsys.readouterr().err
+
+
+def test_k_latents_average_the_probabilities_of_each_latent():
+    model = tiny()
+    x = torch.randint(0, 60, (2, 8))
+    x[:, 2:] = 63
+    decoder = cadd.CaddDecoder(model, num_latents=3, generator=torch.Generator().manual_seed(4))
+    logits = decoder(x)
+    _, scale = cadd.latent_table(model)
+    each = [torch.softmax(model(x, latents=scale * decoder.z[k]), dim=-1) for k in range(3)]
+    assert torch.allclose(logits.exp(), torch.stack(each).mean(0), atol=1e-5)
+    assert torch.allclose(logits.exp().sum(-1), torch.ones(2, 8), atol=1e-5)
