@@ -9,7 +9,7 @@ and the same number of MDM steps (the NFE grid):
                  prompt as prefix
   conwithindisc  the same, the registers redrawn from G_psi(eps, h(x_t), h_kappa(c)) at --refresh-at
 Scores per row: CER and token F1 (metrics.token_f1, demasker tokens) of the generated answer against the true body,
-the parse rate of prompt + answer, Gen-PPL of prompt + answer under --scorer (optional), each with a bootstrap
+the share of empty answers, the parse rate of prompt + answer (a bare signature + docstring parses), Gen-PPL of prompt + answer under --scorer (optional), each with a bootstrap
 95% interval (--bootstrap; metrics.py helpers), and NFE as the paper counts it (mean per sample).
 Infilling rows (with --cond-prior): a centred middle span of --span-fraction of each held-out program masked,
 the context visible: `infill base` (base MDM) and `infill guided` (registers from the conditional prior given the
@@ -81,7 +81,9 @@ def _score(ctx, references, hypotheses, ref_ids, hyp_ids, programs):
     f1s = np.array([M.token_f1(r, h) for r, h in zip(ref_ids, hyp_ids)])
     replicates = ctx.get("bootstrap")
     indices = M.bootstrap_indices(len(cers), replicates, ctx.args.seed + 7) if replicates else None
+    empty = np.array([not h.strip() for h in hypotheses], dtype=np.float64)  # a bare docstring body parses
     row = {"cer": float(cers.mean()), "cer_ci": interval_of(cers, indices), "cer_sd": float(cers.std()),
+           "empty_rate": float(empty.mean()), "empty_rate_ci": interval_of(empty, indices),
            "token_f1": float(f1s.mean()), "token_f1_ci": interval_of(f1s, indices), "token_f1_sd": float(f1s.std())}
     if ctx.args.scorer:
         scored = score_texts(ctx, programs)
@@ -167,12 +169,13 @@ def run_prompt(ctx):
     result = {"length": length, "temperature": temp, "num_samples": n, "bootstrap": ctx.get("bootstrap"),
               "span_fraction": ctx.args.span_fraction, "rows": rows}
     table = md_table(["task", "method", "steps", "NFE", "CER [95% CI]", "token F1 [95% CI]", "parse [95% CI]",
-                      "Gen-PPL [95% CI]"],
+                      "Gen-PPL [95% CI]", "empty"],
                      [[r["task"], r["method"], r["steps"], f"{r['nfe']:.1f}", fmt_ci(r["cer"], r["cer_ci"], 3),
                        fmt_ci(r["token_f1"], r["token_f1_ci"], 3), fmt_ci(r["parse_rate"], r.get("parse_rate_ci"), 2),
-                       fmt_ci(r.get("gen_ppl"), r.get("gen_ppl_ci"), 1)] for r in rows])
+                       fmt_ci(r.get("gen_ppl"), r.get("gen_ppl_ci"), 1), f"{r['empty_rate']:.2f}"] for r in rows])
     text = (f"{n} held-out prompts (signature + docstring -> body), L = {length}, temperature {temp}; CER / token F1 "
-            f"of the generated body against the true one, parse rate and Gen-PPL of prompt + body.\n\n" + table)
+            f"of the generated body against the true one, parse rate and Gen-PPL of prompt + body; empty = share of empty "
+            f"bodies (signature + docstring alone parses, so read the parse rate beside it).\n\n" + table)
     def series(task, key):  # one curve per method: (NFE, value, 95% low, high)
         curves = {}
         for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):

@@ -71,6 +71,7 @@ def test_table_over_nfe_for_every_method_with_intervals(runs, tmp_path):
         (m, s) for s in (2, 4) for m in ("base", "conthendisc", "conwithindisc")]
     for r in rows:
         assert 0 <= r["token_f1"] <= 1 and r["cer"] >= 0 and 0 <= r["parse_rate"] <= 1
+        assert 0 <= r["empty_rate"] <= 1
         lo, hi = r["cer_ci"]
         assert lo <= r["cer"] <= hi
     base = [r for r in prompt_rows if r["method"] == "base"]
