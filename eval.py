@@ -135,6 +135,9 @@ def parse_args(argv=None):
     a("--ae", help="train_ae.py run folder (encoder/, demasker/, tokenizer.json; OUT or OUT/checkpoint)")
     a("--ae-no-noise", help="fig7: a second AE run trained without latent noise (train_ae.py --latent-cos 1)")
     a("--base", help="base MDM run (train_ae.py --no-registers)")
+    a("--base-equal", help="fig6: a second base MDM with the guided demasker's total budget (the --base run trained "
+      "on for as many steps as the guided fine-tune: train_ae.py --no-registers --demasker-init BASE/checkpoint); its "
+      "rows are 'base-equal', decoded like --base, and the speedups are reported against both")
     a("--prior", help="unconditional train_prior.py run (ConThenDisc; initial registers of ConWithinDisc)")
     a("--cond-prior", help="conditional train_prior.py --conditional run (ConWithinDisc; prompt: the infilling rows)")
     a("--prompted-prior", help="prompt: train_prompted.py run (App. H, Eq. 12: the prior conditioned on h_kappa(c))")

@@ -119,11 +119,11 @@ def decode_options(setting, length, steps, decoding=None):
     return block, setting["remasking"], decoding
 
 
-def base_sampler(ctx, setting, length, steps, temp, decoding=None):
-    """make_batch for sharded_samples: the base MDM under `setting`. The NFE is the demasker calls (the mean
-    per sample with an adaptive rule); there is no other model."""
+def base_sampler(ctx, setting, length, steps, temp, decoding=None, folder=None):
+    """make_batch for sharded_samples: the base MDM (--base, or the run `folder`) under `setting`. The NFE is the
+    demasker calls (the mean per sample with an adaptive rule); there is no other model."""
     from sample import generate
-    base = ctx.base()
+    base = ctx.base(folder)
     block, remasking, decoding = decode_options(setting, length, steps, decoding)
     adaptive = decoding.rule != "fixed"
 

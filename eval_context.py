@@ -127,11 +127,12 @@ class Context:
             raise ValueError("this experiment needs --ae, a train_ae.py run folder (encoder/, demasker/)")
         return self.cached(("ae", str(folder)), lambda: load_run(str(folder), True, self.device, self.dtype)[:2])
 
-    def base(self):
+    def base(self, folder=None):
+        """The base MDM of --base (or of `folder`, e.g. --base-equal's equal-budget base)."""
         from sample import load_run
-        if not self.args.base:
+        if not (folder or self.args.base):
             raise ValueError("this experiment needs --base, a train_ae.py --no-registers run (the base MDM)")
-        folder = resolve_run(self.args.base)
+        folder = resolve_run(folder or self.args.base)
         return self.cached(("base", str(folder)), lambda: load_run(str(folder), False, self.device, self.dtype)[0])
 
     def prior(self, folder, flag="--prior"):

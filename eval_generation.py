@@ -21,6 +21,11 @@ from eval_context import REFRESH_FRACTIONS, nfe_grid, real_reference, score_text
 # Generation: Fig. 6 (headline) and the ablations of Fig. 11
 # ------------------------------------------------------------------------------------------------
 
+# The two base MDM references (issue 12): "base" is the paper's protocol (the MDM the guided demasker is fine-tuned
+# from); "base-equal" (--base-equal) is that MDM trained on for as many more updates as the fine-tune had, so it
+# has seen as many demasker updates in total as the guided demasker.
+BASES = ("base", "base-equal")
+
 
 def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None, refresh_at=(0.5,), decoding=None):
     """make_batch for sharded_samples: 'base' (plain MDM, decoded with --base-decoding's remasking, block length and
@@ -38,9 +43,10 @@ def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None
         extra_flops = report.get("nfe_flops", report["nfe"]) - report["demasker_calls"]
         return {"nfe": calls + extra, "nfe_flops": calls + extra_flops, "demasker_calls": calls}
 
-    if method == "base":  # its own setting: --base-decoding's choice for this length (eval_base.py)
-        from eval_base import base_sampler, base_setting
-        return base_sampler(ctx, base_setting(ctx, length), length, steps, temp, decoding)
+    if method in BASES:  # its own setting: --base-decoding's choice for this length (eval_base.py); the
+        from eval_base import base_sampler, base_setting  # equal-budget base (--base-equal) decoded the same way
+        folder = ctx.args.base_equal if method == "base-equal" else None
+        return base_sampler(ctx, base_setting(ctx, length), length, steps, temp, decoding, folder)
     demasker, _ = ctx.ae()
     if method == "conthendisc":
         def run(idx, g, pg):
@@ -135,26 +141,27 @@ def speedup_entry(reference, candidates, test, replicates=0):
     return entry
 
 
-def reference_row(rows, length):
-    """The base MDM's row at NFE = length (else its largest NFE), or None without base rows."""
-    base = [r for r in rows if r["method"] == "base"]
+def reference_row(rows, length, method="base"):
+    """The base MDM's (`method`'s) row at NFE = length (else its largest NFE), or None without such rows."""
+    base = [r for r in rows if r["method"] == method]
     return max(base, key=lambda r: (r["steps"] == length, r["steps"])) if base else None
 
 
-def speedups(rows, length):
-    """For each guided method: the smallest NFE at which it matches the base MDM at NFE = length (or the
-    base's largest NFE if length was not swept) on MAUVE, Gen-PPL and both (`match_tests`); speedup = base NFE /
-    it, time_speedup = base seconds/sample / the fastest matching point's, each with its interval."""
-    reference = reference_row(rows, length)
+def speedups(rows, length, base="base"):
+    """For each guided method: the smallest NFE at which it matches the base MDM (`base`: "base" or "base-equal")
+    at NFE = length (or the base's largest NFE if length was not swept) on MAUVE, Gen-PPL and both (`match_tests`);
+    speedup = base NFE / it, time_speedup = base seconds/sample / the fastest matching point's, with intervals."""
+    reference = reference_row(rows, length, base)
     if reference is None:
         return {}
     tests, replicates = match_tests(reference), replicate_count(rows)
     keys = ("steps", "nfe", "mauve", "mauve_ci", "gen_ppl", "gen_ppl_ci", "seconds_per_sample", "empty_rate")
-    out = {"base_reference": {k: reference[k] for k in keys if k in reference}, "replicates": replicates}
+    out = {"base_reference": {"method": base, **{k: reference[k] for k in keys if k in reference}},
+           "replicates": replicates}
     empty = reference.get("empty_rate", 0.0)
     if empty > 0.5:  # e.g. an undertrained MDM whose one-block low-confidence decoding fills all EOS first
         out["base_reference"]["degenerate"] = f"{100 * empty:.0f}% of the base MDM's samples are empty"
-    for method in sorted({r["method"] for r in rows} - {"base"}):
+    for method in sorted({r["method"] for r in rows} - set(BASES)):
         candidates = [r for r in rows if r["method"] == method]
         out[method] = {name: speedup_entry(reference, candidates, test, replicates) for name, test in tests.items()}
     return out
@@ -239,7 +246,8 @@ def run_fig6(ctx):
         result["priors"][str(length)] = {"prior": per_length.get(length, ctx.args.prior), "cond_prior": cond_folder}
         reference_features, ceiling = real_reference(ctx, length, ctx.gen_num)
         steps_list = nfe_grid(ctx, length)
-        methods = [("base", {}), ("conthendisc", {"prior": prior})]
+        methods = [("base", {})] + ([("base-equal", {})] if ctx.args.base_equal else [])
+        methods.append(("conthendisc", {"prior": prior}))
         if cond_prior is not None:
             methods.append(("conwithindisc", {"prior": prior, "cond_prior": cond_prior}))
         rows = []
@@ -247,9 +255,14 @@ def run_fig6(ctx):
             rows += sweep(ctx, method, length, lambda s, m=method, k=kwargs: method_sampler(ctx, m, length, s, temp, **k),
                           steps_list, reference_features)
         if ctx.env.is_main:
-            result["lengths"][str(length)] = {"rows": rows, "real": ceiling, "speedup": speedups(rows, length)}
+            entry = {"rows": rows, "real": ceiling, "speedup": speedups(rows, length)}
+            text = speedup_text(entry["speedup"], length)
+            if ctx.args.base_equal:  # the second reference: the same speedups against the equal-budget base
+                entry["speedup_equal_budget"] = speedups(rows, length, "base-equal")
+                text += "\n\n" + speedup_text(entry["speedup_equal_budget"], length)
+            result["lengths"][str(length)] = entry
             sections.append(f"### L = {length}\n\n{ceiling_text(ceiling)}\n\n" + generation_table(rows) + "\n\n"
-                            + speedup_text(result["lengths"][str(length)]["speedup"], length))
+                            + text)
             panels += generation_panels(f"Fig. 6 (L={length})", rows, ceiling, wallclock=True)
     if not ctx.env.is_main:
         return None, None, None
@@ -275,7 +288,8 @@ def speedup_text(info, length):
     if not info:
         return "No base MDM rows: no speedup."
     ref = info["base_reference"]
-    lines = [f"Speedup vs the base MDM at NFE {ref['nfe']:.0f} (MAUVE {fmt_ci(ref['mauve'], ref.get('mauve_ci'), 3)}, "
+    name = {"base": "the base MDM", "base-equal": "the equal-budget base MDM"}[ref.get("method", "base")]
+    lines = [f"Speedup vs {name} at NFE {ref['nfe']:.0f} (MAUVE {fmt_ci(ref['mauve'], ref.get('mauve_ci'), 3)}, "
              f"Gen-PPL {fmt_ci(ref['gen_ppl'], ref.get('gen_ppl_ci'), 2)}). A point matches on MAUVE when its MAUVE "
              f">= the base's lower 95% bound, on Gen-PPL when its Gen-PPL <= the base's upper bound; speedup intervals: "
              f"{info.get('replicates', 0)} bootstrap replicates (0 where nothing matched):"]

@@ -171,6 +171,20 @@ def test_fig6_with_speedup(runs):
     assert "| MAUVE [95% CI] |" in report and "| empty |" in report and "matches on MAUVE when" in report
 
 
+def test_fig6_reports_speedups_against_the_equal_budget_base_too(runs):
+    root, _ = runs
+    result = _run(runs, "fig6", "--lengths", "16", "--nfe", "4", "16", "--bootstrap", "0",
+                  "--base-equal", str(root / "base"))
+    block = result["lengths"]["16"]
+    assert [r["method"] for r in block["rows"]][:4] == ["base", "base", "base-equal", "base-equal"]
+    same = [(r["steps"], r["examples"]) for r in block["rows"] if r["method"] == "base"]
+    assert same == [(r["steps"], r["examples"]) for r in block["rows"] if r["method"] == "base-equal"]  # same run
+    assert block["speedup"]["base_reference"]["method"] == "base"
+    assert block["speedup_equal_budget"]["base_reference"]["method"] == "base-equal"
+    assert set(block["speedup_equal_budget"]) - {"base_reference", "replicates"} == {"conthendisc", "conwithindisc"}
+    assert "vs the equal-budget base MDM" in (root / "results" / "REPORT.md").read_text()
+
+
 def test_fig6_without_bootstrap_has_no_intervals(runs):
     result = _run(runs, "fig6", "--lengths", "16", "--nfe", "4", "16", "--bootstrap", "0")
     block = result["lengths"]["16"]
