@@ -53,6 +53,13 @@ SPLITS = ("val", "test")                                     # held-out programs
 # ------------------------------------------------------------------------------------------------
 
 
+def _plain(models):
+    """(demasker, ...) unchanged, after refusing a CADD demasker (its [M] positions expect latents: eval.py cadd)."""
+    from cadd import check_cadd
+    check_cadd(models[0], wanted=False)
+    return models
+
+
 def resolve_run(folder):
     """A train_ae.py output folder: OUT/checkpoint (if present) or the folder itself."""
     folder = Path(folder)
@@ -125,7 +132,7 @@ class Context:
         folder = resolve_run(folder) if folder else self.ae_dir
         if folder is None:
             raise ValueError("this experiment needs --ae, a train_ae.py run folder (encoder/, demasker/)")
-        return self.cached(("ae", str(folder)), lambda: load_run(str(folder), True, self.device, self.dtype)[:2])
+        return self.cached(("ae", str(folder)), lambda: _plain(load_run(str(folder), True, self.device, self.dtype)[:2]))
 
     def base(self, folder=None):
         """The base MDM of --base (or of `folder`, e.g. --base-equal's equal-budget base)."""
@@ -133,7 +140,7 @@ class Context:
         if not (folder or self.args.base):
             raise ValueError("this experiment needs --base, a train_ae.py --no-registers run (the base MDM)")
         folder = resolve_run(folder or self.args.base)
-        return self.cached(("base", str(folder)), lambda: load_run(str(folder), False, self.device, self.dtype)[0])
+        return self.cached(("base", str(folder)), lambda: _plain(load_run(str(folder), False, self.device, self.dtype))[0])
 
     def prior(self, folder, flag="--prior"):
         from generators import load_prior

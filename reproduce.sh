@@ -5,16 +5,21 @@
 #   PRESET=small DEVICE=cuda bash reproduce.sh   wider/deeper models, L = 256, more samples (minutes on one GPU)
 #
 # Stages (each reuses a finished run in OUT; delete it to start over):
-#   1. data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each: enough held-out programs)
-#   2. train_ae.py        base MDM (--no-registers), then from its weights the encoder-demasker (Alg. 1) and one
-#                         without latent noise (--latent-cos 1, for Fig. 7); train_scorer.py, the Gen-PPL /
-#                         MAUVE reference LM
+#   1. data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each)
+#   2. train_ae.py        base MDM (--no-registers); from its weights, with the same recipe: the encoder-demasker
+#                         (Alg. 1), one without latent noise (--latent-cos 1, Fig. 7), the equal-budget base (no
+#                         registers: as many demasker updates as the guided one) and CADD (--cadd, issue 17);
+#                         train_scorer.py, the Gen-PPL / MAUVE reference LM
 #   3. train_prior.py     unconditional (Alg. 5), conditional (Alg. 4), unconditional without block offsets
-#   4. eval.py            fig4 table1 table2 fig7 fig8 fig6 fig9 prdc fig11 marginal-trap -> OUT/results/*.json,
-#                         OUT/results/REPORT.md
-# Env: AE_FROM_BASE (1 | 0: guided demaskers from scratch), PRESET (tiny | small), DEVICE (cpu | cuda), OUT (runs/PRESET), STAGES (default "1 2 3 4"),
-#      EVALS (the eval.py subcommands to run); AE_STEPS_OVERRIDE, PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM
-#      shrink the budget (a smoke test of the whole chain: all four at a few steps / samples).
+#   4. eval.py            two lanes side by side: base-decoding -> fig6 -> speed (threshold rows); fig4 table1
+#                         table2 fig7 fig8 fig9 prdc marginal-trap fig11 cadd -> OUT/results/*.json, *.png, REPORT.md
+#   5. results_section.py OUT/results/RESULTS.md and docs/results/*.png; README=README.md also replaces the
+#                         README's results section (between its markers) with it
+# Env: AE_FROM_BASE (1 | 0: guided demaskers from scratch), PRESET (tiny | small), DEVICE (cpu | cuda), OUT
+#      (runs/PRESET), STAGES (default "1 2 3 4 5"), EVALS (the eval.py subcommands to run), REDO_EVALS (1: rerun
+#      evals whose JSON exists), README (file whose results section stage 5 rewrites); AE_STEPS_OVERRIDE,
+#      PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM, SELECT_NUM (base-decoding, 64), FIG11_NUM (64), CADD_NUM (128)
+#      shrink the budget (a smoke test of the whole chain: all at a few steps / samples).
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./env.sh  # the packages: reuse what is importable, else create or reuse .venv
@@ -22,16 +27,16 @@ source ./env.sh  # the packages: reuse what is importable, else create or reuse 
 PRESET=${PRESET:-tiny}
 DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-runs/$PRESET}
-STAGES=${STAGES:-1 2 3 4}
-EVALS=${EVALS:-fig4 table1 table2 fig7 fig8 fig6 fig9 prdc fig11 marginal-trap}
+STAGES=${STAGES:-1 2 3 4 5}
+EVALS=${EVALS:-fig4 table1 table2 fig7 fig8 base-decoding fig6 speed fig9 prdc fig11 marginal-trap cadd}
 DATA=$OUT/data
 export PYTHONUNBUFFERED=1
 case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset's budget (smoke tests)
   tiny)  L=128; VOCAB=2048; AE_STEPS=2000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
-         MODEL=(); PRIOR_MODEL=(); SCORER=(--preset tiny); EVAL_NUM=(--num 48) ;;
+         MODEL=(); PRIOR_MODEL=(); SCORER=(--preset tiny); EVAL_NUM=() ;;
   small) L=256; VOCAB=4096; AE_STEPS=4000; PRIOR_STEPS=4000; BATCH=64; THREADS=0
          MODEL=(--encoder-width 256 --encoder-layers 4 --demasker-width 256 --demasker-layers 4)
-         PRIOR_MODEL=(--hidden-size 256 --depth 4 --num-heads 4); SCORER=(--preset small); EVAL_NUM=(--num 256) ;;
+         PRIOR_MODEL=(--hidden-size 256 --depth 4 --num-heads 4); SCORER=(--preset small); EVAL_NUM=() ;;
   *) echo "PRESET must be tiny or small"; exit 2 ;;
 esac
 AE_STEPS=${AE_STEPS_OVERRIDE:-$AE_STEPS}; PRIOR_STEPS=${PRIOR_STEPS_OVERRIDE:-$PRIOR_STEPS}
@@ -68,7 +73,7 @@ if has 1; then
 fi
 
 if has 2; then
-  stage "2. base MDM; from it the encoder-demasker, one without latent noise, the equal-budget base ($AE_STEPS steps each); scorer"
+  stage "2. base MDM; from it the encoder-demasker, one without latent noise, the equal-budget base, CADD ($AE_STEPS steps each); scorer"
   ae=(--preset tiny --data "$DATA" --seq-len $L --device $DEVICE --threads $THREADS --max-steps $AE_STEPS
       --global-batch-size $BATCH --micro-batch-size $BATCH --eval-interval $AE_STEPS --save-interval 500
       "${MODEL[@]}")
@@ -84,6 +89,9 @@ if has 2; then
     --out-dir "$OUT/base_equal" --no-registers $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((2 * AE_STEPS)))
   background "$OUT/ae_no_noise.log" train "$OUT/ae_no_noise" checkpoint python train_ae.py "${ae[@]}" \
     --out-dir "$OUT/ae_no_noise" --latent-cos 1
+  # CADD (issue 17): the same budget and start, per-token continuous latents at [M] instead of registers
+  background "$OUT/cadd.log" train "$OUT/cadd" checkpoint python train_ae.py "${ae[@]}" \
+    --out-dir "$OUT/cadd" --no-registers --cadd $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((2 * AE_STEPS)))
   log_to "$OUT/ae.log" train "$OUT/ae" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/ae"
   wait_all
   grep '"type": "val"' "$OUT/ae/log.jsonl" | tail -n 1 | cut -c1-300
@@ -101,12 +109,42 @@ if has 3; then
 fi
 
 if has 4; then
-  runs=(--ae "$OUT/ae" --ae-no-noise "$OUT/ae_no_noise" --base "$OUT/base" --prior "$OUT/prior"
-        --cond-prior "$OUT/cprior" --prior-no-offsets "$OUT/prior_no_offsets" --scorer "$OUT/scorer"
-        --data "$DATA" --out "$OUT/results" --preset $PRESET --device $DEVICE "${EVAL_NUM[@]}")
-  for experiment in $EVALS; do
-    stage "4. eval.py $experiment"
-    python eval.py "$experiment" "${runs[@]}"
-  done
+  # Two lanes side by side (one thread each): the generation headline (base-decoding, then fig6 with the chosen
+  # base decoding and both base references, then the threshold rows of `speed`) and everything else.
+  R=$OUT/results
+  runs=(--ae "$OUT/ae" --base "$OUT/base" --scorer "$OUT/scorer" --data "$DATA" --out "$R" --preset $PRESET
+        --device $DEVICE "${EVAL_NUM[@]}")
+  priors=(--prior "$OUT/prior" --cond-prior "$OUT/cprior")
+  declare -A extra=(
+    [fig7]="--ae-no-noise $OUT/ae_no_noise"
+    [base-decoding]="--num ${SELECT_NUM:-64}"
+    [fig6]="--base-decoding $R/base-decoding.json --base-equal $OUT/base_equal"
+    [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $L"
+    [fig11]="--prior-no-offsets $OUT/prior_no_offsets --num ${FIG11_NUM:-64}"
+    [cadd]="--cadd-run $OUT/cadd --lengths $L --nfe 8 32 $L --num ${CADD_NUM:-128} --cadd-trap"
+  )
+  evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each logged; skip those already written
+    local lane=$1; shift
+    for experiment in "$@"; do
+      [[ " $EVALS " == *" $experiment "* ]] || continue
+      if [[ -f $R/$experiment.json && -z ${REDO_EVALS:-} ]]; then echo "$experiment: $R/$experiment.json exists, reused"; continue; fi
+      stage "4.$lane eval.py $experiment"
+      # shellcheck disable=SC2086
+      python eval.py "$experiment" "${runs[@]}" "${priors[@]}" ${extra[$experiment]:-} > "$OUT/eval_$experiment.log" 2>&1 \
+        || { echo "eval.py $experiment failed: $OUT/eval_$experiment.log"; tail -n 20 "$OUT/eval_$experiment.log"; return 1; }
+      grep -v '^\s*$' "$OUT/eval_$experiment.log" | tail -n 1
+    done
+  }
+  mkdir -p "$R"
+  background "$OUT/lane_generation.log" evaluate a base-decoding fig6 speed
+  log_to "$OUT/lane_other.log" evaluate b fig4 table1 table2 fig7 fig8 fig9 prdc marginal-trap fig11 cadd
+  wait_all
+  cat "$OUT/lane_generation.log" "$OUT/lane_other.log"
+fi
+
+if has 5; then
+  stage "5. the README's results section from the records (docs/results/*.png)"
+  python results_section.py --results "$OUT/results" --docs docs/results ${README:+--readme "$README"} \
+    --header "Made by \`bash reproduce.sh\` (PRESET=$PRESET) on $(nproc) CPU cores; this invocation (stages $STAGES) took $((SECONDS / 60)) min."
 fi
 stage "done: $OUT/results/REPORT.md"

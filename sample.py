@@ -24,6 +24,7 @@ import torch
 from mdm import (REMASKING, RULES, Decoding, _model_device, _resolve_mask_id, add_gumbel_noise, autoencode,  # noqa: F401
                  check_schedule, encode_registers, generate, mdm_loop, reveal_step)  # (re-exported)
 from metrics import cer, levenshtein  # noqa: F401  (CER, Tables 1-2: moved to metrics.py, re-exported)
+from cadd import check_cadd
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +327,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     autoencoding = args.method == "autoencode"
     demasker, encoder, tokenizer = load_run(args.ckpt, autoencoding, args.device, dtype)
+    check_cadd(demasker, wanted=False)  # a CADD demasker expects latents at [M]: eval.py cadd samples it
     cfg = demasker.cfg
     conditional = canvas = None
     if args.prompt is not None or args.infill is not None:

@@ -220,6 +220,11 @@ def test_train_ae_cadd_trains_saves_and_loads(cache, tmp_path, capsys):
         cadd.CaddDecoder(plain_model)
     with pytest.raises(ValueError, match="is a CADD demasker"):
         cadd.check_cadd(loaded, wanted=False)
+    import sample
+    with pytest.raises(ValueError, match="is a CADD demasker"):  # sample.py refuses to decode it as a plain MDM
+        sample.main(["--ckpt", str(tmp_path / "cadd"), "--method", "base", "--gen-length", "8", "--steps", "2",
+                     "--num", "1", "--out", str(tmp_path / "samples.jsonl")])
+    assert not (tmp_path / "samples.jsonl").exists()
     both = Demasker.from_pretrained(str(tmp_path / "both" / "checkpoint" / "demasker"))
     assert both.cfg.register_dim > 0 and both.cfg.cadd_schedule == "linear"
     # resuming with another CADD setting is refused (the objective changes)
