@@ -6,7 +6,8 @@ demo.sh trains it) plus its own flags, trained in a subprocess with --threads 1 
 At each evaluation point (--eval-at steps inside the run, each reached with train_ae's --stop-at so the LR
 schedule is the full run's, and the end of the run) it autoencodes a fixed set of held-out programs:
     z_0 = h_phi(x_0), then the guided MDM from an all-[M] canvas of L tokens, one block, temperature 0,
-    LLaDA's low-confidence remasking, NFE = each of --nfe (L = one token per step)
+    LLaDA's low-confidence remasking (--remasking random: a rerun scores the final checkpoints again), NFE = each
+    of --nfe (L = one token per step)
 and scores CER exactly as eval_autoencoder.run_table does (metrics.cer of the decoded reconstruction against
 the decoded source, eval_context.Context.held_out's first --num val/test programs of <= L tokens, averaged).
 Also scored: CER on as many training programs at the largest NFE (the generalisation gap) and train_ae's own
@@ -191,16 +192,19 @@ def write_results(out, results):
         nfe = [f"{r['cer'][str(n)]:.3f}" for n in results["nfe"]]
         val = r.get("val") or {}
         rows.append([r["name"], "`" + (" ".join(r["flags"]) or "(demo default)") + "`", f"{r['step']} / {r['steps']}",
+                     r.get("remasking", "low_confidence"),
                      f"{r['train_wall_s'] / 60:.1f}", f"{r['train_cpu_s'] / 60:.1f}",
                      f"{r['train_cpu_s'] / max(r['step'], 1):.3f}", *nfe,
                      f"{r['train_cer']:.3f}", f"{val['ce'][0]:.2f} / {val['ce_r1']:.2f} / {val['top1_r1']:.3f}"
                      if val else "-"])
-    headers = ["config", "flags", "step / of", "wall min", "CPU min", "CPU s/step", *[f"CER NFE {n}" for n in results["nfe"]],
+    headers = ["config", "flags", "step / of", "remasking", "wall min", "CPU min", "CPU s/step",
+               *[f"CER NFE {n}" for n in results["nfe"]],
                f"train CER NFE {max(results['nfe'])}", "val CE r = 0.1 / CE r = 1 / top-1 r = 1"]
-    note = (f"Held-out CER of Alg. 6 at L = {results['length']}, one block, temperature 0, {results['remasking']} "
-            f"remasking, {results['num']} held-out programs (train CER: {results['num']} training programs); "
+    note = (f"Held-out CER of Alg. 6 at L = {results['length']}, one block, temperature 0, "
+            f"{results['num']} held-out programs (train CER: {results['num']} training programs); "
             f"train_ae.py {' '.join(DEMO_FLAGS)} + flags, 1 thread. 'step / of': evaluated at step s of an s-step "
-            f"cosine schedule (s < of: mid-schedule, LR not annealed). Wall / CPU: the training subprocesses' wall-clock "
+            f"cosine schedule (s < of: mid-schedule, LR not annealed). Wall / CPU: the training subprocesses' "
+            f"wall-clock "
             f"and user + system time (1 thread: CPU time ~ an idle core's wall-clock).\n\n")
     write_text(out / "results.md", note + md_table(headers, rows) + "\n")
 
@@ -211,7 +215,7 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = read_json(path) if path.is_file() else {"points": {}}
-    results.update(length=args.seq_len, nfe=args.nfe, num=args.num, remasking=args.remasking)
+    results.update(length=args.seq_len, nfe=args.nfe, num=args.num)
     for point in results["points"].values():  # records written before the full curves were kept
         if point.get("val") and "ce" not in point["val"]:
             point["val"] = last_validation(out / "runs" / f"{point['name']}-s{point['steps']}")
@@ -222,8 +226,12 @@ def run(args):
             run_dir = out / "runs" / f"{name}-s{steps}"
             wall_file = run_dir / "wall.json"
             for point in sorted({s for s in args.eval_at if s < steps} | {steps}):
-                key = f"{name}@{steps}:{point}"
+                key = f"{name}@{steps}:{point}" + ("" if args.remasking == "low_confidence" else f":{args.remasking}")
                 if key in results["points"]:
+                    continue
+                if trained_step(run_dir) > point:  # only the latest checkpoint is kept
+                    print(f"{key}: skipped, {run_dir} is trained past step {point} (a mid-schedule point is scored "
+                          f"while the run passes it; delete the folder to redo it)", flush=True)
                     continue
                 walls = read_json(wall_file) if wall_file.is_file() else {}
                 seconds, cpu = train_to(args, run_dir, flags, steps, point)
@@ -239,6 +247,7 @@ def run(args):
                 wall = sum(v[0] for s, v in walls.items() if int(s) <= point)
                 cpu = sum(v[1] for s, v in walls.items() if int(s) <= point)
                 results["points"][key] = {"name": name, "flags": flags, "steps": steps, "step": point,
+                                          "remasking": args.remasking,
                                           "train_wall_s": wall, "train_cpu_s": cpu, "cer": cer, "train_cer": train_cer,
                                           "val": last_validation(run_dir) if point == steps else None,
                                           "example": example}
@@ -249,7 +258,8 @@ def run(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Example:\n  python bench/bench_ae_budget.py --data runs/study/data --out "
                                        "runs/study/bench --sweep factors --steps 600")
     a = p.add_argument
@@ -268,7 +278,7 @@ def parse_args(argv=None):
       "each must divide L")
     a("--num", type=int, default=64, help="held-out programs autoencoded (and training programs for train CER)")
     a("--remasking", choices=["low_confidence", "random"], default="low_confidence", help="LLaDA remasking rule "
-      "(eval.py's default: low_confidence)")
+      "(eval.py's default: low_confidence); rerun with random to score the finished runs' final checkpoints again")
     a("--batch-size", type=int, default=32, help="programs per autoencoding batch")
     a("--val-programs", type=int, default=128, help="train_ae's validation programs at the end of a run")
     a("--save-interval", type=int, default=500, help="train_ae checkpoint interval (an interrupted run resumes there)")

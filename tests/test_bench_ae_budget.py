@@ -49,7 +49,8 @@ def test_a_sweep_records_every_point_with_wall_clock_and_a_table(swept):
     for point in (mid, end):
         assert set(point["cer"]) == {"32", "8"} and all(v >= 0 for v in point["cer"].values())
         assert point["train_cer"] >= 0
-    assert mid["val"] is None and end["val"]["step"] == 2 and 0 <= end["val"]["top1_r1"] <= 1 and len(end["val"]["ce"]) == 10
+    assert mid["val"] is None and end["val"]["step"] == 2 and 0 <= end["val"]["top1_r1"] <= 1
+    assert len(end["val"]["ce"]) == 10  # the whole curve, mask ratios 0.1 .. 1.0
     assert json.loads((out / "results.json").read_text()) == results
     table = (out / "results.md").read_text()
     assert "| tiny | `--num-registers 2" in table and "| 2 / 2 |" in table and "| 1 / 2 |" in table
@@ -90,3 +91,13 @@ def test_bad_numbers_and_names_are_refused(cache, tmp_path, capsys):
     with pytest.raises(SystemExit, match="unique"):
         B.configurations(B.parse_args(["--data", str(cache), "--out", str(tmp_path), "--config", "a", "",
                                        "--config", "a", "--lr 1"]))
+
+
+def test_a_rerun_with_random_remasking_scores_only_the_final_checkpoint(cache, swept, capsys):
+    """Only the latest checkpoint is kept, so the mid-schedule point is skipped (named), the end is scored."""
+    out, results = swept
+    again = B.run(bench_args(cache, out, "--steps", "2", "--eval-at", "1", "--remasking", "random"))
+    assert "tiny@2:1:random" not in again["points"] and "tiny@2:1:random: skipped" in capsys.readouterr().out
+    point = again["points"]["tiny@2:2:random"]
+    assert point["remasking"] == "random" and point["train_wall_s"] == results["points"]["tiny@2:2"]["train_wall_s"]
+    assert "| 2 / 2 | random |" in (out / "results.md").read_text()
