@@ -181,6 +181,16 @@ def autoencode_cer(run_dir, programs, ctx, length, nfe, batch_size, remasking):
     return float(np.mean(cers)), {"source": programs["texts"][0], "reconstruction": texts[0]}
 
 
+def reference_cers(texts):
+    """What a CER means on these programs: the source with every letter, digit and _ deleted (the layout and
+    punctuation kept: a reconstruction right in shape, wrong in every name), and another held-out program (the
+    next one in the set: right in style only)."""
+    import metrics as M
+    skeleton = float(np.mean([M.cer(t, re.sub(r"\w", "", t)) for t in texts]))
+    other = float(np.mean([M.cer(t, texts[(i + 1) % len(texts)]) for i, t in enumerate(texts)]))
+    return {"skeleton": skeleton, "other_program": other}
+
+
 # ------------------------------------------------------------------------------------------------
 # Results: one record per (configuration, budget, evaluation point); JSON and a markdown table
 # ------------------------------------------------------------------------------------------------
@@ -202,10 +212,14 @@ def write_results(out, results):
                f"train CER NFE {max(results['nfe'])}", "val CE r = 0.1 / CE r = 1 / top-1 r = 1"]
     note = (f"Held-out CER of Alg. 6 at L = {results['length']}, one block, temperature 0, "
             f"{results['num']} held-out programs (train CER: {results['num']} training programs); "
-            f"train_ae.py {' '.join(DEMO_FLAGS)} + flags, 1 thread. 'step / of': evaluated at step s of an s-step "
-            f"cosine schedule (s < of: mid-schedule, LR not annealed). Wall / CPU: the training subprocesses' "
-            f"wall-clock "
-            f"and user + system time (1 thread: CPU time ~ an idle core's wall-clock).\n\n")
+            f"train_ae.py {' '.join(DEMO_FLAGS)} + flags, 1 thread. 'step / of': evaluated at step s of a run whose "
+            f"cosine schedule ends at step 'of' (s < of: mid-schedule, LR not annealed). Wall / CPU: the training subprocesses' "
+            f"wall-clock and user + system time (1 thread: CPU time ~ an idle core's wall-clock).")
+    if "references" in results:
+        note += (f" References on the same programs: the source with every letter, digit and _ deleted "
+                 f"{results['references']['skeleton']:.3f}; another held-out program "
+                 f"{results['references']['other_program']:.3f}.")
+    note += "\n\n"
     write_text(out / "results.md", note + md_table(headers, rows) + "\n")
 
 
@@ -220,6 +234,7 @@ def run(args):
         if point.get("val") and "ce" not in point["val"]:
             point["val"] = last_validation(out / "runs" / f"{point['name']}-s{point['steps']}")
     held_out, ctx = held_out_programs(args.data, args.num, args.seq_len)
+    results["references"] = reference_cers(held_out["texts"])
     seen = train_programs(ctx, args.num, args.seq_len)
     for name, flags in configurations(args):
         for steps in args.steps:

@@ -101,3 +101,12 @@ def test_a_rerun_with_random_remasking_scores_only_the_final_checkpoint(cache, s
     point = again["points"]["tiny@2:2:random"]
     assert point["remasking"] == "random" and point["train_wall_s"] == results["points"]["tiny@2:2"]["train_wall_s"]
     assert "| 2 / 2 | random |" in (out / "results.md").read_text()
+
+
+def test_reference_cers_are_the_skeleton_and_the_next_program():
+    """'ab c' without word characters is ' ' (3 deletions of 4 characters); 'xy' vs 'ab c' costs 4 of 4, and
+    'ab c' vs 'xy' 4 of 2 (cer divides by the reference's length)."""
+    refs = B.reference_cers(["ab c", "xy"])
+    assert refs["skeleton"] == pytest.approx((3 / 4 + 2 / 2) / 2)
+    assert refs["other_program"] == pytest.approx((4 / 4 + 4 / 2) / 2)
+    assert B.reference_cers(["same", "same"])["other_program"] == 0.0
