@@ -165,7 +165,8 @@ def train_programs(ctx, count, length):
 
 @torch.no_grad()
 def autoencode_cer(run_dir, programs, ctx, length, nfe, batch_size, remasking):
-    """Mean CER of Alg. 6 (one block of `length`, temperature 0) over `programs`, and the first example."""
+    """Mean CER of Alg. 6 (one block of `length`, temperature 0) over `programs`, and the first example. The batch
+    starting at program i is seeded with i (random remasking draws its order; low-confidence uses no draw)."""
     import metrics as M
     from mdm import autoencode
     from sample import decode_programs, load_run
@@ -175,7 +176,7 @@ def autoencode_cer(run_dir, programs, ctx, length, nfe, batch_size, remasking):
     for first in range(0, len(programs["texts"]), batch_size):
         part = slice(first, first + batch_size)
         tokens, _ = autoencode(encoder, demasker, programs["enc_ids"][part], programs["enc_mask"][part], length,
-                               length, nfe, 0.0, remasking)
+                               length, nfe, 0.0, remasking, generator=torch.Generator().manual_seed(first))
         texts += decode_programs(ctx.tokenizer, tokens, ctx.eos_id, ctx.bos_id)
     cers = [M.cer(source, text) for source, text in zip(programs["texts"], texts)]
     return float(np.mean(cers)), {"source": programs["texts"][0], "reconstruction": texts[0]}

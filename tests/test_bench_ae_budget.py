@@ -110,3 +110,13 @@ def test_reference_cers_are_the_skeleton_and_the_next_program():
     assert refs["skeleton"] == pytest.approx((3 / 4 + 2 / 2) / 2)
     assert refs["other_program"] == pytest.approx((4 / 4 + 4 / 2) / 2)
     assert B.reference_cers(["same", "same"])["other_program"] == 0.0
+
+
+def test_random_remasking_is_scored_with_seeded_draws(cache, swept):
+    out, _ = swept
+    programs, ctx = B.held_out_programs(cache, 2, SEQ_LEN)
+    run = out / "runs" / "tiny-s2"
+    torch.manual_seed(1)
+    first = B.autoencode_cer(run, programs, ctx, SEQ_LEN, 8, 1, "random")
+    torch.manual_seed(2)  # the global RNG does not enter
+    assert B.autoencode_cer(run, programs, ctx, SEQ_LEN, 8, 1, "random") == first
