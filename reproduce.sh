@@ -123,17 +123,19 @@ if has 4; then
     [fig11]="--prior-no-offsets $OUT/prior_no_offsets --num ${FIG11_NUM:-64}"
     [cadd]="--cadd-run $OUT/cadd --lengths $L --nfe 8 32 $L --num ${CADD_NUM:-128} --cadd-trap"
   )
-  evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each logged; skip those already written
-    local lane=$1; shift
+  evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each logged; skip those already written;
+    local lane=$1 failed=(); shift  # a failed experiment is reported and the lane goes on (non-zero at its end)
     for experiment in "$@"; do
       [[ " $EVALS " == *" $experiment "* ]] || continue
       if [[ -f $R/$experiment.json && -z ${REDO_EVALS:-} ]]; then echo "$experiment: $R/$experiment.json exists, reused"; continue; fi
       stage "4.$lane eval.py $experiment"
       # shellcheck disable=SC2086
       python eval.py "$experiment" "${runs[@]}" "${priors[@]}" ${extra[$experiment]:-} > "$OUT/eval_$experiment.log" 2>&1 \
-        || { echo "eval.py $experiment failed: $OUT/eval_$experiment.log"; tail -n 20 "$OUT/eval_$experiment.log"; return 1; }
+        || { echo "eval.py $experiment failed: $OUT/eval_$experiment.log"; tail -n 5 "$OUT/eval_$experiment.log"
+             failed+=("$experiment"); continue; }
       grep -v '^\s*$' "$OUT/eval_$experiment.log" | tail -n 1
     done
+    [[ ${#failed[@]} == 0 ]] || { echo "lane $lane: failed: ${failed[*]}"; return 1; }
   }
   mkdir -p "$R"
   background "$OUT/lane_generation.log" evaluate a base-decoding fig6 speed
