@@ -83,7 +83,7 @@ def test_method_sampler_decodes_the_base_with_the_chosen_setting(tmp_path):
                                                                    "eos": eos}}}}))
         cache = {}
         ctx = SimpleNamespace(args=SimpleNamespace(base_decoding=str(path), remasking="low_confidence"),
-                              base=lambda: model, get=lambda name: None,
+                              base=lambda folder=None: model, get=lambda name: None,
                               cached=lambda key, build: cache.setdefault(key, build()))
         out, nfe = method_sampler(ctx, "base", 16, 16, 1.0)(range(3), torch.Generator().manual_seed(0), None)
         assert nfe == {"nfe": 16.0, "nfe_flops": 16.0, "demasker_calls": 16.0}
