@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every model and every experiment of the paper at toy scale, one command: the README's results table.
 #
-#   bash reproduce.sh                       PRESET=tiny on CPU (about an hour on 2 cores)
+#   bash reproduce.sh                       PRESET=tiny on CPU (measured in pieces on 2 shared cores: ~2 h; README)
 #   PRESET=small DEVICE=cuda bash reproduce.sh   wider/deeper models, L = 256, more samples (minutes on one GPU)
 #
 # Stages (each reuses a finished run in OUT; delete it to start over):
