@@ -16,6 +16,7 @@ below the command that produced it, so the README and the JSON files cannot disa
 """
 
 import argparse
+import re
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def section(record, image):
     if not text:
         raise ValueError(f"{record['experiment']}.json holds no 'markdown' text (written by an older eval.py): "
                          "rerun that eval.py subcommand")
-    lines += [text.strip(), ""]
+    lines += [re.sub(r"^(#{1,4}) ", "#####" + " ", text.strip(), flags=re.M), ""]  # under this section's ####
     if image:
         lines += [f"![{record['experiment']}]({image})", ""]
     return "\n".join(lines)
