@@ -15,6 +15,18 @@ from encoder import Encoder, EncoderConfig
 # Alg. 1 lines 2-5
 # ------------------------------------------------------------------------------------------------
 
+class Spy(torch.nn.Module):
+    """A demasker stand-in that records what it receives (registers, register_mask) into `seen`."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x_t, registers=None, register_mask=None):
+        self.seen.update(registers=registers, register_mask=register_mask)
+        return torch.zeros(*x_t.shape, 3)
+
+
 def test_latent_noise_std_formula():
     assert X.latent_noise_std(0.8) == pytest.approx(0.75)
     assert X.latent_noise_std(1.0) == 0.0
@@ -45,14 +57,9 @@ def test_nested_dropout_exposes_exactly_k_registers():
     # what the demasker receives: registers 0..k-1 exposed (noisy, non-zero), the rest zero and masked
     seen = {}
 
-    class Spy(torch.nn.Module):
-        def forward(self, x_t, registers=None, register_mask=None):
-            seen.update(registers=registers, register_mask=register_mask)
-            return torch.zeros(*x_t.shape, 3)
-
     torch.manual_seed(0)
     model = T.EncoderDemasker(Encoder(EncoderConfig.tiny(hidden_size=d, num_heads=2, num_kv_heads=1,
-                                                         head_dim=16, num_registers=K)), Spy())
+                                                         head_dim=16, num_registers=K)), Spy(seen))
     ids = torch.randint(1, 100, (8, 10))
     model(ids, ids, torch.ones_like(ids, dtype=torch.bool), keep[:8], noisy["noise"][:8])
     exposed = seen["register_mask"]
@@ -112,14 +119,9 @@ def test_register_dropout_one_withholds_every_register_zero_changes_nothing():
     assert torch.equal(half["keep"][~nulled], plain["keep"][~nulled])
     seen = {}
 
-    class Spy(torch.nn.Module):
-        def forward(self, x_t, registers=None, register_mask=None):
-            seen.update(registers=registers, register_mask=register_mask)
-            return torch.zeros(*x_t.shape, 3)
-
     torch.manual_seed(0)
     model = T.EncoderDemasker(Encoder(EncoderConfig.tiny(hidden_size=d * 4, num_heads=2, num_kv_heads=1,
-                                                         head_dim=16, num_registers=K)), Spy())
+                                                         head_dim=16, num_registers=K)), Spy(seen))
     ids = torch.randint(1, 100, (8, 10))
     noise = torch.randn(8, K, d * 4)
     model(ids, ids, torch.ones_like(ids, dtype=torch.bool), dropped["keep"][:8], noise)
