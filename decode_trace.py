@@ -208,7 +208,7 @@ document.getElementById("prev").onclick = () => render(Math.max(0, +slider.value
 document.getElementById("next").onclick = () => render(Math.min(nsteps - 1, +slider.value + 1));
 document.getElementById("play").onclick = () => { if (timer) { clearInterval(timer); timer = null; return; }
   timer = setInterval(() => { const s = +slider.value + 1; if (s >= nsteps) { clearInterval(timer); timer = null; } else render(s); }, 150); };
-const wanted = location.hash.match(/step=(\d+)/);  // e.g. trace.html#step=40 opens at step 40
+const wanted = location.hash.match(/step=([0-9]+)/);  // e.g. trace.html#step=40 opens at step 40
 render(wanted ? Math.min(nsteps - 1, +wanted[1]) : nsteps - 1);
 </script></body></html>
 """

@@ -56,6 +56,7 @@ Facts the API relies on (each checked by tests/test_distributed.py and tests/tes
 """
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -139,8 +140,16 @@ def setup(device=None, backend=None, timeout_minutes=30):
 
 
 def cleanup(env=None):
-    """Leave the process group (no-op for a single process)."""
+    """Leave the process group (no-op for a single process), on the success path only.
+
+    All ranks meet at a barrier first, so no rank closes its connections while a peer is still inside
+    the last collective; then the garbage collector frees the DDP/FSDP wrappers (they sit in
+    reference cycles) while the group still exists, so that gloo's worker threads are not destroyed
+    by the interpreter's own shutdown (a rare SIGABRT, "terminate called without an active exception",
+    seen once in CI after a run had saved everything)."""
     if dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

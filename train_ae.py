@@ -565,6 +565,7 @@ def train(args):
     bar.close()
     if log:
         log.close()
+    del model, optimizer  # the wrapper goes before its process group (distributed.cleanup)
     D.cleanup(env)
     return core
 

@@ -595,6 +595,7 @@ def main(argv=None):
                               + " ".join(f"{p:.1f}" for p in result["psnr"]))
             D.barrier(env)
     bar.close()
+    del model, optimizer  # the wrapper goes before its process group (distributed.cleanup)
     D.cleanup(env)
     return out
 
