@@ -17,7 +17,8 @@
 #                         README's results section (between its markers) with it
 # Env: AE_FROM_BASE (1 | 0: guided demaskers from scratch), PRESET (tiny | small), DEVICE (cpu | cuda), OUT
 #      (runs/PRESET), STAGES (default "1 2 3 4 5"), EVALS (the eval.py subcommands to run), REDO_EVALS (1: rerun
-#      evals whose JSON exists), README (file whose results section stage 5 rewrites); AE_STEPS_OVERRIDE,
+#      evals whose JSON exists), README (file whose results section stage 5 rewrites); AE_STEPS_OVERRIDE (the
+#      base MDM's steps), FT_STEPS_OVERRIDE (each fine-tune's; tiny: 1000, half the base's, for the 60-minute budget),
 #      PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM, SELECT_NUM (base-decoding, 64), FIG11_NUM (64), CADD_NUM (128)
 #      shrink the budget (a smoke test of the whole chain: all at a few steps / samples).
 set -euo pipefail
@@ -32,14 +33,15 @@ EVALS=${EVALS:-fig4 table1 table2 fig7 fig8 base-decoding fig6 speed fig9 prdc f
 DATA=$OUT/data
 export PYTHONUNBUFFERED=1
 case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset's budget (smoke tests)
-  tiny)  L=128; VOCAB=2048; AE_STEPS=2000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
+  tiny)  L=128; VOCAB=2048; AE_STEPS=2000; FT_STEPS=1000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
          MODEL=(); PRIOR_MODEL=(); SCORER=(--preset tiny); EVAL_NUM=() ;;
-  small) L=256; VOCAB=4096; AE_STEPS=4000; PRIOR_STEPS=4000; BATCH=64; THREADS=0
+  small) L=256; VOCAB=4096; AE_STEPS=4000; FT_STEPS=4000; PRIOR_STEPS=4000; BATCH=64; THREADS=0
          MODEL=(--encoder-width 256 --encoder-layers 4 --demasker-width 256 --demasker-layers 4)
          PRIOR_MODEL=(--hidden-size 256 --depth 4 --num-heads 4); SCORER=(--preset small); EVAL_NUM=() ;;
   *) echo "PRESET must be tiny or small"; exit 2 ;;
 esac
 AE_STEPS=${AE_STEPS_OVERRIDE:-$AE_STEPS}; PRIOR_STEPS=${PRIOR_STEPS_OVERRIDE:-$PRIOR_STEPS}
+FT_STEPS=${FT_STEPS_OVERRIDE:-${AE_STEPS_OVERRIDE:-$FT_STEPS}}
 [[ -n ${SCORER_STEPS:-} ]] && SCORER+=(--steps "$SCORER_STEPS")
 [[ -n ${NUM:-} ]] && EVAL_NUM=(--num "$NUM")
 mkdir -p "$OUT"
@@ -73,7 +75,7 @@ if has 1; then
 fi
 
 if has 2; then
-  stage "2. base MDM; from it the encoder-demasker, one without latent noise, the equal-budget base, CADD ($AE_STEPS steps each); scorer"
+  stage "2. base MDM ($AE_STEPS steps); from it the encoder-demasker, one without latent noise, the equal-budget base, CADD ($FT_STEPS steps each); scorer"
   ae=(--preset tiny --data "$DATA" --seq-len $L --device $DEVICE --threads $THREADS --max-steps $AE_STEPS
       --global-batch-size $BATCH --micro-batch-size $BATCH --eval-interval $AE_STEPS --save-interval 500
       "${MODEL[@]}")
@@ -84,14 +86,14 @@ if has 2; then
   # MDM's weights (AE_FROM_BASE=0: from scratch, side by side with the base). The equal-budget base continues
   # the base MDM with the guided fine-tune's recipe (same steps, warm-up and decay, no registers): it has seen
   # as many demasker updates as the guided demasker (issue 12: the paper's protocol and an equal budget).
-  [[ ${AE_FROM_BASE:-1} == 1 ]] && ae+=(--demasker-init "$OUT/base/checkpoint")
+  [[ ${AE_FROM_BASE:-1} == 1 ]] && ae+=(--demasker-init "$OUT/base/checkpoint" --max-steps $FT_STEPS --eval-interval $FT_STEPS)
   background "$OUT/base_equal.log" train "$OUT/base_equal" checkpoint python train_ae.py "${ae[@]}" \
-    --out-dir "$OUT/base_equal" --no-registers $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((2 * AE_STEPS)))
+    --out-dir "$OUT/base_equal" --no-registers $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((AE_STEPS + FT_STEPS)))
   background "$OUT/ae_no_noise.log" train "$OUT/ae_no_noise" checkpoint python train_ae.py "${ae[@]}" \
     --out-dir "$OUT/ae_no_noise" --latent-cos 1
   # CADD (issue 17): the same budget and start, per-token continuous latents at [M] instead of registers
   background "$OUT/cadd.log" train "$OUT/cadd" checkpoint python train_ae.py "${ae[@]}" \
-    --out-dir "$OUT/cadd" --no-registers --cadd $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((2 * AE_STEPS)))
+    --out-dir "$OUT/cadd" --no-registers --cadd $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((AE_STEPS + FT_STEPS)))
   log_to "$OUT/ae.log" train "$OUT/ae" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/ae"
   wait_all
   grep '"type": "val"' "$OUT/ae/log.jsonl" | tail -n 1 | cut -c1-300
