@@ -320,13 +320,21 @@ class Demasker(nn.Module):
         always = torch.ones(batch, 1, dtype=torch.bool, device=register_mask.device)
         return prefix, torch.cat([always, register_mask.to(torch.bool), always], dim=1)
 
-    def forward(self, input_ids, registers=None, register_mask=None, attention_mask=None, latents=None):
+    def forward(self, input_ids, registers=None, register_mask=None, attention_mask=None, latents=None,
+                cache=None):
         """input_ids (B, L) long; registers (B, k, register_dim) | None; register_mask (B, k) bool
         (False = register withheld); attention_mask (B, L) bool (False = pad key); latents (B, L, D) | None:
         CADD's per-position continuous latents, added to the embedding of every [M] position (E([M]) + z_t,
-        cadd.py), ignored elsewhere; None = the plain demasker, bit for bit -> logits (B, L, V)."""
+        cadd.py), ignored elsewhere; None = the plain demasker, bit for bit -> logits (B, L, V).
+        cache: kv_cache.BlockCache | None (approximate decoding cache, off by default): with cache.window None
+        the full forward also stores every layer's keys and values; with a window (lo, hi) only text positions
+        lo..hi-1 are computed against the stored keys and values -> logits (B, hi - lo, V)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        if cache is not None and cache.window is not None:
+            if latents is not None:
+                raise ValueError("the decoding cache does not support CADD latents; decode CADD without --cache")
+            return self._forward_window(input_ids, registers, register_mask, attention_mask, cache)
         B, L = input_ids.shape
         x = self.wte(input_ids)  # (B, L, D)
         if latents is not None:
@@ -356,13 +364,44 @@ class Demasker(nn.Module):
 
         global_pos, local_pos = self.positions(num_registers, L, device=x.device)
         cos, sin = self.rope_cos_sin(global_pos, local_pos)
-        for block in self.blocks:
+        if cache is not None:
+            cache.prefix_length, cache.filled = x.shape[1] - L, True
+        for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, allowed, use_reentrant=False)
             else:
-                x = block(x, cos, sin, allowed=allowed)
+                x = block(x, cos, sin, allowed=allowed, cache=None if cache is None else cache.layer(i))
         text = x[:, x.shape[1] - L:]  # (B, L, D): logits for text positions only
         return self.lm_head(self.ln_f(text))  # (B, L, V)
+
+    def _key_visibility(self, registers, register_mask, attention_mask, B, L, device):
+        """(B, 1, 1, P + L) bool visibility of every key, or None when all are visible (as forward builds it)."""
+        if register_mask is None and attention_mask is None:
+            return None
+        P = 0 if registers is None else registers.shape[1] + 2
+        prefix = torch.ones(B, P, dtype=torch.bool, device=device)
+        if register_mask is not None:
+            prefix[:, 1:-1] = register_mask.to(torch.bool)
+        text = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        return torch.cat([prefix, text], dim=1)[:, None, None, :]
+
+    def _forward_window(self, input_ids, registers, register_mask, attention_mask, cache):
+        """A cached step: text positions [lo, hi) only, against every layer's stored keys and values
+        (kv_cache.py) -> logits (B, hi - lo, V)."""
+        B, L = input_ids.shape
+        lo, hi = cache.window
+        P = cache.prefix_length
+        if P != (0 if registers is None else registers.shape[1] + 2):
+            raise RuntimeError("the registers changed shape since the cache was filled; refill it")
+        allowed = self._key_visibility(registers, register_mask, attention_mask, B, L, input_ids.device)
+        global_pos, local_pos = self.positions(None if registers is None else registers.shape[1], L,
+                                               device=input_ids.device)
+        cos, sin = self.rope_cos_sin(global_pos, local_pos)  # (1, 1, P + L, D)
+        cos, sin = cos[..., P + lo:P + hi, :], sin[..., P + lo:P + hi, :]
+        x = self.wte(input_ids[:, lo:hi])  # (B, W, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, allowed=allowed, cache=cache.layer(i))
+        return self.lm_head(self.ln_f(x))  # (B, W, V)
 
     # -- checkpoints ----------------------------------------------------------------------
 

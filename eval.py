@@ -149,6 +149,10 @@ def parse_args(argv=None):
     a("--length-cond-priors", nargs="*", metavar="L=DIR", help="fig6: a conditional prior per length (else --cond-prior)")
     a("--thresholds", type=float, nargs="+", help="speed: confidence thresholds tau of the adaptive rule "
       "(default: 0.5 0.7 0.9 0.99); marginal-trap: its threshold rows (default: 0.1 0.3 0.5 0.7 0.9 0.99)")
+    a("--caches", nargs="+", choices=["prefix", "dual"], default=[], help="speed: extra base MDM rows at NFE = L "
+      "with the approximate key/value cache (kv_cache.py; semi-autoregressive blocks only), for its cost and speed")
+    a("--methods", nargs="*", choices=["conthendisc", "conwithindisc"], default=None, help="speed: only these "
+      "guided methods beside the base MDM (default: both; the flag with no name: the base MDM alone)")
     a("--k-priors", nargs="*", help="fig11: priors trained with different --num-registers (default: --prior)")
     a("--scorer", help="train_scorer.py output folder, or a Qwen3 causal LM folder / hub id (Gen-PPL, MAUVE)")
     a("--data", help="data.py cache (default: the 'data' recorded in the AE run's args.json)")

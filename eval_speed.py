@@ -1,7 +1,8 @@
 """The speed headline (issue 14; the paper's claim of Sec. 5.3: many tokens per step are safe when registers
 carry the cross-token dependencies): quality against NFE and against wall-clock, measured side by side in one
 run on one machine, for the base MDM, ConThenDisc and ConWithinDisc, each decoded with LLaDA's fixed schedule
-over the NFE grid and with Fast-dLLM's confidence threshold (mdm.Decoding, adaptive per-sample NFE).
+over the NFE grid and with Fast-dLLM's confidence threshold (mdm.Decoding, adaptive per-sample NFE); with
+--caches, base rows at NFE = L decoded with the approximate key/value cache (its quality cost and speed).
 
 Every row: method, decoding, NFE (the paper's count; adaptive rules: the mean demasker calls per sample plus
 the priors by parameter ratio), nfe_flops, demasker calls, tokens per step, seconds per sample, MAUVE and
@@ -31,12 +32,16 @@ def run_speed(ctx):
     methods = [("base", {}), ("conthendisc", {"prior": prior})]
     if cond_prior is not None:
         methods.append(("conwithindisc", {"prior": prior, "cond_prior": cond_prior}))
+    if ctx.args.methods is not None:  # a subset (the base is always kept: it is the reference)
+        methods = [(m, kw) for m, kw in methods if m == "base" or m in ctx.args.methods]
     settings = [("fixed", steps, Decoding()) for steps in nfe_grid(ctx, length)]
     settings += [(f"threshold {tau}", length, Decoding(rule="threshold", threshold=tau))
                  for tau in (ctx.args.thresholds or THRESHOLDS)]
+    # the approximate key/value cache (kv_cache.py): extra base rows at NFE = L, for its quality cost and speed
+    cached = [(f"fixed, cache {mode}", length, Decoding(cache=mode)) for mode in (ctx.args.caches or [])]
     rows = []
     for method, kwargs in methods:
-        for label, steps, decoding in settings:
+        for label, steps, decoding in settings + (cached if method == "base" else []):
             sampler = method_sampler(ctx, method, length, steps, temp, decoding=decoding, **kwargs)
             texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, sampler, f"{method} {label} L={length}",
                                                 with_stats=True)

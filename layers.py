@@ -130,8 +130,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
 
-    def forward(self, x, cos=None, sin=None, allowed=None, causal=False, kv_input=None):
-        """x (B, T, dim); kv_input (B, S, kv_dim) or None; cos/sin (B|1, 1, T, D) or None."""
+    def forward(self, x, cos=None, sin=None, allowed=None, causal=False, kv_input=None, cache=None):
+        """x (B, T, dim); kv_input (B, S, kv_dim) or None; cos/sin (B|1, 1, T, D) or None. cache: an object
+        with merge(k, v) -> (k, v) (kv_cache.LayerKV): the keys and values of x's positions go in, those of
+        the whole cached sequence come out (so x may be a window of it)."""
         B, T, _ = x.shape
         kv_input = x if kv_input is None else kv_input
         S = kv_input.shape[1]
@@ -143,6 +145,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, D)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.merge(k, v)  # (B, H_kv, S_cached, D)
         out = attention(q, k, v, allowed=allowed, causal=causal)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -170,8 +174,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden)
 
-    def forward(self, x, cos, sin, allowed=None, causal=False):
-        x = x + self.attn(self.attn_norm(x), cos, sin, allowed=allowed, causal=causal)
+    def forward(self, x, cos, sin, allowed=None, causal=False, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, allowed=allowed, causal=causal, cache=cache)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -163,6 +163,10 @@ def parse_args(argv=None):
                         "a model trained with train_ae.py --register-dropout)")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="--prompt: LLaDA's classifier-free guidance, the "
                         "unconditional branch with the prompt replaced by [M]: logits = un + (s + 1)(cond - un); 0 = off")
+    parser.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
+                        help="approximate key/value reuse within a semi-autoregressive block (Fast-dLLM; kv_cache.py): "
+                             "prefix caches the registers and finished blocks, dual also the [M] suffix; same NFE, "
+                             "cheaper steps, slightly different logits. Gains only with --block-length < the length")
     parser.add_argument("--logits-eos-inf", action="store_true", help="never predict EOS (LLaDA's option)")
     parser.add_argument("--confidence-eos-eot-inf", action="store_true",
                         help="reveal EOS predictions last (acts on the choice, unlike LLaDA's flag)")
@@ -355,7 +359,7 @@ def main(argv=None):
                          f"registers; choose 1 <= --keep <= {encoder.cfg.num_registers}")
     decoding = Decoding(rule=args.decoding, threshold=args.threshold, factor=args.factor, rng=args.rng,
                         guidance=args.guidance, cfg_scale=args.cfg_scale, logits_eos_inf=args.logits_eos_inf,
-                        confidence_eos_eot_inf=args.confidence_eos_eot_inf).check()
+                        confidence_eos_eot_inf=args.confidence_eos_eot_inf, cache=args.cache).check()
     trace = None
 
     records, start = [], time.time()

@@ -383,6 +383,22 @@ def test_speed_subcommand_rows_and_headline(runs):
     assert result["headline"]["reference"]["nfe"] == 16
 
 
+def test_speed_base_only_with_cached_rows(runs):
+    """--methods with no name: the base MDM alone; --caches adds its NFE = L rows with the approximate cache
+    (semi-AR blocks of 8 here), same NFE as the uncached row."""
+    root, _ = runs
+    chosen = root / "base-decoding-block8.json"
+    chosen.write_text(json.dumps({"chosen": {"16": {"remasking": "low_confidence", "block_length": 8,
+                                                    "eos": "as trained"}}}))
+    result = _run(runs, "speed", "--length", "16", "--nfe", "16", "--thresholds", "0.9", "--methods",
+                  "--caches", "prefix", "dual", "--base-decoding", str(chosen))
+    by = {r["decoding"]: r for r in result["rows"]}
+    assert {r["method"] for r in result["rows"]} == {"base"}
+    assert set(by) == {"fixed", "threshold 0.9", "fixed, cache prefix", "fixed, cache dual"}
+    assert by["fixed, cache dual"]["nfe"] == by["fixed"]["nfe"] == 16
+    assert result["headline"]["reference"]["nfe"] == 16
+
+
 def test_tiny_preset_statistics_protocol():
     """Issue 12: 256 samples per generation point, 200 bootstrap replicates, an NFE grid from 1 up to L, MAUVE on
     the last valid token's features by default."""
