@@ -10,10 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import generators as G
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
-from latent_dit import DiTConfig, LatentDiT
+from latent_dit import DiTConfig
 from schedules import q_sample, register_times
+from tiny_models import D, K, random_dit
 
-K, D = 8, 64
 
 
 class Counting(nn.Module):
@@ -48,14 +48,6 @@ def unit_banks(B, seed=0):
     return torch.nn.functional.normalize(z, dim=-1) * math.sqrt(D)
 
 
-def random_dit(conditional=False, seed=0):
-    torch.manual_seed(seed)
-    dit = LatentDiT(DiTConfig.tiny(register_dim=D, num_registers=K, cond_dim=D if conditional else None))
-    with torch.no_grad():  # a fresh DiT predicts 0 exactly; give it a random output layer
-        dit.final_layer.linear.weight.normal_(0, 0.2)
-    return dit.eval()
-
-
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
@@ -63,8 +55,8 @@ def models():
     dcfg = demasker.cfg
     encoder = Encoder(EncoderConfig.tiny(vocab_size=dcfg.vocab_size, hidden_size=D, num_registers=K,
                                          pad_token_id=dcfg.pad_token_id, eos_token_id=dcfg.eos_token_id)).eval()
-    prior = G.Prior(random_dit(False, 1), K, max_offset=0.2)
-    cond_prior = G.Prior(random_dit(True, 2), K, max_offset=0.2, encoder=encoder)
+    prior = G.Prior(random_dit(1), K, max_offset=0.2)
+    cond_prior = G.Prior(random_dit(2, conditional=True), K, max_offset=0.2, encoder=encoder)
     return demasker, prior, cond_prior
 
 
@@ -352,9 +344,9 @@ def test_conwithindisc_with_two_tokenizers_end_to_end(two_tokenizers):
         seen.append((ids.clone(), masked.clone(), out))
         return out
 
-    cond_prior = G.Prior(random_dit(True, 2), K, max_offset=0.2, encoder=encoder, shared_tokenizer=False,
+    cond_prior = G.Prior(random_dit(2, conditional=True), K, max_offset=0.2, encoder=encoder, shared_tokenizer=False,
                          view=recording)
-    prior = G.Prior(random_dit(False, 1), K, max_offset=0.2)
+    prior = G.Prior(random_dit(1), K, max_offset=0.2)
     events = []
     tokens, report = G.conwithindisc(demasker, cond_prior, 2, gen_length=24, steps=8, prior=prior, prior_steps=3,
                                      refresh_at=(0.5,), refresh_prior_steps=2,
@@ -382,7 +374,7 @@ def test_load_prior_builds_the_recorded_view(tmp_path, two_tokenizers):
     demasker_tok.save(ae / "tokenizer.json")
     encoder_tok.save(ae / "encoder_tokenizer.json")
     folder = tmp_path / "prior"
-    random_dit(True).save_pretrained(folder / "dit")
+    random_dit(0, conditional=True).save_pretrained(folder / "dit")
     settings = {"num_registers": K, "max_offset": 0.2, "block_offsets": True, "ae": str(tmp_path / "ae"),
                 "cond_registers": K, "shared_tokenizer": False,
                 "cross_tokenizer": {"shared_tokenizer": False, "slots_per_token": 1.5, "max_length": 40}}

@@ -8,21 +8,10 @@ import torch
 import generators as G
 import prompting as PR
 from demasker import Demasker, DemaskerConfig
-from encoder import Encoder, EncoderConfig
-from latent_dit import DiTConfig, LatentDiT
 from mdm import Decoding
+from tiny_models import D, K, random_dit, tiny_encoder
 
-K, D, L = 8, 64, 24
-
-
-def random_dit(seed):
-    torch.manual_seed(seed)
-    dit = LatentDiT(DiTConfig.tiny(register_dim=D, num_registers=K, cond_dim=D))
-    with torch.no_grad():  # a fresh DiT predicts 0 exactly; give it a random output layer
-        dit.final_layer.linear.weight.normal_(0, 0.2)
-        for block in dit.blocks:  # and cross-attention that reads the conditioning (zero at init)
-            block.cross_attn.o_proj.weight.normal_(0, 0.2)
-    return dit.eval()
+L = 24
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +19,10 @@ def models():
     torch.manual_seed(0)
     demasker = Demasker(DemaskerConfig.tiny(register_dim=D, max_registers=K)).eval()
     c = demasker.cfg
-
-    def encoder(seed, registers=K):
-        torch.manual_seed(seed)
-        return Encoder(EncoderConfig.tiny(vocab_size=c.vocab_size, hidden_size=D, num_registers=registers,
-                                          pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id)).eval()
-
-    pprior = PR.PromptedPrior(G.Prior(random_dit(1), K, max_offset=0.2, encoder=encoder(3)), kappa=encoder(4, 4))
-    cond_prior = G.Prior(random_dit(2), K, max_offset=0.2, encoder=encoder(3))
+    dit = lambda seed: random_dit(seed, conditional=True, reads_condition=True)  # noqa: E731
+    pprior = PR.PromptedPrior(G.Prior(dit(1), K, max_offset=0.2, encoder=tiny_encoder(c, 3)),
+                              kappa=tiny_encoder(c, 4, 4))
+    cond_prior = G.Prior(dit(2), K, max_offset=0.2, encoder=tiny_encoder(c, 3))
     return demasker, pprior, cond_prior
 
 
