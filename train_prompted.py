@@ -18,7 +18,10 @@ Paper map (arXiv 2603.20210, App. H; the recipe is the paper's, the experiment i
   The result is a complete AE run folder OUT/ae (demasker/, the AE's encoder/ and tokenizer.json).
 
 One process, one tokenizer shared by encoder and demasker (the tiny setting; two tokenizers are refused with
-the fix). Randomness is a function of (seed, step). No resume: runs are minutes at toy scale.
+the fix). Randomness is a function of (seed, step). No resume: runs are minutes at toy scale. A folder that
+already holds a run (finished: prompted.json; or started: args.json) is refused unless --overwrite; the models
+are written to a staging folder first and moved in complete (checkpoint.swap_folder), prompted.json last, so a
+killed run never leaves a prompted.json beside half-written weights.
 
 Run folder (--out-dir): prompted.json (what prompting.load_prompted_prior needs), args.json, dit/ and kappa/
 (EMA weights), log.jsonl, and with --demasker-steps ae/.
@@ -30,6 +33,7 @@ Run folder (--out-dir): prompted.json (what prompting.load_prompted_prior needs)
 import argparse
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint as C
 import guards
 from atomic import write_json, write_text
 from corruption import latent_noise_std
@@ -226,14 +231,28 @@ def register_error(model, encoder, data, args, mask_id, eos_id, shown, seed=1234
 
 
 def save(args, out, trainee, demasker, folder):
-    trainee.dit.save_pretrained(out / "dit")
-    trainee.kappa.save_pretrained(out / "kappa")
+    """dit/, kappa/ (and ae/) staged, then each swapped in complete; prompted.json (what readers look for) last."""
+    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out))
+    try:
+        write_models(args, stage, trainee, demasker, folder)
+        for name in ("dit", "kappa", "ae"):
+            if (stage / name).exists():
+                C.swap_folder(stage / name, out / name)
+            elif (out / name).exists():  # --overwrite of a run that had it: not this run's
+                shutil.rmtree(out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     settings = {"ae": str(folder.resolve()), "pairs": str(Path(args.pairs).resolve()),
                 "num_registers": args.num_registers, "cond_registers": args.cond_registers,
                 "kappa_registers": args.kappa_registers, "max_offset": args.max_offset,
                 "block_offsets": not args.no_block_offsets, "target": args.target, "guide": args.guide,
                 "freeze_kappa": args.freeze_kappa, "xt_drop": args.xt_drop, "seq_len": args.seq_len}
     write_json(out / PROMPTED_SETTINGS_FILE, settings)
+
+
+def write_models(args, out, trainee, demasker, folder):
+    trainee.dit.save_pretrained(out / "dit")
+    trainee.kappa.save_pretrained(out / "kappa")
     if demasker is not None:
         ae_out = out / "ae"
         demasker.save_pretrained(ae_out / "demasker")
@@ -280,6 +299,7 @@ def parse_args(argv=None):
     a("--log-interval", type=int, default=50, help="steps between log lines")
     a("--seed", type=int, default=0, help="seed of the initialisation and of every per-step draw")
     a("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    a("--overwrite", action="store_true", help="replace the run already in --out-dir (refused by default)")
     args = p.parse_args(argv)
     for name in ("seq_len", "num_registers", "steps", "batch_size", "log_interval"):
         guards.check_range(p, args, name, low=1, integer=True)
@@ -311,7 +331,12 @@ def main(argv=None):
                              f"encoder has K={K_enc} registers; choose at most {K_enc}")
     mask_id, eos_id = tokenizer.mask_id, tokenizer.eos_id
     out = Path(args.out_dir)
+    held = [name for name in (PROMPTED_SETTINGS_FILE, "args.json") if (out / name).is_file()]
+    if held and not args.overwrite:
+        raise SystemExit(f"train_prompted.py: error: {out} already holds a run ({held[0]}); choose another --out-dir, "
+                         f"or pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
+    (out / PROMPTED_SETTINGS_FILE).unlink(missing_ok=True)  # an overwritten run is unreadable until it is complete
     write_text(out / "args.json", json.dumps(vars(args), indent=2) + "\n")
     lines = []
 

@@ -130,6 +130,20 @@ def test_run_folder_feeds_the_prompted_generators_and_finetunes_the_demasker(run
     assert math.isfinite(report["nfe"])
 
 
+def test_an_existing_run_is_refused_unless_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "p"
+    T.main(argv(run, out, "--steps", "2", "--demasker-steps", "1"))
+    before = (out / "dit" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run.*--overwrite"):
+        T.main(argv(run, out, "--steps", "2", "--seed", "1"))
+    assert (out / "dit" / "model.safetensors").read_bytes() == before and (out / "ae").is_dir()  # untouched
+    T.main(argv(run, out, "--steps", "2", "--seed", "1", "--overwrite"))
+    assert (out / "dit" / "model.safetensors").read_bytes() != before
+    assert not (out / "ae").exists()  # the old run's fine-tuned demasker is not this run's
+    assert (out / "prompted.json").is_file() and not list(out.glob(".stage-*"))
+    PR.load_prompted_prior(out)
+
+
 @pytest.mark.parametrize("flags, text", [(["--xt-drop", "2"], "--xt-drop"), (["--steps", "0"], "--steps"),
                                          (["--num-registers", "9"], "K=4")])
 def test_numbers_are_checked_with_the_flag_named(run, tmp_path, capsys, flags, text):
