@@ -14,7 +14,7 @@ the share of empty answers, the parse rate of prompt + answer (a bare signature 
 Infilling rows (with --cond-prior): a centred middle span of --span-fraction of each held-out program masked,
 the context visible: `infill base` (base MDM) and `infill guided` (registers from the conditional prior given the
 context, prompting.infill); CER and token F1 of the span, parse rate of the filled program.
-One process (no sharding). The guided demasker may be train_prompted.py's fine-tuned OUT/ae (pass it as --ae).
+Under torchrun the batches are dealt over the ranks (the same numbers as one process). The guided demasker may be train_prompted.py's fine-tuned OUT/ae (pass it as --ae).
 """
 
 import numpy as np
@@ -64,15 +64,19 @@ def _prompted_sampler(ctx, method, steps, temp, pprior):
 
 
 def _decode_rows(ctx, run, canvases, starts, extra, n):
-    """Batches of --batch-size through run(canvas, *extra rows, seed); returns (tokens (n, L), mean NFE)."""
-    out, nfes = [], []
-    size = ctx.get("batch_size")
-    for first in range(0, n, size):
+    """Batches of --batch-size through run(canvas, *extra rows, seed), dealt round-robin over the ranks (torchrun)
+    and gathered in order on every rank: the seed is a function of the batch's first row, so any number of ranks
+    gives the one-process result. Returns (tokens (n, L), mean NFE)."""
+    import distributed as D
+    size, env = ctx.get("batch_size"), ctx.env
+    mine = list(range(0, n, size))[env.rank::env.world_size]
+    done = []
+    for first in mine:
         rows = slice(first, min(n, first + size))
         tokens, report = run(canvases[rows].to(ctx.device), *(e[rows] for e in extra), ctx.args.seed + first)
-        out.append(tokens.cpu())
-        nfes.append(report["nfe"] * (rows.stop - rows.start))
-    return torch.cat(out), float(sum(nfes) / n)
+        done.append((first, tokens.cpu(), report["nfe"] * (rows.stop - rows.start)))
+    done = sorted(D.broadcast_object(D.gather_objects(done, env), env), key=lambda item: item[0])
+    return torch.cat([tokens for _, tokens, _ in done]), float(sum(nfe for _, _, nfe in done) / n)
 
 
 def _score(ctx, references, hypotheses, ref_ids, hyp_ids, programs):

@@ -93,3 +93,39 @@ def test_bad_input_is_named(runs, tmp_path, capsys):
     assert "--span-fraction" in capsys.readouterr().err
     with pytest.raises(ValueError, match="raise --length"):
         E.main(argv(runs, tmp_path / "o")[:-9] + ["--length", "8", "--nfe", "2", "--out", str(tmp_path / "o")])
+
+
+def _rank_main(rank, world_size, port, args, counts):
+    import os
+
+    import prompting
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    original = prompting.base_prompted
+
+    def counting(demasker, canvas, **kwargs):  # how many base canvases this rank decodes
+        with open(f"{counts}.{rank}", "a") as f:
+            f.write(f"{canvas.shape[0]}\n")
+        return original(demasker, canvas, **kwargs)
+    prompting.base_prompted = counting
+    E.main(args)
+
+
+def test_two_ranks_give_the_one_process_table(runs, tmp_path):
+    """Under torchrun the batches are dealt over the ranks; every batch's seed depends on its first row only,
+    so 2 gloo ranks write the rows of one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    extra = ("--num", "5", "--nfe", "4", "--device", "cpu")
+    counts = tmp_path / "counts"
+    mp.spawn(_rank_main, args=(2, port, argv(runs, tmp_path / "two", *extra), str(counts)), nprocs=2, join=True)
+    decoded = [sum(int(n) for n in open(f"{counts}.{rank}")) for rank in (0, 1)]
+    assert decoded == [3, 2]  # batches of 2 at rows 0, 2, 4: rank 0 takes 0 and 4, rank 1 takes 2
+    one = E.main(argv(runs, tmp_path / "one", *extra))["results"]["rows"]
+    two = json.loads((tmp_path / "two" / "prompt.json").read_text())["results"]["rows"]
+    assert len(one) == 3 and json.loads(json.dumps(one)) == two
