@@ -139,7 +139,7 @@ def setup(device=None, backend=None, timeout_minutes=30):
                    backend=backend)
 
 
-def cleanup(env=None):
+def cleanup(env=None, barrier=True):
     """Leave the process group (no-op for a single process), on the success path only.
 
     All ranks meet at a barrier first, so no rank closes its connections while a peer is still inside
@@ -148,7 +148,8 @@ def cleanup(env=None):
     by the interpreter's own shutdown (a rare SIGABRT, "terminate called without an active exception",
     seen once in CI after a run had saved everything)."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:  # barrier=False on an error path: a peer may never arrive
+            dist.barrier()
         gc.collect()
         dist.destroy_process_group()
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every model and every experiment of the paper at toy scale, one command: the README's results table.
 #
-#   bash reproduce.sh                       PRESET=tiny on CPU (measured in pieces on 2 shared cores: ~2 h; README)
+#   bash reproduce.sh                       PRESET=tiny on CPU (2 cores: see the README's results header)
 #   PRESET=small DEVICE=cuda bash reproduce.sh   wider/deeper models, L = 256, more samples (minutes on one GPU)
 #
 # Stages (each reuses a finished run in OUT; delete it to start over):
@@ -80,7 +80,7 @@ if has 2; then
       --global-batch-size $BATCH --micro-batch-size $BATCH --eval-interval $AE_STEPS --save-interval 500
       "${MODEL[@]}")
   background "$OUT/scorer.log" once "$OUT/scorer" python train_scorer.py --data "$DATA" --out "$OUT/scorer" \
-    --device $DEVICE "${SCORER[@]}"
+    --device $DEVICE --threads $THREADS "${SCORER[@]}"
   log_to "$OUT/base.log" train "$OUT/base" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/base" --no-registers
   # As in the paper (guided LLaDA fine-tuned from LLaDA-8B-Base), the guided demaskers start from the base
   # MDM's weights (AE_FROM_BASE=0: from scratch, side by side with the base). The equal-budget base continues
@@ -115,13 +115,13 @@ if has 4; then
   # base decoding and both base references, then the threshold rows of `speed`) and everything else.
   R=$OUT/results
   runs=(--ae "$OUT/ae" --base "$OUT/base" --scorer "$OUT/scorer" --data "$DATA" --out "$R" --preset $PRESET
-        --device $DEVICE "${EVAL_NUM[@]}")
+        --device $DEVICE --threads $THREADS "${EVAL_NUM[@]}")  # 1 thread per lane on CPU: 2 each is 3x slower
   priors=(--prior "$OUT/prior" --cond-prior "$OUT/cprior")
   declare -A extra=(
     [fig7]="--ae-no-noise $OUT/ae_no_noise"
     [base-decoding]="--num ${SELECT_NUM:-64}"
     [fig6]="--base-decoding $R/base-decoding.json --base-equal $OUT/base_equal"
-    [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $L"
+    [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $L --caches prefix dual"
     [fig11]="--prior-no-offsets $OUT/prior_no_offsets --num ${FIG11_NUM:-64}"
     [cadd]="--cadd-run $OUT/cadd --lengths $L --nfe 8 32 $L --num ${CADD_NUM:-128} --cadd-trap"
   )

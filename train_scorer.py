@@ -316,6 +316,8 @@ def parse_args(argv=None):
                         help="tokenizer.json of the cache (default: DATA/tokenizer.json, written by data.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the batch order")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 when "
+                        "other jobs share the cores")
     parser.add_argument("--max-bad-steps", type=int, default=guards.DEFAULT_MAX_BAD_STEPS,
                         help="stop with an error after this many consecutive steps with a NaN/inf loss or gradient "
                              "norm (each is skipped; nothing is written)")
@@ -323,11 +325,15 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size", "max_bad_steps"):
         guards.check_range(parser, args, name, low=1, integer=True)
     guards.check_range(parser, args, "lr", low=0, low_open=True)
+    guards.check_range(parser, args, "threads", low=0, integer=True)
     return args
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return train(args)
 
 
 if __name__ == "__main__":
