@@ -247,6 +247,8 @@ def check_numbers(parser, args):
                 parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.bootstrap is not None and args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0 (0 = no intervals), got {args.bootstrap}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     for name in ("temperature", "sigmas"):
         for value in each(name):
             if not value >= 0:

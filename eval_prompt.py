@@ -14,7 +14,8 @@ the share of empty answers, the parse rate of prompt + answer (a bare signature 
 Infilling rows (with --cond-prior): a centred middle span of --span-fraction of each held-out program masked,
 the context visible: `infill base` (base MDM) and `infill guided` (registers from the conditional prior given the
 context, prompting.infill); CER and token F1 of the span, parse rate of the filled program.
-Under torchrun the batches are dealt over the ranks (the same numbers as one process). The guided demasker may be train_prompted.py's fine-tuned OUT/ae (pass it as --ae).
+Under torchrun the batches are dealt over the ranks (the same numbers as one process). The guided demasker may
+be train_prompted.py's fine-tuned OUT/ae (pass it as --ae).
 """
 
 import numpy as np

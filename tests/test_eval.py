@@ -297,6 +297,7 @@ def test_missing_inputs_raise_clear_errors(runs):
     (["--temperature", "-1"], "--temperature must be >= 0"), (["--sigmas", "0.5", "nan"], "--sigmas must be >= 0"),
     (["--fig7-ratio", "0"], "--fig7-ratio must be in (0, 1]"), (["--cond-ratio", "1.5"], "--cond-ratio"),
     (["--bootstrap", "-1"], "--bootstrap must be >= 0"), (["--bootstrap-restarts", "0"], "--bootstrap-restarts"),
+    (["--threads", "-1"], "--threads must be >= 0"),
 ])
 def test_numbers_are_refused_before_anything_is_loaded(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
