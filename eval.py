@@ -168,6 +168,9 @@ def parse_args(argv=None):
       "first) and fig8 (the data's L)")
     a("--nfe", type=int, nargs="+", help="NFE (= MDM steps) grid (default: powers of two from the preset's nfe_min, 1 "
       "at tiny, up to the length)")
+    a("--guided-max-nfe", type=int, help="fig6: sweep ConThenDisc / ConWithinDisc only up to this NFE (default: "
+      "the length, as the base); the speedup is decided at the bottom of the grid, and a CPU budget can skip their "
+      "costliest points (reproduce.sh at tiny: 64; speed has them at NFE = L)")
     a("--blocks", type=int, nargs="+", help="table1/table2: block lengths (default: L/8, L/4, L/2, L); "
       "base-decoding: semi-autoregressive block lengths tried beside the whole sequence (default: 32)")
     a("--base-decoding", metavar="FILE", help="fig6/speed: decode the base MDM rows with the setting chosen per "
@@ -232,7 +235,7 @@ def parse_args(argv=None):
 
 COUNTS = ("num", "batch_size", "lengths", "length", "nfe", "blocks", "steps", "registers", "prior_steps",
           "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples",
-          "fig6_num", "trap_prior_steps",
+          "fig6_num", "trap_prior_steps", "guided_max_nfe",
           "bootstrap_restarts", "cadd_latents")
 
 

@@ -250,13 +250,22 @@ def run_fig6(ctx):
         methods.append(("conthendisc", {"prior": prior}))
         if cond_prior is not None:
             methods.append(("conwithindisc", {"prior": prior, "cond_prior": cond_prior}))
+        guided_steps = [s for s in steps_list if s <= (ctx.args.guided_max_nfe or length)]
+        if not guided_steps:
+            raise SystemExit(f"eval.py fig6: --guided-max-nfe {ctx.args.guided_max_nfe} is below the smallest NFE of "
+                             f"the grid ({steps_list[0]}): raise it or extend --nfe down to it")
         rows = []
         for method, kwargs in methods:
             rows += sweep(ctx, method, length, lambda s, m=method, k=kwargs: method_sampler(ctx, m, length, s, temp, **k),
-                          steps_list, reference_features)
+                          steps_list if method in BASES else guided_steps, reference_features)
         if ctx.env.is_main:
             entry = {"rows": rows, "real": ceiling, "speedup": speedups(rows, length)}
+            if guided_steps != steps_list:
+                entry["guided_max_nfe"] = max(guided_steps)
             text = speedup_text(entry["speedup"], length)
+            if guided_steps != steps_list:
+                text += (f"\n\nThe guided methods were swept up to NFE {max(guided_steps)} (--guided-max-nfe); a match "
+                         f"above it is not measured here.")
             if ctx.args.base_equal:  # the second reference: the same speedups against the equal-budget base
                 entry["speedup_equal_budget"] = speedups(rows, length, "base-equal")
                 text += "\n\n" + speedup_text(entry["speedup_equal_budget"], length)

@@ -185,6 +185,18 @@ def test_fig6_reports_speedups_against_the_equal_budget_base_too(runs):
     assert "vs the equal-budget base MDM" in (root / "results" / "REPORT.md").read_text()
 
 
+def test_fig6_guided_max_nfe_stops_only_the_guided_sweep(runs):
+    root, _ = runs
+    result = _run(runs, "fig6", "--lengths", "16", "--nfe", "2", "4", "16", "--bootstrap", "0", "--guided-max-nfe", "4")
+    block = result["lengths"]["16"]
+    steps = {m: [r["steps"] for r in block["rows"] if r["method"] == m] for m in ("base", "conthendisc", "conwithindisc")}
+    assert steps == {"base": [2, 4, 16], "conthendisc": [2, 4], "conwithindisc": [2, 4]}
+    assert block["guided_max_nfe"] == 4 and block["speedup"]["base_reference"]["steps"] == 16
+    assert "swept up to NFE 4 (--guided-max-nfe)" in (root / "results" / "REPORT.md").read_text()
+    with pytest.raises(SystemExit, match="below the smallest NFE"):
+        _run(runs, "fig6", "--lengths", "16", "--nfe", "4", "16", "--bootstrap", "0", "--guided-max-nfe", "2")
+
+
 def test_fig6_without_bootstrap_has_no_intervals(runs):
     result = _run(runs, "fig6", "--lengths", "16", "--nfe", "4", "16", "--bootstrap", "0")
     block = result["lengths"]["16"]
@@ -297,7 +309,7 @@ def test_missing_inputs_raise_clear_errors(runs):
     (["--temperature", "-1"], "--temperature must be >= 0"), (["--sigmas", "0.5", "nan"], "--sigmas must be >= 0"),
     (["--fig7-ratio", "0"], "--fig7-ratio must be in (0, 1]"), (["--cond-ratio", "1.5"], "--cond-ratio"),
     (["--bootstrap", "-1"], "--bootstrap must be >= 0"), (["--bootstrap-restarts", "0"], "--bootstrap-restarts"),
-    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--threads", "-1"], "--threads must be >= 0"), (["--guided-max-nfe", "0"], "--guided-max-nfe must be >= 1"),
 ])
 def test_numbers_are_refused_before_anything_is_loaded(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
