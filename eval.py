@@ -189,6 +189,9 @@ def parse_args(argv=None):
     a("--temperature", type=float, help="Gumbel temperature (default: 1.0 for generation, 0 for autoencoding)")
     a("--remasking", choices=["low_confidence", "random"], default="low_confidence", help="LLaDA remasking of the "
       "guided methods (and of the base MDM without --base-decoding)")
+    a("--rng", choices=["fast", "llada"], default="fast", help="the token draw of every sampler: fast (at the "
+      "masked candidates only, same distribution) or llada (LLaDA's float64 Gumbel noise over the whole (B, L, V) "
+      "logits, token parity with its generate(); 3.6x slower per step at T = 1 with the tiny demasker, V = 2048)")
     a("--prior-steps", type=int, help="DDIM steps of a prior draw (default: the preset's; paper 128)")
     a("--refresh-prior-steps", type=int, help="DDIM steps of a ConWithinDisc refresh (default: preset; paper 32)")
     a("--cond-ratio", type=float, default=0.5, help="fig9/prdc: mask ratio r of the conditioning (paper: 0.5)")

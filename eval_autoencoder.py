@@ -12,8 +12,8 @@ import distributed as D
 import metrics as M
 from report import fmt_ci, md_table, panel
 from sample import autoencode, batch_seed, check_schedule, generate
-from eval_context import (ALPHAS, MASK_RATIOS, SIGMAS, nfe_grid, real_reference, score_texts, sharded_samples,
-                          temperature)
+from eval_context import (ALPHAS, MASK_RATIOS, SIGMAS, nfe_grid, real_reference, sampler_decoding, score_texts,
+                          sharded_samples, temperature)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def run_table(ctx, index):
             def make_batch(indices, generator, _):
                 tokens, calls = autoencode(encoder, demasker, programs["enc_ids"][indices].to(ctx.device),
                                            programs["enc_mask"][indices].to(ctx.device), length, block, nfe, temp,
-                                           ctx.args.remasking, generator=generator)
+                                           ctx.args.remasking, generator=generator, decoding=sampler_decoding(ctx))
                 return tokens, calls
             texts, _ = sharded_samples(ctx, len(sources), make_batch, f"autoencode L={length} block={block} nfe={nfe}")
             if texts is not None:
@@ -198,7 +198,7 @@ def run_fig8(ctx):
         def make_batch(indices, generator, _):
             registers = mixed[torch.as_tensor(indices, device=ctx.device)].to(next(demasker.parameters()).dtype)
             return generate(demasker, len(indices), length, length, steps, temp, ctx.args.remasking,
-                            registers=registers, generator=generator)
+                            registers=registers, generator=generator, decoding=sampler_decoding(ctx))
         texts, _ = sharded_samples(ctx, num, make_batch, f"interpolate alpha={alpha}")
         if texts is not None:
             row = {"alpha": alpha, **score_texts(ctx, texts, reference_features)}

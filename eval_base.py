@@ -43,7 +43,7 @@ import itertools
 import numpy as np
 
 from atomic import read_json
-from eval_context import score_texts, sharded_samples, temperature
+from eval_context import sampler_decoding, score_texts, sharded_samples, temperature
 from report import fmt_ci, md_table
 
 EOS_MODES = {"as trained": {}, "revealed last": {"confidence_eos_eot_inf": True}, "never": {"logits_eos_inf": True}}
@@ -124,7 +124,7 @@ def base_sampler(ctx, setting, length, steps, temp, decoding=None, folder=None):
     demasker calls (the mean per sample with an adaptive rule); there is no other model."""
     from sample import generate
     base = ctx.base(folder)
-    block, remasking, decoding = decode_options(setting, length, steps, decoding)
+    block, remasking, decoding = decode_options(setting, length, steps, decoding or sampler_decoding(ctx))
     adaptive = decoding.rule != "fixed"
 
     def run(idx, g, pg):

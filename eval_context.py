@@ -351,3 +351,11 @@ def temperature(ctx, default):
     return default if ctx.args.temperature is None else ctx.args.temperature
 
 
+def sampler_decoding(ctx, **fields):
+    """The mdm.Decoding every evaluated sampler runs with (base, guided, CADD alike), so that their seconds per
+    sample compare: --rng (default fast: the tokens drawn at the masked candidates only, the distribution of
+    LLaDA's full float64 Gumbel noise, tested in test_mdm; llada: that noise, for token parity) and `fields`."""
+    from mdm import Decoding
+    return Decoding(rng=ctx.args.rng, **fields)
+
+

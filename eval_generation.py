@@ -14,7 +14,8 @@ import torch
 
 import metrics as M
 from report import fmt_ci, md_table, panel
-from eval_context import REFRESH_FRACTIONS, nfe_grid, real_reference, score_texts, sharded_samples, temperature
+from eval_context import (REFRESH_FRACTIONS, nfe_grid, real_reference, sampler_decoding, score_texts, sharded_samples,
+                          temperature)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -35,9 +36,10 @@ def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None
     demasker calls of the batch's rows (mdm stats) plus the priors' cost."""
     from generators import conthendisc, conwithindisc
     remasking, prior_steps = ctx.args.remasking, ctx.get("prior_steps")
+    adaptive = decoding is not None and decoding.rule != "fixed"
+    decoding = decoding or sampler_decoding(ctx)  # the same token draw (--rng) for every method
 
     def nfe_of(report, stats):
-        adaptive = decoding is not None and decoding.rule != "fixed"
         calls = float(np.mean(stats["nfe_per_sample"])) if adaptive else report["demasker_calls"]
         extra = report["nfe"] - report["demasker_calls"]
         extra_flops = report.get("nfe_flops", report["nfe"]) - report["demasker_calls"]

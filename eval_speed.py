@@ -15,7 +15,7 @@ the replicate index (eval_generation.speedup_entry: the best matching row recomp
 
 import math
 
-from eval_context import nfe_grid, real_reference, score_texts, sharded_samples, temperature
+from eval_context import nfe_grid, real_reference, sampler_decoding, score_texts, sharded_samples, temperature
 from eval_generation import ceiling_text, match_tests, method_sampler, replicate_count, speedup_entry
 from report import fmt_ci, md_table, panel
 
@@ -23,7 +23,6 @@ THRESHOLDS = [0.5, 0.7, 0.9, 0.99]
 
 
 def run_speed(ctx):
-    from mdm import Decoding
     length = ctx.args.length or ctx.get("lengths")[0]
     prior = ctx.prior(ctx.args.prior)
     cond_prior = ctx.prior(ctx.args.cond_prior, "--cond-prior") if ctx.args.cond_prior else None
@@ -34,11 +33,11 @@ def run_speed(ctx):
         methods.append(("conwithindisc", {"prior": prior, "cond_prior": cond_prior}))
     if ctx.args.methods is not None:  # a subset (the base is always kept: it is the reference)
         methods = [(m, kw) for m, kw in methods if m == "base" or m in ctx.args.methods]
-    settings = [("fixed", steps, Decoding()) for steps in nfe_grid(ctx, length)]
-    settings += [(f"threshold {tau}", length, Decoding(rule="threshold", threshold=tau))
+    settings = [("fixed", steps, sampler_decoding(ctx)) for steps in nfe_grid(ctx, length)]
+    settings += [(f"threshold {tau}", length, sampler_decoding(ctx, rule="threshold", threshold=tau))
                  for tau in (ctx.args.thresholds or THRESHOLDS)]
     # the approximate key/value cache (kv_cache.py): extra base rows at NFE = L, for its quality cost and speed
-    cached = [(f"fixed, cache {mode}", length, Decoding(cache=mode)) for mode in (ctx.args.caches or [])]
+    cached = [(f"fixed, cache {mode}", length, sampler_decoding(ctx, cache=mode)) for mode in (ctx.args.caches or [])]
     rows = []
     for method, kwargs in methods:
         for label, steps, decoding in settings + (cached if method == "base" else []):
