@@ -64,7 +64,6 @@ def load_run(ckpt, need_encoder, device="cpu", dtype=None):
     """(demasker, encoder | None, tokenizer) from a train_ae.py run (OUT or OUT/checkpoint: demasker/, encoder/,
     tokenizer.json).
     A folder that is itself a demasker checkpoint (config.json) also works for --method base."""
-    from pathlib import Path
 
     from data import load_tokenizer
     from demasker import Demasker

@@ -81,7 +81,7 @@ def main():
                              result["max_rss_mb"], result.get("cuda_max_allocated_mb")))
     print(f"\ntrain_ae.py tiny preset, L={args.seq_len}, device {args.device}, {args.steps} steps "
           f"(median of steps {args.skip + 1}..{args.steps}) {args.extra}")
-    print(f"| model | threads | tokens/s | s/step | peak RSS (MB) |" + (" CUDA peak (MB) |" if rows[0][5] else ""))
+    print("| model | threads | tokens/s | s/step | peak RSS (MB) |" + (" CUDA peak (MB) |" if rows[0][5] else ""))
     print("|---|---|---|---|---|" + ("---|" if rows[0][5] else ""))
     for config, threads, speed, step_s, rss, cuda in rows:
         name = "base MDM (--no-registers)" if config == "base" else "encoder + guided demasker"

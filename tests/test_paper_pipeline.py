@@ -8,12 +8,9 @@ through the cross-tokenizer view) -> ConThenDisc and ConWithinDisc (sample.py) -
 
 import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
-import torch
 
 import data
 import eval as E

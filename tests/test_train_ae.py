@@ -18,7 +18,7 @@ import data
 import guards
 import train_ae as T
 from checkpoint import read_safetensors
-from encoder import Encoder, EncoderConfig
+from encoder import Encoder
 from sample import autoencode, cer, decode_programs, generate
 
 SEQ_LEN = 32

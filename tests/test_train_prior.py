@@ -62,7 +62,7 @@ def run(tmp_path_factory):
 
 
 def test_visible_view_hand_cases():
-    E, M = 1, 3
+    E = 1
     ids = torch.tensor([[0, 5, 6, E, E, E], [0, 5, E, E, E, E], [0, 5, 6, 7, 8, 9]])
     masked = torch.tensor([[0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0]], dtype=torch.bool)
     attention, hide = LD.visible_view(ids, masked, E)
