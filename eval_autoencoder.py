@@ -141,7 +141,7 @@ def run_table(ctx, index):
     programs = ctx.held_out(ctx.get("num"), length)
     sources = programs["texts"]
     demasker, encoder = ctx.ae()
-    temp = temperature(ctx, 0.0)
+    temp, decoding = temperature(ctx, 0.0), sampler_decoding(ctx)
     rows = []
     for block in block_grid(ctx, length):
         for nfe in nfe_grid(ctx, length, "table_nfe_min"):
@@ -153,7 +153,7 @@ def run_table(ctx, index):
             def make_batch(indices, generator, _):
                 tokens, calls = autoencode(encoder, demasker, programs["enc_ids"][indices].to(ctx.device),
                                            programs["enc_mask"][indices].to(ctx.device), length, block, nfe, temp,
-                                           ctx.args.remasking, generator=generator, decoding=sampler_decoding(ctx))
+                                           ctx.args.remasking, generator=generator, decoding=decoding)
                 return tokens, calls
             texts, _ = sharded_samples(ctx, len(sources), make_batch, f"autoencode L={length} block={block} nfe={nfe}")
             if texts is not None:
@@ -185,7 +185,7 @@ def run_fig8(ctx):
     reference_features, ceiling = real_reference(ctx, length, num)
     demasker, encoder = ctx.ae()
     steps = ctx.args.steps or length
-    temp = temperature(ctx, 0.0)
+    temp, decoding = temperature(ctx, 0.0), sampler_decoding(ctx)
     d = encoder.cfg.hidden_size
     with torch.no_grad():
         z_a = encoder(a["enc_ids"].to(ctx.device), attention_mask=a["enc_mask"].to(ctx.device)).float()
@@ -198,7 +198,7 @@ def run_fig8(ctx):
         def make_batch(indices, generator, _):
             registers = mixed[torch.as_tensor(indices, device=ctx.device)].to(next(demasker.parameters()).dtype)
             return generate(demasker, len(indices), length, length, steps, temp, ctx.args.remasking,
-                            registers=registers, generator=generator, decoding=sampler_decoding(ctx))
+                            registers=registers, generator=generator, decoding=decoding)
         texts, _ = sharded_samples(ctx, num, make_batch, f"interpolate alpha={alpha}")
         if texts is not None:
             row = {"alpha": alpha, **score_texts(ctx, texts, reference_features)}

@@ -124,18 +124,19 @@ def cadd_sampler(ctx, demasker, length, steps, temp, softness, prior=None):
     from eval_context import sampler_decoding
     from generators import conthendisc
     K, noise = ctx.args.cadd_latents, ctx.args.cadd_posterior_noise
+    decoding = sampler_decoding(ctx)
 
     def run(idx, g, pg):
         latent_generator = torch.Generator(device=ctx.device).manual_seed(batch_seed(ctx.args.seed + 3, int(idx[0])))
         if prior is None:
             tokens, nfe = cadd.cadd_generate(demasker, len(idx), length, length, steps, temp, ctx.args.remasking,
                                              softness=softness, num_latents=K, posterior_noise=noise, generator=g,
-                                             latent_generator=latent_generator, decoding=sampler_decoding(ctx))
+                                             latent_generator=latent_generator, decoding=decoding)
             return tokens, {"nfe": nfe, "demasker_calls": nfe}
         decoder = cadd.CaddDecoder(demasker, softness, K, noise, 0, latent_generator)
         tokens, report = conthendisc(decoder, prior, len(idx), length, length, steps, temp, ctx.args.remasking,
                                      prior_steps=ctx.get("prior_steps"), generator=g, prior_generator=pg,
-                                     decoding=sampler_decoding(ctx))
+                                     decoding=decoding)
         calls = report["demasker_calls"] * K
         return tokens, {"nfe": report["nfe"] - report["demasker_calls"] + calls, "demasker_calls": calls}
     return run

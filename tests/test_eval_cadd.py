@@ -90,8 +90,8 @@ def test_sampler_is_reproducible_per_batch():
     torch.manual_seed(0)
     model = Demasker(DemaskerConfig.tiny(vocab_size=40, mask_token_id=39, eos_token_id=38, bos_token_id=37,
                                          pad_token_id=38, register_dim=0, max_registers=0, cadd_schedule="linear"))
-    ctx = types.SimpleNamespace(args=types.SimpleNamespace(cadd_latents=1, cadd_posterior_noise=True, seed=0, rng="fast",
-                                                           remasking="low_confidence"), device="cpu")
+    ctx = types.SimpleNamespace(args=types.SimpleNamespace(cadd_latents=1, cadd_posterior_noise=True, seed=0,
+                                                           rng="fast", remasking="low_confidence"), device="cpu")
     run = eval_cadd.cadd_sampler(ctx, model.eval(), 8, 4, 1.0, 0.0)
     first = run([0, 1], torch.Generator().manual_seed(5), None)
     again = run([0, 1], torch.Generator().manual_seed(5), None)
