@@ -28,7 +28,7 @@ Pipeline (`build_dataset`, CLI `python data.py --out data/stdlib`):
 meta.json holds the settings and a hash of the corpus file list; it is written last, and a cache
 whose settings differ is rebuilt.
 
-Files: corpus.py (steps 1-4), tokenization.py (step 5), this file (steps 6 and the batches); their names are
+Files: dataprep/corpus.py (steps 1-4), dataprep/tokenization.py (step 5), this file (steps 6 and the batches); their names are
 re-exported here.
 
 Batches: `TokenData(folder, split).batches(batch_size, seed, position, rank, world_size)` serves
@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from atomic import read_json, write_json
+from infra.atomic import read_json, write_json
 
-from corpus import (SKIP_DIRS, SKIP_FILES, SPLITS, TEST_DIRS, collect_programs, corpus_fingerprint,  # noqa: F401
+from dataprep.corpus import (SKIP_DIRS, SKIP_FILES, SPLITS, TEST_DIRS, collect_programs, corpus_fingerprint,  # noqa: F401
                     default_corpus_dir, find_source_files, normalised_hash, split_of, split_programs)
-from tokenization import (SPECIAL_TOKENS, TextTokenizer, load_tokenizer, tokenizer_key,  # noqa: F401
+from dataprep.tokenization import (SPECIAL_TOKENS, TextTokenizer, load_tokenizer, tokenizer_key,  # noqa: F401
                           train_tokenizer)
 FORMAT_VERSION = 2
 CHUNK = 512  # programs tokenized (and written) at a time
@@ -174,8 +174,8 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
     # Build into a staging folder beside `out`; the old cache stays untouched (and usable) until the new
     # one is complete, then checkpoint.swap_folder replaces it (a complete copy exists at every instant).
     # One builder at a time (locks.exclusive): a second process waits, then reuses the finished cache.
-    from checkpoint import recover_folder, swap_folder
-    from locks import exclusive
+    from infra.checkpoint import recover_folder, swap_folder
+    from infra.atomic import exclusive
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out.parent / f".{out.name}.lock"):
         recover_folder(out)
@@ -327,8 +327,8 @@ def _read_rows(folder, split, prefix, width):
 # ------------------------------------------------------------------------------------------------
 
 def shard_indices(n, rank, world_size, epoch=0, seed=0):
-    """This rank's indices for one epoch; every example goes to exactly one rank (distributed.py)."""
-    from distributed import shard_indices as deal  # one definition, shared with the training loops
+    """This rank's indices for one epoch; every example goes to exactly one rank (infra/distributed.py)."""
+    from infra.distributed import shard_indices as deal  # one definition, shared with the training loops
 
     return deal(n, rank, world_size, epoch, seed)
 

@@ -10,7 +10,7 @@ Paper map (arXiv 2603.20210):
   z_j (width register_dim, 1024 for Qwen3-Embedding-0.6B) go through a learned linear
   projection register_dim -> d_model (no bias, like every LLaDA linear); START and END are
   learned d_model vectors. Logits are returned for the text positions only.
-- CADD beside CRoCoDiL (cadd.py; ICLR 2026, not this paper): `latents` (B, L, D) are added to the input
+- CADD beside CRoCoDiL (extensions/cadd.py; ICLR 2026, not this paper): `latents` (B, L, D) are added to the input
   embedding of every [M] position (additive fusion E([M]) + z_t); cfg.cadd_schedule / cadd_table record how
   the model was trained ("none" = a plain MDM). Without latents the forward is unchanged, bit for bit.
 - App. C, nested dropout: the trainer samples k per example and passes register_mask (B, k);
@@ -66,7 +66,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
+from infra.checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
                         read_safetensors, rename_keys, resolve_model_dir, save_model_dir, swap_columns)
 from layers import Block, RMSNorm, init_linear_, init_transformer_block_, rope_angles, rope_cos_sin, rope_inv_freq
 
@@ -97,7 +97,7 @@ class DemaskerConfig:
     prefix_rope_pairs: int = 16        # fastest rotary pairs on the prefix-local axis (of 64)
     prefix_local_positions: str = "negative"  # prefix-local indices: "negative" (no text index) | "legacy"
     max_sequence_length: int = 4096    # LLaDA's pre-training length (RoPE has no hard limit)
-    cadd_schedule: str = "none"        # CADD (cadd.py): gamma_bar schedule of the [M] latents; "none" = plain MDM
+    cadd_schedule: str = "none"        # CADD (extensions/cadd.py): gamma_bar schedule of the [M] latents; "none" = plain MDM
     cadd_table: str = "own"            # CADD: latent table w = own embedding ("own") or its detached copy ("frozen")
 
     def __post_init__(self):
@@ -325,7 +325,7 @@ class Demasker(nn.Module):
         """input_ids (B, L) long; registers (B, k, register_dim) | None; register_mask (B, k) bool
         (False = register withheld); attention_mask (B, L) bool (False = pad key); latents (B, L, D) | None:
         CADD's per-position continuous latents, added to the embedding of every [M] position (E([M]) + z_t,
-        cadd.py), ignored elsewhere; None = the plain demasker, bit for bit -> logits (B, L, V).
+        extensions/cadd.py), ignored elsewhere; None = the plain demasker, bit for bit -> logits (B, L, V).
         cache: kv_cache.BlockCache | None (approximate decoding cache, off by default): with cache.window None
         the full forward also stores every layer's keys and values; with a window (lo, hi) only text positions
         lo..hi-1 are computed against the stored keys and values -> logits (B, hi - lo, V)."""
@@ -387,7 +387,7 @@ class Demasker(nn.Module):
 
     def _forward_window(self, input_ids, registers, register_mask, attention_mask, cache):
         """A cached step: text positions [lo, hi) only, against every layer's stored keys and values
-        (kv_cache.py) -> logits (B, hi - lo, V)."""
+        (extensions/kv_cache.py) -> logits (B, hi - lo, V)."""
         B, L = input_ids.shape
         lo, hi = cache.window
         P = cache.prefix_length

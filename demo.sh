@@ -11,7 +11,7 @@
 # vocabulary 2048, K = 8 registers. Env overrides: OUT (runs/demo), AE_STEPS (2000), PRIOR_STEPS (1500).
 set -euo pipefail
 cd "$(dirname "$0")"
-source ./env.sh  # the packages: reuse what is importable, else create or reuse .venv
+source scripts/env.sh  # the packages: reuse what is importable, else create or reuse .venv
 
 OUT=${OUT:-runs/demo}
 AE_STEPS=${AE_STEPS:-2000}
@@ -71,7 +71,7 @@ if [[ $WITH_PRIOR == 1 ]]; then
   stage "ConWithinDisc (Alg. 3): registers redrawn from the conditional prior given x_t halfway, 64 steps"
   python sample.py --ae "$OUT/ae" --method conwithindisc --prior "$OUT/prior" --cond-prior "$OUT/cprior" \
     --gen-length 128 --steps 64 --num 3 --out "$OUT/conwithindisc.jsonl" --trace "$OUT/traces/conwithindisc.html"
-  python decode_trace.py merge "$OUT/traces/base.html" "$OUT/traces/conthendisc.html" \
+  python -m evaluation.decode_trace merge "$OUT/traces/base.html" "$OUT/traces/conthendisc.html" \
     "$OUT/traces/conwithindisc.html" --out "$OUT/traces/all_methods.html" > /dev/null
 fi
 stage "decoding traces (open in a browser: a slider over the steps, [M] as grey boxes, reveals coloured by confidence)"

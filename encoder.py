@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
+from infra.checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
                         read_safetensors, rename_keys, resolve_model_dir, save_model_dir, swap_columns)
 from layers import Block, RMSNorm, init_linear_, rope_angles, rope_cos_sin, rope_inv_freq
 from schedules import sample_keep_levels

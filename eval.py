@@ -1,6 +1,6 @@
 """Every quantitative claim of the paper's Sec. 5 and App. D-G, for any checkpoints, as one command each.
 
-Paper map (arXiv 2603.20210) -> subcommand -> what it measures (metrics.py holds the metric definitions):
+Paper map (arXiv 2603.20210) -> subcommand -> what it measures (evaluation/metrics.py holds the metric definitions):
   Fig. 4      fig4            masked-token CE and top-1 vs mask ratio: base MDM vs guided with k registers
   Table 1/2   table1, table2  MDM autoencoder (Alg. 6) at two lengths, sweeping block size x NFE: Gen-PPL,
                               CER, a semantic similarity (cosine of the scorer's mean-pooled features of
@@ -21,21 +21,21 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (metrics.py holds
   App. B      marginal-trap   fraction of valid samples vs tokens revealed per step on a synthetic corpus
                               with pairs that must co-occur: base, guided (oracle registers), ConThenDisc and
                               ConWithinDisc (priors trained on the trap's bank), fixed schedule and threshold
-                              decoding (marginal_trap.py; Theorem B.1)
+                              decoding (experiments/marginal_trap.py; Theorem B.1)
   Sec. 5      base-decoding   the base MDM at NFE = L with each of LLaDA's options (remasking x blocks x EOS
                               handling) on selection programs disjoint from fig6's references; the best
                               setting per L goes to OUT/base-decoding.json, which fig6 / speed take with
-                              --base-decoding (eval_base.py)
-  CADD        cadd            beyond the paper (issue 17, eval_cadd.py): base MDM vs CADD (per-token latents,
+                              --base-decoding (experiments/eval_base.py)
+  CADD        cadd            beyond the paper (issue 17, experiments/eval_cadd.py): base MDM vs CADD (per-token latents,
                               hard / soft z0_hat) vs CRoCoDiL vs CADD + registers: masked-token CE per ratio,
                               quality vs NFE (with --scorer), the marginal trap (--cadd-trap)
-  App. H      prompt          beyond the paper (issue 13, eval_prompt.py): signature + docstring -> body on held-out
+  App. H      prompt          beyond the paper (issue 13, experiments/eval_prompt.py): signature + docstring -> body on held-out
                               functions: base MDM vs ConThenDisc / ConWithinDisc with a prompted prior, CER,
                               token F1, parse rate, Gen-PPL vs NFE; infilling rows with --cond-prior
 
 Every subcommand writes OUT/NAME.json (settings, checkpoints, command, results), appends a section to
 OUT/REPORT.md and, when matplotlib is importable, draws OUT/NAME.png. Generated texts are scored with the
-reference scorer (--scorer, train_scorer.py): Gen-PPL pooled over tokens (MDLM), always next to the unigram
+reference scorer (--scorer, experiments/train_scorer.py): Gen-PPL pooled over tokens (MDLM), always next to the unigram
 entropy and the same numbers for held-out real programs of matched length; MAUVE features are its final
 hidden state at the last valid token (--features last, MAUVE's convention; mean pooling is --features mean).
 An empty sample (nothing between BOS and EOS) is scored as empty text: it adds no token to Gen-PPL, and the
@@ -55,7 +55,7 @@ MAUVE and upper Gen-PPL half-widths) stay, the matching NFE is recomputed, and t
 NFE_base / NFE_match_b (0 where nothing matches in replicate b) give the interval; the same for wall-clock
 (base seconds/sample / the fastest matching point's). NFE and seconds are the measured means (not resampled).
 
-Sampling is sharded over ranks under torchrun (distributed.py: round-robin sample indices, gathered on
+Sampling is sharded over ranks under torchrun (infra/distributed.py: round-robin sample indices, gathered on
 rank 0, which scores and writes). Batch b of every method uses the same seeds, so methods see the same
 random streams. Presets set sample counts and sweeps: tiny (minutes on CPU), small (~an hour), paper.
 
@@ -63,9 +63,9 @@ random streams. Presets set sample counts and sweeps: tiny (minutes on CPU), sma
                         --scorer runs/scorer --preset tiny
     torchrun --nproc_per_node 8 eval.py fig6 ... --preset paper
 
-Files: eval.py (this command line and the output record), eval_context.py (presets, loading, sharded sampling,
-scoring), eval_autoencoder.py (Fig. 4, 7, 8, Tables 1-2), eval_generation.py (Fig. 6, 11, 9, PRDC, App. B),
-eval_speed.py (`speed`: quality vs NFE and wall-clock with fixed and threshold decoding, the speed headline).
+Files: eval.py (this command line and the output record), experiments/eval_context.py (presets, loading, sharded sampling,
+scoring), experiments/eval_autoencoder.py (Fig. 4, 7, 8, Tables 1-2), experiments/eval_generation.py (Fig. 6, 11, 9, PRDC, App. B),
+experiments/eval_speed.py (`speed`: quality vs NFE and wall-clock with fixed and threshold decoding, the speed headline).
 """
 
 import argparse
@@ -75,16 +75,16 @@ from pathlib import Path
 
 import torch
 
-import distributed as D
-from atomic import read_json
-from report import git_commit, write_experiment
-from eval_context import ALPHAS, PRESETS, SIGMAS, Context
-from eval_autoencoder import run_fig4, run_fig7, run_fig8, run_table
-from eval_speed import run_speed
-from eval_base import run_base_decoding
-from eval_cadd import run_cadd
-from eval_prompt import run_prompt
-from eval_generation import (run_fig6, run_fig9, run_fig11, run_marginal_trap, run_prdc, speedup_text,  # noqa: F401
+from infra import distributed as D
+from infra.atomic import read_json
+from evaluation.report import git_commit, write_experiment
+from experiments.eval_context import ALPHAS, PRESETS, SIGMAS, Context
+from experiments.eval_autoencoder import run_fig4, run_fig7, run_fig8, run_table
+from experiments.eval_speed import run_speed
+from experiments.eval_base import run_base_decoding
+from experiments.eval_cadd import run_cadd
+from experiments.eval_prompt import run_prompt
+from experiments.eval_generation import (run_fig6, run_fig9, run_fig11, run_marginal_trap, run_prdc, speedup_text,  # noqa: F401
                              speedups)
 
 
@@ -98,7 +98,7 @@ def write_outputs(ctx, name, title, result, text, panels):
     command = "python eval.py " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "eval.py" else None
     scorer_info = None
     if ctx.args.scorer and (Path(ctx.args.scorer) / "scorer.json").is_file():
-        scorer_info = read_json(Path(ctx.args.scorer) / "scorer.json", "retrain it with train_scorer.py")
+        scorer_info = read_json(Path(ctx.args.scorer) / "scorer.json", "retrain it with experiments/train_scorer.py")
     record = {"experiment": name, "title": title, "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": command, "git_commit": git_commit(), "preset": ctx.args.preset,
               "settings": {k: v for k, v in vars(ctx.args).items() if k != "func"},
@@ -140,8 +140,8 @@ def parse_args(argv=None):
       "rows are 'base-equal', decoded like --base, and the speedups are reported against both")
     a("--prior", help="unconditional train_prior.py run (ConThenDisc; initial registers of ConWithinDisc)")
     a("--cond-prior", help="conditional train_prior.py --conditional run (ConWithinDisc; prompt: the infilling rows)")
-    a("--prompted-prior", help="prompt: train_prompted.py run (App. H, Eq. 12: the prior conditioned on h_kappa(c))")
-    a("--pairs", help="prompt: prompts.py --out folder (prompt/answer pairs; the test split is scored)")
+    a("--prompted-prior", help="prompt: experiments/train_prompted.py run (App. H, Eq. 12: the prior conditioned on h_kappa(c))")
+    a("--pairs", help="prompt: dataprep/prompts.py --out folder (prompt/answer pairs; the test split is scored)")
     a("--span-fraction", type=float, default=0.3, help="prompt: share of each program masked as the infilling span")
     a("--prior-no-offsets", help="fig11: a prior trained with --no-block-offsets")
     a("--length-priors", nargs="*", metavar="L=DIR", help="fig6: a prior per generation length (the paper: K = 8 at "
@@ -150,11 +150,11 @@ def parse_args(argv=None):
     a("--thresholds", type=float, nargs="+", help="speed: confidence thresholds tau of the adaptive rule "
       "(default: 0.5 0.7 0.9 0.99); marginal-trap: its threshold rows (default: 0.1 0.3 0.5 0.7 0.9 0.99)")
     a("--caches", nargs="+", choices=["prefix", "dual"], default=[], help="speed: extra base MDM rows at NFE = L "
-      "with the approximate key/value cache (kv_cache.py; semi-autoregressive blocks only), for its cost and speed")
+      "with the approximate key/value cache (extensions/kv_cache.py; semi-autoregressive blocks only), for its cost and speed")
     a("--methods", nargs="*", choices=["conthendisc", "conwithindisc"], default=None, help="speed: only these "
       "guided methods beside the base MDM (default: both; the flag with no name: the base MDM alone)")
     a("--k-priors", nargs="*", help="fig11: priors trained with different --num-registers (default: --prior)")
-    a("--scorer", help="train_scorer.py output folder, or a Qwen3 causal LM folder / hub id (Gen-PPL, MAUVE)")
+    a("--scorer", help="experiments/train_scorer.py output folder, or a Qwen3 causal LM folder / hub id (Gen-PPL, MAUVE)")
     a("--data", help="data.py cache (default: the 'data' recorded in the AE run's args.json)")
     a("--out", default="results", help="output folder for NAME.json, REPORT.md and plots")
     a("--preset", choices=sorted(PRESETS), default="tiny", help="sample counts and sweeps: tiny (minutes on CPU), "
@@ -170,7 +170,7 @@ def parse_args(argv=None):
       "at tiny, up to the length)")
     a("--guided-max-nfe", type=int, help="fig6: sweep ConThenDisc / ConWithinDisc only up to this NFE (default: "
       "the length, as the base); the speedup is decided at the bottom of the grid, and a CPU budget can skip their "
-      "costliest points (reproduce.sh at tiny: 64; speed has them at NFE = L)")
+      "costliest points (scripts/reproduce.sh at tiny: 64; speed has them at NFE = L)")
     a("--blocks", type=int, nargs="+", help="table1/table2: block lengths (default: L/8, L/4, L/2, L); "
       "base-decoding: semi-autoregressive block lengths tried beside the whole sequence (default: 32)")
     a("--base-decoding", metavar="FILE", help="fig6/speed: decode the base MDM rows with the setting chosen per "

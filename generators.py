@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from atomic import read_json
+from infra.atomic import read_json
 from mdm import LLADA, _model_device, _resolve_mask_id, check_schedule, generate, mdm_loop
 from schedules import base_time_range, ddim_step, register_blocks, register_times
 
@@ -83,7 +83,7 @@ class Prior:
 def check_prior_matches_ae(folder, settings, ae):
     """A prior belongs to the encoder whose register bank it was trained on: refuse another AE run, naming both
     (prior.json's encoder_fingerprint against the fingerprint of `ae`'s encoder/)."""
-    from latent_data import encoder_fingerprint
+    from dataprep.latent_data import encoder_fingerprint
     recorded = settings.get("encoder_fingerprint")
     ae_dir = Path(ae)
     if (ae_dir / "checkpoint" / "encoder").is_dir():
@@ -143,7 +143,7 @@ def _load_view(settings, folder, ae_dir):
     """The cross-tokenizer view a two-tokenizer conditional prior was trained with: prior.json's
     "cross_tokenizer" ({"slots_per_token", "max_length"}) and the tokenizer files of the prior folder or of the
     AE checkpoint. None for a prior trained before the view existed (ConWithinDisc then refuses it)."""
-    from cross_tokenizer import view_from_files
+    from dataprep.cross_tokenizer import view_from_files
 
     recorded = settings.get("cross_tokenizer") or {}
     if "slots_per_token" not in recorded:
@@ -204,7 +204,7 @@ def embed_canvas(encoder, x, mask_id, eos_id, view=None):
     Returns (cond (B, Kc, d), cond_mask None: all valid)."""
     masked = x == mask_id
     if view is None:
-        from latent_data import visible_view
+        from dataprep.latent_data import visible_view
         attention_mask, hide = visible_view(x, masked, eos_id)
         ids = x.masked_fill(masked, encoder.cfg.pad_token_id)
     else:

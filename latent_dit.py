@@ -70,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
+from infra.checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
                         read_safetensors, resolve_model_dir, save_model_dir)
 from layers import Attention
 

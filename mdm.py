@@ -43,7 +43,7 @@ Decoding options (`Decoding`; the defaults are LLaDA's generate() except the ran
   last (LLaDA's generate() applies its flag after the tokens are chosen, where it has no effect; here it
   acts on the choice, tested).
 - cache (not in the paper; off by default): "prefix" | "dual" reuse the keys and values outside the current
-  block between the steps of a block (Fast-dLLM's approximate prefix / dual cache, kv_cache.py); the first
+  block between the steps of a block (Fast-dLLM's approximate prefix / dual cache, extensions/kv_cache.py); the first
   step of every block, and every step where ConWithinDisc redraws the registers, runs the full forward.
   Only semi-autoregressive decoding (blocks shorter than the generation) gains from it. Same NFE, cheaper
   steps, approximate logits (exact with a one-layer demasker, tested).
@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kv_cache import CACHE_MODES, BlockCache
+from extensions.kv_cache import CACHE_MODES, BlockCache
 from schedules import num_transfer_tokens
 
 REMASKING = ("low_confidence", "random")

@@ -4,8 +4,8 @@ Methods (paper arXiv 2603.20210): `base` (the LLaDA baseline, Sec. 5), `autoenco
 then the guided MDM; prints source, reconstruction and CER), `conthendisc` / `conwithindisc` (Alg. 2, 3, the
 hybrid generators of generators.py with priors trained by train_prior.py; NFE as the paper counts it).
 With --prompt / --prompt-file (App. H: the prompt as the fixed prefix; ConThenDisc / ConWithinDisc with a
-train_prompted.py prior) or --infill 'prefix<|span|>suffix' (the span decoded, the context fixed; registers from
-the conditional prior given the context) the methods decode a canvas with fixed tokens (prompting.py).
+experiments/train_prompted.py prior) or --infill 'prefix<|span|>suffix' (the span decoded, the context fixed; registers from
+the conditional prior given the context) the methods decode a canvas with fixed tokens (extensions/prompting.py).
 The decoding loop itself (LLaDA's sampler, exact parity, RNG order) lives in mdm.py; its functions are
 re-exported here for old imports.
 
@@ -23,8 +23,8 @@ import torch
 
 from mdm import (REMASKING, RULES, Decoding, _model_device, _resolve_mask_id, add_gumbel_noise, autoencode,  # noqa: F401
                  check_schedule, encode_registers, generate, mdm_loop, reveal_step)  # (re-exported)
-from metrics import cer, levenshtein  # noqa: F401  (CER, Tables 1-2: moved to metrics.py, re-exported)
-from cadd import check_cadd
+from evaluation.metrics import cer, levenshtein  # noqa: F401  (CER, Tables 1-2: moved to evaluation/metrics.py, re-exported)
+from extensions.cadd import check_cadd
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def parse_args(argv=None):
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="--prompt: LLaDA's classifier-free guidance, the "
                         "unconditional branch with the prompt replaced by [M]: logits = un + (s + 1)(cond - un); 0 = off")
     parser.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
-                        help="approximate key/value reuse within a semi-autoregressive block (Fast-dLLM; kv_cache.py): "
+                        help="approximate key/value reuse within a semi-autoregressive block (Fast-dLLM; extensions/kv_cache.py): "
                              "prefix caches the registers and finished blocks, dual also the [M] suffix; same NFE, "
                              "cheaper steps, slightly different logits. Gains only with --block-length < the length")
     parser.add_argument("--logits-eos-inf", action="store_true", help="never predict EOS (LLaDA's option)")
@@ -171,7 +171,7 @@ def parse_args(argv=None):
                         help="reveal EOS predictions last (acts on the choice, unlike LLaDA's flag)")
     parser.add_argument("--trace", default=None, metavar="FILE.html",
                         help="write a step-by-step trace of the first batch as one self-contained HTML page "
-                             "(decode_trace.py); samples and the random stream are unchanged")
+                             "(evaluation/decode_trace.py); samples and the random stream are unchanged")
     parser.add_argument("--trace-samples", type=int, default=2, help="samples of the first batch shown in --trace")
     parser.add_argument("--keep", type=int, default=None, help="autoencode, conthendisc, conwithindisc: the demasker "
                         "reads only the first k registers (a prior over all K: train_prior.py --num-registers all)")
@@ -183,7 +183,7 @@ def parse_args(argv=None):
                         "marker once; --span-tokens [M] are filled, every context token kept. base: the base MDM; "
                         "conthendisc / conwithindisc: registers from --cond-prior given the context")
     parser.add_argument("--span-tokens", type=int, default=16, help="--infill: tokens of the masked span")
-    parser.add_argument("--prompted-prior", default=None, help="train_prompted.py run (App. H, Eq. 12) for --prompt "
+    parser.add_argument("--prompted-prior", default=None, help="experiments/train_prompted.py run (App. H, Eq. 12) for --prompt "
                         "with conthendisc / conwithindisc")
     parser.add_argument("--num", type=int, default=8, help="number of programs to decode")
     parser.add_argument("--batch-size", type=int, default=8, help="programs decoded in parallel")
@@ -260,10 +260,10 @@ def hybrid_generator(args, dtype):
 
 
 def conditional_generator(args, tokenizer, cfg, gen_length, dtype):
-    """--prompt / --infill (prompting.py, App. H): (a callable (model, count, steps, temperature, remasking,
+    """--prompt / --infill (extensions/prompting.py, App. H): (a callable (model, count, steps, temperature, remasking,
     decoding, stats) -> (tokens, nfe report), the priors' CPU generator, the canvas (L,))."""
-    import prompting as PR
-    from prompts import encoder_rows, parse_infill, prompt_canvas
+    from extensions import prompting as PR
+    from dataprep.prompts import encoder_rows, parse_infill, prompt_canvas
 
     mask_id = cfg.mask_token_id
     try:
@@ -289,7 +289,7 @@ def conditional_generator(args, tokenizer, cfg, gen_length, dtype):
             model, cond_prior, rows(count), steps, temp, remasking, prior_steps=args.refresh_prior_steps,
             prior_generator=prior_generator, keep=args.keep, **o)), prior_generator, canvas
     if args.prompted_prior is None:
-        raise SystemExit(f"sample.py: error: --prompt with --method {args.method} needs --prompted-prior (train_prompted.py)")
+        raise SystemExit(f"sample.py: error: --prompt with --method {args.method} needs --prompted-prior (experiments/train_prompted.py)")
     pprior = PR.load_prompted_prior(args.prompted_prior, ae=args.ckpt, device=args.device, dtype=dtype)
     prompt_ids, prompt_mask = encoder_rows([args.prompt], tokenizer, gen_length, shared=True)
     fn = PR.conthendisc_prompted if args.method == "conthendisc" else PR.conwithindisc_prompted
@@ -322,7 +322,7 @@ def main(argv=None):
     the output does not depend on the number of ranks."""
     from tqdm import tqdm
 
-    import distributed as D
+    from infra import distributed as D
 
     args = parse_args(argv)
     env = D.setup(device=args.device)
@@ -371,7 +371,7 @@ def main(argv=None):
             prior_generator.manual_seed(seed + 1)
         model = demasker
         if args.trace and first == 0:  # the first batch, recorded by a wrapper (no change to the samples)
-            from decode_trace import Trace
+            from evaluation.decode_trace import Trace
             model = trace = Trace(demasker, cfg.mask_token_id, label=args.method)
         stats = {}
         started = time.time()
@@ -420,7 +420,7 @@ def main(argv=None):
     gathered = D.gather_objects(records, env)
     D.cleanup(env)
     if trace is not None:  # rank 0 decodes the first batch
-        from decode_trace import panel, write_html
+        from evaluation.decode_trace import panel, write_html
         shown = range(min(args.trace_samples, len(trace.steps[0]["canvas"])))
         path = write_html(args.trace, [panel(trace, i, tokenizer, cfg.eos_token_id, f"{args.method} #{i}", cfg.bos_token_id)
                                        for i in shown], title=f"crocodil {args.method}: decoding trace")
@@ -432,7 +432,7 @@ def main(argv=None):
         for record in gathered:
             show(record, autoencoding)
     if args.out:  # a temporary file of our own, renamed at the end: an existing file is replaced whole or kept
-        from atomic import write_text
+        from infra.atomic import write_text
         write_text(args.out, "".join(json.dumps(record) + "\n" for record in gathered))
     errors = [record["cer"] for record in gathered] if autoencoding else []
     summary = (f"{args.num} programs on {env.world_size} rank(s), NFE {gathered[-1]['nfe']:.4g} per batch, "

@@ -22,7 +22,7 @@ projected register's RMS (and START/END's) equals the token embeddings' RMS (mat
 --rewarm-steps N re-warms the LR linearly over N steps when f_theta unfreezes (get_lr). `--no-registers` trains
 the base MDM (f_theta(x_t) without registers, Sec. 5's baseline) on the same data with the same budget; the
 guided run starts from it with --from-base (the paper's recipe; required by the paper preset).
-CADD beside CRoCoDiL (--cadd, issue 17; cadd.py): every [M] position also receives z_t ~ N(sqrt(gb_t) w(x_0),
+CADD beside CRoCoDiL (--cadd, issue 17; extensions/cadd.py): every [M] position also receives z_t ~ N(sqrt(gb_t) w(x_0),
 (1 - gb_t) I) at t = p_mask (--cadd-schedule), added to E([M]); the loss is the same CE; works with registers too.
 Register dropout (--register-dropout P, issue 14): every register of an example withheld with probability P
 (the null bank of mdm.guided_logits), drawn from the example's generator (corruption.py).
@@ -45,7 +45,7 @@ Checkpoints (rank 0 writes, every rank calls): OUT/checkpoint/{encoder/, demaske
 config.json, readable by from_pretrained), tokenizer.json, args.json, progress.json (step) and
 training_state.pt (AdamW state by parameter name, step, data position, RNG states). The folder appears
 atomically and is crash-safe at every instant (checkpoint.swap_folder; --resume recovers a save killed between
-its renames). Failure behaviour (guards.py): a step with a NaN/inf loss or gradient norm is skipped (no update,
+its renames). Failure behaviour (infra/guards.py): a step with a NaN/inf loss or gradient norm is skipped (no update,
 no checkpoint) and --max-bad-steps in a row stop the run with an error naming the last good checkpoint;
 --resume loads every tensor strictly and refuses changed model/data/objective flags (ae_args.RESUME_MUTABLE). The LR is a pure function
 of the step (nanoGPT's get_lr), so the step is the whole scheduler state. OUT/log.jsonl holds train and
@@ -60,7 +60,7 @@ initialised demasker cannot be usefully frozen). paper: App. C's AdamW lr 2.5e-5
 4000 encoder warm-up steps, 3 epochs, K = 128, from Qwen3-Embedding-0.6B and LLaDA-8B-Base, FSDP2 in bf16.
 
 Run:  python train_ae.py --preset tiny --out-dir runs/ae              (one process)
-      torchrun --nproc_per_node 8 train_ae.py --preset paper ...      (DDP / FSDP2 via distributed.py)
+      torchrun --nproc_per_node 8 train_ae.py --preset paper ...      (DDP / FSDP2 via infra/distributed.py)
 """
 
 import json
@@ -74,13 +74,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import cadd
-import checkpoint as C
-import dist_checkpoint as DC
-import distributed as D
-import guards
-from run_state import check_same_tokenizers, rng_states, set_rng_states  # noqa: F401 (re-exported)
-from ae_args import CHECKPOINT, PRESETS, RESUME_MUTABLE, parse_args  # noqa: F401 (train_ae.parse_args)
+from extensions import cadd
+from infra import checkpoint as C
+from infra import dist_checkpoint as DC
+from infra import distributed as D
+from infra import guards
+from infra.dist_checkpoint import check_same_tokenizers, rng_states, set_rng_states  # noqa: F401 (re-exported)
+from config.ae_args import CHECKPOINT, PRESETS, RESUME_MUTABLE, parse_args  # noqa: F401 (train_ae.parse_args)
 from demasker import CONDITIONING_PARAMS, Demasker, DemaskerConfig
 from corruption import corrupt, example_generator, latent_noise_std  # noqa: F401 (Alg. 1 lines 2-5; re-exported)
 from encoder import Encoder, EncoderConfig, register_keep_mask, sample_keep
@@ -106,7 +106,7 @@ class EncoderDemasker(nn.Module):
     def forward(self, x_t, enc_ids=None, enc_mask=None, keep=None, noise=None, cadd_inputs=None):
         """x_t (B, L); enc_ids/enc_mask (B, Le) clean program for h_phi; keep (B,) registers exposed;
         noise (B, K, d) | None added to the exposed registers (App. D); cadd_inputs: None, or (x_0 (B, L),
-        t (B,) mask ratios, noise (B, L, D)) for the CADD latents at [M] (cadd.py, --cadd). -> logits (B, L, V)."""
+        t (B,) mask ratios, noise (B, L, D)) for the CADD latents at [M] (extensions/cadd.py, --cadd). -> logits (B, L, V)."""
         latents = None if cadd_inputs is None else cadd.training_latents(self.demasker, *cadd_inputs)
         if self.encoder is None:
             return self.demasker(x_t) if latents is None else self.demasker(x_t, latents=latents)
@@ -462,7 +462,7 @@ def train(args):
     stream.data_settings = meta.get("settings")
     max_steps = args.max_steps or int(args.epochs * stream.steps_per_epoch)
     start = 0
-    if resume_dir is not None:  # the step decides the staging before wrap_model (distributed.py's rule)
+    if resume_dir is not None:  # the step decides the staging before wrap_model (infra/distributed.py's rule)
         start = json.loads((resume_dir / PROGRESS).read_text())["step"]
     staged = encoder is not None and args.encoder_warmup_steps > 0
     # frozen at wrap time and at loading when no demasker update has happened yet (start <= warm-up steps):

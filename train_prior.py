@@ -1,7 +1,7 @@
 """Train the latent prior g_psi on register banks: unconditional (Alg. 5) or conditional (Alg. 4).
 
 Paper map (arXiv 2603.20210, App. E):
-- Alg. 5 (ConThenDisc's prior): z_0 = h_phi(x_0) from the frozen encoder (latent_data.py banks),
+- Alg. 5 (ConThenDisc's prior): z_0 = h_phi(x_0) from the frozen encoder (dataprep/latent_data.py banks),
   t ~ U, z_t = sqrt(ab(t)) z_0 + sqrt(1 - ab(t)) eps (cosine DDPM, schedules.q_sample), loss
   ||g_psi(z_t, t) - z_0||^2 (x0-prediction), here the mean over registers AND entries (each register
   has norm sqrt(d), so an entry's mean square is 1 and the loss reads as a relative error).
@@ -48,7 +48,7 @@ micro-batches) follows the same trajectory up to float summation order.
     torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers 8
     torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers all
 
-The command line (flags, presets, number checks, --resume rules) is prior_args.py.
+The command line (flags, presets, number checks, --resume rules) is config/prior_args.py.
 """
 
 import copy
@@ -63,15 +63,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint as C
-from cross_tokenizer import SharedView, describe, masked_view, view_from_data
-import dist_checkpoint as DC
-import distributed as D
-import guards
-from latent_data import RegisterBank, build_bank, default_cache_dir, encoder_fingerprint
+from infra import checkpoint as C
+from dataprep.cross_tokenizer import SharedView, describe, masked_view, view_from_data
+from infra import dist_checkpoint as DC
+from infra import distributed as D
+from infra import guards
+from dataprep.latent_data import RegisterBank, build_bank, default_cache_dir, encoder_fingerprint
 from latent_dit import DiTConfig, LatentDiT
 from generators import PRIOR_SETTINGS_FILE
-from prior_args import parse_args, resolve_ae
+from config.prior_args import parse_args, resolve_ae
 from schedules import q_sample, register_blocks, register_times, sample_base_times
 
 STATE_DIR = "train_state"
@@ -158,7 +158,7 @@ def step_draws(seed, step, global_batch, num_registers, dim, max_offset, offsets
 
 def conditioning_inputs(view, tokens, rows, uniforms, ratios, device):
     """x^(r) of Alg. 4 drawn in the DEMASKER's token space (what the demasker's canvas x_t looks like when
-    ConWithinDisc refreshes), then the encoder's view of it (cross_tokenizer.py: the row itself with one
+    ConWithinDisc refreshes), then the encoder's view of it (dataprep/cross_tokenizer.py: the row itself with one
     tokenizer; visible runs re-tokenised and hidden slots for masked runs with two). Returns (ids,
     attention_mask, hide) on the device, each (B, L_enc)."""
     ids = tokens.batch(rows)["ids"]  # (B, L) demasker ids
@@ -191,7 +191,7 @@ def model_inputs(ctx, rows, t_base, noise, r=None, u=None):
 @torch.no_grad()
 def validate(model, ctx):
     """EMA model on the first --val-examples held-out banks, fixed noise (and r = 0.5 masks)."""
-    from metrics import psnr
+    from evaluation.metrics import psnr
 
     a, bank = ctx["args"], ctx["val_bank"]
     n = min(len(bank), a.val_examples)
@@ -242,7 +242,7 @@ def resolve_data_dir(args, ae):
 
 def build_models(args, encoder_dir, device):
     """(PriorTrainee, frozen conditioning encoder | None, cond encoder config | None)."""
-    from checkpoint import read_config
+    from infra.checkpoint import read_config
     from encoder import Encoder
 
     encoder_cfg = read_config(encoder_dir)

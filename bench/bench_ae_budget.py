@@ -17,17 +17,12 @@ Resumable: OUT/results.json holds every finished point (skipped on a rerun); an 
 from its last checkpoint (train_ae --resume; --save-interval). Wall-clock is the sum of the training
 subprocesses' times (data loading and train_ae's final validation included), on whatever else the machine runs;
 their CPU time (user + system) is recorded beside it: with one thread it estimates an idle core's wall-clock.
-Writes OUT/results.json and OUT/results.md (atomic.py), one row per (configuration, budget, evaluation point).
+Writes OUT/results.json and OUT/results.md (infra/atomic.py), one row per (configuration, budget, evaluation point).
 
-    python bench/bench_ae_budget.py --data runs/study/data --out runs/study/bench --sweep factors --steps 600
-    python bench/bench_ae_budget.py --data runs/study/data --out runs/study/bench \\
+    python -m bench.bench_ae_budget --data runs/study/data --out runs/study/bench --sweep factors --steps 600
+    python -m bench.bench_ae_budget --data runs/study/data --out runs/study/bench \\
         --config wide "--encoder-width 128" --steps 2700 --eval-at 600 1200
 """
-
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # the repo's modules
 
 import argparse
 import functools
@@ -44,9 +39,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import guards
-from atomic import read_json, write_json, write_text
-from report import md_table
+from infra import guards
+from infra.atomic import read_json, write_json, write_text
+from evaluation.report import md_table
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_FLAGS = ["--preset", "tiny", "--warmup-steps", "50"]  # demo.sh's AE run (from scratch)
@@ -142,7 +137,7 @@ def last_validation(run_dir):
 
 def held_out_programs(data_dir, count, length):
     """eval_context.Context.held_out: the first `count` val/test programs of <= length tokens (a fixed set)."""
-    from eval_context import Context
+    from experiments.eval_context import Context
     ctx = Context(SimpleNamespace(device="cpu", dtype=None, preset="tiny", ae=None, ae_no_noise=None, base=None,
                                   data=str(data_dir)))
     return ctx.held_out(count, length), ctx
@@ -167,7 +162,7 @@ def train_programs(ctx, count, length):
 def autoencode_cer(run_dir, programs, ctx, length, nfe, batch_size, remasking):
     """Mean CER of Alg. 6 (one block of `length`, temperature 0) over `programs`, and the first example. The batch
     starting at program i is seeded with i (random remasking draws its order; low-confidence uses no draw)."""
-    import metrics as M
+    from evaluation import metrics as M
     from mdm import autoencode
     from sample import decode_programs, load_run
     demasker, encoder, _ = load_run(str(run_dir), True, "cpu")
@@ -186,7 +181,7 @@ def reference_cers(texts):
     """What a CER means on these programs: the source with every letter, digit and _ deleted (the layout and
     punctuation kept: a reconstruction right in shape, wrong in every name), and another held-out program (the
     next one in the set: right in style only)."""
-    import metrics as M
+    from evaluation import metrics as M
     skeleton = float(np.mean([M.cer(t, re.sub(r"\w", "", t)) for t in texts]))
     other = float(np.mean([M.cer(t, texts[(i + 1) % len(texts)]) for i, t in enumerate(texts)]))
     return {"skeleton": skeleton, "other_program": other}
@@ -276,7 +271,7 @@ def run(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Example:\n  python bench/bench_ae_budget.py --data runs/study/data --out "
+                                epilog="Example:\n  python -m bench.bench_ae_budget --data runs/study/data --out "
                                        "runs/study/bench --sweep factors --steps 600")
     a = p.add_argument
     a("--data", required=True, help="data.py cache (shared tokenizer), e.g. python data.py --out runs/study/data "

@@ -10,14 +10,9 @@ process with 2 threads is timed too, as the alternative way to use two cores.
 Every process uses --threads intra-op threads; on a 2-core machine use 1 so that two
 processes do not oversubscribe the cores.
 
-    python bench/bench_distributed.py                 # the table in the README
-    python bench/bench_distributed.py --steps 20 --batch 8 --seq-len 256
+    python -m bench.bench_distributed                 # the table in the README
+    python -m bench.bench_distributed --steps 20 --batch 8 --seq-len 256
 """
-
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # the repo's modules
 
 import argparse
 import os
@@ -30,7 +25,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-import distributed as D
+from infra import distributed as D
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 

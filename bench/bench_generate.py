@@ -6,14 +6,9 @@ prior's time is measured by timing generators.sample_registers and the encoder c
 (wrapped here, nothing else changed); NFE is the paper's count from generators.nfe_report (demasker
 calls + prior cost in demasker-call equivalents from forward FLOPs).
 
-    python bench/bench_generate.py --threads 1                 # the README figures (CPU, tiny preset)
-    python bench/bench_generate.py --device cuda --batch-size 64
+    python -m bench.bench_generate --threads 1                 # the README figures (CPU, tiny preset)
+    python -m bench.bench_generate --device cuda --batch-size 64
 """
-
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # the repo's modules
 
 import argparse
 import time

@@ -7,15 +7,10 @@ Each setting runs with both random streams (--rng): "fast" draws the Gumbel nois
 candidates, "llada" for the full (B, L, V) logits (token-exact LLaDA parity); the last column is the step
 time at temperature 1 over the step time at temperature 0 (issue 14 target for fast: <= 1.10 at V = 32k).
 
-    python bench/bench_sample.py                        # the README figures: L = 256, CPU, several settings
-    python bench/bench_sample.py --vocab 32768 --batch-size 8 --block-length 32
-    python bench/bench_sample.py --device cuda --batch-size 16
+    python -m bench.bench_sample                        # the README figures: L = 256, CPU, several settings
+    python -m bench.bench_sample --vocab 32768 --batch-size 8 --block-length 32
+    python -m bench.bench_sample --device cuda --batch-size 16
 """
-
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # the repo's modules
 
 import argparse
 import time

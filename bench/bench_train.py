@@ -6,15 +6,10 @@ figures train_ae writes to log.jsonl (global batch x L / wall time of the step, 
 per-example random draws included), skipping the first --skip steps (allocator and cache warm-up).
 Peak memory: the process's max RSS (resource.getrusage, CPU) or torch.cuda.max_memory_allocated (GPU).
 
-    python bench/bench_train.py                   # CPU, tiny preset, L=128, 1 thread and torch's default
-    python bench/bench_train.py --threads 2 --steps 40 --configs guided
+    python -m bench.bench_train                   # CPU, tiny preset, L=128, 1 thread and torch's default
+    python -m bench.bench_train --threads 2 --steps 40 --configs guided
 Figures go into the README with the command that produced them.
 """
-
-import os as _os
-import sys as _sys
-
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # the repo's modules
 
 import argparse
 import json
@@ -70,7 +65,8 @@ def main():
                          "--eval-interval", "0", "--log-interval", "1", "--save-interval", str(10 ** 9),
                          "--threads", threads, "--device", args.device, "--out-dir", f"{tmp}/{config}-{threads}",
                          *(["--data", args.data] if args.data else []), *CONFIGS[config], *args.extra.split()]
-                done = subprocess.run([sys.executable, __file__, "--worker", *flags], capture_output=True, text=True)
+                done = subprocess.run([sys.executable, "-m", "bench.bench_train", "--worker", *flags], capture_output=True,
+                                      text=True, cwd=Path(__file__).resolve().parent.parent)
                 lines = [l for l in done.stdout.splitlines() if l.startswith("BENCH ")]
                 if done.returncode or not lines:
                     sys.exit(f"{config} (threads {threads}) failed:\n{done.stderr[-3000:]}")

@@ -35,18 +35,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # How each command line is started, relative to the repository root.
 CLI = {
     "data": ["data.py"],
-    "prompts": ["prompts.py"],
+    "prompts": ["-m", "dataprep.prompts"],
     "train_ae": ["train_ae.py"],
     "train_prior": ["train_prior.py"],
-    "train_scorer": ["train_scorer.py"],
-    "train_prompted": ["train_prompted.py"],
+    "train_scorer": ["-m", "experiments.train_scorer"],
+    "train_prompted": ["-m", "experiments.train_prompted"],
     "sample": ["sample.py"],
     "eval": ["eval.py"],
 }
 
 # Keys whose values change from run to run (wall-clock, dates, the command line, the commit): dropped.
 VOLATILE = ("time", "second", "wall", "per_s", "tokens_per", "samples_per", "date", "elapsed", "command",
-            "commit", "created", "argv", "host", "throughput", "duration", "started", "finished", "_ms", "python",
+            "commit", "created", "markdown", "argv", "host", "throughput", "duration", "started", "finished", "_ms", "python",
             "torch_version", "version")
 
 
@@ -123,13 +123,15 @@ def steps(work):
     ]
 
 
-def canonical(value):
-    """A JSON value without its volatile keys; floats kept exact."""
+def canonical(value, work):
+    """A JSON value without its volatile keys, the scratch folder's path written as <work>; floats kept exact."""
     if isinstance(value, dict):
-        return {k: canonical(v) for k, v in sorted(value.items())
+        return {k: canonical(v, work) for k, v in sorted(value.items())
                 if not any(part in k.lower() for part in VOLATILE)}
     if isinstance(value, list):
-        return [canonical(v) for v in value]
+        return [canonical(v, work) for v in value]
+    if isinstance(value, str):
+        return value.replace(str(work), "<work>")
     return value
 
 
@@ -137,7 +139,7 @@ def digest(data):
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def fingerprint(path):
+def fingerprint(path, work):
     """A short hash of what matters in one output file, or None for files that are not compared."""
     name = path.name
     if name.endswith(".safetensors"):
@@ -152,10 +154,10 @@ def fingerprint(path):
     if name == "tokenizer.json" or name.endswith((".bin", ".npy")):
         return digest(path.read_bytes())
     if name.endswith(".jsonl"):
-        records = [canonical(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+        records = [canonical(json.loads(line), work) for line in path.read_text().splitlines() if line.strip()]
         return digest(json.dumps(records, sort_keys=True).encode())
     if name.endswith(".json"):
-        return digest(json.dumps(canonical(json.loads(path.read_text())), sort_keys=True).encode())
+        return digest(json.dumps(canonical(json.loads(path.read_text()), work), sort_keys=True).encode())
     return None
 
 
@@ -172,7 +174,7 @@ def run_all(work):
             sys.exit(f"step {name} failed:\n$ {' '.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     prints = {}
     for path in sorted(work.rglob("*")):
-        if path.is_file() and (fp := fingerprint(path)) is not None:
+        if path.is_file() and (fp := fingerprint(path, work)) is not None:
             prints[str(path.relative_to(work))] = fp
     return prints
 
@@ -183,8 +185,8 @@ def main(argv=None):
     what.add_argument("--record", metavar="FILE.json", help="run the commands and write their fingerprints here")
     what.add_argument("--compare", metavar="FILE.json", help="run the commands and compare with this record")
     parser.add_argument("--work", default="/tmp/crocodil_behaviour",
-                        help="scratch folder for the runs (deleted and rebuilt; keep it the same for record and "
-                             "compare: paths appear inside some records)")
+                        help="scratch folder for the runs (deleted and rebuilt); its path is written as <work> in "
+                             "the fingerprints, so record and compare may use different folders")
     args = parser.parse_args(argv)
     prints = run_all(Path(args.work))
     if args.record:

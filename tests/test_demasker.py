@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoint import CheckpointError
+from infra.checkpoint import CheckpointError
 from demasker import Demasker, DemaskerConfig
 from layers import rope_angles, rope_cos_sin, rope_inv_freq
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoint import CheckpointError
+from infra.checkpoint import CheckpointError
 from encoder import HF_KEY_TABLE, Encoder, EncoderConfig, register_keep_mask, sample_keep
 
 # The public Qwen/Qwen3-Embedding-0.6B config.json (../shared/reference/qwen3.md §1).

@@ -17,7 +17,7 @@ from data import load_meta
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 from latent_dit import DiTConfig, LatentDiT
-from train_scorer import save_scorer
+from experiments.train_scorer import save_scorer
 
 K, WIDTH, L = 4, 32, 32
 
@@ -230,7 +230,7 @@ def test_matching_and_speedup_intervals_over_replicates():
 
 def test_a_png_is_written_with_intervals_and_a_band(tmp_path):
     pytest.importorskip("matplotlib")
-    from report import fmt_ci, panel, plot
+    from evaluation.report import fmt_ci, panel, plot
     series = {"base": ([1, 2, 4], [0.2, 0.3, 0.5], [0.1, None, 0.4], [0.3, None, 0.6]), "plain": ([1, 2], [0.1, 0.2])}
     panels = [panel("MAUVE", "NFE", "MAUVE", series, logx=True, band=(0.8, 0.9, "real")),
               panel("Gen-PPL", "NFE", "Gen-PPL", {"base": ([1, 2], [300.0, 290.0])}, logx=True, logy=True,
@@ -298,7 +298,7 @@ def test_missing_inputs_raise_clear_errors(runs):
     with pytest.raises(ValueError, match="--ae-no-noise"):
         E.main(["fig7", *common, "--out", str(root / "results")])
     without_scorer = [c for c in common if "scorer" not in c]
-    with pytest.raises(ValueError, match="train_scorer.py"):
+    with pytest.raises(ValueError, match="python -m experiments.train_scorer"):
         E.main(["fig8", *without_scorer, "--out", str(root / "results"), "--length", "16"])
 
 
@@ -352,7 +352,7 @@ def test_unreadable_json_names_the_file(runs, tmp_path):
 
 def test_report_outputs_are_whole_and_sections_never_interleave(tmp_path):
     """write_experiment: NAME.json replaced whole (no stray temporary file), REPORT.md appended once per call."""
-    from report import write_experiment
+    from evaluation.report import write_experiment
     record = {"experiment": "demo", "title": "t", "created": "now", "preset": "tiny", "command": "c", "x": 1}
     for value in (1, 2):
         write_experiment(tmp_path, {**record, "x": value}, "text", [])
@@ -365,8 +365,8 @@ def test_paper_preset_protocol_defaults():
     """Issue 10 item 7: Tables 1/2 at L = 256 / 512 with block 32 in the grid and NFE down to 4; Fig. 4 on 1000."""
     import types
 
-    from eval_autoencoder import block_grid
-    from eval_context import PRESETS, nfe_grid
+    from experiments.eval_autoencoder import block_grid
+    from experiments.eval_context import PRESETS, nfe_grid
     preset = PRESETS["paper"]
     ctx = types.SimpleNamespace(args=types.SimpleNamespace(nfe=None, blocks=None), get=lambda name: preset[name])
     assert preset["table_lengths"] == (256, 512) and preset["fig4_num"] == 1000 and preset["lengths"] == (512, 1024)
@@ -379,7 +379,7 @@ def test_fig6_takes_a_prior_per_length(runs):
     root, common = runs
     result = _run(runs, "fig6", "--lengths", "16", "--nfe", "4", "--length-priors", f"16={root / 'prior_flat'}")
     assert result["priors"]["16"]["prior"] == str(root / "prior_flat")
-    from eval_generation import length_priors
+    from experiments.eval_generation import length_priors
     with pytest.raises(ValueError, match="L=DIR"):
         length_priors(["runs/prior"], "--length-priors")
 
@@ -417,7 +417,7 @@ def test_tiny_preset_statistics_protocol():
     the last valid token's features by default."""
     import types
 
-    from eval_context import PRESETS, nfe_grid
+    from experiments.eval_context import PRESETS, nfe_grid
     preset = PRESETS["tiny"]
     ctx = types.SimpleNamespace(args=types.SimpleNamespace(nfe=None), get=lambda name: preset[name])
     assert preset["gen_num"] == 256 and preset["bootstrap"] == 200
@@ -429,7 +429,7 @@ def test_tiny_preset_statistics_protocol():
 def test_real_reference_splits_too_few_held_out_programs(runs):
     """Fewer than 2 x count programs fit: the available ones are halved into the reference and the real-vs-real
     set, and the ceiling says so."""
-    from eval_context import Context, real_reference
+    from experiments.eval_context import Context, real_reference
     root, common = runs
     ctx = Context(E.parse_args(["fig6", *common, "--out", str(root / "results")]))
     available = ctx.held_out_count(16)

@@ -325,7 +325,7 @@ def two_tokenizers():
 
 
 def test_conwithindisc_with_two_tokenizers_end_to_end(two_tokenizers):
-    import cross_tokenizer as X
+    from dataprep import cross_tokenizer as X
     demasker_tok, encoder_tok = two_tokenizers
     torch.manual_seed(0)
     demasker = Demasker(DemaskerConfig.tiny(vocab_size=demasker_tok.vocab_size, register_dim=D, max_registers=K,
@@ -366,7 +366,7 @@ def test_conwithindisc_with_two_tokenizers_end_to_end(two_tokenizers):
 
 def test_load_prior_builds_the_recorded_view(tmp_path, two_tokenizers):
     import json
-    import cross_tokenizer as X
+    from dataprep import cross_tokenizer as X
     demasker_tok, encoder_tok = two_tokenizers
     ae = tmp_path / "ae" / "checkpoint"
     encoder = Encoder(EncoderConfig.tiny(vocab_size=encoder_tok.vocab_size, hidden_size=D, num_registers=K))
@@ -413,7 +413,7 @@ def test_a_prior_over_all_registers_serves_the_first_k(models):
 
 
 def test_shared_view_through_embed_canvas_is_the_default_path(models):
-    import cross_tokenizer as X
+    from dataprep import cross_tokenizer as X
     demasker, _, cond_prior = models
     cfg = demasker.cfg
     x = torch.randint(0, 500, (3, 12), generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from checkpoint import CheckpointError
+from infra.checkpoint import CheckpointError
 from latent_dit import GATE_MSA, GATE_ROWS, DiTConfig, LatentDiT
 
 COND_DIM = 24

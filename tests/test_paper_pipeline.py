@@ -67,7 +67,7 @@ def test_two_tokenizer_pipeline_from_the_clis(tmp_path, capsys):
                      "--refresh-prior-steps", "2", "--out", str(tmp_path / "w.jsonl")])
     within = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
     assert len(within) == 2 and within[0]["nfe_counts"]["encoder_calls"] >= 1  # the refresh ran through the view
-    from train_scorer import main as train_scorer
+    from experiments.train_scorer import main as train_scorer
     train_scorer(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "scorer"), "--steps", "2",
                   "--batch-size", "4", "--device", "cpu"])
     record = E.main(["fig6", "--ae", str(tmp_path / "ae"), "--base", str(tmp_path / "base"), "--prior",

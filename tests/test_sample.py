@@ -450,7 +450,7 @@ def test_cli_trace_and_adaptive_decoding_on_a_tiny_checkpoint(tmp_path, monkeypa
     import json
     import types
 
-    import decode_trace
+    from evaluation import decode_trace
     from demasker import Demasker, DemaskerConfig
 
     torch.manual_seed(0)
@@ -488,7 +488,7 @@ def _records(path):
 
 @pytest.mark.parametrize("method", ["base", "conthendisc", "conwithindisc"])
 def test_prompt_is_the_fixed_prefix_of_every_sample(runs, tmp_path, method):  # noqa: F811
-    from tokenization import load_tokenizer
+    from dataprep.tokenization import load_tokenizer
     tok = load_tokenizer(str(runs / "ae" / "tokenizer.json"))
     ckpt = runs / ("base" if method == "base" else "ae")
     S.main(["--ckpt", str(ckpt), "--method", method, "--prompt", PROMPT, "--prompted-prior", str(runs / "pprior"),
@@ -502,7 +502,7 @@ def test_prompt_is_the_fixed_prefix_of_every_sample(runs, tmp_path, method):  # 
 
 
 def test_prompt_file_and_infill_keep_their_tokens(runs, tmp_path):  # noqa: F811
-    from tokenization import load_tokenizer
+    from dataprep.tokenization import load_tokenizer
     tok = load_tokenizer(str(runs / "ae" / "tokenizer.json"))
     (tmp_path / "p.txt").write_text(PROMPT)
     S.main(["--ckpt", str(runs / "base"), "--prompt-file", str(tmp_path / "p.txt"), "--length", "40", "--steps", "4",

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as C
+from infra import checkpoint as C
 import data
-import guards
+from infra import guards
 import train_ae as T
-from checkpoint import read_safetensors
+from infra.checkpoint import read_safetensors
 from encoder import Encoder
 from sample import autoencode, cer, decode_programs, generate
 
@@ -494,7 +494,7 @@ def test_register_dropout_in_training(cache, tmp_path, monkeypatch):
 
 
 def test_a_card_that_cannot_be_written_never_fails_a_save(cache, tmp_path, monkeypatch):
-    import hub
+    from infra import hub
 
     def broken(folder, *a, **k):
         raise SystemExit("broken records")

@@ -1,4 +1,4 @@
-"""Tests for latent_data.py and train_prior.py: register banks, the training objective, overfitting, the
+"""Tests for dataprep/latent_data.py and train_prior.py: register banks, the training objective, overfitting, the
 conditional prior's advantage, exact resume, and the run folder the generators read."""
 
 import json
@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import data
 import generators as G
-import guards
-import latent_data as LD
+from infra import guards
+from dataprep import latent_data as LD
 import train_prior as T
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
@@ -57,7 +57,7 @@ def run(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------
-# latent_data.py
+# dataprep/latent_data.py
 # ------------------------------------------------------------------------------------------------
 
 
@@ -186,7 +186,7 @@ def test_conditional_prior_recovers_a_fully_visible_sequence_better(run):
     encoder = run["encoder"]
     with torch.no_grad():
         banks = encoder(batch["encoder_ids"], attention_mask=batch["encoder_mask"])
-    from cross_tokenizer import SharedView
+    from dataprep.cross_tokenizer import SharedView
     view = SharedView(run["meta"]["eos_id"], run["meta"]["pad_id"])  # one tokenizer: the row itself
 
     def cond_fn(rows_, draws):

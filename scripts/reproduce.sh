@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Every model and every experiment of the paper at toy scale, one command: the README's results table.
+#
+#   bash scripts/reproduce.sh                       PRESET=tiny on CPU (2 cores: see the README's results header)
+#   PRESET=small DEVICE=cuda bash scripts/reproduce.sh   wider/deeper models, L = 256, more samples (minutes on one GPU)
+#
+# Stages (each reuses a finished run in OUT; delete it to start over):
+#   1. data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each)
+#   2. train_ae.py        base MDM (--no-registers); from its weights, with the same recipe: the encoder-demasker
+#                         (Alg. 1), one without latent noise (--latent-cos 1, Fig. 7), the equal-budget base (no
+#                         registers: as many demasker updates as the guided one) and CADD (--cadd, issue 17);
+#                         experiments/train_scorer.py, the Gen-PPL / MAUVE reference LM, and eval.py marginal-trap (it trains
+#                         its own models) on the core the base MDM leaves free
+#   3. train_prior.py     unconditional (Alg. 5), conditional (Alg. 4), unconditional without block offsets; beside
+#                         them eval.py base-decoding (it needs only the base MDM and the scorer)
+#   4. eval.py            two lanes side by side: fig6 fig11 fig4 fig7 fig9 prdc | table1 table2 fig8 speed cadd
+#                         -> OUT/results/*.json, *.png, REPORT.md (an experiment that needs base-decoding's choice
+#                         waits for it when another lane runs it)
+#   5. evaluation/results_section.py OUT/results/RESULTS.md and docs/results/*.png; README=README.md also replaces the
+#                         README's results section (between its markers) with it
+# Env: AE_FROM_BASE (1 | 0: guided demaskers from scratch), PRESET (tiny | small), DEVICE (cpu | cuda), OUT
+#      (runs/PRESET), STAGES (default "1 2 3 4 5"), EVALS (the eval.py subcommands to run), REDO_EVALS (1: rerun
+#      evals whose JSON exists), README (file whose results section stage 5 rewrites); AE_STEPS_OVERRIDE (the
+#      base MDM's steps), FT_STEPS_OVERRIDE (each fine-tune's; tiny: 1000, half the base's, for the 60-minute budget),
+#      PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM, SELECT_NUM (base-decoding, 64), FIG11_NUM (64), CADD_NUM (128)
+#      shrink the budget (a smoke test of the whole chain: all at a few steps / samples).
+# The tiny preset's evaluation budget (60 minutes on 2 cores in all): fig6 sweeps the guided methods up to NFE 64
+# (GUIDED_MAX_NFE; speed has them at NFE = L), speed's thresholds are 0.5 0.7 0.9, CADD is compared at NFE 8 32 64.
+set -euo pipefail
+cd "$(dirname "$0")/.."  # the repository root
+source scripts/env.sh  # the packages: reuse what is importable, else create or reuse .venv
+
+PRESET=${PRESET:-tiny}
+DEVICE=${DEVICE:-cpu}
+OUT=${OUT:-runs/$PRESET}
+STAGES=${STAGES:-1 2 3 4 5}
+EVALS=${EVALS:-fig4 table1 table2 fig7 fig8 base-decoding fig6 speed fig9 prdc fig11 marginal-trap cadd}
+DATA=$OUT/data
+export PYTHONUNBUFFERED=1
+case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset's budget (smoke tests)
+  tiny)  L=128; VOCAB=2048; AE_STEPS=2000; FT_STEPS=1000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
+         GUIDED_MAX_NFE=64; THRESHOLDS="0.5 0.7 0.9"; CADD_NFE="8 32 64"
+         MODEL=(); PRIOR_MODEL=(); SCORER=(--preset tiny); EVAL_NUM=() ;;
+  small) L=256; VOCAB=4096; AE_STEPS=4000; FT_STEPS=4000; PRIOR_STEPS=4000; BATCH=64; THREADS=0
+         GUIDED_MAX_NFE=$L; THRESHOLDS="0.5 0.7 0.9 0.99"; CADD_NFE="8 32 $L"
+         MODEL=(--encoder-width 256 --encoder-layers 4 --demasker-width 256 --demasker-layers 4)
+         PRIOR_MODEL=(--hidden-size 256 --depth 4 --num-heads 4); SCORER=(--preset small); EVAL_NUM=() ;;
+  *) echo "PRESET must be tiny or small"; exit 2 ;;
+esac
+AE_STEPS=${AE_STEPS_OVERRIDE:-$AE_STEPS}; PRIOR_STEPS=${PRIOR_STEPS_OVERRIDE:-$PRIOR_STEPS}
+FT_STEPS=${FT_STEPS_OVERRIDE:-${AE_STEPS_OVERRIDE:-$FT_STEPS}}
+[[ -n ${SCORER_STEPS:-} ]] && SCORER+=(--steps "$SCORER_STEPS")
+[[ -n ${NUM:-} ]] && EVAL_NUM=(--num "$NUM")
+mkdir -p "$OUT"
+SECONDS=0
+stage() { echo; echo "=== [$(printf '%5d' $SECONDS)s] $*"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+train() {  # train RUN_DIR CHECKPOINT_SUBDIR command...: skip when done, resume when interrupted
+  local run=$1 ckpt=$2; shift 2
+  if [[ -f $run/.done ]]; then echo "$run: finished earlier, reused"; return; fi
+  if [[ -d $run/$ckpt ]]; then "$@" --resume; else "$@"; fi
+  touch "$run/.done"
+}
+once() {  # once RUN_DIR command...: skip when done (a run with no resume: started over when interrupted)
+  local run=$1; shift
+  if [[ -f $run/.done ]]; then echo "$run: finished earlier, reused"; return; fi
+  "$@"; mkdir -p "$run"; touch "$run/.done"
+}
+background() {  # background LOG command...: run, remember the pid
+  local log=$1; shift
+  "$@" > "$log" 2>&1 &
+  pids+=($!)
+}
+wait_all() { for pid in "${pids[@]}"; do wait "$pid" || { echo "a background job failed (logs in $OUT)"; exit 1; }; done; pids=(); }
+pids=()
+log_to() { local log=$1; shift; "$@" > "$log" 2>&1; }
+
+# The evaluations (stage 4; marginal-trap and base-decoding start earlier, on cores that training leaves free)
+R=$OUT/results
+runs=(--ae "$OUT/ae" --base "$OUT/base" --scorer "$OUT/scorer" --data "$DATA" --out "$R" --preset $PRESET
+      --device $DEVICE --threads $THREADS "${EVAL_NUM[@]}")  # 1 thread per lane on CPU: 2 each is 3x slower
+priors=(--prior "$OUT/prior" --cond-prior "$OUT/cprior")
+declare -A extra=(
+  [fig7]="--ae-no-noise $OUT/ae_no_noise"
+  [base-decoding]="--num ${SELECT_NUM:-64}"
+  [fig6]="--base-decoding $R/base-decoding.json --base-equal $OUT/base_equal --guided-max-nfe $GUIDED_MAX_NFE"
+  [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $L --thresholds $THRESHOLDS"
+  [fig11]="--prior-no-offsets $OUT/prior_no_offsets --num ${FIG11_NUM:-64}"
+  [cadd]="--cadd-run $OUT/cadd --lengths $L --nfe $CADD_NFE --num ${CADD_NUM:-128} --cadd-trap"
+)
+wants() { [[ " $EVALS " == *" $1 "* ]]; }
+evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each logged; skip those already written;
+  local lane=$1 failed=(); shift  # a failed experiment is reported and the lane goes on (non-zero at its end)
+  mkdir -p "$R"
+  for experiment in "$@"; do
+    wants "$experiment" || continue
+    if [[ -f $R/$experiment.json && -z ${REDO_EVALS:-} ]]; then echo "$experiment: $R/$experiment.json exists, reused"; continue; fi
+    if [[ $experiment == fig6 || $experiment == speed ]] && wants base-decoding; then  # its choice, from any lane
+      until [[ -f $R/base-decoding.json || -f $R/base-decoding.failed ]]; do sleep 5; done
+    fi
+    stage "$lane eval.py $experiment"
+    rm -f "$R/$experiment.failed"
+    # shellcheck disable=SC2086
+    python eval.py "$experiment" "${runs[@]}" "${priors[@]}" ${extra[$experiment]:-} > "$OUT/eval_$experiment.log" 2>&1 \
+      || { echo "eval.py $experiment failed: $OUT/eval_$experiment.log"; tail -n 5 "$OUT/eval_$experiment.log"
+           touch "$R/$experiment.failed"; failed+=("$experiment"); continue; }
+    grep -v '^\s*$' "$OUT/eval_$experiment.log" | tail -n 1
+  done
+  [[ ${#failed[@]} == 0 ]] || { echo "lane $lane: failed: ${failed[*]}"; return 1; }
+}
+early() { evaluate "$@" || echo "stage 4 runs it again"; }  # an evaluation started beside training never stops it
+
+if has 1; then
+  stage "1. data ($DATA)"
+  python data.py --out "$DATA" --seq-len $L --vocab-size $VOCAB --val-fraction 0.1 --test-fraction 0.1
+fi
+
+if has 2; then
+  stage "2. base MDM ($AE_STEPS steps); from it the encoder-demasker, one without latent noise, the equal-budget base, CADD ($FT_STEPS steps each); scorer"
+  ae=(--preset tiny --data "$DATA" --seq-len $L --device $DEVICE --threads $THREADS --max-steps $AE_STEPS
+      --global-batch-size $BATCH --micro-batch-size $BATCH --eval-interval $AE_STEPS --save-interval 500
+      "${MODEL[@]}")
+  background "$OUT/scorer.log" once "$OUT/scorer" python -m experiments.train_scorer --data "$DATA" --out "$OUT/scorer" \
+    --device $DEVICE --threads $THREADS "${SCORER[@]}"
+  has 4 && background "$OUT/lane_trap.log" early 2.trap marginal-trap  # its own models: no run needed
+  log_to "$OUT/base.log" train "$OUT/base" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/base" --no-registers
+  # As in the paper (guided LLaDA fine-tuned from LLaDA-8B-Base), the guided demaskers start from the base
+  # MDM's weights (AE_FROM_BASE=0: from scratch, side by side with the base). The equal-budget base continues
+  # the base MDM with the guided fine-tune's recipe (same steps, warm-up and decay, no registers): it has seen
+  # as many demasker updates as the guided demasker (issue 12: the paper's protocol and an equal budget).
+  [[ ${AE_FROM_BASE:-1} == 1 ]] && ae+=(--demasker-init "$OUT/base/checkpoint" --max-steps $FT_STEPS --eval-interval $FT_STEPS)
+  background "$OUT/base_equal.log" train "$OUT/base_equal" checkpoint python train_ae.py "${ae[@]}" \
+    --out-dir "$OUT/base_equal" --no-registers $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((AE_STEPS + FT_STEPS)))
+  background "$OUT/ae_no_noise.log" train "$OUT/ae_no_noise" checkpoint python train_ae.py "${ae[@]}" \
+    --out-dir "$OUT/ae_no_noise" --latent-cos 1
+  # CADD (issue 17): the same budget and start, per-token continuous latents at [M] instead of registers
+  background "$OUT/cadd.log" train "$OUT/cadd" checkpoint python train_ae.py "${ae[@]}" \
+    --out-dir "$OUT/cadd" --no-registers --cadd $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((AE_STEPS + FT_STEPS)))
+  log_to "$OUT/ae.log" train "$OUT/ae" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/ae"
+  wait_all
+  grep '"type": "val"' "$OUT/ae/log.jsonl" | tail -n 1 | cut -c1-300
+fi
+
+if has 3; then
+  stage "3. priors: unconditional, conditional, unconditional without block offsets ($PRIOR_STEPS steps each)"
+  prior=(--preset tiny --ae "$OUT/ae" --data "$DATA" --max-steps $PRIOR_STEPS --device $DEVICE --threads $THREADS
+         --quiet "${PRIOR_MODEL[@]}")
+  background "$OUT/prior.log" train "$OUT/prior" train_state python train_prior.py "${prior[@]}" --out-dir "$OUT/prior"
+  background "$OUT/prior_no_offsets.log" train "$OUT/prior_no_offsets" train_state python train_prior.py "${prior[@]}" \
+    --out-dir "$OUT/prior_no_offsets" --no-block-offsets
+  has 4 && background "$OUT/lane_select.log" early 3.select base-decoding  # needs only the base and the scorer
+  log_to "$OUT/cprior.log" train "$OUT/cprior" train_state python train_prior.py "${prior[@]}" --out-dir "$OUT/cprior" --conditional
+  wait_all
+fi
+
+if has 4; then
+  # Two lanes side by side, one thread each, balanced by the measured time of each experiment (tiny, 2 cores)
+  rm -f "$R"/*.failed
+  background "$OUT/lane_generation.log" evaluate 4.a base-decoding fig6 fig11 fig4 fig7 fig9 prdc
+  log_to "$OUT/lane_other.log" evaluate 4.b table1 table2 fig8 speed cadd marginal-trap
+  wait_all
+  cat "$OUT"/lane_*.log
+fi
+
+if has 5; then
+  stage "5. the README's results section from the records (docs/results/*.png)"
+  python -m evaluation.results_section --results "$OUT/results" --docs docs/results ${README:+--readme "$README"} \
+    --header "Made by \`bash scripts/reproduce.sh\` (PRESET=$PRESET) on $(nproc) CPU cores; this invocation (stages $STAGES) took $((SECONDS / 60)) min."
+fi
+stage "done: $OUT/results/REPORT.md"

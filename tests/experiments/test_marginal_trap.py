@@ -1,0 +1,143 @@
+"""experiments/marginal_trap.py: the synthetic App. B corpus, the optimal-factorised reference, and Theorem B.1 in miniature."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from experiments import marginal_trap as T
+
+
+
+
+def test_task_validity():
+    task = T.TrapTask(pairs=2, choices=3)
+    assert task.length == 4 and task.num_valid == 9 and task.vocab_size == 9
+    b = task.bos_id
+    x = torch.tensor([[b, 0, 2, 3, 5], [b, 0, 2, 3, 4], [b, 3, 2, 6, 5], [b, 1, 1, 4, 4]])
+    assert task.is_valid(x).tolist() == [True, False, False, True]
+    samples = task.sample(200, torch.Generator().manual_seed(0))
+    assert task.is_valid(samples).all() and (samples[:, 0] == b).all()
+    assert len({tuple(row) for row in samples.tolist()}) == task.num_valid  # all 9 appear
+
+
+def exact_optimal_validity(task, steps):
+    """Average over every reveal order of (1/A)^(pairs revealed together), LLaDA's per-step counts."""
+    from schedules import num_transfer_tokens
+    L, P = task.length, task.pairs
+    counts = num_transfer_tokens(torch.ones(1, L, dtype=torch.bool), steps)[0].tolist()
+    step_of_rank = [s for s, c in enumerate(counts) for _ in range(c)]
+    total = 0.0
+    orders = list(itertools.permutations(range(L)))
+    for order in orders:
+        step = {position: step_of_rank[rank] for rank, position in enumerate(order)}
+        together = sum(step[i] == step[P + i] for i in range(P))
+        total += (1.0 / task.choices) ** together
+    return total / len(orders)
+
+
+def test_optimal_factorized_validity():
+    cat_dog = T.TrapTask(pairs=1, choices=2)  # App. B: (cat, meows) / (dog, barks)
+    assert T.optimal_factorized_validity(cat_dog, steps=1) == 0.5  # eq. (8): 25% + 25% invalid
+    assert T.optimal_factorized_validity(cat_dog, steps=2) == 1.0
+    task = T.TrapTask(pairs=2, choices=2)
+    for steps in (1, 2, 3, 4):
+        exact = exact_optimal_validity(task, steps)
+        assert math.isclose(T.optimal_factorized_validity(task, steps, trials=20000), exact, abs_tol=0.015)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Base MDM and encoder + guided demasker on 2 pairs over 2 choices (4 valid sequences), 100 steps each."""
+    task = T.TrapTask(pairs=2, choices=2)
+    torch.manual_seed(0)
+    base = T.Demasker(T.demasker_config(task, width=32))
+    encoder = T.Encoder(T.encoder_config(task, 2, 32))
+    guided = T.Demasker(T.demasker_config(task, register_dim=32, max_registers=2, width=32))
+    T.train_mdm(task, base, None, steps=100, batch_size=32)
+    T.train_mdm(task, guided, encoder, steps=100, batch_size=32, seed=1)
+    return task, base, encoder, guided
+
+
+def test_guided_demasking_escapes_the_marginal_trap(trained):
+    """Theorem B.1 in miniature: revealing all tokens in ONE step, the base MDM is valid about as often as the
+    optimal factorised model (1/4 here), the guided one (registers of a valid sequence) nearly always."""
+    task, base, encoder, guided = trained
+    one_step_base = T.sample_validity(task, base, 1, num=256)["valid"]
+    one_step_guided = T.sample_validity(task, guided, 1, num=256, encoder=encoder)
+    assert one_step_base < 0.45 and one_step_guided["valid"] > 0.85
+    assert one_step_guided["distinct_valid"] == 1.0  # all 4 valid sequences, not one mode
+    assert one_step_guided["tokens_per_step"] == task.length
+    assert T.sample_validity(task, base, task.length, num=256)["valid"] > 0.8  # one token per step: fine
+
+
+def test_threshold_decoding_validity_vs_tokens_per_step(trained):
+    """tau above the marginal 1/A: the base reveals the forced token of a fresh pair, then its partner at the next
+    step (valid, one token per step); tau below 1/A: every slot at step one (L tokens per step), back in the trap.
+    A guided model is confident everywhere: valid at well over 2 tokens per step."""
+    from mdm import Decoding
+    task, base, encoder, guided = trained
+    careful = T.sample_validity(task, base, task.length, 256, decoding=Decoding(rule="threshold", threshold=0.9))
+    greedy = T.sample_validity(task, base, task.length, 256, decoding=Decoding(rule="threshold", threshold=0.0))
+    assert careful["valid"] > 0.8 and 1.0 <= careful["tokens_per_step"] <= 1.2
+    assert greedy["tokens_per_step"] == task.length and greedy["valid"] < 0.45
+    fast = T.sample_validity(task, guided, task.length, 256, encoder=encoder,
+                             decoding=Decoding(rule="threshold", threshold=0.5))
+    assert fast["valid"] > 0.85 and fast["tokens_per_step"] > 2.5
+
+
+def test_learned_prior_generates_valid_sequences(trained):
+    """ConThenDisc with a prior trained on the trap's register bank: far above the base MDM at one step, its
+    registers of the encoder's norm sqrt(d); the training loss falls."""
+    task, base, encoder, guided = trained
+    prior, losses = T.train_prior(task, encoder, steps=150, batch_size=64, bank_size=512, width=32)
+    assert sum(losses[-10:]) < 0.6 * sum(losses[:10])
+    registers, refresh = T.prior_source(task, prior, prior_steps=16)(8, torch.Generator().manual_seed(0))
+    assert refresh is None and registers.shape == (8, 2, 32)
+    assert torch.allclose(registers.norm(dim=-1), torch.full((8, 2), 32 ** 0.5), atol=1e-4)
+    one_step = T.sample_validity(task, guided, 1, 256, source=T.prior_source(task, prior, prior_steps=16))
+    assert one_step["valid"] > 0.5
+
+
+def test_conwithindisc_refreshes_once_at_half_the_slots(trained):
+    """The refresh hook redraws from the conditional prior at the first canvas with >= half of the slots
+    revealed (and not all), once; a 1-step decode (nothing half revealed before the step) never refreshes."""
+    task, _, encoder, guided = trained
+    prior, _ = T.train_prior(task, encoder, steps=2, batch_size=8, bank_size=16, width=32)
+    cond_prior, _ = T.train_prior(task, encoder, conditional=True, steps=2, batch_size=8, bank_size=16, width=32)
+    assert cond_prior.conditional and cond_prior.encoder is encoder
+    registers, refresh = T.prior_source(task, prior, cond_prior, 4, 4)(3, torch.Generator().manual_seed(0))
+    x = task.sample(3)
+    canvas = x.clone()
+    canvas[:, 1:] = task.mask_id
+    assert refresh(0, canvas, registers, None) is None  # nothing revealed
+    canvas[:, 1:3] = x[:, 1:3]  # 2 of 4 slots
+    new, mask = refresh(1, canvas, registers, None)
+    assert new.shape == registers.shape and mask is None and not torch.allclose(new, registers)
+    canvas[:, 3] = x[:, 3]
+    assert refresh(2, canvas, registers, None) is None  # once only
+    calls = []
+    source = T.prior_source(task, prior, cond_prior, 4, 4)
+
+    def spy(count, generator):
+        registers, hook = source(count, generator)
+        return registers, lambda *a: calls.append(a[0]) or hook(*a)
+    T.sample_validity(task, guided, task.length, 8, source=spy)
+    assert calls == [0, 1, 2, 3]  # the hook sees every step (it returns new registers at step 2 only)
+
+
+def test_run_returns_every_row():
+    result = T.run(pairs=2, choices=2, train_steps=3, batch_size=8, num_samples=8, width=32, trials=100,
+                   remaskings=("random",), thresholds=(0.5,), prior_steps=2, refresh_prior_steps=2,
+                   log=lambda message: None)
+    assert [row["steps"] for row in result["rows"]] == [4, 2, 1]
+    methods = ("base", "guided", "conthendisc", "conwithindisc")
+    assert set(result["rows"][0]) == {"steps", "tokens_per_step", "optimal_factorized_random"} | {
+        f"{m}_random{d}" for m in methods for d in ("", "_distinct")}
+    assert [(r["method"], r["threshold"]) for r in result["threshold_rows"]] == [(m, 0.5) for m in methods]
+    assert all(1 <= r["tokens_per_step"] <= 4 for r in result["threshold_rows"])
+    assert result["task"]["chance_valid_at_one_step"] == 0.25
+    text, panels = T.report(result)
+    assert "guided (oracle registers)" in text and "ConWithinDisc" in text and "0.5 |" in text
+    assert [p["title"] for p in panels] == ["App. B: valid vs tokens per step (random)", "App. B: threshold decoding"]

@@ -1,0 +1,162 @@
+"""Tests for experiments/train_prompted.py: the Eq. 12 prior recovers a program's registers from its prompt (better than
+the unconditional prior, tiny overfit case), the prompt is never masked, and the run folder feeds extensions/prompting.py."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import generators as G
+from extensions import prompting as PR
+from dataprep import prompts as P
+from experiments import train_prompted as T
+from demasker import Demasker, DemaskerConfig
+from encoder import Encoder, EncoderConfig
+from latent_dit import DiTConfig, LatentDiT
+from dataprep.tokenization import train_tokenizer
+from train_prior import prior_loss
+
+K, D = 4, 64
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Pairs whose answer follows from the prompt, a BPE, and a tiny AE run folder."""
+    root = tmp_path_factory.mktemp("prompted")
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta"]
+    pairs = []
+    for i in range(12):
+        n, m = int(rng.integers(2, 9)), int(rng.integers(0, 99))
+        word = words[i % len(words)]
+        prompt = f'def {word}_{i}(x):\n    """Multiply x by {n} and add {m}."""'
+        loop = f"    for k in range({n}):\n        x += {m}\n    return x"
+        body = f"    y = x * {n}\n    return y + {m}" if i % 2 else loop
+        pairs.append(P.Pair(f"f{i}.py", prompt, body))
+    P.write_pairs(root / "pairs", {"train": pairs[:8], "val": pairs[8:], "test": []})
+    tokenizer = train_tokenizer([p.program for p in pairs] * 3, vocab_size=300)
+    ae = root / "ae"
+    ae.mkdir()
+    tokenizer.save(str(ae / "tokenizer.json"))
+    torch.manual_seed(0)
+    V = tokenizer.vocab_size
+    encoder = Encoder(EncoderConfig.tiny(vocab_size=V, hidden_size=D, num_registers=K, pad_token_id=tokenizer.pad_id,
+                                         eos_token_id=tokenizer.eos_id, mask_token_id=tokenizer.mask_id))
+    with torch.no_grad():  # larger random weights: registers that differ more between programs
+        for name, param in encoder.named_parameters():
+            if param.dim() == 2 and not name.startswith("embed"):
+                param.mul_(5)
+    demasker = Demasker(DemaskerConfig.tiny(vocab_size=V, mask_token_id=tokenizer.mask_id,
+                                            eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id,
+                                            pad_token_id=tokenizer.eos_id, register_dim=D, max_registers=K))
+    encoder.save_pretrained(ae / "encoder")
+    demasker.save_pretrained(ae / "demasker")
+    return {"root": root, "ae": ae, "pairs": root / "pairs", "tokenizer": tokenizer}
+
+
+def argv(run, out, *extra):
+    return ["--ae", str(run["ae"]), "--pairs", str(run["pairs"]), "--out-dir", str(out), "--seq-len", "64",
+            "--num-registers", str(K), "--batch-size", "8", "--log-interval", "1000", *extra]
+
+
+def test_masked_answer_canvas_never_masks_the_prompt():
+    ids = torch.arange(10).repeat(3, 1)
+    prompt_len = torch.tensor([2, 5, 9])
+    x = T.masked_answer_canvas(ids, prompt_len, torch.ones(3), torch.zeros(3, 10), mask_id=-1)
+    for row, n in enumerate(prompt_len.tolist()):
+        assert torch.equal(x[row, :n], ids[row, :n]) and (x[row, n:] == -1).all()
+    assert torch.equal(T.masked_answer_canvas(ids, prompt_len, torch.zeros(3), torch.rand(3, 10), -1), ids)
+
+
+def test_prompted_prior_recovers_its_programs_registers_better_than_the_unconditional(run, tmp_path):
+    """Tiny overfit case: 8 programs; the prompted prior samples z_0 given each program's own prompt, the
+    unconditional prior (same DiT size, same steps) samples blindly. Cosine to the program's own registers."""
+    T.main(argv(run, tmp_path / "p", "--steps", "150", "--lr", "3e-3", "--warmup-steps", "10", "--ema-decay", "0.9",
+           "--xt-drop", "1"))
+    pprior = PR.load_prompted_prior(tmp_path / "p")
+    tokenizer = run["tokenizer"]
+    batch = P.encode_pairs(P.load_pairs(run["pairs"], "train"), tokenizer, 64)
+    encoder = Encoder.from_pretrained(str(run["ae"] / "encoder")).eval()
+    z0 = T.bank(encoder, *batch["answer"], K)  # (8, K, d) the targets
+    g = torch.Generator().manual_seed(1)
+    prompted, _ = PR.prompt_registers(pprior, *batch["prompt"], steps=20, generator=g)
+    torch.manual_seed(0)
+    dit = LatentDiT(DiTConfig.tiny(register_dim=D, num_registers=K))
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(150):  # Alg. 5 on the same banks, the same budget
+        sg = torch.Generator().manual_seed(step)
+        t = torch.rand(8, 1, generator=sg).expand(8, K)
+        loss = prior_loss(dit, z0, t, torch.randn(z0.shape, generator=sg))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    blind, _ = G.sample_registers(G.Prior(dit.eval(), K), 8, 20, generator=torch.Generator().manual_seed(1))
+    own = F.cosine_similarity(prompted, z0, dim=-1).mean()
+    unconditional = F.cosine_similarity(blind, z0, dim=-1).mean()
+    assert own > unconditional + 0.1, (own, unconditional)
+    shuffled, _ = PR.prompt_registers(pprior, *(t.roll(1, 0) for t in batch["prompt"]), steps=20,
+                                      generator=torch.Generator().manual_seed(1))
+    assert own > F.cosine_similarity(shuffled, z0, dim=-1).mean()  # another program's prompt: worse
+    log = [json.loads(line) for line in (tmp_path / "p" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["type"] == "prior"]
+    assert losses[-1] < losses[0]
+
+
+def test_run_folder_feeds_the_prompted_generators_and_finetunes_the_demasker(run, tmp_path):
+    T.main(argv(run, tmp_path / "p", "--steps", "3", "--demasker-steps", "3", "--freeze-kappa", "--target", "program",
+                "--kappa-registers", "2"))
+    out = tmp_path / "p"
+    settings = json.loads((out / "prompted.json").read_text())
+    assert settings["target"] == "program" and settings["freeze_kappa"] and settings["kappa_registers"] == 2
+    before = Encoder.from_pretrained(str(run["ae"] / "encoder"), num_registers=2).state_dict()
+    after = Encoder.from_pretrained(str(out / "kappa")).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # --freeze-kappa: h_kappa = h_phi
+    for name in ("demasker", "encoder", "tokenizer.json"):
+        assert (out / "ae" / name).exists()
+    tuned = Demasker.from_pretrained(str(out / "ae" / "demasker")).state_dict()
+    original = Demasker.from_pretrained(str(run["ae"] / "demasker")).state_dict()
+    assert any(not torch.equal(tuned[k], original[k]) for k in tuned)
+    pprior = PR.load_prompted_prior(out)
+    demasker = Demasker.from_pretrained(str(out / "ae" / "demasker")).eval()
+    tokenizer = run["tokenizer"]
+    canvas, n = P.prompt_canvas('def f(x):\n    """Multiply x by 3 and add 4."""', tokenizer, 40, tokenizer.mask_id)
+    prompt_ids, prompt_mask = P.encoder_rows(['def f(x):\n    """Multiply x by 3 and add 4."""'], tokenizer, 64, True)
+    tokens, report = PR.conwithindisc_prompted(demasker, pprior, canvas[None], prompt_ids, prompt_mask, steps=8,
+                                               prior_steps=3, refresh_prior_steps=2)
+    assert torch.equal(tokens[0, :n], canvas[:n]) and report["encoder_calls"] == 1
+    assert math.isfinite(report["nfe"])
+
+
+def test_an_existing_run_is_refused_unless_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "p"
+    T.main(argv(run, out, "--steps", "2", "--demasker-steps", "1"))
+    before = (out / "dit" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run.*--overwrite"):
+        T.main(argv(run, out, "--steps", "2", "--seed", "1"))
+    assert (out / "dit" / "model.safetensors").read_bytes() == before and (out / "ae").is_dir()  # untouched
+    T.main(argv(run, out, "--steps", "2", "--seed", "1", "--overwrite"))
+    assert (out / "dit" / "model.safetensors").read_bytes() != before
+    assert not (out / "ae").exists()  # the old run's fine-tuned demasker is not this run's
+    assert (out / "prompted.json").is_file() and not list(out.glob(".stage-*"))
+    PR.load_prompted_prior(out)
+
+
+@pytest.mark.parametrize("flags, text", [(["--xt-drop", "2"], "--xt-drop"), (["--steps", "0"], "--steps"),
+                                         (["--num-registers", "9"], "K=4")])
+def test_numbers_are_checked_with_the_flag_named(run, tmp_path, capsys, flags, text):
+    with pytest.raises(SystemExit) as stop:
+        T.main(argv(run, tmp_path / "p", *flags))
+    assert text in capsys.readouterr().err + str(stop.value)
+    assert not (tmp_path / "p" / "prompted.json").exists()
+
+
+def test_two_tokenizers_are_refused_with_the_fix(run, tmp_path):
+    import shutil
+    ae = tmp_path / "ae"
+    shutil.copytree(run["ae"], ae)
+    shutil.copy(ae / "tokenizer.json", ae / "encoder_tokenizer.json")
+    with pytest.raises(ValueError, match="one shared tokenizer"):
+        T.main(["--ae", str(ae), "--pairs", str(run["pairs"]), "--out-dir", str(tmp_path / "p")])
