@@ -33,7 +33,7 @@ train() {  # train RUN_DIR CHECKPOINT_SUBDIR command...
 }
 
 stage "data: stdlib programs -> BPE tokenizer -> memmapped token arrays ($DATA)"
-python data.py --out "$DATA" --seq-len 128 --vocab-size 2048
+python -m dataprep.data --out "$DATA" --seq-len 128 --vocab-size 2048
 
 # The two demasker trainings share the data and budget; on 2 cores they run side by side, 1 thread each.
 stage "training the base MDM (--no-registers) and the encoder-demasker (Alg. 1), $AE_STEPS steps each"

@@ -155,7 +155,7 @@ def parse_args(argv=None):
       "guided methods beside the base MDM (default: both; the flag with no name: the base MDM alone)")
     a("--k-priors", nargs="*", help="fig11: priors trained with different --num-registers (default: --prior)")
     a("--scorer", help="experiments/train_scorer.py output folder, or a Qwen3 causal LM folder / hub id (Gen-PPL, MAUVE)")
-    a("--data", help="data.py cache (default: the 'data' recorded in the AE run's args.json)")
+    a("--data", help="dataprep/data.py cache (default: the 'data' recorded in the AE run's args.json)")
     a("--out", default="results", help="output folder for NAME.json, REPORT.md and plots")
     a("--preset", choices=sorted(PRESETS), default="tiny", help="sample counts and sweeps: tiny (minutes on CPU), "
       "small (about an hour on CPU), paper (the paper's sizes, GPUs)")

@@ -65,7 +65,7 @@ def load_run(ckpt, need_encoder, device="cpu", dtype=None):
     tokenizer.json).
     A folder that is itself a demasker checkpoint (config.json) also works for --method base."""
 
-    from data import load_tokenizer
+    from dataprep.data import load_tokenizer
     from demasker import Demasker
     from encoder import Encoder
 
@@ -97,13 +97,13 @@ def through_first_eos(ids, eos_id):
 
 
 def validation_sources(data_dir, num, tokenizer, demasker_cfg, encoder_cfg):
-    """Held-out programs for --method autoencode: the first `num` of data.py's validation split.
+    """Held-out programs for --method autoencode: the first `num` of dataprep/data.py's validation split.
 
     Uses data.load_split(data_dir, "val") -> mapping with "ids" (N, L) demasker token ids (BOS..EOS padded
     with EOS to L) and, when the encoder has its own tokenizer, "encoder_ids" (N, L_enc) in the same layout.
     Returns {"texts": [str], "enc_ids": (n, L_enc) long, "enc_mask": (n, L_enc) bool, "length": L}.
     """
-    from data import load_split
+    from dataprep.data import load_split
 
     split = load_split(data_dir, "val")
     ids = torch.as_tensor(np.asarray(split["ids"][:num]), dtype=torch.long)  # (n, L)
@@ -137,7 +137,7 @@ def parse_args(argv=None):
                         help="conwithindisc: fractions of the MDM steps before which the registers are redrawn "
                              "(default one refresh at 0.5, App. G; 0 or nothing = no refresh = ConThenDisc)")
     parser.add_argument("--refresh-prior-steps", type=int, default=32, help="DDIM steps of each redraw (paper: 32)")
-    parser.add_argument("--data", default=None, help="data cache folder (data.py) holding the validation split; "
+    parser.add_argument("--data", default=None, help="data cache folder (dataprep/data.py) holding the validation split; "
                         "autoencode only")
     parser.add_argument("--gen-length", "--length", dest="gen_length", type=int, default=None,
                         help="tokens to generate (default: the data sequence length for autoencode, 256 otherwise)")
@@ -342,8 +342,8 @@ def main(argv=None):
     sources = None
     if autoencoding:
         if args.data is None:
-            raise ValueError("--method autoencode needs --data, the data cache folder written by data.py")
-        from data import check_tokenizer_matches
+            raise ValueError("--method autoencode needs --data, the data cache folder written by dataprep/data.py")
+        from dataprep.data import check_tokenizer_matches
         check_tokenizer_matches(args.data, run_folder(args.ckpt), "the AE run")  # data and checkpoint belong together
         sources = validation_sources(args.data, args.num, tokenizer, cfg, encoder.cfg)
         gen_length = args.gen_length or sources["length"]

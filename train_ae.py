@@ -1,7 +1,7 @@
 """Robust encoder-demasker training (paper Sec. 4.1, Algorithm 1, App. C, App. D), and the base MDM.
 
 One optimizer step of Algorithm 1, per example of the global batch:
-  line 1  x_0 ~ p_data              a program from data.py's memmapped cache, BOS .. EOS padded with EOS to L
+  line 1  x_0 ~ p_data              a program from dataprep/data.py's memmapped cache, BOS .. EOS padded with EOS to L
   line 2  t ~ U[0, 1]
   line 3  x_t = mask(x_0, t)        schedules.mask_tokens: each token becomes [M] with p_mask = (1 - eps) t + eps
           all-mask utilisation      App. C: with probability --all-mask-prob (0.25) x_t is ALL [M] (p_mask = 1),
@@ -399,16 +399,16 @@ def save_run(out_dir, model, optimizer, env, step, args, stream, files):
 # ------------------------------------------------------------------------------------------------
 
 def prepare_data(args, env):
-    """data.py's cache: an existing --data folder is used as is (unless --corpus is given); otherwise rank 0
+    """dataprep/data.py's cache: an existing --data folder is used as is (unless --corpus is given); otherwise rank 0
     builds it (a settings match makes that a no-op). Returns (train TokenData, val TokenData, meta,
     encoder vocabulary ids, {tokenizer files copied into every checkpoint})."""
-    import data
+    from dataprep import data
 
     vocab = Path(args.tokenizer).name if args.tokenizer else args.vocab_size
     folder = Path(args.data or f"data_cache/{Path(args.corpus or 'stdlib').stem}-L{args.seq_len}-V{vocab}")
     if args.data and not args.corpus and not (folder / "meta.json").is_file():
-        raise FileNotFoundError(f"--data {folder} is not a finished data.py cache (no meta.json). Build it first "
-                                f"(python data.py --out {folder} ...), pass --corpus to build it here, or drop --data "
+        raise FileNotFoundError(f"--data {folder} is not a finished dataprep/data.py cache (no meta.json). Build it first "
+                                f"(python -m dataprep.data --out {folder} ...), pass --corpus to build it here, or drop --data "
                                 f"to use the default cache of the standard library")
     args.data = str(folder)
     if env.is_main and (args.corpus or not (folder / "meta.json").is_file()):

@@ -236,7 +236,7 @@ def resolve_data_dir(args, ae):
             for candidate in (Path(recorded), ae.parent.parent / recorded):
                 if (candidate / "meta.json").is_file():
                     return str(candidate)
-    raise ValueError(f"no --data given and the AE run {ae} records no existing data folder; pass --data <data.py "
+    raise ValueError(f"no --data given and the AE run {ae} records no existing data folder; pass --data <dataprep/data.py "
                      f"cache folder>")
 
 
@@ -323,7 +323,7 @@ def truncate_log(out, step):
 
 
 def main(argv=None):
-    from data import TokenData, load_meta
+    from dataprep.data import TokenData, load_meta
     from train_ae import get_lr, make_optimizer
 
     args = parse_args(argv)

@@ -145,11 +145,11 @@ def held_out_programs(data_dir, count, length):
 
 def train_programs(ctx, count, length):
     """The first `count` training programs of <= length tokens, in held_out's format (a shared tokenizer)."""
-    from data import load_split
+    from dataprep.data import load_split
     from sample import decode_programs
     if ctx.meta.get("encoder"):
         raise SystemExit(f"{ctx.data_dir} has a separate encoder tokenizer; this benchmark needs a shared one "
-                         f"(data.py without --encoder-tokenizer)")
+                         f"(dataprep/data.py without --encoder-tokenizer)")
     split = load_split(ctx.data_dir, "train")
     rows = np.nonzero(np.asarray(split["lengths"]) <= length)[0][:count]
     ids = torch.from_numpy(np.asarray(split["ids"][rows], dtype=np.int64))
@@ -274,7 +274,7 @@ def parse_args(argv=None):
                                 epilog="Example:\n  python -m bench.bench_ae_budget --data runs/study/data --out "
                                        "runs/study/bench --sweep factors --steps 600")
     a = p.add_argument
-    a("--data", required=True, help="data.py cache (shared tokenizer), e.g. python data.py --out runs/study/data "
+    a("--data", required=True, help="dataprep/data.py cache (shared tokenizer), e.g. python -m dataprep.data --out runs/study/data "
       "--seq-len 128 --vocab-size 2048 --val-fraction 0.1 --test-fraction 0.1")
     a("--out", required=True, help="output folder: results.json, results.md, runs/<config>-s<steps>/ (train_ae runs)")
     a("--sweep", choices=sorted(SWEEPS), default=None, help="a named list of configurations (see SWEEPS in the file)")
@@ -302,7 +302,7 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--nfe {bad} must divide --seq-len {args.seq_len} (LLaDA's schedule reveals L / NFE tokens per step)")
     if not (Path(args.data) / "meta.json").is_file():
-        p.error(f"--data {args.data} is not a data.py cache (no meta.json); build it: python data.py --out "
+        p.error(f"--data {args.data} is not a dataprep/data.py cache (no meta.json); build it: python -m dataprep.data --out "
                 f"{args.data} --seq-len {args.seq_len} --vocab-size 2048 --val-fraction 0.1 --test-fraction 0.1")
     return args
 

@@ -1,7 +1,7 @@
 """Training throughput and peak memory of train_ae.py (Alg. 1 and the base MDM), tiny preset.
 
 Each configuration runs the real `train_ae.train()` in a fresh subprocess (so peak memory is its own) on
-data.py's standard-library cache, for --steps optimizer steps; tokens/s is the median of the per-step
+dataprep/data.py's standard-library cache, for --steps optimizer steps; tokens/s is the median of the per-step
 figures train_ae writes to log.jsonl (global batch x L / wall time of the step, data loading and the
 per-example random draws included), skipping the first --skip steps (allocator and cache warm-up).
 Peak memory: the process's max RSS (resource.getrusage, CPU) or torch.cuda.max_memory_allocated (GPU).
@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--threads", default="1,0", help="comma list of torch CPU thread counts (0 = torch default)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration")
     parser.add_argument("--skip", type=int, default=5, help="first steps left out of the median")
-    parser.add_argument("--data", default=None, help="data.py cache (default: train_ae's stdlib cache for L)")
+    parser.add_argument("--data", default=None, help="dataprep/data.py cache (default: train_ae's stdlib cache for L)")
     parser.add_argument("--seq-len", type=int, default=128, help="L")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--extra", default="", help="more train_ae.py flags, e.g. '--demasker-width 128'")

@@ -19,7 +19,7 @@ import torch
 
 from infra import checkpoint as C
 from infra import guards
-from data import SPECIAL_TOKENS
+from dataprep.data import SPECIAL_TOKENS
 from demasker import CADD_SCHEDULES, CADD_TABLES
 
 CHECKPOINT = "checkpoint"
@@ -66,14 +66,14 @@ def parse_args(argv=None):
       "(split a run into jobs; continue with --resume)")
     a("--no-registers", action="store_true", help="train the base MDM f_theta(x_t) without encoder (the baseline)")
     # data
-    a("--data", default=None, help="data.py cache folder (built here if missing; default data_cache/<corpus>-L-V)")
+    a("--data", default=None, help="dataprep/data.py cache folder (built here if missing; default data_cache/<corpus>-L-V)")
     a("--corpus", default=None, help="folder of .py files or JSONL of {'text': ...} (default: the Python stdlib)")
     a("--seq-len", type=int, default=None, help="L, tokens per program incl. BOS/EOS (tiny 128, paper 4096)")
-    a("--vocab-size", type=int, default=None, help="BPE vocabulary trained by data.py when no --tokenizer (tiny 2048)")
+    a("--vocab-size", type=int, default=None, help="BPE vocabulary trained by dataprep/data.py when no --tokenizer (tiny 2048)")
     a("--tokenizer", default=None, help="demasker tokenizer.json / hub id (paper: GSAI-ML/LLaDA-8B-Base)")
     a("--encoder-tokenizer", default=None, help="encoder tokenizer (paper: Qwen/Qwen3-Embedding-0.6B); "
       "default shared with the demasker")
-    a("--overlong", choices=["cut", "drop"], default="drop", help="programs longer than L: cut or drop (data.py)")
+    a("--overlong", choices=["cut", "drop"], default="drop", help="programs longer than L: cut or drop (dataprep/data.py)")
     # models
     a("--encoder-init", default=None, help="encoder weights: hub id or folder (public Qwen3 or ours); default scratch")
     a("--demasker-init", default=None, help="demasker weights: hub id or folder (public LLaDA or ours, e.g. a "

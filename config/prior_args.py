@@ -51,7 +51,7 @@ def parse_args(argv=None):
                                 epilog="On --resume, flags left unset take the run's recorded values (OUT/args.json) and only these may change: " + ", ".join("--" + m.replace("_", "-") for m in RESUME_MUTABLE[2:]) + "; --ae and --data may point elsewhere if they hold the same encoder and data (checked). Any other difference is refused.")
     a = p.add_argument
     a("--ae", required=True, help="train_ae.py run folder (or its checkpoint/); its encoder/ (frozen) makes the banks")
-    a("--data", default=None, help="data.py cache folder (default: the one recorded in the AE run's args.json)")
+    a("--data", default=None, help="dataprep/data.py cache folder (default: the one recorded in the AE run's args.json)")
     a("--out-dir", "--out", dest="out_dir", required=True, help="run folder to write (see the module docstring)")
     a("--resume", action="store_true", help="continue exactly from OUT/train_state")
     a("--stop-at", type=int, default=None, help="save and stop after this step without changing the LR schedule "

@@ -2,7 +2,7 @@
 interpreter's standard library, present on every machine without a download). Any folder of .py files, or a
 JSONL file of {"text": ..., "path": optional} lines, works the same way: find the files, split each into
 self-contained programs (top-level functions and classes via `ast`, or the whole file when small), drop exact
-duplicates, assign train/val/test by FILE (a hash of its relative path), never by program. data.py builds the
+duplicates, assign train/val/test by FILE (a hash of its relative path), never by program. dataprep/data.py builds the
 token cache from it.
 """
 

@@ -18,7 +18,7 @@ Two views, both callables (ids (B, L) long, masked (B, L) bool) -> (enc_ids, att
 
 - CrossTokenizerView (two tokenizers). Each row is split into runs of visible and masked positions:
     * the text stops at the first VISIBLE EOS (demasker rows are BOS program EOS EOS ...); the encoder
-      row ends with the encoder's EOS there, as data.py builds encoder rows (program EOS pad ...), so the
+      row ends with the encoder's EOS there, as dataprep/data.py builds encoder rows (program EOS pad ...), so the
       summary token (register 0, the last valid position) is the EOS exactly as in training of h_phi;
     * the leading BOS is dropped (encoder rows have none): a masked position 0 gives no encoder slot when
       the demasker has a BOS (data rows always carry it there), and visible BOS / pad ids give none;
@@ -37,13 +37,13 @@ Two views, both callables (ids (B, L) long, masked (B, L) bool) -> (enc_ids, att
     * with no visible EOS the trailing masked run is a hidden tail (valid, hidden), as in the shared view
       where the whole canvas is valid when no EOS is visible.
     * rows longer than `max_length` are cut there; a row ended by a visible EOS keeps the EOS as its last
-      token (data.py's --overlong cut convention). Output width: `length`, else the longest row.
-  With nothing masked the view is exactly data.py's encoder row of the decoded program (tested), so
+      token (dataprep/data.py's --overlong cut convention). Output width: `length`, else the longest row.
+  With nothing masked the view is exactly dataprep/data.py's encoder row of the decoded program (tested), so
   h(x^(0)) equals h_phi(x_0) of the register bank the prior models.
 
 `masked_view` draws x^(r) in the demasker's token space (Alg. 4: x^(r) is what the demasker would see) and
 takes the view. `view_from_files` / `view_from_data` build the right view from tokenizer files (a train_ae.py checkpoint
-holds tokenizer.json and, with two tokenizers, encoder_tokenizer.json; a data.py cache the same).
+holds tokenizer.json and, with two tokenizers, encoder_tokenizer.json; a dataprep/data.py cache the same).
 Cost: Python over the rows plus one batched re-encoding of the distinct visible runs; measured on CPU (one
 thread, stdlib programs, our 4096 BPE -> the Qwen3 tokenizer) ~0.14 s per 256 x 512 batch at r ~ U(0, 1),
 ~0.25 s at r = 0.5, so large-batch conditional training should build it in data-loader workers.
@@ -232,9 +232,9 @@ def make_view(demasker_tok, encoder_tok=None, slots_per_token=None, texts=None, 
 
 
 def view_from_files(folder, slots_per_token=None, max_length=None, pad_id=None):
-    """The view for a folder holding tokenizer.json (+ encoder_tokenizer.json with two tokenizers): a data.py
+    """The view for a folder holding tokenizer.json (+ encoder_tokenizer.json with two tokenizers): a dataprep/data.py
     cache or a train_ae.py checkpoint. Two tokenizers need slots_per_token (recorded at training time)."""
-    from data import load_tokenizer
+    from dataprep.data import load_tokenizer
 
     folder = Path(folder)
     demasker_tok = load_tokenizer(folder / "tokenizer.json")
@@ -247,9 +247,9 @@ def view_from_files(folder, slots_per_token=None, max_length=None, pad_id=None):
 
 
 def view_from_data(data_dir, split="train", sample=1000, pad_id=None):
-    """The view of a data.py cache, slots_per_token measured on the first `sample` programs of `split`
+    """The view of a dataprep/data.py cache, slots_per_token measured on the first `sample` programs of `split`
     (decoded from the demasker rows). Returns (view, slots_per_token | None)."""
-    from data import load_meta, load_split, load_tokenizer
+    from dataprep.data import load_meta, load_split, load_tokenizer
 
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)

@@ -15,12 +15,12 @@ On disk (one folder per (split, K, key)), written in chunks so an interrupted ru
                                       done.npy        (num_chunks,) uint8, 1 = chunk written and flushed
                                       meta.json       key, sources, shape; "complete": true when finished
 The key is a sha256 of the encoder checkpoint (config.json and every weight file, byte for byte), of K
-and the storage dtype, and of the data cache's settings (data.py meta.json: corpus file hash, tokenizer,
+and the storage dtype, and of the data cache's settings (dataprep/data.py meta.json: corpus file hash, tokenizer,
 sequence length) and the split's shape. A changed encoder or data cache gets a new folder; old folders are
 left in place (delete them by hand). Under torchrun every rank encodes its own chunks (c % world == rank)
 into the shared file; resumption does not depend on the world size.
 
-Token ids for the conditional prior come from data.py's cache (`TokenData`), row-aligned with the bank.
+Token ids for the conditional prior come from dataprep/data.py's cache (`TokenData`), row-aligned with the bank.
 
 CLI: `python -m dataprep.latent_data --ae RUN --data DATA --num-registers 8` builds the train and val banks ahead
 of training (train_prior.py builds them itself when missing).
@@ -92,7 +92,7 @@ def encoder_fingerprint(encoder_dir):
 
 def bank_key(encoder_dir, data_dir, split, num_registers, bank_dtype):
     """The cache key of one bank (see the module docstring). Returns (key hex, encoder fingerprint)."""
-    from data import load_meta, load_split
+    from dataprep.data import load_meta, load_split
 
     encoder_hash = encoder_fingerprint(encoder_dir)
     arrays = load_split(data_dir, split)
@@ -181,7 +181,7 @@ def build_bank(encoder_dir, data_dir, split, num_registers, cache_dir, batch_siz
 def _build_locked(folder, meta_path, key, encoder_hash, encoder_dir, data_dir, split, num_registers, batch_size,
                   chunk_size, device, dtype, bank_dtype, env, progress, rank, world):
     """build_bank's body, under the bank's lock: reuse a bank another process finished meanwhile."""
-    from data import TokenData
+    from dataprep.data import TokenData
     from encoder import Encoder
 
     if (_stored_meta(meta_path) or {}).get("complete"):
@@ -259,7 +259,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Encode a data cache with the frozen encoder of a train_ae.py run "
                                                  "into register banks (N, K, d) for train_prior.py (App. E).")
     parser.add_argument("--ae", required=True, help="train_ae.py run folder (its encoder/ is used, frozen)")
-    parser.add_argument("--data", required=True, help="data cache folder written by data.py")
+    parser.add_argument("--data", required=True, help="data cache folder written by dataprep/data.py")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to encode")
     parser.add_argument("--num-registers", type=int, default=8,
                         help="K: registers kept per program (the first K; paper: 8 of 128 for generation)")

@@ -11,10 +11,10 @@ function's signature and docstring, the answer its body (beyond the paper, our c
   prompt + "\n" + answer is the function as a standalone program.
 - `collect_pairs`: pairs of a corpus (a folder of .py files or a JSONL of {"text", "path"}), deduplicated,
   split by FILE (corpus.split_of, the same split as the token cache: a val/test file never trains).
-- `encode_pairs`: demasker canvases BOS prompt answer EOS (EOS padding, data.py's layout) with the prompt
+- `encode_pairs`: demasker canvases BOS prompt answer EOS (EOS padding, dataprep/data.py's layout) with the prompt
   length (BOS included: the fixed prefix) and the encoder inputs of the answer, the prompt and the whole
   program. One shared tokenizer: the encoder reads demasker-layout rows; two tokenizers (App. C): the
-  encoder's rows are `text EOS` padded with its pad id (data.py's encoder layout).
+  encoder's rows are `text EOS` padded with its pad id (dataprep/data.py's encoder layout).
 - The infilling view: `middle_span` masks a span of a canvas with everything around it visible;
   `parse_infill` reads the command-line form "prefix<|span|>suffix" (one marker) into a canvas.
 

@@ -1,6 +1,6 @@
 """Tokenizers (paper App. C: the encoder is Qwen3-Embedding and the demasker LLaDA, each with its own tokenizer;
 in tiny mode one byte-level BPE trained on the corpus serves both). `TextTokenizer` wraps a `tokenizers`
-tokenizer and finds its roles (BOS, EOS, PAD, MASK) under the names public tokenizers use; data.py and the
+tokenizer and finds its roles (BOS, EOS, PAD, MASK) under the names public tokenizers use; dataprep/data.py and the
 cross-tokenizer view (dataprep/cross_tokenizer.py) build on it.
 """
 
@@ -96,7 +96,7 @@ def load_tokenizer(name_or_path):
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # the library's own parse error names neither the file nor the fix
-        raise ValueError(f"{path} is not a readable tokenizer.json ({error}); rebuild the data cache (data.py "
+        raise ValueError(f"{path} is not a readable tokenizer.json ({error}); rebuild the data cache (dataprep/data.py "
                          f"--force) or copy the tokenizer.json of the run again") from None
     return TextTokenizer(tokenizer)
 

@@ -28,7 +28,7 @@ rows with the chosen setting of their length (`base_sampler`); the guided method
 whole sequence as one block (the paper's setting). A chosen block longer than L / steps is widened to
 L / steps at small NFE (a block needs at least one step); the rows record the block used.
 
-Padding EOS (issue 12): data.py pads every program with EOS to L and train_ae.py scores every position, as
+Padding EOS (issue 12): dataprep/data.py pads every program with EOS to L and train_ae.py scores every position, as
 LLaDA's SFT does (llada.md Sec. 3.3: "the padding EOS tokens are part of the answer", masked and scored;
 LLaDA's pre-training packs documents to 4096 tokens and has no padding). EOS then dominates the targets at
 toy scale, and one-block low-confidence decoding reveals the confident EOS tail first and collapses to empty
@@ -143,7 +143,7 @@ def base_sampler(ctx, setting, length, steps, temp, decoding=None, folder=None):
 
 def selection_set(ctx, length, count):
     """(texts, description) of `count` real programs of <= length tokens that fig6's references do not use."""
-    from data import load_split
+    from dataprep.data import load_split
     from sample import decode_programs
     fig6_num = ctx.args.fig6_num or ctx.preset["gen_num"]
     available = ctx.held_out_count(length)

@@ -44,7 +44,7 @@ from schedules import mask_tokens, masked_diffusion_loss
 
 def load_demasker(ctx, folder, flag, need_encoder, want_cadd):
     """(demasker, encoder | None) of a train_ae.py run, checked to be (or not be) a CADD demasker."""
-    from data import check_tokenizer_matches
+    from dataprep.data import check_tokenizer_matches
     from experiments.eval_context import resolve_run
     from sample import load_run
     run = resolve_run(folder)

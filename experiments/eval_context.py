@@ -70,7 +70,7 @@ def recorded_data_dir(run):
     """The data folder recorded in a run's args.json ("data"), or None."""
     for candidate in (Path(run) / "args.json", Path(run).parent / "args.json"):
         if candidate.is_file():
-            return read_json(candidate, "pass --data the data.py cache the run was trained on").get("data")
+            return read_json(candidate, "pass --data the dataprep/data.py cache the run was trained on").get("data")
     return None
 
 
@@ -92,8 +92,8 @@ class Context:
             or (recorded_data_dir(resolve_run(args.base)) if args.base else None)
         if data is None:
             raise ValueError("no --data given and no data folder recorded in the runs' args.json; pass --data "
-                             "<the data.py cache the models were trained on>")
-        from data import check_tokenizer_matches, load_meta, load_tokenizer
+                             "<the dataprep/data.py cache the models were trained on>")
+        from dataprep.data import check_tokenizer_matches, load_meta, load_tokenizer
         self.data_dir = Path(data)
         self.meta = load_meta(self.data_dir)
         for flag in ("ae", "ae_no_noise", "base"):  # data and checkpoints belong together (tokenizer sha256)
@@ -107,7 +107,7 @@ class Context:
     @property
     def data_length(self):
         """L of the data cache's demasker rows."""
-        from data import load_split
+        from dataprep.data import load_split
         return self.cached("data_length", lambda: int(load_split(self.data_dir, "val")["ids"].shape[1]))
 
     def get(self, name):
@@ -159,7 +159,7 @@ class Context:
     def training_programs(self):
         """Normalised train-split programs, for the exact-duplicate rate."""
         def build():
-            from data import load_split
+            from dataprep.data import load_split
             split = load_split(self.data_dir, "train")
             texts = decode_programs(self.tokenizer, np.asarray(split["ids"]), self.eos_id, self.bos_id)
             return {M.normalise_program(text) for text in texts}
@@ -168,7 +168,7 @@ class Context:
     # -- held-out programs ----------------------------------------------------------------
     def held_out_count(self, max_tokens=None):
         """How many held-out programs (val + test) have a BOS..EOS length <= max_tokens."""
-        from data import load_split
+        from dataprep.data import load_split
         total = 0
         for split_name in SPLITS:
             lengths = np.asarray(load_split(self.data_dir, split_name)["lengths"])
@@ -178,7 +178,7 @@ class Context:
     def held_out(self, count, max_tokens=None, skip=0):
         """`count` held-out programs (val, then test) whose BOS..EOS length <= max_tokens, after skipping the
         first `skip` such programs. Returns {"ids" (n, L) long, "enc_ids", "enc_mask", "lengths", "texts"}."""
-        from data import load_split
+        from dataprep.data import load_split
         chosen = {"ids": [], "enc_ids": [], "enc_len": [], "lengths": []}
         needed = skip + count
         for split_name in SPLITS:
@@ -318,7 +318,7 @@ def real_reference(ctx, length, count):
         if first < 2:
             raise ValueError(f"only {available} held-out programs of at most {length} tokens in {ctx.data_dir}: "
                              f"MAUVE needs a reference of 2 or more; use a longer length or more held-out data "
-                             f"(data.py --val-fraction/--test-fraction)")
+                             f"(dataprep/data.py --val-fraction/--test-fraction)")
         reference = ctx.held_out(first, length)["texts"]
         features = scorer.features(reference, ctx.get("batch_size"), pool=ctx.args.features)
         note = None if first == count else (f"only {available} held-out programs of <= {length} tokens: reference "

@@ -158,7 +158,7 @@ def load_ae(ae):
     folder = resolve_ae(ae)
     if (folder / "encoder_tokenizer.json").is_file():
         raise ValueError(f"{folder} reads the encoder with its own tokenizer; experiments/train_prompted.py supports one shared "
-                         f"tokenizer (the tiny setting) so far: train the AE on a data.py cache without "
+                         f"tokenizer (the tiny setting) so far: train the AE on a dataprep/data.py cache without "
                          f"--encoder-tokenizer")
     tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
     encoder = Encoder.from_pretrained(str(folder / "encoder")).eval().requires_grad_(False)

@@ -240,7 +240,7 @@ def train(args):
     from tokenizers import Tokenizer
     from tqdm import tqdm
 
-    from data import load_meta, load_split
+    from dataprep.data import load_meta, load_split
 
     preset = PRESETS[args.preset]
     steps = args.steps or preset["steps"]
@@ -303,8 +303,8 @@ def train(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Train the small causal LM that scores Gen-PPL and featurises MAUVE (eval.py --scorer). "
-                    "It trains on the TRAIN split of a data.py cache, next-token CE over BOS .. first EOS.")
-    parser.add_argument("--data", required=True, help="data cache folder written by data.py (train and val splits)")
+                    "It trains on the TRAIN split of a dataprep/data.py cache, next-token CE over BOS .. first EOS.")
+    parser.add_argument("--data", required=True, help="data cache folder written by dataprep/data.py (train and val splits)")
     parser.add_argument("--out", required=True, help="output folder (model, tokenizer.json, scorer.json)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="model width and default budget: tiny (2 layers, d=128, minutes on CPU) or small "
@@ -313,7 +313,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the preset's)")
     parser.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: the preset's)")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json of the cache (default: DATA/tokenizer.json, written by data.py)")
+                        help="tokenizer.json of the cache (default: DATA/tokenizer.json, written by dataprep/data.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the batch order")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 when "

@@ -1,13 +1,13 @@
 """Files written whole or not at all, and JSON read with an error that names the file and the fix.
 
-Every output a reader may open while it is being written (data.py's meta.json, the register banks' meta.json,
+Every output a reader may open while it is being written (dataprep/data.py's meta.json, the register banks' meta.json,
 sample.py's JSONL, eval.py's NAME.json / NAME.png) goes through `write_text` / `write_bytes` / `replace_with`:
 the bytes land in a temporary file of this process's own (tempfile.mkstemp in the same folder: two writers
 never share a name), are flushed to disk, then renamed over the target (os.replace is atomic on POSIX). A
 reader sees the old file or the new one, never half of one; a crash leaves at worst a hidden .NAME.*.tmp.
 
 One writer at a time (`exclusive`): an advisory file lock for caches that several processes may build (the
-token cache of data.py, the register banks of dataprep/latent_data.py). The second process waits on the lock,
+token cache of dataprep/data.py, the register banks of dataprep/latent_data.py). The second process waits on the lock,
 then finds the first one's finished result and reuses it. The lock belongs to the process (fcntl.flock), so a
 builder killed with -9 never leaves it held.
 """

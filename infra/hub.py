@@ -139,7 +139,7 @@ def model_card(folder, repo="<owner>/<name>", sub=".", license="other"):
     data_rows = [(key, meta[key]) for key in ("seq_len", "shared_tokenizer", "settings", "splits")
                  if meta and key in meta]
     if args.get("data"):
-        data_rows.insert(0, ("data folder (data.py cache)", args["data"]))
+        data_rows.insert(0, ("data folder (dataprep/data.py cache)", args["data"]))
     metrics = records["val"]
     header = ["---", "library_name: crocodil", f"license: {license}", "tags:", "- crocodil",
               "- masked-diffusion", "- text-diffusion", f"- {kind.replace('_', '-')}", "---", ""]

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # How each command line is started, relative to the repository root.
 CLI = {
-    "data": ["data.py"],
+    "data": ["-m", "dataprep.data"],
     "prompts": ["-m", "dataprep.prompts"],
     "train_ae": ["train_ae.py"],
     "train_prior": ["train_prior.py"],

@@ -5,7 +5,7 @@
 #   PRESET=small DEVICE=cuda bash scripts/reproduce.sh   wider/deeper models, L = 256, more samples (minutes on one GPU)
 #
 # Stages (each reuses a finished run in OUT; delete it to start over):
-#   1. data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each)
+#   1. dataprep/data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each)
 #   2. train_ae.py        base MDM (--no-registers); from its weights, with the same recipe: the encoder-demasker
 #                         (Alg. 1), one without latent noise (--latent-cos 1, Fig. 7), the equal-budget base (no
 #                         registers: as many demasker updates as the guided one) and CADD (--cadd, issue 17);
@@ -113,7 +113,7 @@ early() { evaluate "$@" || echo "stage 4 runs it again"; }  # an evaluation star
 
 if has 1; then
   stage "1. data ($DATA)"
-  python data.py --out "$DATA" --seq-len $L --vocab-size $VOCAB --val-fraction 0.1 --test-fraction 0.1
+  python -m dataprep.data --out "$DATA" --seq-len $L --vocab-size $VOCAB --val-fraction 0.1 --test-fraction 0.1
 fi
 
 if has 2; then

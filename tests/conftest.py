@@ -1,10 +1,16 @@
+"""Shared test set-up. The tests mirror the source layout (tests/infra/ tests infra/, ...); tests/ and
+tests/experiments/ are importable so that one test module can reuse another's module-scoped fixtures (the
+tiny runs of test_eval.py, test_train_prior.py, experiments/test_eval_prompt.py)."""
+
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TESTS = Path(__file__).resolve().parent
+for folder in (TESTS.parent, TESTS / "experiments"):  # the repository root (its modules), fixtures
+    sys.path.insert(0, str(folder))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,7 +1,7 @@
 """eval.py end to end on tiny random checkpoints: every subcommand runs and writes the JSON schema it promises.
 
 Quality is not tested here (random weights); the numbers are tested in test_metrics.py. The fixture builds,
-once per module: a data cache from a synthetic JSONL corpus (data.py), an AE run and a second one (fig7), a
+once per module: a data cache from a synthetic JSONL corpus (dataprep/data.py), an AE run and a second one (fig7), a
 base MDM, an unconditional prior, a conditional prior, a prior without block offsets, and a scorer.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import eval as E
-from data import load_meta
+from dataprep.data import load_meta
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 from latent_dit import DiTConfig, LatentDiT
@@ -25,7 +25,7 @@ K, WIDTH, L = 4, 32, 32
 
 
 def _programs(n):
-    """Small distinct Python programs with their own 'path' (data.py splits by path)."""
+    """Small distinct Python programs with their own 'path' (dataprep/data.py splits by path)."""
     out = []
     for i in range(n):
         if i % 2:
@@ -60,7 +60,7 @@ def _prior(folder, ae, conditional=False, offsets=True):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import data
+    from dataprep import data
     root = tmp_path_factory.mktemp("eval")
     corpus = root / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps(p) for p in _programs(400)) + "\n")

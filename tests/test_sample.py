@@ -349,11 +349,11 @@ def test_cli_base_and_autoencode_on_a_tiny_checkpoint(tmp_path, monkeypatch, cap
         def decode(self, ids):
             return "".join(chr(33 + i % 90) for i in ids)
 
-    import data as real_data
+    from dataprep import data as real_data
     stub = types.SimpleNamespace(load_tokenizer=lambda path: Tok(),
                                  load_split=lambda data_dir, split: {"ids": val.numpy()},
                                  check_tokenizer_matches=real_data.check_tokenizer_matches)
-    monkeypatch.setitem(sys.modules, "data", stub)
+    monkeypatch.setitem(sys.modules, "dataprep.data", stub)
 
     out = tmp_path / "base.jsonl"
     S.main(["--ckpt", str(tmp_path / "run"), "--method", "base", "--gen-length", "16", "--steps", "8",
@@ -397,7 +397,7 @@ def _sample_rank(rank, world_size, port, argv):
     import types
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    sys.modules["data"] = types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer())
+    sys.modules["dataprep.data"] = types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer())
     torch.set_num_threads(1)
     S.main(argv)
 
@@ -422,7 +422,7 @@ def test_cli_shards_batches_over_two_ranks_with_the_same_output(tmp_path, monkey
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_sample_rank, args=(2, port, argv(tmp_path / "two.jsonl")), nprocs=2, join=True)
-    monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer()))
+    monkeypatch.setitem(sys.modules, "dataprep.data", types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer()))
     S.main(argv(tmp_path / "one.jsonl"))
     one, two = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("one", "two"))
     assert [r["index"] for r in two] == list(range(5))
@@ -456,7 +456,7 @@ def test_cli_trace_and_adaptive_decoding_on_a_tiny_checkpoint(tmp_path, monkeypa
     torch.manual_seed(0)
     Demasker(DemaskerConfig.tiny(register_dim=0)).save_pretrained(tmp_path / "run" / "demasker")
     (tmp_path / "run" / "tokenizer.json").write_text("{}")
-    monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer()))
+    monkeypatch.setitem(sys.modules, "dataprep.data", types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer()))
     common = ["--ckpt", str(tmp_path / "run"), "--gen-length", "16", "--num", "3", "--batch-size", "2",
               "--temperature", "1", "--device", "cpu", "--quiet"]
     S.main(common + ["--out", str(tmp_path / "plain.jsonl")])

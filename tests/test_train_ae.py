@@ -1,7 +1,7 @@
 """train_ae.py: Alg. 1's random corruption (latent noise, nested dropout, all-mask), staged training, exact
 resume, and the paper's core claim in miniature (guided autoencoding reconstructs what the base MDM cannot).
 
-Training tests run the real `train(parse_args([...]))` on a data.py cache built from a handful of tiny
+Training tests run the real `train(parse_args([...]))` on a dataprep/data.py cache built from a handful of tiny
 programs (JSONL corpus, BPE of 320 tokens, L = 32), so they exercise the whole script in seconds.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from infra import checkpoint as C
-import data
+from dataprep import data
 from infra import guards
 import train_ae as T
 from infra.checkpoint import read_safetensors
@@ -40,7 +40,7 @@ def tiny_programs(count=11):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A data.py cache of tiny_programs(): prog_4 and prog_10 land in val (data.split_of), 9 in train."""
+    """A dataprep/data.py cache of tiny_programs(): prog_4 and prog_10 land in val (data.split_of), 9 in train."""
     folder = tmp_path_factory.mktemp("data")
     corpus = folder / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": text, "path": f"prog_{i}.py"}) + "\n"
@@ -231,7 +231,7 @@ def test_resume_refuses_a_data_cache_with_another_tokenizer(cache, tmp_path):
 
 
 def test_a_missing_data_folder_is_an_error_not_a_rebuild(cache, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a finished data.py cache"):
+    with pytest.raises(FileNotFoundError, match="not a finished dataprep/data.py cache"):
         T.train(run_args(tmp_path / "absent", tmp_path / "run", "--max-steps", "1"))
     assert not (tmp_path / "absent").exists()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
+from dataprep import data
 import generators as G
 from infra import guards
 from dataprep import latent_data as LD

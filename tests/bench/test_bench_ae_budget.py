@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import data
+from dataprep import data
 
 from bench import bench_ae_budget as B
 
@@ -82,7 +82,7 @@ def test_bad_numbers_and_names_are_refused(cache, tmp_path, capsys):
     assert "must divide --seq-len" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         B.parse_args(["--data", str(tmp_path / "none"), "--out", str(tmp_path)])
-    assert "not a data.py cache" in capsys.readouterr().err
+    assert "not a dataprep/data.py cache" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="names must be letters"):
         B.configurations(B.parse_args(["--data", str(cache), "--out", str(tmp_path), "--config", "a/b", ""]))
     with pytest.raises(SystemExit, match="unique"):

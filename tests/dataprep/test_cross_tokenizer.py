@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dataprep import cross_tokenizer as X
-from data import load_tokenizer, pack_rows, train_tokenizer
+from dataprep.data import load_tokenizer, pack_rows, train_tokenizer
 from dataprep.latent_data import visible_view
 
 TEXTS = ["def concatenate(a, b):\n    return a + b\n",

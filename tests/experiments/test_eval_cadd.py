@@ -10,7 +10,7 @@ import torch
 
 import eval as E
 from experiments import eval_cadd
-from data import load_meta
+from dataprep.data import load_meta
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 from experiments.train_scorer import save_scorer
@@ -20,7 +20,7 @@ L, WIDTH, K = 32, 32, 2
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import data
+    from dataprep import data
     root = tmp_path_factory.mktemp("eval_cadd")
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i} * {i % 7}", "path": f"m{i}.py"})

@@ -11,7 +11,7 @@ import torch
 import eval as E
 from dataprep import prompts as P
 from experiments import train_prompted as T
-from data import build_dataset
+from dataprep.data import build_dataset
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 from latent_dit import DiTConfig, LatentDiT

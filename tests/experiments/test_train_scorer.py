@@ -1,5 +1,5 @@
 """experiments/train_scorer.py: the Scorer's NLL and features against slow per-text loops, public Qwen3 layout loading,
-and a short training run on a data.py cache."""
+and a short training run on a dataprep/data.py cache."""
 
 import json
 
@@ -102,7 +102,7 @@ def test_valid_targets_stop_at_the_first_eos():
 
 
 def test_training_lowers_the_validation_perplexity(tmp_path, monkeypatch):
-    import data
+    from dataprep import data
     corpus = tmp_path / "corpus.jsonl"
     programs = [{"text": f"def f{i}(x):\n    return x + {i % 10}", "path": f"m{i}.py"} for i in range(200)]
     corpus.write_text("\n".join(json.dumps(p) for p in programs) + "\n")
@@ -134,7 +134,7 @@ def test_scorer_numbers_are_checked_up_front(tmp_path, capsys, flags, text):
 def test_a_diverging_scorer_stops_and_leaves_the_existing_one(tmp_path, monkeypatch):
     """Issue 11: NaN losses are skipped (never reach the weights); after --max-bad-steps in a row the run stops with
     an error and the scorer already in --out is left byte for byte."""
-    import data
+    from dataprep import data
 
     from infra import guards
     corpus = tmp_path / "corpus.jsonl"

@@ -173,7 +173,7 @@ PROGRAMS = [f"def f{i}(x, y):\n    return x {'+-*'[i % 3]} y * {i + 2}" for i in
 def cache(tmp_path_factory):
     import json
 
-    import data
+    from dataprep import data
     folder = tmp_path_factory.mktemp("cadd_data")
     corpus = folder / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t, "path": f"prog_{i}.py"}) + "\n" for i, t in enumerate(PROGRAMS)))

@@ -1,4 +1,4 @@
-"""data.py: corpus reading and splitting, tokenizers, the memmapped token cache, resumable batches."""
+"""dataprep/data.py: corpus reading and splitting, tokenizers, the memmapped token cache, resumable batches."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data
+from dataprep import data
 
 
 def write_corpus(root, n_files=24):
@@ -354,7 +354,7 @@ def test_an_unreadable_meta_names_the_file_and_a_rebuild_replaces_it(tmp_path, c
     out = tmp_path / "cache"
     meta = build(out, corpus)
     (out / "meta.json").write_text('{"settings": ')  # truncated
-    with pytest.raises(ValueError, match=r"meta.json is not readable JSON.*python data.py --out"):
+    with pytest.raises(ValueError, match=r"meta.json is not readable JSON.*python -m dataprep.data --out"):
         data.load_meta(out)
     assert build(out, corpus)["settings"] == meta["settings"] and data.load_meta(out)["settings"] == meta["settings"]
 
@@ -381,7 +381,7 @@ def test_a_folder_that_is_not_a_cache_is_never_replaced(tmp_path, corpus):
     precious = tmp_path / "project"
     precious.mkdir()
     (precious / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a data.py cache"):
+    with pytest.raises(ValueError, match="not a dataprep/data.py cache"):
         build(precious, corpus)
     assert [p.name for p in precious.iterdir()] == ["notes.txt"]
     (tmp_path / "file").write_text("x")

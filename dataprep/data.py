@@ -15,7 +15,7 @@ Offline stand-in for StarCoder: the running interpreter's standard library sourc
 .py files, or a JSONL file of {"text": ..., "path": optional} lines (one program per line), works
 the same way.
 
-Pipeline (`build_dataset`, CLI `python data.py --out data/stdlib`):
+Pipeline (`build_dataset`, CLI `python -m dataprep.data --out data/stdlib`):
   1. find the source files; non-UTF-8 and unparsable files are skipped and counted, never fatal;
   2. split each file into self-contained programs: its top-level functions and classes
      (decorators included) via `ast`, or the whole file when it is small (--whole-file-lines);
@@ -199,7 +199,7 @@ def refuse_foreign_folder(out):
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder for the data cache")
     if out.is_dir() and not (out / "meta.json").is_file() and any(out.iterdir()):
-        raise ValueError(f"--out {out} holds files but no meta.json: it is not a data.py cache, and a build replaces "
+        raise ValueError(f"--out {out} holds files but no meta.json: it is not a dataprep/data.py cache, and a build replaces "
                          f"the folder whole; pass a new or empty folder (or delete {out} if it is a broken cache)")
 
 
@@ -279,8 +279,8 @@ def load_meta(folder):
     folder = Path(folder)
     if not (folder / "meta.json").is_file():
         raise FileNotFoundError(f"{folder} is not a finished data cache (no meta.json); build it with "
-                                f"`python data.py --out {folder}`")
-    return read_json(folder / "meta.json", f"rebuild the cache: python data.py --out {folder} --force ...")
+                                f"`python -m dataprep.data --out {folder}`")
+    return read_json(folder / "meta.json", f"rebuild the cache: python -m dataprep.data --out {folder} --force ...")
 
 
 def check_tokenizer_matches(data_dir, run_dir, what="the checkpoint"):
@@ -424,7 +424,7 @@ def main(argv=None):
                              args.encoder_tokenizer, args.encoder_seq_len, args.overlong, args.whole_file_lines,
                              args.include_tests, args.max_files, args.val_fraction, args.test_fraction, args.force)
     except ValueError as error:
-        raise SystemExit(f"data.py: error: {error}") from None
+        raise SystemExit(f"dataprep/data.py: error: {error}") from None
     keys = ("corpus", "stats", "splits", "vocab_size", "bos_id", "eos_id", "pad_id", "mask_id", "encoder",
             "build_seconds")
     print(json.dumps({key: meta[key] for key in keys}, indent=2))
