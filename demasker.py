@@ -3,82 +3,66 @@
 Paper map (arXiv 2603.20210):
 - Sec. 4.1 "Guided Demasker": f_theta(x_t, z_0) -> per-position logits over the vocabulary.
   With no registers it is the original demasker, i.e. a plain LLaDA MDM (the base model of
-  Sec. 5), bit for bit the public GSAI-ML/LLaDA-8B-Base forward (../shared/reference/llada.md
-  Sec. 2): token embedding, pre-norm blocks with bidirectional attention, RMSNorm, SwiGLU,
-  rotate-half RoPE on positions 0..L-1, no biases, final RMSNorm, untied LM head.
-- App. C, conditioning: the input is [START, z_1..z_k, END, E(x_t)]. The encoder registers
-  z_j (width register_dim, 1024 for Qwen3-Embedding-0.6B) go through a learned linear
-  projection register_dim -> d_model (no bias, like every LLaDA linear); START and END are
-  learned d_model vectors. Logits are returned for the text positions only.
-- CADD beside CRoCoDiL (extensions/cadd.py; ICLR 2026, not this paper): `latents` (B, L, D) are added to the input
-  embedding of every [M] position (additive fusion E([M]) + z_t); cfg.cadd_schedule / cadd_table record how
-  the model was trained ("none" = a plain MDM). Without latents the forward is unchanged, bit for bit.
+  Sec. 5), bit for bit the public GSAI-ML/LLaDA-8B-Base forward (tests/test_demasker.py):
+  token embedding, pre-norm blocks with bidirectional attention, RMSNorm, SwiGLU, rotate-half
+  RoPE on positions 0..L-1, no biases, final RMSNorm, untied LM head.
+- App. C, conditioning: the input is [START, z_1..z_k, END, E(x_t)]. The encoder registers z_j
+  (width register_dim, 1024 for Qwen3-Embedding-0.6B) go through a learned linear projection
+  register_dim -> d_model (no bias, like every LLaDA linear); START and END are learned d_model
+  vectors. Logits are returned for the text positions only.
 - App. C, nested dropout: the trainer samples k per example and passes register_mask (B, k);
   False entries are hidden as keys from every query, which is exactly the same as leaving
   those registers out (tested). A batch may also carry fewer than max_registers registers.
+- CADD beside CRoCoDiL (extensions/cadd.py; ICLR 2026, not this paper): `latents` (B, L, D) are added
+  to the input embedding of every [M] position (E([M]) + z_t); cfg.cadd_schedule / cadd_table record
+  how the model was trained ("none" = a plain MDM). Without latents the forward is unchanged, bit for bit.
 
-Two-axis RoPE (App. C; the reasoning is ../shared/reference/qwen3.md Sec. 6). Every position
-carries a global index g and a prefix-local index l:
-- text token i:    g = l = i. Text positions never move when k changes, and with no
-                   registers the positions are LLaDA's 0..L-1, so the pretrained text-to-text
-                   geometry is untouched.
-- prefix tokens:   all share one global slot just before the text, g = -1, and are told apart
-                   by l, on local indices that no text token uses (all negative, K = max_registers):
-                   START = -(K + 2), z_j = -(K + 2) + j (j = 1..k), END = -1. START, every z_j and
-                   END sit at the same place whatever k is, and on the local pairs END is the token
-                   right before the text (offset i + 1 to text token i), the registers before it.
-                   Before this, the prefix used l = 0, 1..k, K + 1, so register i and text token i
-                   had the same angle on the local pairs: exactly the positional clash the two-axis
-                   design exists to avoid. Checkpoints saved then keep that layout
-                   (prefix_local_positions="legacy", read from a config.json without the field).
-The `prefix_rope_pairs` fastest frequency pairs (pair i = dims i and i + head_dim/2) rotate by
-l, the remaining (slower) pairs by g. For text g = l, so text tokens see plain RoPE on every
-pair. Why the fast pairs: only pairs with theta_i * K >~ 1 rad can separate K registers (the
-slow pairs barely turn over the whole prefix); keeping the slow pairs on g makes the whole
-prefix look, to every text token, like one token just before the document, independent of k,
-so the pretrained long-range prior is kept; and between registers the fast pairs give clean
-relative offsets (j_q - j_k) * theta_i ("co-located but ordered"). This is MRoPE with two
-planes (Qwen2-VL), sections [prefix_rope_pairs, head_dim/2 - prefix_rope_pairs]. For
-LLaDA-8B (head_dim 128, theta 5e5) we use 16 of the 64 pairs, the band Qwen2-VL gives its
-temporal axis; pair 15 turns about 0.046 rad per register, ~6 rad across K = 128.
+Two-axis RoPE (App. C). Every position carries a global index g and a prefix-local index l:
+- text token i:  g = l = i. Text positions never move when k changes, and with no registers
+                 they are LLaDA's 0..L-1, so the pretrained text-to-text geometry is untouched.
+- prefix tokens: all share one global slot just before the text, g = -1, and are told apart by
+                 l, on local indices no text token uses (K = max_registers): START = -(K + 2),
+                 z_j = -(K + 2) + j (j = 1..k), END = -1. START, every z_j and END sit at the same
+                 place whatever k is, and END is the token right before the text on both axes.
+The `prefix_rope_pairs` fastest frequency pairs (pair i = dims i and i + head_dim/2) rotate by l, the
+slower ones by g; for text g = l, so text sees plain RoPE on every pair. Only pairs with theta_i * K >~ 1
+rad can separate K registers; keeping the slow pairs on g makes the whole prefix look, to every text
+token, like one token just before the document, independent of k (the pretrained long-range prior is
+kept), while the fast pairs give registers clean relative offsets (j_q - j_k) * theta_i. This is MRoPE
+with two planes (Qwen2-VL), sections [prefix_rope_pairs, head_dim/2 - prefix_rope_pairs]; LLaDA-8B
+(head_dim 128, theta 5e5) uses 16 of its 64 pairs (pair 15 turns ~0.046 rad per register).
 
-Padding: LLaDA data are padded on the right with EOS; `attention_mask` (B, L) hides pad
-tokens as keys (queries at pad positions still produce ignored logits, as in LLaDA). Right
-padding therefore never changes the valid logits. Left padding shifts the text away from
-the prefix on the global axis, so with registers it does change results (without registers
-RoPE is relative and it does not); pad on the right.
+Padding: LLaDA pads on the right with EOS; `attention_mask` (B, L) hides pad tokens as keys, so right
+padding never changes the valid logits. Left padding moves the text away from the prefix on the global
+axis, so with registers it does change results (without registers RoPE is relative); pad on the right.
 
-Initialisation from scratch is LLaDA's "mitchell" init (layers.init_transformer_block_;
-embedding and LM head truncated normal, std 1/sqrt(d_model)). The conditioning parameters
-are new in every case (also when loading public LLaDA weights): the projection is truncated
-normal with std 1/sqrt(register_dim), so a register of norm sqrt(register_dim) (the encoder's
-normalisation) maps to entries of about unit variance; START and END are normal with std
-1/sqrt(d_model), the scale of a freshly initialised token embedding.
+Init from scratch is LLaDA's "mitchell" init (layers.init_transformer_block_; embedding and LM head
+truncated normal, std 1/sqrt(d_model)). The conditioning parameters are new in every case (also on
+public LLaDA weights): the projection is truncated normal, std 1/sqrt(register_dim), so a register of
+norm sqrt(register_dim) (the encoder's normalisation) maps to entries of about unit variance; START and
+END are normal, std 1/sqrt(d_model), the scale of a fresh token embedding.
 """
 
 import dataclasses
-import json
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from infra.checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
-                        read_safetensors, rename_keys, resolve_model_dir, save_model_dir, swap_columns)
+from infra import public_weights
+from infra.checkpoint import config_from_dict, save_model_dir
 from layers import Block, RMSNorm, init_linear_, init_transformer_block_, rope_angles, rope_cos_sin, rope_inv_freq
 
-
-PREFIX_LOCAL_POSITIONS = ("negative", "legacy")  # see the module docstring (two-axis RoPE)
 CADD_SCHEDULES = ("linear", "cosine")  # CADD's gamma_bar_t of the [M] latents (cadd.gamma_bar); "none" = plain
 CADD_TABLES = ("own", "frozen")        # CADD's latent table w: the own embedding, or the same values detached
+CONDITIONING_PARAMS = ("register_proj.", "start_embedding", "end_embedding")  # absent from public LLaDA weights
 
 
 @dataclass
 class DemaskerConfig:
-    """Defaults equal GSAI-ML/LLaDA-8B-Base (llada.md Sec. 1) plus the paper's conditioning."""
+    """Defaults equal GSAI-ML/LLaDA-8B-Base's config.json plus the paper's conditioning."""
     vocab_size: int = 126464           # rows of the embedding and LM head (LLaDA's embedding_size)
     d_model: int = 4096
     n_layers: int = 32
@@ -95,33 +79,14 @@ class DemaskerConfig:
     register_dim: int = 1024           # encoder width (Qwen3-Embedding-0.6B); 0 = no conditioning
     max_registers: int = 128           # K, the paper's largest register bank
     prefix_rope_pairs: int = 16        # fastest rotary pairs on the prefix-local axis (of 64)
-    prefix_local_positions: str = "negative"  # prefix-local indices: "negative" (no text index) | "legacy"
+    prefix_local_positions: str = "negative"  # prefix layout (two-axis RoPE); "legacy": older checkpoints
     max_sequence_length: int = 4096    # LLaDA's pre-training length (RoPE has no hard limit)
-    cadd_schedule: str = "none"        # CADD (extensions/cadd.py): gamma_bar schedule of the [M] latents; "none" = plain MDM
+    cadd_schedule: str = "none"        # CADD (extensions/cadd.py): gamma_bar of the [M] latents; "none" = plain MDM
     cadd_table: str = "own"            # CADD: latent table w = own embedding ("own") or its detached copy ("frozen")
 
     def __post_init__(self):
         self.register_dim = self.register_dim or 0
-        problems = []
-        if self.d_model % self.n_heads:
-            problems.append(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
-        elif (self.d_model // self.n_heads) % 2:
-            problems.append(f"head_dim={self.d_model // self.n_heads} must be even for RoPE")
-        if self.n_heads % self.n_kv_heads:
-            problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.register_dim < 0 or self.max_registers < 0:
-            problems.append("register_dim and max_registers must be >= 0")
-        if self.d_model % self.n_heads == 0 and not 0 <= self.prefix_rope_pairs <= self.head_dim // 2:
-            problems.append(f"prefix_rope_pairs={self.prefix_rope_pairs} must lie in [0, head_dim/2="
-                            f"{self.head_dim // 2}]")
-        if self.prefix_local_positions not in PREFIX_LOCAL_POSITIONS:
-            problems.append(f"prefix_local_positions={self.prefix_local_positions!r} must be one of "
-                            f"{PREFIX_LOCAL_POSITIONS}")
-        if self.cadd_schedule not in ("none",) + CADD_SCHEDULES or self.cadd_table not in CADD_TABLES:
-            problems.append(f"cadd_schedule={self.cadd_schedule!r} / cadd_table={self.cadd_table!r} must be one of "
-                            f"{('none',) + CADD_SCHEDULES} / {CADD_TABLES}")
-        if problems:
-            raise ValueError("invalid DemaskerConfig: " + "; ".join(problems))
+        _check_config(self)
 
     @property
     def head_dim(self):
@@ -144,90 +109,13 @@ class DemaskerConfig:
 
     @classmethod
     def from_dict(cls, fields):
-        """A saved config; a conditioned one written before prefix_local_positions existed keeps the layout it
-        was trained with ("legacy"; a base model without registers never used one)."""
-        fields = dict(fields)
-        fields.setdefault("prefix_local_positions", "legacy" if fields.get("register_dim") else "negative")
-        return config_from_dict(cls, fields)
+        """A saved config.json dict (older ones lack prefix_local_positions: public_weights.with_prefix_layout)."""
+        return config_from_dict(cls, public_weights.with_prefix_layout(fields))
 
     @classmethod
     def from_hf_config(cls, hf, register_dim=1024, max_registers=128, prefix_rope_pairs=None):
-        """Build from a public LLaDA config.json (field names of configuration_llada.py).
-
-        Absent fields take LLaDA's class defaults (which differ from the 8B values). Settings
-        this re-implementation does not cover raise one error listing all of them.
-        prefix_rope_pairs None -> a quarter of the rotary pairs (16 of 64 for LLaDA-8B).
-        """
-        if hf.get("model_type", "llada") != "llada":
-            raise ValueError(f"config.json has model_type={hf['model_type']!r}; the demasker loads LLaDA "
-                             f"checkpoints (model_type 'llada', e.g. GSAI-ML/LLaDA-8B-Base)")
-        unsupported = []
-        for field, llada_default, supported, meaning in HF_REQUIRED_SETTINGS:
-            value = hf.get(field, llada_default)
-            if value not in supported:
-                unsupported.append(f"{field}={value!r} ({meaning}; supported: {supported})")
-        if hf.get("bias_for_layer_norm") is None and hf.get("include_bias", False):
-            unsupported.append("bias_for_layer_norm=None inherits include_bias=True (layer-norm biases)")
-        if unsupported:
-            raise ValueError("unsupported LLaDA settings in config.json: " + "; ".join(unsupported))
-        missing = [name for name in ("d_model", "n_heads", "n_layers", "vocab_size") if name not in hf]
-        if missing:
-            raise ValueError(f"config.json lacks {missing}; is this a LLaDA config?")
-        n_heads = hf["n_heads"]
-        n_kv_heads = hf.get("n_kv_heads") or (1 if hf.get("multi_query_attention") else n_heads)
-        head_dim = hf["d_model"] // n_heads
-        return cls(
-            vocab_size=hf.get("embedding_size") or hf["vocab_size"],
-            d_model=hf["d_model"], n_layers=hf["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
-            mlp_hidden_size=hf.get("mlp_hidden_size") or hf.get("mlp_ratio", 4) * hf["d_model"],
-            rope_theta=float(hf.get("rope_theta", 10000.0)), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            mask_token_id=hf.get("mask_token_id", 50256), eos_token_id=hf.get("eos_token_id", 50256),
-            bos_token_id=hf.get("bos_token_id"), pad_token_id=hf.get("pad_token_id", 50256),
-            weight_tying=bool(hf.get("weight_tying", True)), register_dim=register_dim,
-            max_registers=max_registers,
-            prefix_rope_pairs=head_dim // 8 if prefix_rope_pairs is None else prefix_rope_pairs,
-            max_sequence_length=hf.get("max_sequence_length", 1024))
-
-
-# Public LLaDA config fields whose value changes the computation:
-# (field, LLaDA class default when absent, values we support, what it means).
-# Dropout fields are ignored (they do not change the pretrained function; we train without
-# dropout); rope_full_precision=False is accepted but RoPE is always applied in fp32.
-HF_REQUIRED_SETTINGS = [
-    ("block_type", "sequential", ("llama",), "LLaDALlamaBlock with separate q/k/v and gate/up"),
-    ("activation_type", "swiglu", ("silu",), "SiLU(ff_proj(x)) * up_proj(x)"),
-    ("rope", False, (True,), "rotary positions"),
-    ("alibi", False, (False,), "ALiBi attention biases"),
-    ("layer_norm_type", "default", ("rms",), "RMSNorm"),
-    ("layer_norm_with_affine", True, (True,), "norm weights"),
-    ("attention_layer_norm", False, (False,), "q/k norm"),
-    ("include_bias", False, (False,), "linear biases"),
-    ("include_qkv_bias", False, (False, None), "q/k/v biases"),
-    ("bias_for_layer_norm", None, (False, None), "layer-norm biases"),
-    ("input_emb_norm", False, (False,), "embedding scaling"),
-    ("scale_logits", False, (False,), "1/sqrt(d) logit scaling"),
-    ("block_group_size", 1, (1,), "grouped block key names"),
-    ("clip_qkv", None, (None,), "q/k/v clipping"),
-]
-
-# Public LLaDA key -> our module name. '{}' is the block index. Note the two ff_out's:
-# blocks.{}.ff_out is the MLP down projection, transformer.ff_out is the LM head.
-HF_KEY_TABLE = [
-    ("model.transformer.wte.weight",                  "wte.weight"),
-    ("model.transformer.blocks.{}.attn_norm.weight",  "blocks.{}.attn_norm.weight"),
-    ("model.transformer.blocks.{}.q_proj.weight",     "blocks.{}.attn.q_proj.weight"),
-    ("model.transformer.blocks.{}.k_proj.weight",     "blocks.{}.attn.k_proj.weight"),
-    ("model.transformer.blocks.{}.v_proj.weight",     "blocks.{}.attn.v_proj.weight"),
-    ("model.transformer.blocks.{}.attn_out.weight",   "blocks.{}.attn.o_proj.weight"),
-    ("model.transformer.blocks.{}.ff_norm.weight",    "blocks.{}.mlp_norm.weight"),
-    ("model.transformer.blocks.{}.ff_proj.weight",    "blocks.{}.mlp.gate_proj.weight"),
-    ("model.transformer.blocks.{}.up_proj.weight",    "blocks.{}.mlp.up_proj.weight"),
-    ("model.transformer.blocks.{}.ff_out.weight",     "blocks.{}.mlp.down_proj.weight"),
-    ("model.transformer.ln_f.weight",                 "ln_f.weight"),
-    ("model.transformer.ff_out.weight",               "lm_head.weight"),
-]
-# Parameters no public LLaDA checkpoint has: initialised and reported on load.
-CONDITIONING_PARAMS = ("register_proj.", "start_embedding", "end_embedding")
+        """From a public LLaDA config.json dict; prefix_rope_pairs None = a quarter of the rotary pairs."""
+        return public_weights.llada_config(cls, hf, register_dim, max_registers, prefix_rope_pairs)
 
 
 class Demasker(nn.Module):
@@ -275,15 +163,16 @@ class Demasker(nn.Module):
     # -- positions ------------------------------------------------------------------------
 
     def positions(self, num_registers, seq_len, device=None):
-        """Global and prefix-local indices (T,) for [START, z_1..z_k, END, text] (no prefix if None)."""
+        """Global and prefix-local indices (T,) for [START, z_1..z_k, END, text] (text only if None)."""
         text = torch.arange(seq_len, device=device)
         if num_registers is None:
             return text, text
         k, K = num_registers, self.cfg.max_registers
-        prefix_global = torch.full((k + 2,), -1, device=device, dtype=torch.long)
-        shift = -(K + 2) if self.cfg.prefix_local_positions == "negative" else 0
-        prefix_local = torch.cat([torch.arange(k + 1, device=device),               # START=0, z_j=j
-                                  torch.tensor([K + 1], device=device)]) + shift     # END=K+1 (then shifted)
+        prefix_global = torch.full((k + 2,), -1, device=device, dtype=torch.long)  # one slot before the text
+        prefix_local = torch.cat([torch.arange(-(K + 2), -(K + 2) + k + 1, device=device),  # START, z_1..z_k
+                                  torch.tensor([-1], device=device)])                        # END
+        if self.cfg.prefix_local_positions == "legacy":  # older checkpoints: public_weights.with_prefix_layout
+            prefix_local = prefix_local + (K + 2)
         return torch.cat([prefix_global, text]), torch.cat([prefix_local, text])
 
     def rope_cos_sin(self, global_pos, local_pos):
@@ -296,29 +185,13 @@ class Demasker(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
 
-    def _prefix(self, registers, register_mask, batch, dtype):
-        """[START, W z_1..W z_k, END] (B, k+2, D) and its key visibility (B, k+2) bool | None."""
-        cfg = self.cfg
-        if not cfg.register_dim:
-            raise ValueError("this Demasker has register_dim=0 (no conditioning); pass registers=None "
-                             "or build it with register_dim = the encoder width")
-        if registers.dim() != 3 or registers.shape[0] != batch or registers.shape[2] != cfg.register_dim:
-            raise ValueError(f"registers must be (B={batch}, k, register_dim={cfg.register_dim}), "
-                             f"got {tuple(registers.shape)}")
-        k = registers.shape[1]
-        if k > cfg.max_registers:
-            raise ValueError(f"{k} registers given but max_registers={cfg.max_registers}; "
-                             f"raise max_registers in the config")
+    def prefix(self, registers, dtype):
+        """[START, W z_1..W z_k, END]: registers (B, k, register_dim) -> (B, k+2, D)."""
+        B = registers.shape[0]
         projected = self.register_proj(registers.to(self.register_proj.weight.dtype)).to(dtype)  # (B, k, D)
-        start = self.start_embedding.to(dtype).expand(batch, 1, -1)  # (B, 1, D)
-        end = self.end_embedding.to(dtype).expand(batch, 1, -1)      # (B, 1, D)
-        prefix = torch.cat([start, projected, end], dim=1)           # (B, k+2, D)
-        if register_mask is None:
-            return prefix, None
-        if register_mask.shape != (batch, k):
-            raise ValueError(f"register_mask must be (B, k) = {(batch, k)}, got {tuple(register_mask.shape)}")
-        always = torch.ones(batch, 1, dtype=torch.bool, device=register_mask.device)
-        return prefix, torch.cat([always, register_mask.to(torch.bool), always], dim=1)
+        start = self.start_embedding.to(dtype).expand(B, 1, -1)  # (B, 1, D)
+        end = self.end_embedding.to(dtype).expand(B, 1, -1)      # (B, 1, D)
+        return torch.cat([start, projected, end], dim=1)         # (B, k+2, D)
 
     def forward(self, input_ids, registers=None, register_mask=None, attention_mask=None, latents=None,
                 cache=None):
@@ -329,41 +202,20 @@ class Demasker(nn.Module):
         cache: kv_cache.BlockCache | None (approximate decoding cache, off by default): with cache.window None
         the full forward also stores every layer's keys and values; with a window (lo, hi) only text positions
         lo..hi-1 are computed against the stored keys and values -> logits (B, hi - lo, V)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        _check_inputs(self.cfg, input_ids, registers, register_mask, attention_mask, latents, cache)
         if cache is not None and cache.window is not None:
-            if latents is not None:
-                raise ValueError("the decoding cache does not support CADD latents; decode CADD without --cache")
             return self._forward_window(input_ids, registers, register_mask, attention_mask, cache)
         B, L = input_ids.shape
         x = self.wte(input_ids)  # (B, L, D)
-        if latents is not None:
-            if latents.shape != x.shape:
-                raise ValueError(f"latents must be (B, L, d_model) = {tuple(x.shape)}, got {tuple(latents.shape)}")
+        if latents is not None:  # CADD: E([M]) + z_t at the [M] positions, nothing elsewhere
             at_mask = (input_ids == self.cfg.mask_token_id).unsqueeze(-1)  # (B, L, 1)
             x = x + torch.where(at_mask, latents.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-        num_registers, prefix_keys, text_keys = None, None, None
+        num_registers = None if registers is None else registers.shape[1]
         if registers is not None:
-            num_registers = registers.shape[1]
-            prefix, prefix_keys = self._prefix(registers, register_mask, B, x.dtype)
-            x = torch.cat([prefix, x], dim=1)  # (B, P + L, D), P = k + 2
-        elif register_mask is not None:
-            raise ValueError("register_mask given without registers")
-        if attention_mask is not None:
-            if attention_mask.shape != (B, L):
-                raise ValueError(f"attention_mask must be (B, L) = {(B, L)}, got {tuple(attention_mask.shape)}")
-            text_keys = attention_mask.to(torch.bool)
-        allowed = None  # (B, 1, 1, P + L) key visibility; None = every key visible (fast SDPA path)
-        if prefix_keys is not None or text_keys is not None:
-            P = x.shape[1] - L
-            if prefix_keys is None:
-                prefix_keys = torch.ones(B, P, dtype=torch.bool, device=x.device)
-            if text_keys is None:
-                text_keys = torch.ones(B, L, dtype=torch.bool, device=x.device)
-            allowed = torch.cat([prefix_keys, text_keys], dim=1)[:, None, None, :]
-
-        global_pos, local_pos = self.positions(num_registers, L, device=x.device)
-        cos, sin = self.rope_cos_sin(global_pos, local_pos)
+            x = torch.cat([self.prefix(registers, x.dtype), x], dim=1)  # (B, P + L, D), P = k + 2
+        # (B, 1, 1, P + L) key visibility; None = every key visible (fast SDPA path)
+        allowed = self._key_visibility(registers, register_mask, attention_mask, B, L, x.device)
+        cos, sin = self.rope_cos_sin(*self.positions(num_registers, L, device=x.device))  # (1, P + L, head_dim)
         if cache is not None:
             cache.prefix_length, cache.filled = x.shape[1] - L, True
         for i, block in enumerate(self.blocks):
@@ -396,7 +248,7 @@ class Demasker(nn.Module):
         allowed = self._key_visibility(registers, register_mask, attention_mask, B, L, input_ids.device)
         global_pos, local_pos = self.positions(None if registers is None else registers.shape[1], L,
                                                device=input_ids.device)
-        cos, sin = self.rope_cos_sin(global_pos, local_pos)  # (1, 1, P + L, D)
+        cos, sin = self.rope_cos_sin(global_pos, local_pos)  # (1, P + L, head_dim) each
         cos, sin = cos[..., P + lo:P + hi, :], sin[..., P + lo:P + hi, :]
         x = self.wte(input_ids[:, lo:hi])  # (B, W, D)
         for i, block in enumerate(self.blocks):
@@ -408,55 +260,11 @@ class Demasker(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, register_dim=None, max_registers=None, dtype=None, device="cpu",
                         **overrides):
-        """Load our own checkpoint or a public LLaDA one (hub id or local folder).
-
-        Public LLaDA: config from `DemaskerConfig.from_hf_config`, keys through HF_KEY_TABLE; with
-        register_dim > 0 (default 1024) the conditioning parameters are new: initialised and printed.
-        register_dim=0 gives the plain base MDM. The checkpoint's dtype is kept unless dtype is given.
-        """
-        folder = resolve_model_dir(name_or_path)
-        hf = read_config(folder)
-        native = "crocodil_model" in hf
-        if native:
-            if hf["crocodil_model"] != "demasker":
-                raise CheckpointError(f"{folder} holds a crocodil {hf['crocodil_model']}, not a demasker")
-            cfg = DemaskerConfig.from_dict(hf)
-        else:
-            generation = folder / "generation_config.json"
-            if "bos_token_id" not in hf and generation.is_file():
-                hf = {**hf, "bos_token_id": json.loads(generation.read_text()).get("bos_token_id")}
-            cfg = DemaskerConfig.from_hf_config(hf, register_dim=1024 if register_dim is None else register_dim)
-        for name, value in (("register_dim", register_dim), ("max_registers", max_registers)):
-            if value is not None:
-                overrides[name] = value
-        cfg = dataclasses.replace(cfg, **overrides)
-
-        state = read_safetensors(folder, dtype=dtype, device=device)
-        unexpected = []
-        if not native:
-            state, unexpected = rename_keys(state, HF_KEY_TABLE)
-        if cfg.weight_tying and "wte.weight" in state:
-            state.setdefault("lm_head.weight", state["wte.weight"])
-        with torch.device("meta"):
-            model = cls(cfg)
-        try:
-            # Conditioning parameters are new for public LLaDA and for our own base MDM (register_dim 0).
-            adds_conditioning = not native or not hf.get("register_dim")
-            new = assign_weights(model, state, new_ok=CONDITIONING_PARAMS if adds_conditioning else (),
-                                 unexpected=unexpected, source=str(folder))
-        except CheckpointError as error:
-            if native:
-                raise
-            raise CheckpointError(_with_public_names(str(error), model.state_dict())) from None
-        if cfg.weight_tying:
-            model.lm_head.weight = model.wte.weight
-        if new:
-            weight_dtype = dtype or next(iter(state.values())).dtype
-            materialize_(model, device, weight_dtype)
-            model.init_conditioning_()
-            print(f"Demasker.from_pretrained: initialised {len(new)} new parameters not in {folder}: "
-                  + ", ".join(new))
-        return model
+        """Our checkpoint or a public LLaDA one (hub id or folder; infra/public_weights.load_demasker).
+        Public weights get new conditioning parameters (register_dim 1024 unless given; 0 = the plain base
+        MDM), initialised and printed. The checkpoint's dtype is kept unless dtype is given."""
+        return public_weights.load_demasker(cls, DemaskerConfig, name_or_path, register_dim, max_registers, dtype,
+                                            device, overrides, new_params=CONDITIONING_PARAMS)
 
     def save_pretrained(self, folder):
         """Our checkpoint: config.json (+ "crocodil_model": "demasker") and model.safetensors."""
@@ -466,10 +274,44 @@ class Demasker(nn.Module):
         return save_model_dir(folder, state, {**self.cfg.to_dict(), "crocodil_model": "demasker"})
 
 
-def _with_public_names(message, our_keys):
-    """Append the public LLaDA name to each of our key names in an error message."""
-    for ours in our_keys:
-        public, _ = rename_keys({ours: None}, swap_columns(HF_KEY_TABLE))
-        for name in public:
-            message = re.sub(rf"(?<![\w.]){re.escape(ours)}(?![\w.])", f"{ours} [{name}]", message)
-    return message
+def _check_inputs(cfg, input_ids, registers, register_mask, attention_mask, latents, cache):
+    """Demasker.forward's input shapes; each message names the fix."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+    B, L = input_ids.shape
+    if latents is not None and cache is not None and cache.window is not None:
+        raise ValueError("the decoding cache does not support CADD latents; decode CADD without --cache")
+    if latents is not None and latents.shape != (B, L, cfg.d_model):
+        raise ValueError(f"latents must be (B, L, d_model) = {(B, L, cfg.d_model)}, got {tuple(latents.shape)}")
+    if registers is None:
+        if register_mask is not None:
+            raise ValueError("register_mask given without registers")
+    elif not cfg.register_dim:
+        raise ValueError("this Demasker has register_dim=0 (no conditioning); pass registers=None "
+                         "or build it with register_dim = the encoder width")
+    elif registers.dim() != 3 or registers.shape[0] != B or registers.shape[2] != cfg.register_dim:
+        raise ValueError(f"registers must be (B={B}, k, register_dim={cfg.register_dim}), "
+                         f"got {tuple(registers.shape)}")
+    elif registers.shape[1] > cfg.max_registers:
+        raise ValueError(f"{registers.shape[1]} registers given but max_registers={cfg.max_registers}; "
+                         f"raise max_registers in the config")
+    elif register_mask is not None and register_mask.shape != (B, registers.shape[1]):
+        raise ValueError(f"register_mask must be (B, k) = {(B, registers.shape[1])}, "
+                         f"got {tuple(register_mask.shape)}")
+    if attention_mask is not None and attention_mask.shape != (B, L):
+        raise ValueError(f"attention_mask must be (B, L) = {(B, L)}, got {tuple(attention_mask.shape)}")
+
+
+def _check_config(cfg):
+    """DemaskerConfig's settings (the CLI, config/ae_args.py, checks user input before this)."""
+    if cfg.d_model % cfg.n_heads or cfg.head_dim % 2 or cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(f"invalid DemaskerConfig: d_model={cfg.d_model} must split into n_heads={cfg.n_heads} "
+                         f"heads of even width, n_heads a multiple of n_kv_heads={cfg.n_kv_heads}")
+    if not 0 <= cfg.prefix_rope_pairs <= cfg.head_dim // 2 or min(cfg.register_dim, cfg.max_registers) < 0:
+        raise ValueError(f"invalid DemaskerConfig: prefix_rope_pairs={cfg.prefix_rope_pairs} must lie in "
+                         f"[0, head_dim/2={cfg.head_dim // 2}], register_dim and max_registers >= 0")
+    if cfg.prefix_local_positions not in ("negative", "legacy"):
+        raise ValueError(f"prefix_local_positions={cfg.prefix_local_positions!r}: 'negative' or 'legacy'")
+    if cfg.cadd_schedule not in ("none",) + CADD_SCHEDULES or cfg.cadd_table not in CADD_TABLES:
+        raise ValueError(f"cadd_schedule={cfg.cadd_schedule!r} / cadd_table={cfg.cadd_table!r} must be one of "
+                         f"{('none',) + CADD_SCHEDULES} / {CADD_TABLES}")

@@ -12,9 +12,9 @@ Paper map:
 - App. E (ConWithinDisc): the same encoder embeds a partially masked sequence x^(r) "with an
   attention mask that blocks information flow through masked positions" (`hide`).
 
-Architecture (../shared/reference/qwen3.md §3): token embedding (no scaling) -> N pre-norm
-blocks (GQA attention with per-head q/k RMSNorm before rotate-half RoPE, SwiGLU MLP, no
-biases) -> final RMSNorm. Attention is causal.
+Architecture (Qwen3, as in transformers' modeling_qwen3.py; exact parity in tests/test_encoder.py):
+token embedding (no scaling) -> N pre-norm blocks (GQA attention with per-head q/k RMSNorm before
+rotate-half RoPE, SwiGLU MLP, no biases) -> final RMSNorm. Attention is causal.
 
 Sequence layout. For a batch of L token slots (padding anywhere, usually left or right) the
 model runs on one buffer of T = L + K - 1 slots:
@@ -50,10 +50,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from infra.checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
-                        read_safetensors, rename_keys, resolve_model_dir, save_model_dir, swap_columns)
+from infra import public_weights
+from infra.checkpoint import config_from_dict, save_model_dir
 from layers import Block, RMSNorm, init_linear_, rope_angles, rope_cos_sin, rope_inv_freq
 from schedules import sample_keep_levels
+
+HF_KEY_TABLE = public_weights.QWEN3_KEY_TABLE  # public Qwen3 tensor name -> ours
 
 
 @dataclass
@@ -85,7 +87,7 @@ class EncoderConfig:
 
     @classmethod
     def qwen3_embedding_0_6b(cls, **overrides):
-        """The public Qwen/Qwen3-Embedding-0.6B config.json (qwen3.md §1) plus our K."""
+        """The public Qwen/Qwen3-Embedding-0.6B config.json plus our K."""
         return cls(**overrides)
 
     def to_dict(self):
@@ -97,60 +99,8 @@ class EncoderConfig:
 
     @classmethod
     def from_hf_config(cls, hf, **overrides):
-        """Build from a public Qwen3 config.json dict (v4 `rope_theta` or v5 `rope_parameters`)."""
-        if hf.get("model_type", "qwen3") != "qwen3":
-            raise ValueError(f"model_type {hf.get('model_type')!r} is not 'qwen3'; the encoder only loads Qwen3 "
-                             f"checkpoints (e.g. Qwen/Qwen3-Embedding-0.6B)")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        problems = []
-        if rope_type != "default":
-            problems.append(f"rope type {rope_type!r} (only plain RoPE is implemented)")
-        if hf.get("attention_bias", False):
-            problems.append("attention_bias=true (the encoder has no biases)")
-        if hf.get("use_sliding_window", False):
-            problems.append("use_sliding_window=true (only full attention is implemented)")
-        if hf.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act={hf['hidden_act']!r} (only silu)")
-        if problems:
-            raise ValueError("unsupported Qwen3 config: " + "; ".join(problems))
-        heads = hf["num_attention_heads"]
-        eos = hf.get("eos_token_id", 151643)
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        pad = hf.get("pad_token_id")
-        fields = dict(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            intermediate_size=hf["intermediate_size"],
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),  # Qwen3Config's default
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            eos_token_id=eos, pad_token_id=eos if pad is None else pad)
-        fields.update(overrides)
-        return cls(**fields)
-
-
-# Public Qwen3 key -> our module name. Qwen3-Embedding stores the bare Qwen3Model (no "model."
-# prefix); a leading "model." (reranker / CausalLM checkpoints) is stripped before this table.
-HF_KEY_TABLE = [
-    ("embed_tokens.weight", "embed_tokens.weight"),
-    ("layers.{}.input_layernorm.weight", "blocks.{}.attn_norm.weight"),
-    ("layers.{}.self_attn.q_proj.weight", "blocks.{}.attn.q_proj.weight"),
-    ("layers.{}.self_attn.k_proj.weight", "blocks.{}.attn.k_proj.weight"),
-    ("layers.{}.self_attn.v_proj.weight", "blocks.{}.attn.v_proj.weight"),
-    ("layers.{}.self_attn.o_proj.weight", "blocks.{}.attn.o_proj.weight"),
-    ("layers.{}.self_attn.q_norm.weight", "blocks.{}.attn.q_norm.weight"),
-    ("layers.{}.self_attn.k_norm.weight", "blocks.{}.attn.k_norm.weight"),
-    ("layers.{}.post_attention_layernorm.weight", "blocks.{}.mlp_norm.weight"),
-    ("layers.{}.mlp.gate_proj.weight", "blocks.{}.mlp.gate_proj.weight"),
-    ("layers.{}.mlp.up_proj.weight", "blocks.{}.mlp.up_proj.weight"),
-    ("layers.{}.mlp.down_proj.weight", "blocks.{}.mlp.down_proj.weight"),
-    ("norm.weight", "norm.weight"),
-    ("lm_head.weight", "lm_head.weight"),  # untied checkpoints only; ignored when tied
-]
-NEW_PARAMETERS = ("suffix_registers",)  # not in any public checkpoint
+        """From a public Qwen3 config.json dict (infra/public_weights.qwen3_config); overrides win."""
+        return public_weights.qwen3_config(cls, hf, **overrides)
 
 
 def register_keep_mask(keep, num_registers):
@@ -166,6 +116,8 @@ def sample_keep(batch_size, num_registers, generator=None, device=None, distribu
 
 
 class Encoder(nn.Module):
+    """h_phi: tokens (B, L) -> K registers (B, K, D) (Sec. 4.1, App. C)."""
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         if cfg.num_registers < 1:
@@ -209,17 +161,14 @@ class Encoder(nn.Module):
         appended after the buffer with positions n_valid, n_valid + 1, ... and always visible.
         With extra_embeddings=None this is a causal LM feature extractor (see `lm_logits`).
         """
+        _check_masks(input_ids, attention_mask, hide)
         B, L = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
         attention_mask = attention_mask.bool()
-        if attention_mask.shape != (B, L):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, L)}")
         visible = attention_mask  # (B, L) keys that may be attended to
         x = self.embed_tokens(input_ids)  # (B, L, D)
         if hide is not None:
-            if hide.shape != (B, L):
-                raise ValueError(f"hide has shape {tuple(hide.shape)}, expected {(B, L)}")
             hide = hide.bool() & attention_mask
             visible = attention_mask & ~hide
             x = x.masked_fill(hide.unsqueeze(-1), 0.0)
@@ -256,28 +205,20 @@ class Encoder(nn.Module):
         row needs >= 1 valid token); hide (B, L) bool masked positions to hide (App. E);
         keep (B,) long in [0, K], number of registers exposed per example (App. C nested dropout).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        _check_inputs(self.cfg, input_ids, attention_mask, keep)
         B, L = input_ids.shape
         K, D = self.cfg.num_registers, self.cfg.hidden_size
         if attention_mask is None:
             attention_mask = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
         attention_mask = attention_mask.bool()
-        if not bool(attention_mask.any(dim=1).all()):
-            raise ValueError("a row of attention_mask has no valid token; every sequence needs at least one "
-                             "token (the data pipeline appends <|endoftext|>)")
         suffix = self.suffix_registers.unsqueeze(0).expand(B, K - 1, D)  # (B, K-1, D)
         hidden = self.backbone(input_ids, attention_mask, hide=hide, extra_embeddings=suffix)  # (B, L+K-1, D)
         slot_index = torch.arange(L, device=input_ids.device).expand(B, L)
         last_valid = torch.where(attention_mask, slot_index, -1).max(dim=1).values  # (B,)
-        summary = hidden[torch.arange(B, device=hidden.device), last_valid]  # (B, D)
+        summary = hidden[torch.arange(B, device=hidden.device), last_valid]  # (B, D): z^(1), Qwen's pooling
         registers = torch.cat([summary.unsqueeze(1), hidden[:, L:]], dim=1)  # (B, K, D)
-        registers = (F.normalize(registers.float(), dim=-1) * math.sqrt(D)).to(hidden.dtype)
-        if keep is not None:
-            if keep.shape != (B,):
-                raise ValueError(f"keep must have shape ({B},), got {tuple(keep.shape)}")
-            if bool((keep < 0).any()) or bool((keep > K).any()):
-                raise ValueError(f"keep must lie in [0, {K}] (number of registers exposed), got {keep.tolist()}")
+        registers = (F.normalize(registers.float(), dim=-1) * math.sqrt(D)).to(hidden.dtype)  # norm sqrt(D)
+        if keep is not None:  # nested dropout: registers >= keep[b] are zeroed
             registers = registers * register_keep_mask(keep, K).unsqueeze(-1).to(registers.dtype)
         return registers
 
@@ -295,58 +236,30 @@ class Encoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, device="cpu", **overrides):
-        """Load our checkpoint or a public Qwen3(-Embedding) one; see BRIEF conventions.
-
-        overrides replace config fields (e.g. num_registers=16). Keeps the checkpoint dtype
-        unless `dtype` is given. Suffix registers missing from the checkpoint are initialised
-        and reported; a native checkpoint with more registers than asked is truncated (exact:
-        register j only sees registers before it).
-        """
-        folder = resolve_model_dir(name_or_path)
-        config = read_config(folder)
-        state = read_safetensors(folder, dtype=dtype, device=device)
-        native = "crocodil_model" in config
-        if native:
-            if config["crocodil_model"] != "encoder":
-                raise CheckpointError(f"{folder} holds a crocodil {config['crocodil_model']!r}, not an encoder")
-            cfg = EncoderConfig.from_dict({**config, **overrides})
-            unexpected = []
-            stored = state.get("suffix_registers")
-            if stored is not None and stored.shape[0] > cfg.num_registers - 1:
-                state["suffix_registers"] = stored[:cfg.num_registers - 1].clone()
-        else:
-            cfg = EncoderConfig.from_hf_config(config, **overrides)
-            if "model.embed_tokens.weight" in state:  # reranker / CausalLM layout
-                state = {key.removeprefix("model."): value for key, value in state.items()}
-            ignore = [r"lm_head\..*"] if cfg.tie_word_embeddings else []
-            state, unexpected = rename_keys(state, HF_KEY_TABLE, ignore=ignore)
-        with torch.device("meta"):
-            model = cls(cfg)
-        partial = None
-        if "suffix_registers" in state and state["suffix_registers"].shape[0] < cfg.num_registers - 1:
-            partial = state.pop("suffix_registers")
-        try:
-            new = assign_weights(model, state, new_ok=NEW_PARAMETERS, unexpected=unexpected, source=str(folder))
-        except CheckpointError as error:
-            if native:
-                raise
-            raise CheckpointError(f"{error}\n{_public_names_hint(model, state)}") from None
-        materialize_(model, device, dtype or model.embed_tokens.weight.dtype)
-        if new:
-            model.init_registers_()
-            if partial is not None:
-                with torch.no_grad():
-                    model.suffix_registers[:partial.shape[0]] = partial.to(model.suffix_registers.dtype)
-            print(f"Encoder.from_pretrained: initialised new parameters {new} "
-                  f"({0 if partial is None else partial.shape[0]} of {cfg.num_registers - 1} suffix registers "
-                  f"came from the checkpoint)")
-        return model
+        """Our checkpoint or a public Qwen3(-Embedding) one (infra/public_weights.load_encoder): overrides
+        replace config fields (e.g. num_registers=16); the checkpoint dtype is kept unless `dtype` is given;
+        suffix registers the checkpoint lacks are initialised and reported."""
+        return public_weights.load_encoder(cls, EncoderConfig, name_or_path, dtype, device, overrides)
 
 
-def _public_names_hint(model, state):
-    """The missing / mis-shaped tensors named as in the public checkpoint."""
-    expected = model.state_dict()
-    ours = [key for key in expected if key not in state and not key.startswith(NEW_PARAMETERS)]
-    ours += [key for key in state if key in expected and state[key].shape != expected[key].shape]
-    public, _ = rename_keys(dict.fromkeys(ours), swap_columns(HF_KEY_TABLE))
-    return "In the public Qwen3 naming these are: " + (", ".join(sorted(public)[:20]) or "(none)")
+def _check_masks(input_ids, attention_mask, hide):
+    """Encoder.backbone's masks must match input_ids (B, L)."""
+    B, L = input_ids.shape
+    if attention_mask is not None and attention_mask.shape != (B, L):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, L)}")
+    if hide is not None and hide.shape != (B, L):
+        raise ValueError(f"hide has shape {tuple(hide.shape)}, expected {(B, L)}")
+
+
+def _check_inputs(cfg, input_ids, attention_mask, keep):
+    """Encoder.forward's inputs; each message names the fix."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+    B, L = input_ids.shape
+    valid = torch.ones(B, L, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask
+    if not bool(valid.bool().any(dim=1).all()):
+        raise ValueError("a row of attention_mask has no valid token; every sequence needs at least one "
+                         "token (the data pipeline appends <|endoftext|>)")
+    if keep is not None and (keep.shape != (B,) or bool((keep < 0).any()) or bool((keep > cfg.num_registers).any())):
+        raise ValueError(f"keep must have shape ({B},) and lie in [0, {cfg.num_registers}] (number of registers "
+                         f"exposed), got {keep.tolist()}")

@@ -10,8 +10,8 @@ Paper map (arXiv 2603.20210):
 - App. E, ConWithinDisc (Algorithm 4): the conditional prior cross-attends to h_phi(x^(r)),
   the encoder registers of a partially masked sequence, with their padding mask.
 
-Architecture (../shared/reference/dit_schedules_cadd_nanogpt.md Sec. 1; DiT models.py and
-PixArt's PixArt.py / PixArt_blocks.py read to learn, not copied):
+Architecture (DiT, Peebles & Xie 2023, models.py; PixArt-alpha, Chen et al. 2024, PixArt.py /
+PixArt_blocks.py; read to learn, not copied):
     z_t (B, K, d) -> Linear(d, h) + pos[:K]                       (PatchEmbed -> Linear)
     t (B, K) -> sinusoid(1000 t, 256) -> Linear, SiLU, Linear      t_emb (B, K, h)
     t0 = t_block(t_emb) = Linear(SiLU(t_emb)), shared by all blocks  (B, K, 6h)  adaLN-single
@@ -42,22 +42,15 @@ Choices (documented deviations from an image DiT):
 - Init otherwise PixArt's: Xavier-uniform Linears with zero bias; N(0, 0.02) for the time
   MLP, t_block and the conditioning MLP; tables randn / sqrt(h).
 
-Parameter counts (exact, `LatentDiT.num_parameters` on the meta device; tests/test_latent_dit.py
-asserts them). `DiTConfig.paper()`: d 1024, K 128 (the paper's 1024 x 128 latent: the prior may model
-the whole bank while the demasker reads the first k, generators.py `keep`), 28 layers, mlp_ratio 4,
-head_dim 64:
-    unconditional, hidden 1088, 17 heads             409,000,896  (~409M, the prior of ConThenDisc)
-    conditional,   hidden  960, 15 heads, cond 1024  423,968,704  (~424M, the prior of ConWithinDisc)
-The paper states ~400M for its denoiser ("a compact 28-layer variant with roughly 400M parameters")
-and, for the conditional one, "32 time steps, leading to < 2 NFE" under its count (calls x params /
-params of the 8B demasker, generators.py). At the unconditional width (1088) the cross-attentions and
-the cond MLP make the conditional DiT 544M: 32 x 544M / 8.02B = 2.17 NFE, above the paper's bound. So
-the conditional preset keeps 28 layers and narrows to 960 (our choice; the paper gives no width):
-32 x 424M / 8.02B = 1.69, plus one Qwen3-0.6B encoder call per refresh (0.074) = 1.77 < 2; the
-unconditional one costs 128 x 409M / 8.02B = 6.53 ("~6"). ConWithinDisc at 32 demasker steps then
-counts 32 + 6.53 + 1.77 = 40.3 (the paper: 32 + 8 = 40); tested. With PixArt's adaLN-single a
-28-layer model costs ~12 h^2 per layer (+ 4 h^2 with cross-attention), hence h = 1088 and 960 (17 and
-15 heads of 64 keep head_dim 64 for the fused attention kernels; PixArt-XL uses 1152 / 16 heads, 611M).
+Paper presets (`DiTConfig.paper()`: d 1024, K 128, 28 layers, mlp_ratio 4, head_dim 64; the counts are
+exact and asserted in tests/test_latent_dit.py):
+    unconditional, hidden 1088, 17 heads             409,000,896  (the prior of ConThenDisc)
+    conditional,   hidden  960, 15 heads, cond 1024  423,968,704  (the prior of ConWithinDisc)
+App. E gives ~400M and, for the conditional prior, "32 time steps, leading to < 2 NFE" (NFE = calls x
+params / params of the 8B demasker, generators.paper_nfe). At width 1088 the cross-attentions would make
+the conditional DiT 544M (32 x 544M / 8.02B = 2.17 NFE), so it narrows to 960 (our choice; the paper gives
+no width): 1.69 NFE, plus one Qwen3-0.6B encoder call per refresh, 1.77 < 2; the unconditional prior costs
+128 x 409M / 8.02B = 6.53 ("~6"). 17 and 15 heads of 64 keep head_dim 64 for the fused attention kernels.
 """
 
 import dataclasses
@@ -70,8 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from infra.checkpoint import (CheckpointError, assign_weights, config_from_dict, materialize_, read_config,
-                        read_safetensors, resolve_model_dir, save_model_dir)
+from infra.checkpoint import config_from_dict, load_native, save_model_dir
 from layers import Attention
 
 # Chunk order of the 6 block modulation vectors (DiT / PixArt).
@@ -93,12 +85,9 @@ class DiTConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads != 0:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
-        if self.hidden_size % 2 != 0:
-            raise ValueError(f"hidden_size={self.hidden_size} must be even for the sin-cos position embedding")
-        if self.frequency_embedding_size % 2 != 0:
-            raise ValueError(f"frequency_embedding_size={self.frequency_embedding_size} must be even")
+        if self.hidden_size % self.num_heads or self.hidden_size % 2 or self.frequency_embedding_size % 2:
+            raise ValueError(f"hidden_size={self.hidden_size} must be even and a multiple of num_heads="
+                             f"{self.num_heads}; frequency_embedding_size={self.frequency_embedding_size} even")
 
     @property
     def conditional(self):
@@ -134,9 +123,7 @@ class DiTConfig:
         return config_from_dict(cls, fields)
 
 
-# ---------------------------------------------------------------------------
-# Fixed embeddings
-# ---------------------------------------------------------------------------
+# -- fixed embeddings -----------------------------------------------------------------------
 
 def sincos_position_embedding(num_positions, dim, device=None):
     """DiT's 1-D sin-cos table: row p = [sin(p w_i) | cos(p w_i)], w_i = 10000^(-i/(dim/2)). (P, dim) fp32."""
@@ -157,9 +144,7 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-# ---------------------------------------------------------------------------
-# Modules
-# ---------------------------------------------------------------------------
+# -- modules ---------------------------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
     """t (B, K) in [0, 1] -> (B, K, hidden): sinusoid of time_scale * t, then Linear, SiLU, Linear."""
@@ -177,8 +162,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear, GELU (tanh approximation), Linear, with biases (timm Mlp as in DiT / PixArt).
-    in_dim -> hidden_dim -> out_dim (default in_dim)."""
+    """in_dim -> hidden_dim -> out_dim (default in_dim): Linear, GELU-tanh, Linear, with biases (timm Mlp)."""
 
     def __init__(self, in_dim, hidden_dim, out_dim=None):
         super().__init__()
@@ -287,10 +271,11 @@ class LatentDiT(nn.Module):
         """z_t (B, k, d) noisy registers, k <= K (the first k); t (B, k) or (B,) in [0, 1];
         cond (B, S, cond_dim) and cond_mask (B, S) bool (True = valid) for a conditional model.
         Returns z0_hat (B, k, d)."""
-        B, k = self._check_inputs(z_t, t)
+        _check_inputs(self.cfg, z_t, t, cond, cond_mask)
+        B, k, _ = z_t.shape
         if t.dim() == 1:
-            t = t[:, None].expand(B, k)
-        cond, cond_allowed = self._embed_cond(cond, cond_mask, B)
+            t = t[:, None].expand(B, k)  # one time for every register
+        cond, cond_allowed = self._embed_cond(cond, cond_mask)  # (B, S, h), (B, 1, 1, S) | None
         pos = sincos_position_embedding(k, self.cfg.hidden_size, device=z_t.device)  # (k, h)
         x = self.x_embedder(z_t) + pos.to(self.x_embedder.weight.dtype)  # (B, k, h)
         t_emb, t0 = self.time_embedding(t)  # (B, k, h), (B, k, 6h)
@@ -301,40 +286,12 @@ class LatentDiT(nn.Module):
                 x = block(x, t0, cond, cond_allowed)
         return self.final_layer(x, t_emb)  # (B, k, d)
 
-    def _check_inputs(self, z_t, t):
-        cfg = self.cfg
-        if z_t.dim() != 3 or z_t.shape[-1] != cfg.register_dim:
-            raise ValueError(f"z_t must be (B, k, register_dim={cfg.register_dim}); got {tuple(z_t.shape)}")
-        B, k, _ = z_t.shape
-        if k > cfg.num_registers:
-            raise ValueError(f"z_t has {k} registers but the model has num_registers={cfg.num_registers}; "
-                             f"pass at most {cfg.num_registers} (or build the DiT with a larger num_registers)")
-        if not torch.is_floating_point(t):
-            raise ValueError(f"t must be a float tensor of times in [0, 1]; got dtype {t.dtype}")
-        if tuple(t.shape) not in ((B,), (B, k)):
-            raise ValueError(f"t must have shape (B,) = ({B},) or per register (B, k) = ({B}, {k}); "
-                             f"got {tuple(t.shape)}")
-        return B, k
-
-    def _embed_cond(self, cond, cond_mask, batch_size):
-        """Project cond once (shared by all blocks); cond_mask -> key visibility (B, 1, 1, S)."""
-        cfg = self.cfg
-        if not cfg.conditional:
-            if cond is not None or cond_mask is not None:
-                raise ValueError("this LatentDiT is unconditional (cond_dim=0/None) but cond was given; "
-                                 "build it with DiTConfig(cond_dim=...) for ConWithinDisc, or pass cond=None")
+    def _embed_cond(self, cond, cond_mask):
+        """Project cond once (shared by all blocks): (B, S, cond_dim) -> (B, S, h); cond_mask (B, S) -> key
+        visibility (B, 1, 1, S). (None, None) for an unconditional model."""
+        if not self.cfg.conditional:
             return None, None
-        if cond is None:
-            raise ValueError(f"this LatentDiT is conditional (cond_dim={cfg.cond_dim}); pass cond (B, S, "
-                             f"{cfg.cond_dim}) and cond_mask (B, S), e.g. the encoder registers of x^(r)")
-        if cond.dim() != 3 or cond.shape[0] != batch_size or cond.shape[-1] != cfg.cond_dim:
-            raise ValueError(f"cond must be (B={batch_size}, S, cond_dim={cfg.cond_dim}); got {tuple(cond.shape)}")
-        if cond_mask is None:
-            return self.cond_embedder(cond), None
-        if cond_mask.dtype != torch.bool or tuple(cond_mask.shape) != tuple(cond.shape[:2]):
-            raise ValueError(f"cond_mask must be a bool tensor of shape {tuple(cond.shape[:2])} (True = valid); "
-                             f"got {cond_mask.dtype} {tuple(cond_mask.shape)}")
-        return self.cond_embedder(cond), cond_mask[:, None, None, :]
+        return self.cond_embedder(cond), None if cond_mask is None else cond_mask[:, None, None, :]
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -344,18 +301,27 @@ class LatentDiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, device="cpu", **overrides):
-        """Load a checkpoint written by save_pretrained (no public one exists). Keeps the stored
-        dtype unless `dtype` is given; overrides replace config fields (e.g. num_registers)."""
-        folder = resolve_model_dir(name_or_path)
-        config = read_config(folder)
-        kind = config.get("crocodil_model")
-        if kind != "latent_dit":
-            raise CheckpointError(f"{folder} is not a crocodil latent DiT checkpoint (crocodil_model={kind!r}); "
-                                  f"LatentDiT.from_pretrained only reads folders written by save_pretrained")
-        cfg = DiTConfig.from_dict({**config, **overrides})
-        state = read_safetensors(folder, dtype=dtype, device=device)
-        with torch.device("meta"):
-            model = cls(cfg)
-        assign_weights(model, state, source=str(folder))
-        materialize_(model, device, dtype or model.x_embedder.weight.dtype)  # no-op: nothing new
-        return model
+        """A folder written by save_pretrained (no public one exists); keeps the stored dtype unless `dtype` is
+        given; overrides replace config fields (e.g. num_registers)."""
+        return load_native(cls, DiTConfig, "latent_dit", name_or_path, dtype, device, overrides, "latent DiT")
+
+
+def _check_inputs(cfg, z_t, t, cond, cond_mask):
+    """LatentDiT.forward's inputs; each message names the fix."""
+    if z_t.dim() != 3 or z_t.shape[-1] != cfg.register_dim or z_t.shape[1] > cfg.num_registers:
+        raise ValueError(f"z_t must be (B, k, register_dim={cfg.register_dim}) with k <= num_registers="
+                         f"{cfg.num_registers} (or build the DiT with a larger num_registers); got {tuple(z_t.shape)}")
+    B, k, _ = z_t.shape
+    if not torch.is_floating_point(t) or tuple(t.shape) not in ((B,), (B, k)):
+        raise ValueError(f"t must have shape (B,) = ({B},) or per register (B, k) = ({B}, {k}), float times in "
+                         f"[0, 1]; got {t.dtype} {tuple(t.shape)}")
+    if not cfg.conditional and (cond is not None or cond_mask is not None):
+        raise ValueError("this LatentDiT is unconditional (cond_dim=0/None) but cond was given; "
+                         "build it with DiTConfig(cond_dim=...) for ConWithinDisc, or pass cond=None")
+    if cfg.conditional and (cond is None or cond.dim() != 3 or cond.shape[0] != B or cond.shape[-1] != cfg.cond_dim):
+        raise ValueError(f"this LatentDiT is conditional: pass cond (B={B}, S, cond_dim={cfg.cond_dim}) and "
+                         f"cond_mask (B, S), e.g. the encoder registers of x^(r); got "
+                         f"{None if cond is None else tuple(cond.shape)}")
+    if cond_mask is not None and (cond_mask.dtype != torch.bool or tuple(cond_mask.shape) != tuple(cond.shape[:2])):
+        raise ValueError(f"cond_mask must be a bool tensor of shape {tuple(cond.shape[:2])} (True = valid); "
+                         f"got {cond_mask.dtype} {tuple(cond_mask.shape)}")

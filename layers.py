@@ -3,8 +3,9 @@
 Both backbones of CRoCoDiL are pre-norm transformers (paper Sec. 4.1, App. C):
 the encoder h_phi is a Qwen3 decoder (causal, GQA, per-head q/k RMSNorm) and the
 demasker f_theta is LLaDA (bidirectional, plain multi-head). The latent DiT g_psi
-(App. E) reuses the same attention function and MLP. Everything here follows the
-public reference code's numerics (see ../shared/reference/qwen3.md, llada.md):
+(App. E) reuses the same attention function. Everything here follows the numerics of the
+public reference code (transformers' modeling_qwen3.py, LLaDA's modeling_llada.py; exact parity
+in tests/test_encoder.py and tests/test_demasker.py):
 
 - RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the
   weight (plain `w`, not Gemma's `1 + w`).

@@ -1,5 +1,6 @@
 """What limits the toy autoencoder: held-out CER of Alg. 6 (the MDM autoencoder) for a list of train_ae.py
-configurations under a step budget, with the training wall-clock (issue 12 item 6; paper Tables 1-2, Sec. 5.2).
+configurations under a step budget, with the training wall-clock (docs/results.md, "What limits the toy
+autoencoder"; paper Tables 1-2, Sec. 5.2).
 
 Each configuration is the demo's AE run (`train_ae.py --preset tiny --warmup-steps 50`, from scratch, as
 demo.sh trains it) plus its own flags, trained in a subprocess with --threads 1 for --steps optimizer steps.

@@ -1,4 +1,4 @@
-"""Data-parallel scaling on CPU: training tokens/s with 1 vs 2 processes (issue 6 benchmark).
+"""Data-parallel scaling on CPU: training tokens/s with 1 vs 2 processes (docs/benchmarks.md).
 
 One optimizer step of the tiny encoder + demasker (Alg. 1 shape: z_0 = h_phi(x_0), demasker
 on masked x_t with the registers, LLaDA's 1/p_mask-weighted loss) is timed in
@@ -10,7 +10,7 @@ process with 2 threads is timed too, as the alternative way to use two cores.
 Every process uses --threads intra-op threads; on a 2-core machine use 1 so that two
 processes do not oversubscribe the cores.
 
-    python -m bench.bench_distributed                 # the table in the README
+    python -m bench.bench_distributed                 # the table in docs/benchmarks.md
     python -m bench.bench_distributed --steps 20 --batch 8 --seq-len 256
 """
 

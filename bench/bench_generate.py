@@ -1,4 +1,5 @@
-"""Benchmark: samples/s, NFE and the prior's share of the time for the three generators (issue 4).
+"""Benchmark: samples/s, NFE and the prior's share of the time for the three generators
+(docs/benchmarks.md).
 
 Base MDM (mdm.generate), ConThenDisc (Alg. 2) and ConWithinDisc (Alg. 3, one refresh at 0.5) at each
 --lengths, with the tiny presets' shapes and random weights (speed does not depend on training). The
@@ -6,7 +7,7 @@ prior's time is measured by timing generators.sample_registers and the encoder c
 (wrapped here, nothing else changed); NFE is the paper's count from generators.nfe_report (demasker
 calls + prior cost in demasker-call equivalents from forward FLOPs).
 
-    python -m bench.bench_generate --threads 1                 # the README figures (CPU, tiny preset)
+    python -m bench.bench_generate --threads 1                 # docs/benchmarks.md (CPU, tiny preset)
     python -m bench.bench_generate --device cuda --batch-size 64
 """
 

@@ -1,13 +1,15 @@
-"""Benchmark: sampler overhead of mdm.generate outside the model forwards (issue 3 target: < 5% at L = 256).
+"""Benchmark: sampler overhead of mdm.generate outside the model forwards (target: < 5% at L = 256;
+docs/benchmarks.md).
 
 Every demasker forward is timed on its own (with a device synchronize on CUDA); the overhead is
 (loop time - forward time) / loop time, i.e. the share of each step spent in the sampler itself (Gumbel
 noise, softmax, top-k, bookkeeping). The model is the tiny Demasker (random weights) unless --ckpt is given.
 Each setting runs with both random streams (--rng): "fast" draws the Gumbel noise only at the masked
 candidates, "llada" for the full (B, L, V) logits (token-exact LLaDA parity); the last column is the step
-time at temperature 1 over the step time at temperature 0 (issue 14 target for fast: <= 1.10 at V = 32k).
+time at temperature 1 over the step time at temperature 0 (target for fast: <= 1.10 at V = 32k;
+docs/decoding.md).
 
-    python -m bench.bench_sample                        # the README figures: L = 256, CPU, several settings
+    python -m bench.bench_sample                        # docs/benchmarks.md: L = 256, CPU, several settings
     python -m bench.bench_sample --vocab 32768 --batch-size 8 --block-length 32
     python -m bench.bench_sample --device cuda --batch-size 16
 """

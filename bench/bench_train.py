@@ -8,7 +8,7 @@ Peak memory: the process's max RSS (resource.getrusage, CPU) or torch.cuda.max_m
 
     python -m bench.bench_train                   # CPU, tiny preset, L=128, 1 thread and torch's default
     python -m bench.bench_train --threads 2 --steps 40 --configs guided
-Figures go into the README with the command that produced them.
+Figures go into docs/benchmarks.md with the command that produced them.
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Metrics of the paper's evaluation (Sec. 5, App. D-G), each a small function on plain arrays.
 
-Paper map (arXiv 2603.20210) and the recipes in ../shared/reference/eval.md (all code here is written
-from the published definitions; the GPL `mauve-text` package was not copied):
+Paper map (arXiv 2603.20210) and the metrics' published recipes (all code here is written from the published
+definitions; the GPL `mauve-text` package was not copied):
 - CER (Sec. 5, Tables 1-2): character Levenshtein distance / reference length.       `levenshtein`, `cer`
 - Gen-PPL (Sec. 5, Fig. 6, 8, 12): perplexity of generated text under a reference causal LM, MDLM's
   semantics (decode -> re-encode with the scorer's tokenizer -> teacher-forced NLL pooled over all tokens
@@ -17,8 +17,8 @@ from the published definitions; the GPL `mauve-text` package was not copied):
   set (memorisation check).                                              `parse_rate`, `duplicate_rate`
 - A semantic similarity in place of CodeBERTScore (Tables 1-2): the cosine between the scorer's
   mean-pooled features of reconstruction and source.                              `feature_cosine`
-- Ours, not the paper's (issue 12): seeded percentile-bootstrap 95% intervals over the samples for Gen-PPL
-  (pooled over the resampled samples' tokens), MAUVE (each replicate resamples the method's samples with
+- Ours, not the paper's (docs/results.md, "How to read the numbers"): seeded percentile-bootstrap 95% intervals
+  over the samples for Gen-PPL (pooled over the resampled samples' tokens), MAUVE (each replicate resamples the method's samples with
   replacement and runs k-means with a new seed; the reference set stays fixed, see `bootstrap_mauve`) and any
   per-sample mean (parse rate, empty rate, CER).   `bootstrap_indices`, `percentile_interval`,
   `bootstrap_mean`, `bootstrap_gen_ppl`, `bootstrap_mauve`
@@ -87,7 +87,7 @@ def cer(reference, hypothesis):
 
 def token_f1(reference, hypothesis):
     """Bag-of-tokens F1 (SQuAD's): 2 P R / (P + R) over the multiset overlap of two token sequences (ids or
-    strings); 1.0 when both are empty, 0.0 when only one is. Ours (prompted generation, issue 13)."""
+    strings); 1.0 when both are empty, 0.0 when only one is. Ours (prompted generation, App. H)."""
     from collections import Counter
     reference, hypothesis = list(reference), list(hypothesis)
     if not reference or not hypothesis:
@@ -452,7 +452,7 @@ def feature_cosine(a, b):
 
 
 # ------------------------------------------------------------------------------------------------
-# Ours: bootstrap 95% intervals (issue 12)
+# Ours: bootstrap 95% intervals (docs/results.md, "How to read the numbers")
 # ------------------------------------------------------------------------------------------------
 
 

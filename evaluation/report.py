@@ -3,7 +3,7 @@
 NAME.json and NAME.png are written whole or not at all (infra/atomic.py: a temporary file of this process's
 own, renamed at the end); sections are appended to REPORT.md under a lock, so two eval.py runs sharing OUT
 never interleave. Every experiment record holds the command, the git commit, the settings and the results, so a number
-in the README can be traced to the command that produced it.
+in docs/results.md can be traced to the command that produced it.
 
 Tables show a bootstrap interval as `value [lo, hi]` (`fmt_ci`); plots draw it as error bars, and a panel's
 `band` (the real-vs-real ceiling) as a grey horizontal band.
@@ -120,7 +120,8 @@ def git_commit():
 def write_experiment(out, record, text, panels):
     """record (dict with "experiment", "title", "created", "command", "preset", ...) -> OUT/NAME.json (atomic);
     appends a markdown section (title, command, text, plot) to OUT/REPORT.md. Returns the record. The record
-    keeps the markdown text too ("markdown"): evaluation/results_section.py rebuilds the README's results from the JSONs."""
+    keeps the markdown text too ("markdown"): evaluation/results_section.py rebuilds docs/results.md's records from
+    the JSONs."""
     out, name = Path(out), record["experiment"]
     out.mkdir(parents=True, exist_ok=True)
     record = {**record, "markdown": text}

@@ -1,21 +1,23 @@
-"""The README's toy results section, regenerated from eval.py's records (issue 12: the commands reproduce it).
+"""The toy results page's records (docs/results.md), regenerated from eval.py's records: the commands reproduce it.
 
 scripts/reproduce.sh ends with
 
-    python -m evaluation.results_section --results runs/tiny/results --docs docs/results --readme README.md
+    python -m evaluation.results_section --results runs/tiny/results --docs docs/results --page docs/results.md
 
 which reads OUT/NAME.json for each experiment eval.py ran (the record holds the command, the git commit, the
 settings, the results and the markdown text of the section), copies OUT/NAME.png to docs/results/, writes
-OUT/RESULTS.md and, with --readme, replaces the README's text between the two marker lines
+OUT/RESULTS.md and, with --page, replaces that page's text between the two marker lines
 
     <!-- results:begin -->
     <!-- results:end -->
 
-with it. Nothing here computes a number: every figure in the section is one an eval.py record holds, printed
-below the command that produced it, so the README and the JSON files cannot disagree.
+with it (figure links relative to the page). Nothing here computes a number: every figure in the section is
+one an eval.py record holds, printed below the command that produced it, so the page and the JSON files
+cannot disagree. (--readme is the old name of --page.)
 """
 
 import argparse
+import os
 import re
 import shutil
 from pathlib import Path
@@ -80,21 +82,23 @@ def main(argv=None):
     parser.add_argument("--results", required=True, help="eval.py --out folder (NAME.json, NAME.png)")
     parser.add_argument("--docs", default=None, help="copy the figures here (e.g. docs/results); default: not copied "
                         "and no figure links")
-    parser.add_argument("--readme", default=None, help="replace this file's text between the results markers")
+    parser.add_argument("--page", "--readme", dest="page", default=None,
+                        help="replace this markdown file's text between the results markers (e.g. docs/results.md)")
     parser.add_argument("--header", default="", help="a paragraph put first (e.g. the wall time of the run)")
     args = parser.parse_args(argv)
     link_prefix = ""
-    if args.docs and args.readme:  # links relative to the README
-        link_prefix = str(Path(args.docs).resolve().relative_to(Path(args.readme).resolve().parent)) + "/"
+    if args.docs and args.page:  # links relative to the page
+        relative = os.path.relpath(Path(args.docs).resolve(), Path(args.page).resolve().parent)
+        link_prefix = Path(relative).as_posix() + "/"
     elif args.docs:
         link_prefix = str(Path(args.docs).resolve()) + "/"
     body, found = build(args.results, args.docs, link_prefix, args.header)
     write_text(Path(args.results) / "RESULTS.md", body)
-    if args.readme:
-        readme = Path(args.readme)
-        write_text(readme, replace_between_markers(readme.read_text(), body, args.readme))
+    if args.page:
+        page = Path(args.page)
+        write_text(page, replace_between_markers(page.read_text(), body, args.page))
     print(f"results section: {len(found)} experiments ({', '.join(found)})"
-          + (f"; replaced in {args.readme}" if args.readme else "") + f"; {Path(args.results) / 'RESULTS.md'}")
+          + (f"; replaced in {args.page}" if args.page else "") + f"; {Path(args.results) / 'RESULTS.md'}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""The base MDM decoded at its best setting, chosen fairly (issue 12 item 1): `eval.py base-decoding`.
+"""The base MDM decoded at its best setting, chosen fairly: `eval.py base-decoding`.
 
 Paper map (arXiv 2603.20210): Sec. 5's baseline is LLaDA (the base MDM) decoded with LLaDA's sampler; the
 paper does not say which of LLaDA's options it used. A fair headline (Fig. 6, the speedups) compares the guided
 methods with the base at ITS best setting, so this subcommand decodes the base MDM at NFE = L with each of
-LLaDA's options (../shared/reference/llada.md Sec. 3.1; mdm.py):
+LLaDA's options (its reference `generate()`; mdm.py):
 - remasking: low-confidence (reveal the most confident predictions) or random;
 - semi-autoregressive blocks: --blocks (default 32 and the whole sequence L), steps split evenly over blocks;
 - EOS handling (mdm.Decoding): "as trained" (none), "revealed last" (confidence_eos_eot_inf: EOS predictions
@@ -28,8 +28,8 @@ rows with the chosen setting of their length (`base_sampler`); the guided method
 whole sequence as one block (the paper's setting). A chosen block longer than L / steps is widened to
 L / steps at small NFE (a block needs at least one step); the rows record the block used.
 
-Padding EOS (issue 12): dataprep/data.py pads every program with EOS to L and train_ae.py scores every position, as
-LLaDA's SFT does (llada.md Sec. 3.3: "the padding EOS tokens are part of the answer", masked and scored;
+Padding EOS (ours): dataprep/data.py pads every program with EOS to L and train_ae.py scores every position, as
+LLaDA's SFT does (there the padding EOS tokens are part of the answer, masked and scored;
 LLaDA's pre-training packs documents to 4096 tokens and has no padding). EOS then dominates the targets at
 toy scale, and one-block low-confidence decoding reveals the confident EOS tail first and collapses to empty
 programs. By default we keep LLaDA's training objective and handle it at decoding, as LLaDA's options allow:

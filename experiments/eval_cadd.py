@@ -1,4 +1,4 @@
-"""CADD beside CRoCoDiL (issue 17): `eval.py cadd`, the comparison on the same data and demasker budget.
+"""CADD beside CRoCoDiL (docs/beyond.md): `eval.py cadd`, the comparison on the same data and demasker budget.
 
 Methods (each optional but the CADD run): the base MDM (--base), CADD (--cadd-run: train_ae.py --no-registers
 --cadd) decoded with hard and soft z0_hat (--cadd-softness), CRoCoDiL's guided demasker / ConThenDisc /

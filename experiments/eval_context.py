@@ -2,8 +2,8 @@
 sampling sharded over ranks with scoring of a sample set (Sec. 5's protocol: Gen-PPL pooled over tokens next
 to the unigram entropy and held-out real programs of matched length; MAUVE on the scorer's features).
 
-Statistics (issue 12; ours): every scored sample set carries seeded percentile-bootstrap 95% intervals over its
-samples (--bootstrap N replicates, 0 = off): Gen-PPL (pooled over each resample's tokens), MAUVE (each replicate
+Statistics (ours; docs/results.md, "How to read the numbers"): every scored sample set carries seeded
+percentile-bootstrap 95% intervals over its samples (--bootstrap N replicates, 0 = off): Gen-PPL (pooled over each resample's tokens), MAUVE (each replicate
 resamples the method's samples with replacement and runs k-means with a new seed and --bootstrap-restarts
 restarts; the reference set is fixed, being shared by every row), the parse and empty rates and the CER. The
 replicate values are kept in the row (`*_replicates`) so speedups can be bootstrapped over the replicate index.

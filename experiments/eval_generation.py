@@ -22,8 +22,8 @@ from experiments.eval_context import (REFRESH_FRACTIONS, nfe_grid, real_referenc
 # Generation: Fig. 6 (headline) and the ablations of Fig. 11
 # ------------------------------------------------------------------------------------------------
 
-# The two base MDM references (issue 12): "base" is the paper's protocol (the MDM the guided demasker is fine-tuned
-# from); "base-equal" (--base-equal) is that MDM trained on for as many more updates as the fine-tune had, so it
+# The two base MDM references (docs/results.md): "base" is the paper's protocol (the MDM the guided demasker is
+# fine-tuned from); "base-equal" (--base-equal) is that MDM trained on for as many more updates as the fine-tune had, so it
 # has seen as many demasker updates in total as the guided demasker.
 BASES = ("base", "base-equal")
 

@@ -1,5 +1,5 @@
 """`eval.py prompt`: prompted generation and infilling through the registers (paper App. H; beyond the paper's
-experiments, issue 13).
+experiments, docs/beyond.md).
 
 Task (dataprep/prompts.py): the prompt is a held-out function's signature + docstring (the test split, split by file), the
 answer its body. Every method decodes the same canvases (BOS prompt [M] ... [M], L tokens) with the same seeds

@@ -1,6 +1,6 @@
-"""The speed headline (issue 14; the paper's claim of Sec. 5.3: many tokens per step are safe when registers
-carry the cross-token dependencies): quality against NFE and against wall-clock, measured side by side in one
-run on one machine, for the base MDM, ConThenDisc and ConWithinDisc, each decoded with LLaDA's fixed schedule
+"""The speed headline (docs/results.md; the paper's claim of Sec. 5.3: many tokens per step are safe when
+registers carry the cross-token dependencies): quality against NFE and against wall-clock, measured side by side
+in one run on one machine, for the base MDM, ConThenDisc and ConWithinDisc, each decoded with LLaDA's fixed schedule
 over the NFE grid and with Fast-dLLM's confidence threshold (mdm.Decoding, adaptive per-sample NFE); with
 --caches, base rows at NFE = L decoded with the approximate key/value cache (its quality cost and speed).
 

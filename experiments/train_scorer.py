@@ -1,9 +1,8 @@
 """The reference scorer for Gen-PPL and MAUVE features: a small causal LM trained on the train split.
 
 Paper map (arXiv 2603.20210): Sec. 5 (Fig. 6, 8, 11, 12, Tables 1-2) reports Gen-PPL and MAUVE without
-naming the scorer or the featuriser. Offline there is no GPT-2, so (../shared/reference/eval.md Sec. 3.4)
-we train one: the Qwen3 block of encoder.py run causally (`Encoder.backbone` with no registers) with its
-tied LM head (`Encoder.lm_logits`), on the TRAIN split of the same data cache the models use, never on
+naming the scorer or the featuriser. Offline there is no GPT-2, so we train one: the Qwen3 block of encoder.py
+run causally (`Encoder.backbone` with no registers) with its tied LM head (`Encoder.lm_logits`), on the TRAIN split of the same data cache the models use, never on
 generated text, and never the CRoCoDiL encoder under test (that would score its own outputs).
 
 `Scorer` is the one interface eval.py uses:

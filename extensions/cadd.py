@@ -1,7 +1,6 @@
 """CADD beside CRoCoDiL: per-token continuous augmentation of the [M] positions, as a demasker option.
 
-CADD (Continuously Augmented Discrete Diffusion, ICLR 2026; ../shared/papers/cadd_iclr2026_summary.txt, facts in
-../shared/reference/dit_schedules_cadd_nanogpt.md Sec. 4) is not part of CRoCoDiL (arXiv 2603.20210): it attacks
+CADD (Continuously Augmented Discrete Diffusion, ICLR 2026) is not part of CRoCoDiL (arXiv 2603.20210): it attacks
 the same "information void" of [M] from the other side. CRoCoDiL gives the demasker one sequence-level plan (the
 registers, a prefix); CADD gives every masked position its own continuous, gradually noised copy of its token's
 embedding. The two are orthogonal (registers in the prefix, latents at [M]) and combine in one demasker.

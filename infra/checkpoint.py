@@ -8,7 +8,7 @@ One path serves both models:
   2. `read_safetensors(folder)`: one `model.safetensors` or the shards listed in
      `model.safetensors.index.json`.
   3. `rename_keys(state, table)`: every checkpoint key goes through an explicit, readable
-     table of (public name, our name) templates kept next to each model; keys no row
+     table of (public name, our name) templates (infra/public_weights.py); keys no row
      matches are reported as unexpected, never dropped silently.
   4. `assign_weights(model, state, new_ok)`: the model is built on the meta device and the
      loaded tensors are assigned in place, so an 8B model never sits in memory twice.
@@ -16,8 +16,10 @@ One path serves both models:
      parameters the public checkpoint lacks by design (registers, START/END, the register
      projection) are listed in `new_ok`, initialised by the model and reported.
 
-Our own checkpoints are the same layout: `config.json` + `model.safetensors`, written
-atomically (temporary folder, then rename) by `save_model_dir`.
+Our own checkpoints are the same layout: `config.json` (with "crocodil_model": the kind of model) +
+`model.safetensors`, written atomically (temporary folder, then rename) by `save_model_dir` and read back
+by `load_native` (the latent DiT) or infra/public_weights.py (encoder and demasker, which also read the
+public checkpoints).
 
 Crash safety (`swap_folder`, `recover_folder`). A folder is replaced in four steps, each a named
 fault point (`FAULT_HOOKS`, or the environment variable CROCODIL_FAULT_AT=<point>, which kills the
@@ -33,6 +35,7 @@ every instant either the live folder or its old copy is complete, and resume fin
 Unreadable weights or configs raise CheckpointError naming the file and what to do.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -209,6 +212,27 @@ def materialize_(model, device, dtype):
                 setattr(module, name, torch.nn.Parameter(fresh, requires_grad=param.requires_grad))
 
 
+def load_native(model_cls, config_cls, kind, name_or_path, dtype=None, device="cpu", overrides=None, what=None):
+    """A model from a folder written by its save_pretrained (config.json with "crocodil_model": kind).
+
+    The stored dtype is kept unless `dtype` is given; overrides replace config fields. Every tensor must be
+    there (no new parameters); the model is built on the meta device and the tensors assigned in place.
+    """
+    folder = resolve_model_dir(name_or_path)
+    config = read_config(folder)
+    stored_kind = config.get("crocodil_model")
+    if stored_kind != kind:
+        raise CheckpointError(f"{folder} is not a crocodil {what or kind} checkpoint (crocodil_model="
+                              f"{stored_kind!r}); {model_cls.__name__}.from_pretrained only reads folders written "
+                              f"by save_pretrained")
+    cfg = config_cls.from_dict({**config, **(overrides or {})})
+    state = read_safetensors(folder, dtype=dtype, device=device)
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    assign_weights(model, state, source=str(folder))  # raises unless every tensor is there: nothing left on meta
+    return model
+
+
 def save_model_dir(folder, state, config):
     """Write config.json + model.safetensors atomically: a temp folder swapped into place (swap_folder)."""
     folder = Path(folder)
@@ -315,7 +339,6 @@ def non_finite(state, prefix=""):
 def config_from_dict(cls, fields):
     """A model config dataclass from a config.json dict (our own checkpoints): the "crocodil_model" tag is
     dropped, any other field the dataclass lacks raises an error naming it."""
-    import dataclasses
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known - {"crocodil_model"})
     if unknown:

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Every model and every experiment of the paper at toy scale, one command: the README's results table.
+# Every model and every experiment of the paper at toy scale, one command: the toy results (docs/results.md).
 #
-#   bash scripts/reproduce.sh                       PRESET=tiny on CPU (2 cores: see the README's results header)
+#   bash scripts/reproduce.sh                       PRESET=tiny on CPU (2 cores: see docs/results.md)
 #   PRESET=small DEVICE=cuda bash scripts/reproduce.sh   wider/deeper models, L = 256, more samples (minutes on one GPU)
 #
 # Stages (each reuses a finished run in OUT; delete it to start over):
 #   1. dataprep/data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each)
 #   2. train_ae.py        base MDM (--no-registers); from its weights, with the same recipe: the encoder-demasker
 #                         (Alg. 1), one without latent noise (--latent-cos 1, Fig. 7), the equal-budget base (no
-#                         registers: as many demasker updates as the guided one) and CADD (--cadd, issue 17);
+#                         registers: as many demasker updates as the guided one) and CADD (--cadd, docs/beyond.md);
 #                         experiments/train_scorer.py, the Gen-PPL / MAUVE reference LM, and eval.py marginal-trap (it trains
 #                         its own models) on the core the base MDM leaves free
 #   3. train_prior.py     unconditional (Alg. 5), conditional (Alg. 4), unconditional without block offsets; beside
@@ -16,11 +16,11 @@
 #   4. eval.py            two lanes side by side: fig6 fig11 fig4 fig7 fig9 prdc | table1 table2 fig8 speed cadd
 #                         -> OUT/results/*.json, *.png, REPORT.md (an experiment that needs base-decoding's choice
 #                         waits for it when another lane runs it)
-#   5. evaluation/results_section.py OUT/results/RESULTS.md and docs/results/*.png; README=README.md also replaces the
-#                         README's results section (between its markers) with it
+#   5. evaluation/results_section.py OUT/results/RESULTS.md and docs/results/*.png; RESULTS_PAGE=docs/results.md
+#                         also replaces that page's records (between its markers) with it
 # Env: AE_FROM_BASE (1 | 0: guided demaskers from scratch), PRESET (tiny | small), DEVICE (cpu | cuda), OUT
 #      (runs/PRESET), STAGES (default "1 2 3 4 5"), EVALS (the eval.py subcommands to run), REDO_EVALS (1: rerun
-#      evals whose JSON exists), README (file whose results section stage 5 rewrites); AE_STEPS_OVERRIDE (the
+#      evals whose JSON exists), RESULTS_PAGE (the page whose records stage 5 rewrites); AE_STEPS_OVERRIDE (the
 #      base MDM's steps), FT_STEPS_OVERRIDE (each fine-tune's; tiny: 1000, half the base's, for the 60-minute budget),
 #      PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM, SELECT_NUM (base-decoding, 64), FIG11_NUM (64), CADD_NUM (128)
 #      shrink the budget (a smoke test of the whole chain: all at a few steps / samples).
@@ -128,13 +128,13 @@ if has 2; then
   # As in the paper (guided LLaDA fine-tuned from LLaDA-8B-Base), the guided demaskers start from the base
   # MDM's weights (AE_FROM_BASE=0: from scratch, side by side with the base). The equal-budget base continues
   # the base MDM with the guided fine-tune's recipe (same steps, warm-up and decay, no registers): it has seen
-  # as many demasker updates as the guided demasker (issue 12: the paper's protocol and an equal budget).
+  # as many demasker updates as the guided demasker (docs/results.md: the paper's protocol and an equal budget).
   [[ ${AE_FROM_BASE:-1} == 1 ]] && ae+=(--demasker-init "$OUT/base/checkpoint" --max-steps $FT_STEPS --eval-interval $FT_STEPS)
   background "$OUT/base_equal.log" train "$OUT/base_equal" checkpoint python train_ae.py "${ae[@]}" \
     --out-dir "$OUT/base_equal" --no-registers $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((AE_STEPS + FT_STEPS)))
   background "$OUT/ae_no_noise.log" train "$OUT/ae_no_noise" checkpoint python train_ae.py "${ae[@]}" \
     --out-dir "$OUT/ae_no_noise" --latent-cos 1
-  # CADD (issue 17): the same budget and start, per-token continuous latents at [M] instead of registers
+  # CADD (docs/beyond.md): the same budget and start, per-token continuous latents at [M] instead of registers
   background "$OUT/cadd.log" train "$OUT/cadd" checkpoint python train_ae.py "${ae[@]}" \
     --out-dir "$OUT/cadd" --no-registers --cadd $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((AE_STEPS + FT_STEPS)))
   log_to "$OUT/ae.log" train "$OUT/ae" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/ae"
@@ -164,8 +164,9 @@ if has 4; then
 fi
 
 if has 5; then
-  stage "5. the README's results section from the records (docs/results/*.png)"
-  python -m evaluation.results_section --results "$OUT/results" --docs docs/results ${README:+--readme "$README"} \
+  stage "5. the results page's records from the eval records (docs/results/*.png)"
+  python -m evaluation.results_section --results "$OUT/results" --docs docs/results \
+    ${RESULTS_PAGE:+--page "$RESULTS_PAGE"} \
     --header "Made by \`bash scripts/reproduce.sh\` (PRESET=$PRESET) on $(nproc) CPU cores; this invocation (stages $STAGES) took $((SECONDS / 60)) min."
 fi
 stage "done: $OUT/results/REPORT.md"

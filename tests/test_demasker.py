@@ -16,7 +16,7 @@ from layers import rope_angles, rope_cos_sin, rope_inv_freq
 P = "model.transformer."
 BLOCK_KEYS = ["attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out"]
 
-# GSAI-ML/LLaDA-8B-Base config.json (identical to LLaDA-8B-Instruct's; llada.md Sec. 1).
+# GSAI-ML/LLaDA-8B-Base config.json (identical to LLaDA-8B-Instruct's; huggingface.co/GSAI-ML/LLaDA-8B-Base).
 LLADA_8B_CONFIG = {
     "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
     "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
@@ -85,7 +85,7 @@ def write_public_checkpoint(folder, config, state, n_shards=3):
 
 
 def where_it_should_land(model, public_key):
-    """Our tensor for a public LLaDA key, written out by hand (independent of HF_KEY_TABLE)."""
+    """Our tensor for a public LLaDA key, written out by hand (independent of public_weights.LLADA_KEY_TABLE)."""
     name = public_key[len(P):]
     top = {"wte.weight": model.wte.weight, "ln_f.weight": model.ln_f.weight, "ff_out.weight": model.lm_head.weight}
     if name in top:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from infra.checkpoint import CheckpointError
 from encoder import HF_KEY_TABLE, Encoder, EncoderConfig, register_keep_mask, sample_keep
 
-# The public Qwen/Qwen3-Embedding-0.6B config.json (../shared/reference/qwen3.md §1).
+# The public Qwen/Qwen3-Embedding-0.6B config.json (huggingface.co/Qwen/Qwen3-Embedding-0.6B).
 QWEN3_EMBEDDING_0_6B_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "bos_token_id": 151643, "eos_token_id": 151643, "head_dim": 128, "hidden_act": "silu",

@@ -68,7 +68,7 @@ def test_fresh_block_is_exactly_identity():
     x = torch.randn(3, cfg.num_registers, cfg.hidden_size, generator=gen)
     _, t = inputs(cfg)
     cond, cond_mask = cond_inputs()
-    y, allowed = model._embed_cond(cond, cond_mask, 3)
+    y, allowed = model._embed_cond(cond, cond_mask)
     _, t0 = model.time_embedding(t)
     assert t0.abs().max() > 1e-3  # shifts and scales are live; only the gates are zero
     for block in model.blocks:

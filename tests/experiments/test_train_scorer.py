@@ -132,7 +132,7 @@ def test_scorer_numbers_are_checked_up_front(tmp_path, capsys, flags, text):
 
 
 def test_a_diverging_scorer_stops_and_leaves_the_existing_one(tmp_path, monkeypatch):
-    """Issue 11: NaN losses are skipped (never reach the weights); after --max-bad-steps in a row the run stops with
+    """NaN losses are skipped (never reach the weights); after --max-bad-steps in a row the run stops with
     an error and the scorer already in --out is left byte for byte."""
     from dataprep import data
 

@@ -1,5 +1,5 @@
 """infra/checkpoint.py: the crash-safe folder swap (a fault at every named point, in-process and as a real process death),
-recovery by resume, stray cleaning, and readable errors for damaged files (issue 11)."""
+recovery by resume, stray cleaning, and readable errors for damaged files."""
 
 import json
 import os

@@ -89,7 +89,7 @@ def _saved_joint(tmp_path):
 
 
 def test_strict_resume_lists_missing_unexpected_and_mis_shaped_tensors(tmp_path):
-    """Issue 11: a deleted, added or reshaped tensor (model or AdamW) is one CheckpointError listing each,
+    """A deleted, added or reshaped tensor (model or AdamW) is one CheckpointError listing each,
     never a tensor silently left at its initial value."""
     from safetensors.torch import save_file
 

@@ -41,11 +41,11 @@ def test_whole_tiny_models_match_formula_within_2_percent():
 def test_parameter_counts_match_public_checkpoints():
     params = M.count_parameters(EncoderConfig.qwen3_embedding_0_6b(num_registers=128),
                                 DemaskerConfig.llada_8b_base(max_registers=128))
-    # llada.md: 8,015,581,184; plus register projection 1024 x 4096 and START/END.
+    # the public LLaDA-8B-Base checkpoint: 8,015,581,184; plus register projection 1024 x 4096 and START/END.
     assert params["demasker"] == 8_015_581_184 + 1024 * 4096 + 2 * 4096
-    # qwen3.md: 595,776,512; plus K - 1 = 127 suffix registers of width 1024.
+    # the public Qwen3-Embedding-0.6B checkpoint: 595,776,512; plus K - 1 = 127 suffix registers of width 1024.
     assert params["encoder"] == 595_776_512 + 127 * 1024
-    assert params["block"] == 218_112_000  # llada.md: parameters per LLaDA block
+    assert params["block"] == 218_112_000  # parameters per LLaDA-8B block
     assert max(params["units"]) == 126464 * 4096  # embedding / LM head are FSDP units of their own
 
 
