@@ -1,14 +1,13 @@
 """experiments/marginal_trap.py: the synthetic App. B corpus, the optimal-factorised reference, and Theorem B.1 in miniature."""
 
 import itertools
+import json
 import math
 
 import pytest
 import torch
 
 from experiments import marginal_trap as T
-
-
 
 
 def test_task_validity():
@@ -90,7 +89,7 @@ def test_threshold_decoding_validity_vs_tokens_per_step(trained):
 def test_learned_prior_generates_valid_sequences(trained):
     """ConThenDisc with a prior trained on the trap's register bank: far above the base MDM at one step, its
     registers of the encoder's norm sqrt(d); the training loss falls."""
-    task, base, encoder, guided = trained
+    task, _, encoder, guided = trained
     prior, losses = T.train_prior(task, encoder, steps=150, batch_size=64, bank_size=512, width=32)
     assert sum(losses[-10:]) < 0.6 * sum(losses[:10])
     registers, refresh = T.prior_source(task, prior, prior_steps=16)(8, torch.Generator().manual_seed(0))
@@ -141,3 +140,36 @@ def test_run_returns_every_row():
     text, panels = T.report(result)
     assert "guided (oracle registers)" in text and "ConWithinDisc" in text and "0.5 |" in text
     assert [p["title"] for p in panels] == ["App. B: valid vs tokens per step (random)", "App. B: threshold decoding"]
+
+
+def test_cli_prints_and_writes_the_demo_table(tmp_path, capsys):
+    """demo.sh's first stage (python -m experiments.marginal_trap) end to end at tiny settings: the heading, the
+    four rows over tokens per step 1, 2, 4, the one-line reading; the JSON table; --reuse prints it back."""
+    out = tmp_path / "trap" / "table.json"
+    argv = ["--pairs", "2", "--choices", "2", "--train-steps", "3", "--prior-train-steps", "2", "--samples", "8",
+            "--trials", "50", "--out", str(out), "--reuse"]
+    payload = T.main(argv)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("The marginal trap (App. B)") and printed[-1].startswith("Theorem B.1 predicts")
+    assert len(printed) == 1 + 5 + 1  # heading, header + four rows, reading
+    saved = json.loads(out.read_text())
+    assert saved["tokens_per_step"] == [1, 2, 4]
+    assert [r["method"] for r in saved["rows"]] == ["base", "optimal_factorized", "conthendisc", "conwithindisc"]
+    for row in saved["rows"]:
+        assert len(row["valid"]) == 3 and all(math.isfinite(v) and 0 <= v <= 1 for v in row["valid"])
+        assert row["label"] in saved["text"]
+    assert saved["rows"][1]["valid"][0] == 1.0 and saved["rows"][1]["valid"][-1] == 0.25  # eq. 8: (1/2)^2
+    assert saved["settings"]["train_steps"] == 3 and saved["seconds"] >= 0 and payload["text"] == saved["text"]
+    T.main(argv)  # same settings: reused, not retrained
+    again = capsys.readouterr().out
+    assert "(reused: " in again and saved["text"] in again and "training" not in again
+    T.main(argv[:-3] + ["--seed", "1", "--out", str(out), "--reuse"])  # other settings: trained again
+    assert "training again" in capsys.readouterr().out and json.loads(out.read_text())["settings"]["seed"] == 1
+
+
+def test_cli_rejects_bad_flags(capsys):
+    for argv in (["--reuse"], ["--samples", "0"], ["--choices", "1"], ["--threads", "-1"]):
+        with pytest.raises(SystemExit):
+            T.parse_args(argv)
+    assert "--reuse needs --out" in capsys.readouterr().err
+
