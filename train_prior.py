@@ -3,7 +3,7 @@
 Paper map (arXiv 2603.20210, App. E):
 - Alg. 5 (ConThenDisc's prior): z_0 = h_phi(x_0) from the frozen encoder (dataprep/latent_data.py banks),
   t ~ U, z_t = sqrt(ab(t)) z_0 + sqrt(1 - ab(t)) eps (cosine DDPM, schedules.q_sample), loss
-  ||g_psi(z_t, t) - z_0||^2 (x0-prediction), here the mean over registers AND entries (each register
+  ||g_psi(z_t, t) - z_0||^2 (x0-prediction; prior_loss), here the mean over registers AND entries (each register
   has norm sqrt(d), so an entry's mean square is 1 and the loss reads as a relative error).
 - App. E block offsets: the K registers form geometric blocks 1, 2, 4, ...; block b is noised at
   clip(t + Delta_b, 0, 1) with the base time t ~ U[-max_offset, 1] (schedules.sample_base_times /
@@ -16,44 +16,36 @@ Paper map (arXiv 2603.20210, App. E):
   initialised from h_phi jointly with the DiT (Sec. 4.3.2, comment (iii)).
 - Only the first --num-registers K registers of each bank are modelled (paper: K = 8 out of banks of 128
   for generation, App. G (i)); `--num-registers all` models the whole bank (the paper's 1024 x 128 latent),
-  of which a demasker may read the first k. The conditioning uses --cond-registers registers of x^(r)
-  (default K).
-- Presets (PRESETS; unset flags take them): tiny = CPU minutes; paper = the DiT size of App. E (~409M) and,
-  since the paper states no optimiser settings for the prior, DiT's recipe (AdamW lr 1e-4, wd 0, EMA 0.9999,
-  global batch 256) with 1000 warm-up steps, cosine decay, 100k steps and bf16 autocast: our choice.
-- Training details (flag names, get_lr and make_optimizer shared with train_ae.py): AdamW with weight decay on
-  matrices only, linear warmup then cosine decay, gradient clipping, EMA of the weights
-  (DiT / PixArt keep one at 0.9999; the effective decay is min(decay, (1 + step) / (10 + step)) so short
-  runs are not dominated by the initial weights). The EMA weights are the model used for sampling.
+  of which a demasker may read the first k. The conditioning uses --cond-registers registers of x^(r).
+- Training (get_lr and make_optimizer shared with train_ae.py): AdamW with weight decay on matrices only, linear
+  warmup then cosine decay, gradient clipping, an EMA of the weights (DiT / PixArt keep one at 0.9999; the
+  effective decay is min(decay, (1 + step) / (10 + step)) so short runs are not dominated by the initial
+  weights). The EMA weights are the model used for sampling. Presets: config/prior_args.py (the paper states
+  no optimiser settings for the prior; ours follow DiT).
 - Validation (App. E, Fig. 9): on fixed held-out banks with fixed noise, MSE and PSNR(g(z_t, t), z_0)
   at base times t = 0, 0.1, ..., 1 (PSNR with peak 1 = the RMS of a register entry; metrics.psnr); the
-  conditional prior is validated at r = 0.5, the paper's inference ratio. Lines go to log.jsonl.
+  conditional prior is validated at r = 0.5, the paper's inference ratio.
 
-Run folder (--out-dir):
+Randomness is a function of (seed, step) only: batch rows come from a stream of per-epoch permutations and each
+step draws t, the noise and the masks for the whole global batch from a generator seeded by (seed, step), each
+rank taking its rows. So resuming needs no RNG state and any number of ranks (or micro-batches) follows the
+same trajectory up to float summation order.
+
+Run folder (--out-dir; plumbing in training/prior_run.py, flags in config/prior_args.py):
     prior.json        settings sampling must repeat (K, offsets, conditioning) + pointer to the AE run
     args.json         the command line
-    dit/              EMA weights, LatentDiT.save_pretrained (the model generators.load_prior reads), and its
-                      hub model card README.md (hub.write_cards after each save; never fails a save)
+    dit/              EMA weights, LatentDiT.save_pretrained (read by generators.load_prior), and a model card
     cond_encoder/     EMA h_mu (only with --train-cond-encoder)
-    train_state/      raw weights (dit/, cond_encoder/) + training_state.pt (AdamW, EMA, step), written
-                      atomically by distributed.save_checkpoint; `--resume` continues bit-exactly
-    log.jsonl         {"step", "loss", "lr", ...} and {"step", "val_mse", "t": [...], "psnr": [...]}
-Randomness is a function of (seed, step) only: batch rows come from a stream of per-epoch permutations
-and each step draws t, the noise and the masks for the whole global batch from a generator seeded by
-(seed, step), each rank taking its rows. So resuming needs no RNG state and any number of ranks (or
-micro-batches) follows the same trajectory up to float summation order.
+    train_state/      raw weights + training_state.pt (AdamW, EMA, step), atomic; `--resume` continues bit-exactly
+    log.jsonl         {"type": "train", "step", "loss", "lr", ...} and {"type": "val", "step", "val_mse", "psnr", ...}
 
     python train_prior.py --ae runs/ae --out-dir runs/prior --max-steps 2000
     python train_prior.py --ae runs/ae --out-dir runs/cprior --conditional --max-steps 2000
-    torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers 8
     torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers all
-
-The command line (flags, presets, number checks, --resume rules) is config/prior_args.py.
 """
 
 import copy
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -63,18 +55,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from infra import checkpoint as C
-from dataprep.cross_tokenizer import SharedView, describe, masked_view, view_from_data
-from infra import dist_checkpoint as DC
+from config.prior_args import parse_args, resolve_ae  # noqa: F401 (train_prior.resolve_ae)
+from dataprep.cross_tokenizer import masked_view
 from infra import distributed as D
 from infra import guards
-from dataprep.latent_data import RegisterBank, build_bank, default_cache_dir, encoder_fingerprint
+from training import runs as R
+from training.prior_run import (STATE_DIR, batch_rows, check_run_folder, check_same_sources, conditioning_view,  # noqa: F401
+                             load_banks, load_resume, log_line, resolve_data_dir, run_context, save, truncate_log,
+                             write_settings)
 from latent_dit import DiTConfig, LatentDiT
-from generators import PRIOR_SETTINGS_FILE
-from config.prior_args import parse_args, resolve_ae
-from schedules import q_sample, register_blocks, register_times, sample_base_times
+from schedules import q_sample, register_times, sample_base_times
 
-STATE_DIR = "train_state"
 VAL_TIMES = [round(0.1 * i, 1) for i in range(11)]
 VAL_SEED = 987654321
 
@@ -123,25 +114,8 @@ def ema_decay(decay, step):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data order and per-step randomness: functions of (seed, step)
+# Per-step randomness (a function of (seed, step); the rows: prior_run.batch_rows) and the model inputs
 # ------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed, epoch, n):
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_rows(step, global_batch, n, seed):
-    """Rows of global batch `step`: positions step*G .. (step+1)*G - 1 of the concatenated per-epoch
-    permutations of range(n) (works for G > n as well). Returns (G,) int64."""
-    rows, position = [], step * global_batch
-    while len(rows) < global_batch:
-        epoch, offset = divmod(position, n)
-        take = _epoch_permutation(seed, epoch, n)[offset:offset + global_batch - len(rows)]
-        rows.extend(take.tolist())
-        position += len(take)
-    return np.asarray(rows, dtype=np.int64)
 
 
 def step_draws(seed, step, global_batch, num_registers, dim, max_offset, offsets, seq_len=None):
@@ -221,23 +195,8 @@ def validate(model, ctx):
 
 
 # ------------------------------------------------------------------------------------------------
-# Setup: banks, models, run folder
+# Models and the training loop
 # ------------------------------------------------------------------------------------------------
-
-
-def resolve_data_dir(args, ae):
-    """--data, else the data folder recorded in the AE run's args.json ("data"; relative to the working
-    directory of training, or to the run folder's parent)."""
-    if args.data:
-        return args.data
-    for args_file in (ae / "args.json", ae.parent / "args.json"):
-        recorded = json.loads(args_file.read_text()).get("data") if args_file.is_file() else None
-        if recorded:
-            for candidate in (Path(recorded), ae.parent.parent / recorded):
-                if (candidate / "meta.json").is_file():
-                    return str(candidate)
-    raise ValueError(f"no --data given and the AE run {ae} records no existing data folder; pass --data <dataprep/data.py "
-                     f"cache folder>")
 
 
 def build_models(args, encoder_dir, device):
@@ -265,65 +224,8 @@ def build_models(args, encoder_dir, device):
     return PriorTrainee(dit, trained).to(device), frozen
 
 
-def write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, data_settings=None, view=None):
-    settings = {"ae": str(resolve_ae(args.ae).resolve()), "data": str(Path(data_dir).resolve()),
-                "data_settings": data_settings,
-                "encoder_fingerprint": encoder_fingerprint(encoder_dir), "num_registers": args.num_registers,
-                "block_offsets": not args.no_block_offsets, "max_offset": args.max_offset,
-                "conditional": args.conditional, "cond_registers": args.cond_registers if args.conditional else None,
-                "train_cond_encoder": args.train_cond_encoder, "shared_tokenizer": shared_tokenizer,
-                "register_blocks": register_blocks(args.num_registers),
-                "cross_tokenizer": describe(view) if view is not None and not view.shared else None}
-    (out / PRIOR_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-
-
-def check_same_sources(out, encoder_dir, data_dir, meta):
-    """--resume: the AE encoder and the data must be the ones prior.json records (fingerprint, settings)."""
-    settings = C.read_json(out / PRIOR_SETTINGS_FILE, "prior settings file")
-    recorded, current = settings.get("encoder_fingerprint"), encoder_fingerprint(encoder_dir)
-    if recorded and recorded != current:
-        raise ValueError(f"--resume: the encoder {encoder_dir} (fingerprint {current[:16]}) is not the one this prior "
-                         f"was trained on ({settings.get('ae')}, fingerprint {recorded[:16]}); pass --ae "
-                         f"{settings.get('ae')} or start a new prior with another --out-dir")
-    if settings.get("data_settings") is not None and settings["data_settings"] != meta.get("settings"):
-        raise ValueError(f"--resume: the data cache {data_dir} was built with other settings than {settings['data']}, "
-                         f"which this prior was trained on; pass --data {settings['data']} or start a new prior")
-
-
-def save(ctx, model, optimizer, ema, step):
-    """Training state (atomic, all ranks), then the EMA sampling weights (rank 0)."""
-    env, out, trainee = ctx["env"], ctx["out"], D.unwrap(model)
-    parts = {"dit": {**trainee.dit.cfg.to_dict(), "crocodil_model": "latent_dit"}}
-    if trainee.cond_encoder is not None:
-        parts["cond_encoder"] = {**trainee.cond_encoder.cfg.to_dict(), "crocodil_model": "encoder"}
-    ema_state = {key: value.detach().cpu() for key, value in ema.module.state_dict().items()}
-    DC.save_checkpoint(out / STATE_DIR, model, optimizer, ctx["env"], parts=parts, extra={"step": step, "ema": ema_state})
-    if env.is_main:
-        ema.module.dit.save_pretrained(out / "dit")
-        if ema.module.cond_encoder is not None:
-            ema.module.cond_encoder.save_pretrained(out / "cond_encoder")
-        guards.write_cards_or_warn(out)  # hub cards in dit/ (and cond_encoder/); a warning at worst
-    D.barrier(env)
-
-
-def log_line(ctx, record):
-    """Append one record to OUT/log.jsonl (rank 0); "type" is "train" or "val" as in train_ae.py."""
-    if ctx["env"].is_main:
-        with open(ctx["out"] / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def truncate_log(out, step):
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    path = out / "log.jsonl"
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
 def main(argv=None):
-    from dataprep.data import TokenData, load_meta
+    from dataprep.data import load_meta
     from train_ae import get_lr, make_optimizer
 
     args = parse_args(argv)
@@ -336,35 +238,16 @@ def main(argv=None):
     data_dir = resolve_data_dir(args, ae)
     meta = load_meta(data_dir)
     shared_tokenizer = bool(meta.get("shared_tokenizer", True))
-    if args.resume and env.is_main:  # saves killed between their two renames left complete old copies
-        for name in (STATE_DIR, "dit", "cond_encoder"):
-            C.recover_folder(out / name)
-    D.barrier(env)
-    if args.resume and not (out / STATE_DIR / DC.TRAINING_STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume: {out / STATE_DIR} holds no checkpoint; drop --resume to start a new run")
-    if not args.resume and (out / STATE_DIR).is_dir():
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out-dir")
-    if args.resume:
-        check_same_sources(out, encoder_dir, data_dir, meta)
-
-    cache = args.bank_cache or default_cache_dir(ae)
-    banks = {split: RegisterBank(build_bank(encoder_dir, data_dir, split, args.num_registers, cache,
-                                            args.bank_batch_size, device=env.device, env=env,
-                                            progress=not args.quiet))
-             for split in ("train", "val") if len(TokenData(data_dir, split))}
-    if "train" not in banks:
-        raise ValueError(f"the train split of {data_dir} is empty")
+    check_run_folder(args, env, out, encoder_dir, data_dir, meta)
+    banks = load_banks(args, ae, encoder_dir, data_dir, env)  # z_0 = h_phi(x_0) of every program, cached
     model, frozen = build_models(args, encoder_dir, env.device)
-    view = None  # how the encoder reads a partially masked demasker row (Alg. 4's x^(r))
-    if args.conditional:
-        pad_id = C.read_config(encoder_dir)["pad_token_id"]
-        view = SharedView(meta["eos_id"], pad_id) if shared_tokenizer else view_from_data(data_dir, pad_id=pad_id)[0]
+    view = conditioning_view(args, encoder_dir, data_dir, meta)  # how h reads Alg. 4's x^(r) (None: unconditional)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, meta.get("settings"), view)
         else:  # what the run really uses (only RESUME_MUTABLE flags can differ from the record)
-            (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+            R.write_args(out, args)
     ema = EMA(model)
     model = D.wrap_model(model, env, mode="ddp")
     D.maybe_compile(model, args.compile, env)
@@ -372,20 +255,9 @@ def main(argv=None):
     micro = args.micro_batch_size or args.global_batch_size // env.world_size
     accum = D.accumulation_steps(args.global_batch_size, micro, env.world_size)
     args.micro_batch_size = micro
-    start = 0
-    if args.resume:
-        extra = DC.load_checkpoint(out / STATE_DIR, model, optimizer, env)
-        ema.module.load_state_dict(extra["ema"])
-        start = extra["step"]
-        if env.is_main:
-            truncate_log(out, start)
+    start = load_resume(out, model, optimizer, ema, env) if args.resume else 0
 
-    ctx = {"args": args, "env": env, "out": out, "device": env.device, "bank": banks["train"],
-           "train_bank": banks["train"], "val_bank": banks.get("val"), "frozen_encoder": frozen, "seq_len": None}
-    if args.conditional:
-        ctx["tokens"], ctx["val_tokens"] = TokenData(data_dir, "train"), TokenData(data_dir, "val")
-        ctx["seq_len"] = ctx["tokens"].ids.shape[1]  # the masks are drawn over the demasker's L
-        ctx["view"] = view
+    ctx = run_context(args, env, out, banks, frozen, view, data_dir)  # what model_inputs and validate read
     G = args.global_batch_size
     stop = min(args.max_steps, args.stop_at or args.max_steps)
     n, dim, per_rank = len(banks["train"]), banks["train"].dim, G // env.world_size
@@ -393,8 +265,8 @@ def main(argv=None):
                disable=args.quiet or not env.is_main, dynamic_ncols=True)
     began = time.time()
     saved_at = start if args.resume else None
-    guard = guards.BadStepGuard(args.max_bad_steps, log=functools.partial(log_line, ctx), last_good=lambda: (
-        f"{out / STATE_DIR} (step {saved_at}), untouched" if saved_at is not None else "none was written"))
+    guard = guards.BadStepGuard(args.max_bad_steps, log=functools.partial(log_line, ctx),
+                                last_good=lambda: R.last_good(out / STATE_DIR, saved_at))
     for step in range(start, stop):
         lr = get_lr(step, args, args.max_steps)
         for group in optimizer.param_groups:
@@ -404,7 +276,7 @@ def main(argv=None):
                            ctx["seq_len"])
         model.train()
         step_loss = 0.0
-        for m in range(accum):
+        for m in range(accum):  # this rank's rows of the global batch, in micro-batches
             part = slice(env.rank * per_rank + m * micro, env.rank * per_rank + (m + 1) * micro)
             r, u = (draws["r"][part], draws["u"][part]) if args.conditional else (None, None)
             z0, t, noise, kwargs = model_inputs(ctx, rows[part], draws["t"][part], draws["noise"][part], r, u)
@@ -420,6 +292,7 @@ def main(argv=None):
             optimizer.step()
             ema.update(D.unwrap(model), ema_decay(args.ema_decay, step))
         optimizer.zero_grad(set_to_none=True)
+
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
         if good and (done % args.log_interval == 0 or done == stop):

@@ -19,10 +19,10 @@ import torch
 
 from infra import checkpoint as C
 from infra import guards
+from training.ae_run import CHECKPOINT  # OUT/checkpoint
 from dataprep.data import SPECIAL_TOKENS
 from demasker import CADD_SCHEDULES, CADD_TABLES
 
-CHECKPOINT = "checkpoint"
 # flags that may change on --resume (the rest would change the model, the data or the objective, and are refused):
 # the stop point and LR horizon, logging / validation / saving, systems (same global batch: same batches, same
 # draws; only float summation order changes), the divergence limit, and where the (content-checked) data lives
@@ -104,13 +104,13 @@ def parse_args(argv=None):
     a("--rewarm-steps", type=int, default=None, help="re-warm the LR linearly over N steps when the demasker "
       "unfreezes after --encoder-warmup-steps (its AdamW moments start at zero); 0 = off (tiny 0, paper 500: our "
       "choice, the paper states none)")
-    a("--register-dropout", type=float, default=0.0, help="register guidance (issue 14): P(every register of an "
+    a("--register-dropout", type=float, default=0.0, help="register guidance: P(every register of an "
       "example is withheld: register_mask all False, the demasker sees only [START, END]), the null branch that "
       "sampling's guidance weight w extrapolates from (logits_null + w (logits_guided - logits_null)); 0 = off")
     a("--pad-eos-weight", type=float, default=1.0, help="loss weight of the EOS padding after a program's first EOS "
-      "(issue 12): 1 = LLaDA (every position scored, as its SFT scores the EOS padding of answers); below 1 the "
+      "(ours): 1 = LLaDA (every position scored, as its SFT scores the EOS padding of answers); below 1 the "
       "padding, which dominates the targets of short programs, counts less; 0 = not scored (the first EOS always is)")
-    a("--cadd", action="store_true", help="CADD beside CRoCoDiL (extensions/cadd.py, issue 17): every [M] position also gets "
+    a("--cadd", action="store_true", help="CADD beside CRoCoDiL (extensions/cadd.py; beyond the paper): every [M] position also gets "
       "a continuous latent z_t ~ N(sqrt(gamma_bar_t) w(x_0), (1 - gamma_bar_t) I) from the demasker's own embedding "
       "table w, added to E([M]); CE-only loss (the same as the base MDM). Works with and without registers; the "
       "demasker's config.json records the settings (sample with cadd.cadd_generate / eval.py cadd)")

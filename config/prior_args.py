@@ -4,7 +4,7 @@ Presets (flags left unset take these; App. E gives the prior's architecture and 
 settings, so both are our choices, see PRESETS). Every number is checked before any work (guards.check_range:
 argparse's message naming the flag and its valid range, exit status 2). On --resume the run's recorded flags
 (OUT/args.json) become the defaults, and an explicit flag outside RESUME_MUTABLE that differs from the record is
-refused with the list of differences. Split from train_prior.py as config/ae_args.py was from train_ae.py.
+refused with the list of differences.
 """
 
 import argparse
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from infra import checkpoint as C
 from infra import guards
+from training.runs import resolve_ae  # noqa: F401 (re-exported)
 
 # flags that may change on --resume; any other difference from OUT/args.json is refused. --ae and --data are paths:
 # what they hold is checked instead (the encoder fingerprint and the data settings recorded in prior.json)
@@ -23,25 +24,15 @@ NOT_INHERITED = ("ae", "data", "out_dir", "resume", "stop_at")
 
 # Optimisation presets (flags left unset take these). App. E states the prior's architecture and objective but no
 # optimiser settings, so the paper preset is our choice for a ~400M DiT, after DiT (Peebles & Xie: AdamW lr 1e-4,
-# no weight decay, EMA 0.9999, global batch 256; ../shared/reference/dit_schedules_cadd_nanogpt.md) with the
-# warm-up + cosine decay of train_ae.py, 100k steps (25.6M banks, ~10 passes over a 2.5M-program corpus) and bf16
-# autocast. tiny: CPU minutes on toy banks (a 64-wide DiT wants a 10x larger LR and a short EMA).
+# no weight decay, EMA 0.9999, global batch 256) with the warm-up + cosine decay of train_ae.py, 100k steps (25.6M
+# banks, ~10 passes over a 2.5M-program corpus) and bf16 autocast. tiny: CPU minutes on toy banks (a 64-wide DiT
+# wants a 10x larger LR and a short EMA).
 PRESETS = {
     "tiny": dict(max_steps=2000, global_batch_size=64, lr=1e-3, min_lr_ratio=0.1, warmup_steps=100,
                  weight_decay=0.0, grad_clip=1.0, ema_decay=0.999, amp="none"),
     "paper": dict(max_steps=100_000, global_batch_size=256, lr=1e-4, min_lr_ratio=0.1, warmup_steps=1000,
                   weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, amp="bf16"),
 }
-
-def resolve_ae(path):
-    """The folder holding encoder/ (and demasker/): a train_ae.py run's checkpoint/, or that folder itself."""
-    path = Path(path)
-    for folder in (path, path / "checkpoint"):
-        if (folder / "encoder" / "config.json").is_file():
-            return folder
-    raise FileNotFoundError(f"{path} holds no encoder/ (nor checkpoint/encoder/); pass --ae a train_ae.py run "
-                            f"trained with registers (not --no-registers)")
-
 
 
 def parse_args(argv=None):

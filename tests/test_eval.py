@@ -362,7 +362,7 @@ def test_report_outputs_are_whole_and_sections_never_interleave(tmp_path):
 
 
 def test_paper_preset_protocol_defaults():
-    """Issue 10 item 7: Tables 1/2 at L = 256 / 512 with block 32 in the grid and NFE down to 4; Fig. 4 on 1000."""
+    """The paper preset: Tables 1/2 at L = 256 / 512 with block 32 in the grid and NFE down to 4; Fig. 4 on 1000."""
     import types
 
     from experiments.eval_autoencoder import block_grid
@@ -413,7 +413,7 @@ def test_speed_base_only_with_cached_rows(runs):
 
 
 def test_tiny_preset_statistics_protocol():
-    """Issue 12: 256 samples per generation point, 200 bootstrap replicates, an NFE grid from 1 up to L, MAUVE on
+    """The tiny preset: 256 samples per generation point, 200 bootstrap replicates, an NFE grid from 1 up to L, MAUVE on
     the last valid token's features by default."""
     import types
 

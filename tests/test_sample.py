@@ -403,7 +403,7 @@ def _sample_rank(rank, world_size, port, argv):
 
 
 def test_cli_shards_batches_over_two_ranks_with_the_same_output(tmp_path, monkeypatch):
-    """Issue 6: under torchrun the batches are dealt to the ranks and gathered on rank 0; every batch has its
+    """Under torchrun the batches are dealt to the ranks and gathered on rank 0; every batch has its
     own seed, so 2 gloo ranks write exactly the JSONL of one process."""
     import json
     import socket
@@ -473,7 +473,7 @@ def test_cli_trace_and_adaptive_decoding_on_a_tiny_checkpoint(tmp_path, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------
-# --prompt / --prompt-file / --infill (App. H, issue 13; the runs of tests/test_eval_prompt.py)
+# --prompt / --prompt-file / --infill (App. H; the runs of tests/experiments/test_eval_prompt.py)
 # ------------------------------------------------------------------------------------------------
 
 from test_eval_prompt import runs  # noqa: E402,F401  (the module-scoped fixture: tiny AE, base, priors, pairs)

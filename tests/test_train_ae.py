@@ -197,7 +197,7 @@ def test_resume_continues_exactly(cache, tmp_path, no_registers):
 
 
 def test_resume_refuses_changed_flags_and_keeps_the_runs_values(cache, tmp_path, capsys):
-    """Issue 11: on --resume, unset flags take the run's values; a changed model/data/objective flag is refused
+    """On --resume, unset flags take the run's values; a changed model/data/objective flag is refused
     (exit 2) with every difference listed (run vs now); --max-steps and logging may change."""
     T.train(run_args(cache, tmp_path, "--max-steps", "1", "--lr", "1e-2"))
     resumed = T.parse_args(["--out-dir", str(tmp_path), "--resume", "--max-steps", "2", "--log-interval", "5"])
@@ -257,7 +257,7 @@ def test_numbers_are_checked_up_front(cache, tmp_path, capsys, flags, text):
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(cache, tmp_path, monkeypatch):
-    """Issue 11: a NaN loss from step 4 on never reaches weights, AdamW state or a checkpoint: steps 4-6 are skipped
+    """A NaN loss from step 4 on never reaches weights, AdamW state or a checkpoint: steps 4-6 are skipped
     and the end-of-run checkpoint equals a clean run stopped at step 3; with --max-bad-steps 2 the run stops at
     step 5 with an error naming the last good checkpoint (step 2), which is left bit-identical."""
     flags = ["--max-steps", "6", "--save-interval", "2"]
@@ -298,7 +298,7 @@ def test_lr_1e6_diverges_into_a_clear_error(cache, tmp_path):
 
 
 def test_a_kill_at_any_point_of_a_save_leaves_a_checkpoint_resume_finds(cache, tmp_path, monkeypatch):
-    """Issue 11: the run folder as a kill -9 would leave it at every named point of the step-2 save (snapshots taken
+    """The run folder as a kill -9 would leave it at every named point of the step-2 save (snapshots taken
     by a checkpoint.FAULT_HOOKS hook) resumes by itself into the uninterrupted run, bit for bit, and the save
     after resuming removes every stray staging / old folder."""
     flags = ["--max-steps", "3", "--save-interval", "1"]
@@ -385,7 +385,7 @@ def _argv(cache, out_dir, *extra):
 
 
 def test_two_ranks_match_one_process_and_resume_on_one(cache, tmp_path):
-    """Issue 6: 2 gloo ranks (DDP: 4 micro-batches of 4 = 1 per rank; 1 process: 2 accumulated micro-batches)
+    """2 gloo ranks (DDP: 4 micro-batches of 4 = 1 per rank; 1 process: 2 accumulated micro-batches)
     give the 1-process weights; FSDP2 the same losses; a run saved on 2 ranks at step 2 resumes on 1 process
     into the 1-process run; the rank-averaged validation equals the single-process one."""
     import torch.multiprocessing as mp
@@ -414,7 +414,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(cache, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# The paper preset (issue 10 item 7), register dropout (issue 14 item 2), hub cards (issue 15 item 2)
+# The paper preset (App. C), register dropout (the null bank of register guidance), hub model cards
 # ------------------------------------------------------------------------------------------------
 
 def test_paper_preset_no_registers_parses_and_builds_the_8b_base_on_meta(monkeypatch, capsys):
@@ -487,7 +487,7 @@ def test_register_dropout_in_training(cache, tmp_path, monkeypatch):
     T.train(run_args(cache, tmp_path / "off", "--max-steps", "2"))
     zero, off = weights(tmp_path / "zero" / "checkpoint"), weights(tmp_path / "off" / "checkpoint")
     assert zero.keys() == off.keys() and all(torch.equal(zero[k], off[k]) for k in zero)
-    # hub cards (issue 15): every save writes README.md into the model folders
+    # hub model cards: every save writes README.md into the model folders
     for part in ("encoder", "demasker"):
         card = (tmp_path / "off" / "checkpoint" / part / "README.md").read_text()
         assert "library_name: crocodil" in card and f"crocodil {part}" in card

@@ -262,7 +262,7 @@ def test_run_folder_feeds_the_generators(run, tmp_path):
 
 
 def test_resume_refuses_changed_flags_and_another_encoder(run, tmp_path, capsys):
-    """Issue 11: --resume keeps the run's flags (unset ones inherited), refuses a changed objective flag (exit 2,
+    """--resume keeps the run's flags (unset ones inherited), refuses a changed objective flag (exit 2,
     old vs new listed) and an AE whose encoder fingerprint differs from prior.json's (both named)."""
     out = tmp_path / "p"
     train(run, out, "--stop-at", "2", "--lr", "2e-3")
@@ -330,7 +330,7 @@ def _rank_main(rank, world_size, port, argv):
 
 
 def test_two_ranks_match_one_process(run, tmp_path):
-    """Issue 6: the conditional prior (with a trained h_mu) on 2 gloo ranks, DDP, each rank half of the global
+    """The conditional prior (with a trained h_mu) on 2 gloo ranks, DDP, each rank half of the global
     batch, ends with the 1-process weights and losses."""
     import socket
 
@@ -358,7 +358,7 @@ def test_two_ranks_match_one_process(run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# The paper's shape (issue 10 item 6): all K registers, the paper preset's optimisation; hub cards
+# The paper's shape (App. E, App. G (i)): all K registers, the paper preset's optimisation; hub cards
 # ------------------------------------------------------------------------------------------------
 
 
