@@ -2,19 +2,20 @@
 
 Paper map (arXiv 2603.20210):
 - line 2  t ~ U[0, 1]
-- line 3  x_t = mask(x_0, t)    schedules.mask_tokens (p_mask = (1 - eps) t + eps); App. C all-mask utilisation:
-                                with probability all_mask_prob x_t is ALL [M] (p_mask = 1)
+- line 3  x_t = mask(x_0, t)    schedules.mask_tokens (p_mask = (1 - eps) t + eps); App. C all-mask
+                                utilisation: with probability all_mask_prob x_t is ALL [M] (p_mask = 1)
 - App. C  nested dropout        k ~ U{1..K} (encoder.sample_keep); only registers 1..k are exposed
 - line 5  e ~ N(0, sigma^2 I)   App. D: sigma from the target cosine similarity (latent_noise_std)
-- register dropout (not in the paper; issue 14, register guidance): with probability register_dropout every
-  register of the example is withheld (keep = 0: register_mask all False, the demasker sees only [START, END]),
-  so the same demasker also learns the null branch that mdm.guided_logits extrapolates away from.
+- register dropout (not in the paper; for register guidance, docs/decoding.md): with probability
+  register_dropout every register of the example is withheld (keep = 0: register_mask all False, the demasker
+  sees only [START, END]), so the same demasker also learns the null branch that register guidance
+  (extensions/decoding.guided_logits) extrapolates away from.
 
-Every draw of an example comes from its own generator, seeded by (seed, stream, example position in the training
-stream) (example_generator), so a run gives the same numbers on 1 or N ranks, with any micro-batch, and after
---resume. Draw order per example: t, all-mask coin, k, the (1, L) mask uniforms, the (K, d) noise, then the
-register-dropout coin (drawn last and only when register_dropout > 0, so register_dropout = 0 is bit-identical
-to a run without the feature). train_ae.py re-exports these names.
+Every draw of an example comes from its own generator, seeded by (seed, stream, example position in the
+training stream) (example_generator), so a run gives the same numbers on 1 or N ranks, with any micro-batch,
+and after --resume. Draw order per example: t, all-mask coin, k, the (1, L) mask uniforms, the (K, d) noise,
+then the register-dropout coin (drawn last and only when register_dropout > 0, so register_dropout = 0 draws
+nothing extra and leaves every other draw where it was). train_ae.py re-exports these names.
 """
 
 import math
@@ -60,17 +61,18 @@ def corrupt(x0, counters, seed, mask_id, all_mask_prob, num_registers=0, nested_
     rows = {"x_t": [], "masked": [], "p_mask": [], "keep": [], "noise": []}
     for b, counter in enumerate(counters):
         gen = example_generator(seed, counter)
-        t = torch.rand((), generator=gen).item()
+        t = torch.rand((), generator=gen).item()  # line 2: t ~ U[0, 1]
         all_mask = torch.rand((), generator=gen).item() < all_mask_prob
         keep = None
-        if num_registers:
+        if num_registers:  # App. C nested dropout: k
             keep = sampler(1, num_registers, gen) if nested_dropout else torch.tensor([num_registers])
-        x_t, masked, p_mask = mask_tokens(x0[b:b + 1], t, mask_id, generator=gen)  # (1, L) each
+        x_t, masked, p_mask = mask_tokens(x0[b:b + 1], t, mask_id, generator=gen)  # line 3: (1, L) each
         if all_mask:  # App. C: x_t = the fully masked sequence, weight 1 / p_mask = 1
-            x_t, masked, p_mask = torch.full_like(x_t, mask_id), torch.ones_like(masked), torch.ones_like(p_mask)
+            x_t = torch.full_like(x_t, mask_id)
+            masked, p_mask = torch.ones_like(masked), torch.ones_like(p_mask)
         for name, value in (("x_t", x_t), ("masked", masked), ("p_mask", p_mask)):
             rows[name].append(value)
-        if num_registers and noise_std > 0:
+        if num_registers and noise_std > 0:  # line 5: e ~ N(0, sigma^2 I), (1, K, d)
             rows["noise"].append(torch.randn(1, num_registers, register_dim, generator=gen) * noise_std)
         if num_registers and register_dropout > 0 and torch.rand((), generator=gen).item() < register_dropout:
             keep = torch.zeros_like(keep)  # the null bank: register_mask all False

@@ -17,8 +17,8 @@ Paper map (arXiv 2603.20210):
   ..., sizes 1, 1, 2, 4, ..., (the last one ends at K when K is not a power of two). `sample_keep_levels`
   offers both draws of k: "uniform" (App. C as written, k ~ U{1..K}) and "geometric" (k uniform over the
   levels {1, 2, 4, ..., K}, App. E's grouping; the paper preset). With "uniform" the block boundaries are
-  the same levels (the prior's ordering does not depend on how k was drawn). The previous reading, blocks of
-  sizes 1, 2, 4, ... truncated at K (K = 8 -> [1, 2, 4, 1], boundaries 1, 3, 7, 8), matched neither.
+  the same levels (the prior's ordering does not depend on how k was drawn). Blocks of sizes 1, 2, 4, ...
+  truncated at K (K = 8 -> [1, 2, 4, 1]) would match neither statement (tests/test_schedules.py).
 
 Conventions: t = 0 is clean, t = 1 is fully masked / pure noise (the paper's and LLaDA's direction).
 """
@@ -102,13 +102,14 @@ COSINE_S = 0.008  # Nichol & Dhariwal's offset s
 
 
 def alpha_bar(t, s=COSINE_S):
-    """Cosine schedule in continuous time: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) * pi / 2).
+    """Cosine schedule in continuous time: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) pi / 2).
 
     This is the continuous form of Nichol & Dhariwal's "squaredcos_cap_v2" (DiT gaussian_diffusion.py).
     Clipping: t is clamped to [0, 1]; alpha_bar(0) = 1 and alpha_bar(1) = 0 are set exactly (zero terminal
-    SNR: at t = 1 the state is pure noise, which x0-prediction handles, see the reference notes); the result
-    is clamped to [0, 1]. The discrete table's beta <= 0.999 clip only affects its last step and has no
-    counterpart here. Computed in float64, returned as float64 (callers cast).
+    SNR, Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed": at t = 1 the state
+    is pure noise, which x0-prediction handles); the result is clamped to [0, 1]. The discrete table's
+    beta <= 0.999 clip only affects its last step and has no counterpart here. Computed in float64, returned
+    as float64 (callers cast).
     """
     t = torch.as_tensor(t, dtype=torch.float64).clamp(0.0, 1.0)
     f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
@@ -165,7 +166,7 @@ def ddim_timesteps(steps, t_end=0.0):
     """Decreasing time grid for `steps` DDIM steps: (steps + 1,) float64 from 1 to t_end, evenly spaced.
 
     Step i goes from grid[i] to grid[i + 1] and costs one denoiser call. It starts at t = 1 (pure noise,
-    "trailing" spacing, as the reference notes advise) and ends at t_end. With block offsets use
+    "trailing" spacing, Lin et al. 2024) and ends at t_end. With block offsets use
     t_end = -max_offset (see register_times) so that every block ends at effective time 0.
     """
     if steps < 1:
@@ -183,7 +184,8 @@ NESTED_DROPOUT = ("uniform", "geometric")  # how k is drawn (module docstring); 
 
 def nested_levels(K):
     """The nested-dropout levels 1, 2, 4, ..., and K (K itself always included): the values geometric nested
-    dropout draws k from, and the last register of every prior block. K = 8 -> [1, 2, 4, 8]; K = 7 -> [1, 2, 4, 7]."""
+    dropout draws k from, and the last register of every prior block. K = 8 -> [1, 2, 4, 8]; K = 7 ->
+    [1, 2, 4, 7]."""
     if K < 1:
         raise ValueError(f"nested_levels: K must be >= 1, got {K}")
     levels, level = [], 1
@@ -196,7 +198,7 @@ def nested_levels(K):
 def sample_keep_levels(batch_size, K, distribution="uniform", generator=None, device=None):
     """Nested dropout's k per example (App. C), (B,) long in [1, K].
 
-    "uniform": k ~ U{1, ..., K} (App. C as written; the same draw, number for number, as before this option).
+    "uniform": k ~ U{1, ..., K} (App. C as written; one torch.randint draw per batch).
     "geometric": k uniform over nested_levels(K) = {1, 2, 4, ..., K} (App. E's grouping)."""
     if distribution == "uniform":
         return torch.randint(1, K + 1, (batch_size,), generator=generator, device=device)

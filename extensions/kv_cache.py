@@ -1,8 +1,8 @@
 """Approximate key/value caching for semi-autoregressive MDM decoding (Fast-dLLM's prefix and dual cache).
 
-Not in the CRoCoDiL paper: an option of the decoding loop (mdm.py, `Decoding.cache`), off by default
-(issue 14 item 4). The demasker is bidirectional, so nothing can be cached exactly between steps: every
-token's hidden state depends on every other token, and each step changes some [M] of the current block.
+Not in the CRoCoDiL paper: an option of the decoding loop (mdm.py, `Decoding.cache`), off by default. The
+demasker is bidirectional, so nothing can be cached exactly between steps: every token's hidden state
+depends on every other token, and each step changes some [M] of the current block.
 Fast-dLLM (Wu et al. 2025, Sec. 3.2) observes that the keys and values of positions OUTSIDE the current
 block barely change while that block is decoded, and reuses them:
 
@@ -18,11 +18,12 @@ block barely change while that block is decoded, and reuses them:
 What is exact: a window step right after a fill gives the full forward's logits on the window (nothing
 changed in between), and with ONE layer every step is exact (layer-1 keys and values depend on the tokens
 alone, and tokens outside the window do not change within a block). With more layers the reuse is an
-approximation whose quality cost has to be measured (README, "Decoding options"); the demasker calls (NFE)
-are unchanged, each window step is cheaper.
+approximation whose quality cost is measured in docs/decoding.md ("Decoding options"); the demasker calls
+(NFE) are unchanged, each window step is cheaper.
 
 The objects are duck-typed: layers.Attention calls `merge(k, v)` on the one it is given, the Demasker reads
-`window` and hands each block its `layer(i)`. Nothing here imports the rest of the project.
+`window` and hands each block its `layer(i)`; the decoding loop calls the demasker through `CachedModel`
+(extensions/decoding.StepLogits). Nothing here imports the rest of the project.
 """
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -83,7 +84,35 @@ class BlockCache:
         self.window = None
 
     def use(self, block_start, block_end, length):
-        """The next forward recomputes only the window of this mode (text positions; length = the input's L)."""
+        """The next forward recomputes only the window of this mode (text positions; length = input's L)."""
         if not self.filled:
             raise RuntimeError("BlockCache.use() before a fill; the first step of a block must refill")
         self.window = (block_start, length if self.mode == "prefix" else block_end)
+
+
+class CachedModel:
+    """The demasker called through a BlockCache, as the decoding loop uses it: `prepare` before each step
+    (a full forward when `fresh`: the first step of a block, or new registers; else the window of this mode),
+    then calls with cache= added, then `full_logits` to put the window's logits back in the full sequence."""
+
+    def __init__(self, model, mode):
+        self.model, self.cache = model, BlockCache(mode)
+        self.logits = None  # the last full logits (B, L, V); a window step writes its rows into them
+
+    def prepare(self, fresh, block_start, block_end, length):
+        if fresh:
+            self.cache.refill()
+        else:
+            self.cache.use(block_start, block_end, length)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, cache=self.cache, **kwargs)
+
+    def full_logits(self, logits):
+        """logits (B, L, V) of a full forward, or (B, W, V) of the window -> (B, L, V)."""
+        if self.cache.window is None:
+            self.logits = logits
+        else:
+            lo, hi = self.cache.window
+            self.logits[:, lo:hi] = logits
+        return self.logits

@@ -382,13 +382,13 @@ def test_load_prior_builds_the_recorded_view(tmp_path, two_tokenizers):
     prior = G.load_prior(folder)
     assert isinstance(prior.view, X.CrossTokenizerView) and prior.view.slots_per_token == 1.5
     assert prior.view.max_length == 40
-    del settings["cross_tokenizer"]  # a prior trained before the view: loads, ConWithinDisc refuses it
+    del settings["cross_tokenizer"]  # a prior.json without a view: loads, ConWithinDisc refuses it
     (folder / "prior.json").write_text(json.dumps(settings))
     assert G.load_prior(folder).view is None
     (folder / "prior.json").write_text(json.dumps({**settings, "register_blocks": [1, 1, 2, 4]}))
     G.load_prior(folder)  # the blocks it was trained with are this code's
     (folder / "prior.json").write_text(json.dumps({**settings, "register_blocks": [1, 2, 4, 1]}))
-    with pytest.raises(ValueError, match="register blocks"):  # trained with the old grouping
+    with pytest.raises(ValueError, match="register blocks"):  # trained with another grouping
         G.load_prior(folder)
 
 

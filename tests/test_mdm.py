@@ -1,5 +1,5 @@
-"""mdm.py decoding options: adaptive parallel rules, the fast random stream, register and classifier-free
-guidance, EOS controls. (LLaDA parity of the default loop: tests/test_sample.py.)"""
+"""The decoding options of mdm.py's loop (extensions/decoding.py): adaptive parallel rules, the fast random
+stream, register and classifier-free guidance, EOS controls. (LLaDA parity of the loop: tests/test_sample.py.)"""
 
 
 import pytest

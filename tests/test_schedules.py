@@ -219,7 +219,7 @@ def test_nested_levels_and_blocks_share_boundaries():
     assert S.register_blocks(1) == [1]
     assert S.register_blocks(2) == [1, 1]
     assert S.register_blocks(3) == [1, 1, 1]
-    assert S.register_blocks(8) == [1, 1, 2, 4]  # not the old [1, 2, 4, 1]
+    assert S.register_blocks(8) == [1, 1, 2, 4]  # not sizes 1, 2, 4, ... truncated at K: [1, 2, 4, 1]
     assert S.register_blocks(128) == [1, 1, 2, 4, 8, 16, 32, 64]
     assert S.register_blocks(20) == [1, 1, 2, 4, 8, 4]
     for K in range(1, 70):

@@ -1,4 +1,4 @@
-"""extensions/kv_cache.py and the decoding loop's `cache` option (issue 14 item 4: Fast-dLLM-style approximate caching).
+"""extensions/kv_cache.py and the decoding loop's `cache` option (Fast-dLLM-style approximate caching).
 
 What can be checked exactly: a window step right after a fill equals the full forward on the window (any
 depth); with one layer, cached decoding is token-for-token the uncached one (layer-1 keys and values depend on
