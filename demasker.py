@@ -79,7 +79,7 @@ class DemaskerConfig:
     register_dim: int = 1024           # encoder width (Qwen3-Embedding-0.6B); 0 = no conditioning
     max_registers: int = 128           # K, the paper's largest register bank
     prefix_rope_pairs: int = 16        # fastest rotary pairs on the prefix-local axis (of 64)
-    prefix_local_positions: str = "negative"  # prefix layout (two-axis RoPE); "legacy": older checkpoints
+    prefix_local_positions: str = "negative"  # the prefix layout (two-axis RoPE, the module docstring)
     max_sequence_length: int = 4096    # LLaDA's pre-training length (RoPE has no hard limit)
     cadd_schedule: str = "none"        # CADD (extensions/cadd.py): gamma_bar of the [M] latents; "none" = plain MDM
     cadd_table: str = "own"            # CADD: latent table w = own embedding ("own") or its detached copy ("frozen")
@@ -109,7 +109,7 @@ class DemaskerConfig:
 
     @classmethod
     def from_dict(cls, fields):
-        """A saved config.json dict (older ones lack prefix_local_positions: public_weights.with_prefix_layout)."""
+        """A saved config.json dict (its prefix layout checked: public_weights.with_prefix_layout)."""
         return config_from_dict(cls, public_weights.with_prefix_layout(fields))
 
     @classmethod
@@ -171,8 +171,6 @@ class Demasker(nn.Module):
         prefix_global = torch.full((k + 2,), -1, device=device, dtype=torch.long)  # one slot before the text
         prefix_local = torch.cat([torch.arange(-(K + 2), -(K + 2) + k + 1, device=device),  # START, z_1..z_k
                                   torch.tensor([-1], device=device)])                        # END
-        if self.cfg.prefix_local_positions == "legacy":  # older checkpoints: public_weights.with_prefix_layout
-            prefix_local = prefix_local + (K + 2)
         return torch.cat([prefix_global, text]), torch.cat([prefix_local, text])
 
     def rope_cos_sin(self, global_pos, local_pos):
@@ -310,8 +308,8 @@ def _check_config(cfg):
     if not 0 <= cfg.prefix_rope_pairs <= cfg.head_dim // 2 or min(cfg.register_dim, cfg.max_registers) < 0:
         raise ValueError(f"invalid DemaskerConfig: prefix_rope_pairs={cfg.prefix_rope_pairs} must lie in "
                          f"[0, head_dim/2={cfg.head_dim // 2}], register_dim and max_registers >= 0")
-    if cfg.prefix_local_positions not in ("negative", "legacy"):
-        raise ValueError(f"prefix_local_positions={cfg.prefix_local_positions!r}: 'negative' or 'legacy'")
+    if cfg.prefix_local_positions != "negative":
+        raise ValueError(f"prefix_local_positions={cfg.prefix_local_positions!r}: only 'negative' is implemented")
     if cfg.cadd_schedule not in ("none",) + CADD_SCHEDULES or cfg.cadd_table not in CADD_TABLES:
         raise ValueError(f"cadd_schedule={cfg.cadd_schedule!r} / cadd_table={cfg.cadd_table!r} must be one of "
                          f"{('none',) + CADD_SCHEDULES} / {CADD_TABLES}")

@@ -14,7 +14,7 @@ Two views, both callables (ids (B, L) long, masked (B, L) bool) -> (enc_ids, att
 
 - SharedView (one tokenizer, the tiny setting): the encoder reads the demasker row itself, masked ids
   replaced by the pad id, valid up to and including the first visible EOS (latent_data.visible_view).
-  This is exactly what the project did before this module existed (tested).
+  It equals dataprep/latent_data.visible_view (tested).
 
 - CrossTokenizerView (two tokenizers). Each row is split into runs of visible and masked positions:
     * the text stops at the first VISIBLE EOS (demasker rows are BOS program EOS EOS ...); the encoder

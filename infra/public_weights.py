@@ -229,16 +229,21 @@ def llada_config(config_cls, hf, register_dim=1024, max_registers=128, prefix_ro
 
 
 def with_prefix_layout(fields):
-    """A saved demasker config.json dict with `prefix_local_positions` filled in.
+    """A saved demasker config.json dict with `prefix_local_positions` checked.
 
-    Conditioned checkpoints saved before that field existed were trained with the prefix on local
-    indices START = 0, z_j = j, END = K + 1 (layout "legacy"): register j and text token j then share
-    the angle of the local rotary pairs. They keep that layout; current checkpoints store "negative"
-    (demasker.py, two-axis RoPE), and a base model without registers has no prefix at all.
-    tests/test_demasker.py::test_legacy_prefix_layout_for_old_conditioned_checkpoints.
+    Checkpoints store "negative" (demasker.py, two-axis RoPE); a base model without registers has no
+    prefix, so a missing field means "negative" there. A conditioned checkpoint without the field (or with
+    "legacy") was trained with an earlier prefix layout that this code does not implement: it is refused
+    with the fix rather than decoded with the wrong positions (tests/test_demasker.py).
     """
     fields = dict(fields)
-    fields.setdefault("prefix_local_positions", "legacy" if fields.get("register_dim") else "negative")
+    layout = fields.get("prefix_local_positions", None if fields.get("register_dim") else "negative")
+    if layout != "negative":
+        raise ValueError(f"this demasker checkpoint was saved with an earlier register-prefix layout "
+                         f"(prefix_local_positions={layout!r}); this code places the prefix on negative local "
+                         f"positions (demasker.py, two-axis RoPE) and would decode it with the wrong positions. "
+                         f"Retrain it with train_ae.py, or sample it with the commit that trained it")
+    fields["prefix_local_positions"] = layout
     return fields
 
 

@@ -371,15 +371,15 @@ def test_no_prefix_local_index_equals_a_text_local_index(L):
         assert max(prefix) == -1 and min(prefix) == -(K + 2)  # END right before the text, START fixed
 
 
-def test_legacy_prefix_layout_for_old_conditioned_checkpoints():
+def test_checkpoints_of_an_earlier_prefix_layout_are_refused_with_the_fix():
     cfg = DemaskerConfig.tiny()
     old = {key: value for key, value in cfg.to_dict().items() if key != "prefix_local_positions"}
-    assert DemaskerConfig.from_dict(old).prefix_local_positions == "legacy"  # what it was trained with
+    with pytest.raises(ValueError, match="earlier register-prefix layout.*Retrain it with train_ae.py"):
+        DemaskerConfig.from_dict(old)  # a conditioned checkpoint saved before the field existed
+    with pytest.raises(ValueError, match="earlier register-prefix layout"):
+        DemaskerConfig.from_dict({**cfg.to_dict(), "prefix_local_positions": "legacy"})
     assert DemaskerConfig.from_dict({**old, "register_dim": 0}).prefix_local_positions == "negative"  # a base MDM
     assert DemaskerConfig.from_dict(cfg.to_dict()) == cfg
-    legacy = Demasker(DemaskerConfig.tiny(prefix_local_positions="legacy"))
-    K = legacy.cfg.max_registers
-    assert legacy.positions(3, 4)[1].tolist() == [0, 1, 2, 3, K + 1] + list(range(4))
     with pytest.raises(ValueError, match="prefix_local_positions"):
         DemaskerConfig.tiny(prefix_local_positions="zero")
 
