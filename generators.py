@@ -78,7 +78,8 @@ def sample_registers(prior, batch_size, steps=128, cond=None, cond_mask=None, ge
     dit = prior.dit
     K, d = prior.num_registers, dit.cfg.register_dim
     device = _model_device(dit)
-    dtype = next(dit.parameters()).dtype
+    dtype = next(dit.parameters()).dtype  # the condition follows the DiT's dtype (bf16 / fp16 runs)
+    cond = cond.to(dtype) if cond is not None else None
     lo, _ = base_time_range(prior.max_offset, prior.block_offsets)
     z = _randn((batch_size, K, d), generator, device) if z_init is None else z_init.to(device, torch.float32)
     grid = torch.linspace(t_start, lo, steps + 1, dtype=torch.float64)  # = ddim_timesteps(steps, lo) from 1

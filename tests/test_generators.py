@@ -169,6 +169,26 @@ def test_conwithindisc_without_refresh_is_exactly_conthendisc(models, refresh_at
     assert not torch.equal(a, c)  # the refresh does change the output on this model
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_both_generators_run_in_half_precision(models, dtype):
+    """A GPU run keeps every model in bf16 / fp16: the conditional prior's condition (the encoder's view of
+    x_t) must follow the DiT's dtype, and the tokens stay valid ids."""
+    import copy
+    demasker, prior, cond_prior = (copy.deepcopy(m) for m in models)
+    demasker.to(dtype)
+    prior.dit.to(dtype)
+    cond_prior.dit.to(dtype)
+    cond_prior.encoder.to(dtype)
+    torch.manual_seed(7)
+    x, report = G.conwithindisc(demasker, cond_prior, 2, gen_length=16, steps=8, temperature=1.0, prior_steps=4,
+                                prior=prior, refresh_at=(0.5,), refresh_prior_steps=2,
+                                prior_generator=torch.Generator().manual_seed(1))
+    assert report["cond_prior_calls"] > 0 and report["encoder_calls"] > 0  # the refresh ran, in half precision
+    assert x.dtype == torch.long and ((x >= 0) & (x < demasker.cfg.vocab_size)).all()
+    z, _ = G.sample_registers(cond_prior, 2, steps=2, cond=torch.randn(2, 3, D), generator=torch.Generator())
+    assert torch.isfinite(z).all()
+
+
 @pytest.mark.parametrize("refresh_at,expected_steps", [((0.5,), [4]), ((0.25, 0.75), [2, 6]), ((0.5, 0.5), [4])])
 def test_refresh_changes_registers_at_the_configured_steps_only(models, refresh_at, expected_steps):
     demasker, prior, cond_prior = models
