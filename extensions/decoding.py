@@ -200,6 +200,8 @@ def fast_draw(logits, temperature, generator=None, chunk=256):
     1 / sum(exp(logits - max)) and no softmax materialised."""
     logits = logits.float()
     N, V = logits.shape
+    if N == 0:  # no [M] left before the block end (more steps than masked tokens): nothing to draw
+        return torch.zeros(0, dtype=torch.long, device=logits.device), logits.new_zeros(0)
     top = logits.max(dim=-1, keepdim=True).values  # (N, 1)
     if temperature == 0:
         return logits.argmax(dim=-1), 1.0 / (logits - top).exp_().sum(dim=-1)

@@ -538,3 +538,34 @@ def test_bad_prompt_input_is_named(runs, tmp_path, capsys, flags, text):  # noqa
                 *flags])
     assert text in capsys.readouterr().err + str(stop.value)
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_every_method_samples_in_float32_bfloat16_and_float16(runs, tmp_path, dtype):  # noqa: F811
+    """GPU runs keep every model in bf16 / fp16: the base MDM, the autoencoder, prompted ConThenDisc and
+    ConWithinDisc (the conditional prior's refresh) and infilling all decode to token ids of the vocabulary
+    (random tiny models: the ids, not their quality)."""
+    from dataprep.tokenization import load_tokenizer
+    tok = load_tokenizer(str(runs / "ae" / "tokenizer.json"))
+    common = ["--length", "40", "--steps", "8", "--num", "2", "--batch-size", "2", "--prior-steps", "2",
+              "--refresh-prior-steps", "2", "--temperature", "1", "--dtype", dtype, "--quiet"]
+    cases = {
+        "base": ["--ckpt", str(runs / "base"), "--method", "base"],
+        "autoencode": ["--ckpt", str(runs / "ae"), "--method", "autoencode", "--data", str(runs / "data")],
+        "conthendisc": ["--ckpt", str(runs / "ae"), "--method", "conthendisc", "--prompt", PROMPT,
+                        "--prompted-prior", str(runs / "pprior")],
+        "conwithindisc": ["--ckpt", str(runs / "ae"), "--method", "conwithindisc", "--prompt", PROMPT,
+                          "--prompted-prior", str(runs / "pprior"), "--cond-prior", str(runs / "cprior")],
+        "infill": ["--ckpt", str(runs / "ae"), "--method", "conwithindisc", "--infill", "def f(x):\n<|span|>\n",
+                   "--span-tokens", "6", "--cond-prior", str(runs / "cprior")],
+    }
+    for name, flags in cases.items():
+        if name == "autoencode":  # decodes the held-out programs at their own length
+            argv = [*flags, *[a for a in common if a not in ("--length", "40")], "--out", str(tmp_path / "a.jsonl")]
+        else:
+            argv = [*flags, *common, "--out", str(tmp_path / f"{name}.jsonl")]
+        S.main(argv)
+        records = _records(tmp_path / ("a.jsonl" if name == "autoencode" else f"{name}.jsonl"))
+        assert len(records) == 2, name
+        for record in records:
+            assert len(record["tokens"]) > 0 and all(0 <= t < tok.vocab_size for t in record["tokens"]), name
