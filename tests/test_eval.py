@@ -437,3 +437,30 @@ def test_real_reference_splits_too_few_held_out_programs(runs):
     features, ceiling = real_reference(ctx, 16, available)
     assert features.shape[0] == ceiling["reference_size"] == available - available // 2
     assert ceiling["num_programs"] == available // 2 and "only" in ceiling["note"] and "mauve_ci" in ceiling
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_every_model_subcommand_runs_in_half_precision(runs, tmp_path, dtype):
+    """GPU evaluations load every model in bf16 / fp16 (--dtype): the generators (the conditional prior's
+    refresh included), the autoencoder sweeps and the priors' figures give finite numbers."""
+    root, common = runs
+    argv = {"fig4": ["--registers", "1"], "table1": ["--length", "16", "--nfe", "4", "--blocks", "16"],
+            "fig6": ["--lengths", "16", "--nfe", "4"], "speed": ["--length", "16", "--nfe", "4", "--thresholds", "0.5"],
+            "fig9": [], "fig11": ["--length", "16", "--nfe", "4", "--k-priors", str(root / "prior"),
+                                  "--prior-no-offsets", str(root / "prior_flat")]}
+    for name, extra in argv.items():
+        record = E.main([name, *common, "--dtype", dtype, "--out", str(tmp_path / name), *extra])
+        numbers = [v for v in _leaves(record["results"]) if isinstance(v, float)]
+        bad = [v for v in numbers if not math.isfinite(v)]
+        assert numbers and not bad, f"{name}: {len(bad)} of {len(numbers)} numbers not finite"
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
