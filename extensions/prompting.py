@@ -86,11 +86,18 @@ def join_cond(xt_cond, xt_shown, kappa):
     return torch.cat([xt_cond.to(device).float(), kappa], dim=1), mask
 
 
-def prompted_cond(pprior, prompt_ids, prompt_mask, xt_cond=None):
-    """join_cond for sampling: h_kappa of the prompt (prompt_ids / prompt_mask (B, Lc), the encoder layout of
-    prompts.encoder_rows) and xt_cond (B, Kc, d), or None to withhold the h(x_t) half (ConThenDisc)."""
+def encode_prompt(pprior, prompt_ids, prompt_mask):
+    """h_kappa(c) (B, Kk, d) float32: the prompt (prompt_ids / prompt_mask (B, Lc), the encoder layout of
+    prompts.encoder_rows) through the prompt's encoder. The prompt never changes during decoding: one call."""
     device = _model_device(pprior.prior.dit)
-    kappa = pprior.kappa(prompt_ids.to(device), attention_mask=prompt_mask.to(device)).float()  # (B, Kk, d)
+    return pprior.kappa(prompt_ids.to(device), attention_mask=prompt_mask.to(device)).float()
+
+
+def prompted_cond(pprior, prompt_ids, prompt_mask, xt_cond=None, kappa=None):
+    """join_cond for sampling: h_kappa of the prompt (`kappa` when already computed, else encode_prompt) and
+    xt_cond (B, Kc, d), or None to withhold the h(x_t) half (ConThenDisc)."""
+    device = _model_device(pprior.prior.dit)
+    kappa = encode_prompt(pprior, prompt_ids, prompt_mask) if kappa is None else kappa  # (B, Kk, d)
     B, Kc = kappa.shape[0], pprior.prior.encoder.cfg.num_registers
     shown = torch.full((B,), xt_cond is not None, dtype=torch.bool)
     if xt_cond is None:
@@ -98,9 +105,9 @@ def prompted_cond(pprior, prompt_ids, prompt_mask, xt_cond=None):
     return join_cond(xt_cond, shown, kappa)
 
 
-def prompt_registers(pprior, prompt_ids, prompt_mask, steps=128, generator=None, xt_cond=None):
+def prompt_registers(pprior, prompt_ids, prompt_mask, steps=128, generator=None, xt_cond=None, kappa=None):
     """z_0 ~ G_psi(eps, [h(x_t) ;] h_kappa(c)) (Eq. 12): (registers (B, K, d), denoiser calls)."""
-    cond, cond_mask = prompted_cond(pprior, prompt_ids, prompt_mask, xt_cond)
+    cond, cond_mask = prompted_cond(pprior, prompt_ids, prompt_mask, xt_cond, kappa)
     return sample_registers(pprior.prior, prompt_ids.shape[0], steps, cond, cond_mask, generator=generator)
 
 
@@ -196,7 +203,8 @@ def conwithindisc_prompted(demasker, pprior, canvas, prompt_ids, prompt_mask, st
     device = _model_device(demasker)
     started = _clock(device)
     eos_id = demasker.cfg.eos_token_id
-    registers, calls0 = prompt_registers(pprior, prompt_ids, prompt_mask, prior_steps, prior_generator)
+    kappa = encode_prompt(pprior, prompt_ids, prompt_mask)  # (B, Kk, d): the one h_kappa call of the run
+    registers, calls0 = prompt_registers(pprior, prompt_ids, prompt_mask, prior_steps, prior_generator, kappa=kappa)
     counts = {"cond_prior": calls0, "encoder": 0}
     when = refresh_steps(refresh_at, steps)
 
@@ -205,7 +213,8 @@ def conwithindisc_prompted(demasker, pprior, canvas, prompt_ids, prompt_mask, st
             return None
         xt_cond, _ = embed_canvas(pprior.prior.encoder, x, mask_id, eos_id)  # (B, Kc, d), [M] hidden
         counts["encoder"] += 1
-        new, calls = prompt_registers(pprior, prompt_ids, prompt_mask, refresh_prior_steps, prior_generator, xt_cond)
+        new, calls = prompt_registers(pprior, prompt_ids, prompt_mask, refresh_prior_steps, prior_generator, xt_cond,
+                                      kappa)
         counts["cond_prior"] += calls
         new = _first(new, keep).to(device)
         if on_refresh is not None:

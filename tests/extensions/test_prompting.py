@@ -64,6 +64,22 @@ def test_prompt_tokens_never_change(models, method):
         assert report["kappa_calls"] == 1 and report["nfe"] > report["demasker_calls"]
 
 
+def test_kappa_is_called_once_however_many_refreshes(models):
+    """The report's kappa_calls (and so the paper's NFE) is what really runs: the prompt's encoding is made
+    once and reused by every refresh of prompted ConWithinDisc."""
+    demasker, pprior, _ = models
+    canvas, prompt_ids, prompt_mask = prompted_canvas(demasker.cfg)
+    calls = []
+    hook = pprior.kappa.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        _, report = PR.conwithindisc_prompted(demasker, pprior, canvas, prompt_ids, prompt_mask, steps=8,
+                                              temperature=1.0, prior_steps=4, refresh_at=(0.25, 0.5, 0.75),
+                                              refresh_prior_steps=2)
+    finally:
+        hook.remove()
+    assert report["encoder_calls"] == 3 and report["kappa_calls"] == len(calls) == 1
+
+
 def test_conwithindisc_without_refresh_is_conthendisc(models):
     demasker, pprior, _ = models
     canvas, prompt_ids, prompt_mask = prompted_canvas(demasker.cfg)
