@@ -2,10 +2,11 @@
 # CRoCoDiL on a laptop CPU: first App. B's marginal trap (the method's claim on a toy), then the pipeline
 # end to end on the Python standard library (no download).
 #
-#   bash demo.sh --trap     stage 1 only (~1.5 min on idle cores, ~3 min on busy ones): the marginal trap
-#                           (App. B, Theorem B.1), python -m experiments.marginal_trap: trains its tiny models and
+#   bash demo.sh --trap     stage 1 only (~2-3 min on 2 cores): the marginal trap
+#                           (App. B, Theorem B.1), python -m experiments.trap_demo: trains its tiny models and
 #                           prints the fraction of valid samples per tokens revealed per step for the base MDM,
-#                           the optimal factorised bound, ConThenDisc and ConWithinDisc
+#                           the optimal factorised bound, ConThenDisc and ConWithinDisc (its conditional prior
+#                           reading the canvas through the frozen h_phi, Alg. 4, and through a jointly trained h_mu)
 #   bash demo.sh            stage 1 + part 1 (~11-14 min): data, base MDM and encoder-demasker (Alg. 1), then
 #                           autoencode held-out programs (Alg. 6: source, reconstruction, CER) and 2 base samples
 #   bash demo.sh --prior    stage 1 + part 1 + part 2 (~17-22 min in all): the latent priors (Alg. 4, 5) and
@@ -44,12 +45,13 @@ train() {  # train RUN_DIR CHECKPOINT_SUBDIR command...
   touch "$run/.demo_done"
 }
 
-# Stage 1: the marginal trap, ~1.5 min on one core (its own tiny models, no data; --reuse prints the saved table).
+# Stage 1: the marginal trap, ~2-3 min on one core (its own tiny models, no data; --reuse prints the saved table).
 stage "the marginal trap (App. B, Theorem B.1): pairs of tokens that must co-occur, revealed 1, 2, 4, 8 per step"
 echo "look for: the base MDM falls to the factorised bound as more tokens are revealed per step (~0.004 at 8);"
-echo "          ConThenDisc stays near 0.9 valid even with all 8 tokens in one step (ConWithinDisc's redraw from"
-echo "          the conditional prior at half the tokens costs validity at 1-4 per step at this budget, ~0.7)"
-python -m experiments.marginal_trap --threads 1 --out "$OUT/marginal_trap.json" --reuse
+echo "          ConThenDisc stays near 0.9 valid even with all 8 tokens in one step; ConWithinDisc's redraw at half"
+echo "          the tokens costs validity (~0.7) when its prior reads the canvas through the frozen encoder h_phi"
+echo "          (Alg. 4 as written), not when it reads it through h_mu trained with the prior (docs/conditioning.md)"
+python -m experiments.trap_demo --threads 1 --out "$OUT/marginal_trap.json" --reuse
 [[ $TRAP_ONLY == 1 ]] && { stage "done; the table is in $OUT/marginal_trap.json"; exit 0; }
 
 stage "data: stdlib programs -> BPE tokenizer -> memmapped token arrays ($DATA)"

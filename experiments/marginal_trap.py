@@ -35,6 +35,13 @@ encoder) with train_prior.py's objective (`prior_loss`, x0-prediction MSE, App. 
 - ConWithinDisc (Alg. 3): the same start, and once half of the slots are revealed the registers are redrawn
   from the conditional prior given h(x_t) (generators.embed_canvas, the view conditional training takes of
   x^(r), Alg. 4); with one step (every token at once) nothing is refreshed and it equals ConThenDisc.
+  What the conditional prior reads of x_t (CONDITIONINGS, one ConWithinDisc row each; docs/conditioning.md):
+  "frozen", h_phi(x_t) with the trap's frozen encoder (Alg. 3/4 as written; the row "conwithindisc"); "hmu",
+  h_mu(x_t), a copy of h_phi trained jointly with the prior (Sec. 4.3.2 comment iii; train_prior.py
+  --train-cond-encoder, its PriorTrainee; the row "conwithindisc_hmu"); "xt", x_t itself through learned token +
+  position embeddings trained with the prior (comment ii, `CanvasTokens`; the row "conwithindisc_xt", not run by
+  default). h_phi was trained on clean sequences only, so a half-masked canvas is off its training distribution:
+  the frozen row's redraw lands below ConThenDisc; the jointly trained h_mu (and x_t) do not.
 The trap's sequences carry a BOS prompt, which generators.conthendisc / conwithindisc do not take (they
 decode from an all-[M] canvas), so `prior_source` runs Alg. 2 / 3 from the same pieces (sample_registers,
 embed_canvas, and conwithindisc's progress rule for the refresh: the first step at which a share
@@ -52,13 +59,14 @@ registers), ConThenDisc and ConWithinDisc, under random and low-confidence remas
 decoding; and distinct valid sequences / min(num, A^P) (a collapse check; exact uniform sampling of the valid
 set reaches `distinct_valid_of_uniform_sampling`, below 1 by collisions).
 
-The demo's first stage (demo.sh; about 1.5 minutes on one core): `python -m experiments.marginal_trap` trains the
-same models and prints, with random remasking, the fraction valid per tokens revealed per step for the base
-MDM, the eq. 8 bound, ConThenDisc and ConWithinDisc, and one line on what Theorem B.1 predicts (--help; --out
+The demo's first stage (demo.sh; about 3 minutes on one core: 180 s measured on a busy 2-core machine, 119 s before
+the h_mu row): `python -m experiments.trap_demo` trains the same models and prints, with random remasking, the
+fraction valid per tokens revealed per step for the base MDM, the eq. 8 bound, ConThenDisc and ConWithinDisc (one
+row per --conditioning: frozen h_phi and h_mu by default), and one line on what Theorem B.1 predicts (--help; --out
 writes the table as JSON).
 """
 
-import argparse
+import copy
 import math
 from dataclasses import dataclass
 
@@ -201,34 +209,86 @@ def register_bank(task, encoder, num, seed=0):
     return encoder(x).float(), x
 
 
-def masked_condition(task, encoder, x, generator):
-    """h(x^(r)) of Alg. 4: r ~ U[0, 1], each slot masked with probability r (BOS stays, as at sampling time),
-    then the encoder's view of that canvas (generators.embed_canvas, what ConWithinDisc presents)."""
+def masked_canvas(task, x, generator):
+    """x^(r) of Alg. 4: r ~ U[0, 1], each slot masked ([M]) with probability r; BOS stays, as at sampling time."""
     from dataprep.latent_data import mask_positions
-    from generators import embed_canvas
     masked = mask_positions(torch.rand(x.shape, generator=generator), torch.rand(x.shape[0], generator=generator))
     masked[:, 0] = False
-    return embed_canvas(encoder, x.masked_fill(masked, task.mask_id), task.mask_id, eos_id(task))[0]  # (B, K, d)
+    return x.masked_fill(masked, task.mask_id)
+
+
+def masked_condition(task, encoder, x, generator):
+    """h(x^(r)) of Alg. 4 with a frozen encoder: the encoder's view of masked_canvas (generators.embed_canvas,
+    what ConWithinDisc presents at sampling time). (B, K, d)."""
+    from generators import embed_canvas
+    return embed_canvas(encoder, masked_canvas(task, x, generator), task.mask_id, eos_id(task))[0]
+
+
+def canvas_inputs(task, canvas, pad_id):
+    """The (ids, attention_mask, hide) that generators.embed_canvas hands its encoder for a canvas (B, 1 + L), here
+    for a conditioning module trained with the prior (h_mu, or CanvasTokens): [M] slots hidden and their ids set to
+    pad_id (latent_data.visible_view; embed_canvas runs under no_grad, so the view is rebuilt here)."""
+    from dataprep.latent_data import visible_view
+    masked = canvas == task.mask_id
+    attention_mask, hide = visible_view(canvas, masked, eos_id(task))
+    return canvas.masked_fill(masked, pad_id), attention_mask, hide
+
+
+class CanvasTokens(torch.nn.Module):
+    """Sec. 4.3.2 comment (ii): condition the prior on x_t itself rather than on an encoder's registers of it. The
+    conditioning sequence is the canvas as learned token + position embeddings (B, 1 + L, d), trained with the
+    prior; [M] slots arrive as the pad id (embed_canvas / canvas_inputs), whose embedding is the [M] vector. It
+    takes the Encoder's call (ids, attention_mask, hide) and exposes cfg.pad_token_id, so train_prior.PriorTrainee
+    and generators.embed_canvas use it in place of an encoder."""
+
+    def __init__(self, task, dim):
+        super().__init__()
+        from types import SimpleNamespace
+        self.cfg = SimpleNamespace(pad_token_id=eos_id(task), hidden_size=dim)
+        self.tokens = torch.nn.Embedding(task.vocab_size, dim)
+        self.positions = torch.nn.Embedding(task.length + 1, dim)
+
+    def forward(self, input_ids, attention_mask=None, hide=None):
+        return self.tokens(input_ids) + self.positions.weight[:input_ids.shape[1]]  # (B, 1 + L, d)
+
+
+CONDITIONINGS = {  # how ConWithinDisc's conditional prior reads the canvas (Sec. 4.3.2)
+    "frozen": "h_phi(x_t), the frozen trap encoder (Alg. 3/4 as written)",
+    "hmu": "h_mu(x_t), an encoder initialised from h_phi and trained jointly with the prior (comment iii)",
+    "xt": "x_t directly: learned token + position embeddings trained jointly with the prior (comment ii)",
+}
 
 
 def train_prior(task, encoder, conditional=False, steps=800, batch_size=128, bank_size=2048, width=64, lr=3e-3,
-                max_offset=0.2, seed=0):
+                max_offset=0.2, seed=0, conditioning="frozen"):
     """A tiny LatentDiT on the trap's register bank with train_prior.py's loss (Alg. 5; Alg. 4 when
     conditional: cross-attention to h(x^(r))), App. E block offsets, cosine LR, EMA (sampled).
+    conditioning (conditional only; CONDITIONINGS): "frozen" h = the trap encoder h_phi; "hmu" h_mu, a copy of
+    h_phi trained jointly with the DiT (train_prior.py --train-cond-encoder: PriorTrainee, one AdamW and one EMA
+    over both); "xt" CanvasTokens, likewise trained jointly. Prior.encoder is what embeds x_t at sampling time
+    (the EMA h_mu / CanvasTokens, or h_phi).
     Returns (generators.Prior, losses). Measured at 4 pairs x 4 choices (256 samples, ConThenDisc at 8 tokens
     per step): 400 steps at lr 1e-3 0.71 valid, 400 at 3e-3 0.81, 1000 at 3e-3 0.98 (the oracle row: 0.99);
     a step costs the same at batch 128 and 256 (overhead-bound), so the defaults take steps, not batch."""
     from generators import Prior
     from latent_dit import DiTConfig, LatentDiT
     from schedules import register_times, sample_base_times
-    from train_prior import EMA, ema_decay, prior_loss
+    from train_prior import EMA, PriorTrainee, ema_decay, prior_loss
+    if conditional and conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {sorted(CONDITIONINGS)}, not {conditioning!r}")
+    joint = conditional and conditioning != "frozen"  # a conditioning module trained with the DiT
     bank, sequences = register_bank(task, encoder, bank_size, seed)
     K, d = bank.shape[1:]
     torch.manual_seed(seed)
     dit = LatentDiT(DiTConfig.tiny(register_dim=d, num_registers=K, hidden_size=width, depth=2, num_heads=4,
                                    cond_dim=d if conditional else None))
-    ema = EMA(dit)
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
+    if joint:
+        cond_module = (copy.deepcopy(encoder).float() if conditioning == "hmu" else CanvasTokens(task, d))
+        model = PriorTrainee(dit, cond_module.train().requires_grad_(True))
+    else:
+        model = dit
+    ema = EMA(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(steps):
@@ -237,14 +297,22 @@ def train_prior(task, encoder, conditional=False, steps=800, batch_size=128, ban
         rows = torch.randint(0, bank_size, (batch_size,), generator=generator)
         t = register_times(sample_base_times(batch_size, max_offset, True, generator=generator), K, max_offset, True)
         noise = torch.randn(batch_size, K, d, generator=generator)
-        cond = {"cond": masked_condition(task, encoder, sequences[rows], generator)} if conditional else {}
-        loss = prior_loss(dit, bank[rows], t, noise, **cond)
+        if joint:  # PriorTrainee runs the conditioning module on the x^(r) view, with gradients
+            ids, attention, hide = canvas_inputs(task, masked_canvas(task, sequences[rows], generator),
+                                                 model.cond_encoder.cfg.pad_token_id)
+            cond = {"cond_ids": ids, "cond_attention": attention, "cond_hide": hide}
+        else:
+            cond = {"cond": masked_condition(task, encoder, sequences[rows], generator)} if conditional else {}
+        loss = prior_loss(model, bank[rows], t, noise, **cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        ema.update(dit, ema_decay(0.999, step))
+        ema.update(model, ema_decay(0.999, step))
         losses.append(loss.item())
+    if joint:
+        return Prior(dit=ema.module.dit, num_registers=K, max_offset=max_offset, block_offsets=True,
+                     encoder=ema.module.cond_encoder), losses
     return Prior(dit=ema.module, num_registers=K, max_offset=max_offset, block_offsets=True,
                  encoder=encoder if conditional else None), losses
 
@@ -313,15 +381,26 @@ def sample_validity(task, demasker, steps, num=512, encoder=None, temperature=1.
             "tokens_per_step": task.length / float(np.mean(calls))}
 
 
-METHODS = ("base", "guided", "conthendisc", "conwithindisc")
+METHODS = ("base", "guided", "conthendisc", "conwithindisc", "conwithindisc_hmu", "conwithindisc_xt")
 LABELS = {"base": "base MDM", "guided": "guided (oracle registers)", "conthendisc": "ConThenDisc (learned prior)",
-          "conwithindisc": "ConWithinDisc (learned priors)"}
+          "conwithindisc": "ConWithinDisc (learned priors, frozen h_phi)",
+          "conwithindisc_hmu": "ConWithinDisc (learned priors, h_mu)",
+          "conwithindisc_xt": "ConWithinDisc (learned priors, x_t)"}
+CONDITIONING_METHOD = {"frozen": "conwithindisc", "hmu": "conwithindisc_hmu", "xt": "conwithindisc_xt"}
+DEFAULT_CONDITIONINGS = ("frozen", "hmu")
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)
 
 
-def train_models(task, train_steps, batch_size, num_registers, width, seed, prior_steps=None, log=print):
-    """Base MDM, encoder + guided demasker (Alg. 1), and the two priors on the trap encoder's bank. Returns
-    (prior, cond_prior, {"base", "guided", "encoder"}, training record)."""
+def train_models(task, train_steps, batch_size, num_registers, width, seed, prior_steps=None, log=print,
+                 conditionings=DEFAULT_CONDITIONINGS):
+    """Base MDM, encoder + guided demasker (Alg. 1), the unconditional prior and one conditional prior per entry of
+    `conditionings` (CONDITIONINGS) on the trap encoder's bank. Returns (prior, {conditioning: cond_prior},
+    {"base", "guided", "encoder"}, training record). Every prior reseeds (seed + 2, + 3, + 4, + 5), so the
+    conditionings asked for do not change one another's numbers."""
+    import time
+    unknown = set(conditionings) - set(CONDITIONINGS)
+    if unknown:
+        raise ValueError(f"unknown conditioning {sorted(unknown)}; choose from {sorted(CONDITIONINGS)}")
     torch.manual_seed(seed)
     base = Demasker(demasker_config(task, width=width))
     encoder = Encoder(encoder_config(task, num_registers, width))
@@ -330,32 +409,42 @@ def train_models(task, train_steps, batch_size, num_registers, width, seed, prio
     guided_losses = train_mdm(task, guided, encoder, train_steps, batch_size, seed=seed + 1)
     prior_train = 2 * train_steps if prior_steps is None else prior_steps
     prior, prior_losses = train_prior(task, encoder, False, prior_train, batch_size, width=width, seed=seed + 2)
-    cond_prior, cond_losses = train_prior(task, encoder, True, prior_train, batch_size, width=width, seed=seed + 3)
+    cond_priors, cond_losses, seconds = {}, {}, {}
+    for offset, conditioning in enumerate(CONDITIONINGS, start=3):  # fixed seeds: frozen + 3, hmu + 4, xt + 5
+        if conditioning in conditionings:
+            began = time.time()
+            cond_priors[conditioning], cond_losses[conditioning] = train_prior(
+                task, encoder, True, prior_train, batch_size, width=width, seed=seed + offset,
+                conditioning=conditioning)
+            seconds[conditioning] = round(time.time() - began, 1)
     final = {name: float(np.mean(losses[-20:])) for name, losses in (
-        ("base_final_loss", base_losses), ("guided_final_loss", guided_losses),
-        ("prior_final_loss", prior_losses), ("cond_prior_final_loss", cond_losses))}
-    log(f"marginal trap: trained base, guided and both priors for {train_steps} / {prior_train} steps: "
+        ("base_final_loss", base_losses), ("guided_final_loss", guided_losses), ("prior_final_loss", prior_losses),
+        *((("cond_prior_final_loss" if c == "frozen" else f"cond_prior_{c}_final_loss"), cond_losses[c])
+          for c in cond_priors))}
+    log(f"marginal trap: trained base, guided and the priors for {train_steps} / {prior_train} steps: "
         + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
-    return prior, cond_prior, {"base": base, "guided": guided, "encoder": encoder}, {
-        "prior_steps": prior_train, **final}
+    return prior, cond_priors, {"base": base, "guided": guided, "encoder": encoder}, {
+        "prior_steps": prior_train, "conditionings": list(cond_priors), "cond_prior_seconds": seconds, **final}
 
 
 def run(pairs=4, choices=4, train_steps=400, batch_size=128, num_samples=512, num_registers=2, width=64,
         seed=0, remaskings=("random", "low_confidence"), trials=20000, thresholds=THRESHOLDS, prior_train_steps=None,
-        prior_steps=32, refresh_prior_steps=16, log=print):
-    """The whole experiment: train base and guided (train_steps each) and the two priors (prior_train_steps
-    each, default 2 x train_steps); sample every method at every divisor T of L (fixed schedule), and with
-    threshold decoding at each tau. Returns a dict ("rows": fixed, one per T; "threshold_rows": one per method
-    and tau)."""
+        prior_steps=32, refresh_prior_steps=16, log=print, conditionings=DEFAULT_CONDITIONINGS):
+    """The whole experiment: train base and guided (train_steps each) and the priors (prior_train_steps each,
+    default 2 x train_steps: the unconditional one and a conditional one per `conditionings` entry, see
+    CONDITIONINGS); sample every method at every divisor T of L (fixed schedule), and with threshold decoding at
+    each tau. ConWithinDisc's rows: "conwithindisc" (frozen h_phi), "conwithindisc_hmu", "conwithindisc_xt".
+    Returns a dict ("rows": fixed, one per T; "threshold_rows": one per method and tau)."""
     task = TrapTask(pairs, choices)
     L = task.length
-    prior, cond_prior, models, training = train_models(task, train_steps, batch_size, num_registers, width, seed,
-                                                       prior_train_steps, log)
+    prior, cond_priors, models, training = train_models(task, train_steps, batch_size, num_registers, width, seed,
+                                                        prior_train_steps, log, conditionings)
     encoder = models["encoder"]
     methods = {"base": (models["base"], None), "guided": (models["guided"], oracle_source(task, encoder)),
-               "conthendisc": (models["guided"], prior_source(task, prior, None, prior_steps)),
-               "conwithindisc": (models["guided"], prior_source(task, prior, cond_prior, prior_steps,
-                                                                refresh_prior_steps))}
+               "conthendisc": (models["guided"], prior_source(task, prior, None, prior_steps))}
+    for conditioning, cond_prior in cond_priors.items():
+        methods[CONDITIONING_METHOD[conditioning]] = (
+            models["guided"], prior_source(task, prior, cond_prior, prior_steps, refresh_prior_steps))
     step_list = [T for T in range(L, 0, -1) if L % T == 0]  # L, L/2, ..., 1 for L a power of two
     rows = []
     for T in step_list:
@@ -380,7 +469,8 @@ def run(pairs=4, choices=4, train_steps=400, batch_size=128, num_samples=512, nu
                          "thresholds": list(thresholds), "prior_steps": prior_steps,
                          "refresh_prior_steps": refresh_prior_steps, "refresh_at": 0.5,
                          "guided_registers": "oracle prior: h_phi(x) of fresh valid sequences",
-                         "methods": dict(LABELS)},
+                         "conditionings": {c: CONDITIONINGS[c] for c in cond_priors},
+                         "methods": {m: LABELS[m] for m in methods}},
             "rows": rows, "threshold_rows": threshold_rows}
 
 
@@ -408,7 +498,11 @@ WHAT_ROWS_SHOW = {
     "conthendisc": "generation (Alg. 2): registers from a prior trained on the trap's bank; the gap to the oracle "
                    "row is the prior's error",
     "conwithindisc": "generation (Alg. 3): ConThenDisc plus one redraw from the conditional prior at half the slots "
-                     "revealed (none at one step)",
+                     "revealed (none at one step); the prior reads h_phi(x_t), the frozen encoder (Alg. 4)",
+    "conwithindisc_hmu": "ConWithinDisc with the prior reading h_mu(x_t), an encoder trained jointly with it "
+                         "(Sec. 4.3.2 comment iii)",
+    "conwithindisc_xt": "ConWithinDisc with the prior reading x_t itself through learned token embeddings "
+                        "(Sec. 4.3.2 comment ii)",
 }
 
 
@@ -447,123 +541,3 @@ def report(result):
         panels.append(panel("App. B: threshold decoding", "measured tokens per step", "fraction valid",
                             {LABELS[m]: ([x for x, _ in p], [y for _, y in p]) for m, p in points.items()}, logx=True))
     return "\n\n".join(sections), panels
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line: the demo's first stage (python -m experiments.marginal_trap)
-# ------------------------------------------------------------------------------------------------
-
-DEMO_ROWS = (  # (key in run()'s rows, label); run() also samples the oracle-register row, not shown here
-    ("base_random", "base MDM (Demasker, no registers)"),
-    ("optimal_factorized_random", "best factorised sampler (eq. 8 bound)"),
-    ("conthendisc_random", "ConThenDisc (Alg. 2, learned prior)"),
-    ("conwithindisc_random", "ConWithinDisc (Alg. 3, redraw at 1/2)"),
-)
-
-
-def demo_table(result):
-    """run() result -> {"tokens_per_step": [1, 2, ..., L], "rows": [{"method", "label", "valid": [...]}]}: the
-    fraction of valid samples (random remasking) per tokens revealed per step, one row per DEMO_ROWS entry."""
-    rows = result["rows"]
-    return {"tokens_per_step": [r["tokens_per_step"] for r in rows],
-            "rows": [{"method": key.removesuffix("_random"), "label": label, "valid": [r[key] for r in rows]}
-                     for key, label in DEMO_ROWS]}
-
-
-def demo_text(table, length):
-    """The printed table (methods as rows, tokens per step as columns) and the one-line reading."""
-    width = max(len(label) for _, label in DEMO_ROWS)
-    lines = [f"{'fraction valid / tokens per step':<{width}}" + "".join(f"{t:>7g}" for t in table["tokens_per_step"])]
-    lines += [f"{row['label']:<{width}}" + "".join(f"{v:>7.3f}" for v in row["valid"]) for row in table["rows"]]
-    valid = {row["method"]: row["valid"][-1] for row in table["rows"]}  # at L tokens per step (one step)
-    reading = (f"Theorem B.1 predicts: a per-token (factorised) sampler that reveals coupled tokens in the same step "
-               f"cannot beat the eq. 8 bound (up to sampling noise); registers drawn first carry the coupling, so "
-               f"ConThenDisc stays valid with many tokens per step. Here, all {length:g} in one step: base "
-               f"{valid['base']:.3f}, bound {valid['optimal_factorized']:.3f}, ConThenDisc {valid['conthendisc']:.3f}.")
-    return "\n".join(lines), reading
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.marginal_trap",
-        description="The marginal trap (App. B, Theorem B.1) in about 1.5 minutes on one CPU core: train the trap's "
-                    "tiny base MDM, encoder + guided demasker (Alg. 1) and the two latent priors, then print the "
-                    "fraction of valid samples per tokens revealed per step for the base MDM, the best factorised "
-                    "sampler (eq. 8), ConThenDisc and ConWithinDisc, with random remasking. The full experiment "
-                    "(low-confidence remasking, threshold decoding, the oracle-register row) is eval.py marginal-trap.")
-    a = parser.add_argument
-    a("--pairs", type=int, default=4, help="coupled (subject, object) pairs per sequence; length L = 2 x pairs "
-      "tokens, and the table's columns are the tokens per step L/T for every divisor T of L (default: 4)")
-    a("--choices", type=int, default=4, help="subjects per slot A; one step over L tokens is valid by chance "
-      "with probability (1/A)^pairs (default: 4, so 1/256)")
-    a("--train-steps", type=int, default=400, help="training steps of the base MDM and of the encoder + guided "
-      "demasker (default: 400)")
-    a("--prior-train-steps", type=int, default=1500, help="training steps of each latent prior (unconditional for "
-      "ConThenDisc, conditional for ConWithinDisc's redraw) on the trap's register bank (default: 1500; at 800 "
-      "ConThenDisc's one-step validity varies more between seeds)")
-    a("--samples", type=int, default=512, help="samples per method and tokens-per-step point (default: 512)")
-    a("--trials", type=int, default=5000, help="Monte Carlo reveal orders for the eq. 8 bound (default: 5000)")
-    a("--seed", type=int, default=0, help="seed of the models, the training batches and the samples (default: 0)")
-    a("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default, one per core; default: 1, "
-      "the fastest for these tiny models)")
-    a("--out", help="also write the table as JSON here (tokens_per_step, rows of {method, label, valid}, the "
-      "reading, the settings and the seconds taken)")
-    a("--reuse", action="store_true", help="with --out: when that file exists and was written with the same "
-      "settings, print its table instead of training again (demo.sh reruns use this)")
-    args = parser.parse_args(argv)
-    if args.reuse and not args.out:
-        parser.error("--reuse needs --out (the table to reuse)")
-    from infra import guards
-    for name in ("pairs", "train_steps", "prior_train_steps", "samples", "trials"):
-        guards.check_range(parser, args, name, low=1, integer=True)
-    guards.check_range(parser, args, "choices", low=2, integer=True)
-    guards.check_range(parser, args, "threads", low=0, integer=True)
-    return args
-
-
-SETTINGS = ("pairs", "choices", "train_steps", "prior_train_steps", "samples", "trials", "seed")
-
-
-def main(argv=None):
-    """Train, print the heading, the table and the reading; write the JSON (--out). Returns the JSON payload."""
-    import json
-    import time
-    from pathlib import Path
-    args = parse_args(argv)
-    settings = {name: getattr(args, name) for name in SETTINGS}  # what the numbers depend on (not --threads)
-    task = TrapTask(args.pairs, args.choices)
-    heading = (f"The marginal trap (App. B): sequences of {task.length} tokens in {args.pairs} coupled pairs over "
-               f"{args.choices} choices ({task.num_valid} valid); {args.samples} samples per point, random remasking")
-    if args.reuse and Path(args.out).is_file():
-        try:
-            saved = json.loads(Path(args.out).read_text())
-        except ValueError:
-            saved = {}
-        if saved.get("settings") == settings:
-            print(f"{heading} (reused: {args.out}, {saved['seconds']:g} s when it ran)")
-            print(saved["text"])
-            print(saved["reading"])
-            return saved
-        print(f"{args.out} was written with other settings (or is unreadable): training again")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.time()
-    print(f"{heading}; training {args.train_steps} + {args.train_steps} + 2 x {args.prior_train_steps} steps "
-          "first ...", flush=True)
-    result = run(pairs=args.pairs, choices=args.choices, train_steps=args.train_steps, num_samples=args.samples,
-                 seed=args.seed, remaskings=("random",), trials=args.trials, thresholds=(),
-                 prior_train_steps=args.prior_train_steps, log=lambda message: None)
-    table = demo_table(result)
-    text, reading = demo_text(table, task.length)
-    print(text)
-    print(reading)
-    payload = {**table, "text": text, "reading": reading, "task": result["task"], "settings": settings,
-               "threads": args.threads, "seconds": round(time.time() - start, 1), "training": result["training"]}
-    if args.out:
-        from infra.atomic import write_json
-        write_json(args.out, payload)
-    return payload
-
-
-if __name__ == "__main__":
-    main()

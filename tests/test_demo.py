@@ -1,9 +1,9 @@
-"""demo.sh: it parses, and its first stage is the marginal trap's CLI (experiments/marginal_trap.py, tested there)."""
+"""demo.sh: it parses, and its first stage is the marginal trap's CLI (experiments/trap_demo.py, tested in tests/experiments/test_marginal_trap.py)."""
 
 import subprocess
 from pathlib import Path
 
-from experiments import marginal_trap
+from experiments import trap_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +13,6 @@ def test_demo_sh_runs_the_trap_first():
     demo = ROOT / "demo.sh"
     subprocess.run(["bash", "-n", str(demo)], check=True)
     commands = [line.strip() for line in demo.read_text().splitlines() if line.strip().startswith("python ")]
-    assert commands[0].startswith("python -m experiments.marginal_trap ") and "--reuse" in commands[0]
+    assert commands[0].startswith("python -m experiments.trap_demo ") and "--reuse" in commands[0]
     assert commands[1].startswith("python -m dataprep.data ")
-    marginal_trap.parse_args(commands[0].split()[3:])  # its flags parse (the shell variable stands in for a path)
+    trap_demo.parse_args(commands[0].split()[3:])  # its flags parse (the shell variable stands in for a path)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from experiments import marginal_trap as T
+from experiments import trap_demo
 
 
 def test_task_validity():
@@ -126,12 +127,71 @@ def test_conwithindisc_refreshes_once_at_half_the_slots(trained):
     assert calls == [0, 1, 2, 3]  # the hook sees every step (it returns new registers at step 2 only)
 
 
+@pytest.mark.parametrize("conditioning", ["hmu", "xt"])
+def test_jointly_trained_conditioning_is_what_the_prior_reads(trained, conditioning):
+    """Sec. 4.3.2 comments (iii) / (ii): the conditional prior's conditioning module (h_mu, initialised from h_phi,
+    or CanvasTokens) is trained with the DiT, and that trained module (its EMA) is what embeds x_t at sampling
+    time; h_phi itself is left as it was. The frozen variant keeps h_phi."""
+    task, _, encoder, _ = trained
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    cond_prior, losses = T.train_prior(task, encoder, conditional=True, steps=30, batch_size=16, bank_size=64,
+                                       width=32, conditioning=conditioning)
+    assert cond_prior.conditional and cond_prior.encoder is not encoder and all(map(math.isfinite, losses))
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())  # h_phi untouched
+    if conditioning == "hmu":
+        trained_mu = cond_prior.encoder.state_dict()
+        assert trained_mu.keys() == before.keys()
+        assert any(not torch.allclose(trained_mu[k].float(), before[k].float()) for k in before)  # h_mu moved
+    else:
+        assert isinstance(cond_prior.encoder, T.CanvasTokens)
+    x = task.sample(4, torch.Generator().manual_seed(1))
+    canvas = x.clone()
+    canvas[:, 2:] = task.mask_id
+    from generators import embed_canvas
+    cond, _ = embed_canvas(cond_prior.encoder, canvas, task.mask_id, T.eos_id(task))  # what ConWithinDisc presents
+    ids, attention, hide = T.canvas_inputs(task, canvas, cond_prior.encoder.cfg.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(cond, cond_prior.encoder(ids, attention_mask=attention, hide=hide).float())
+    prior, _ = T.train_prior(task, encoder, steps=2, batch_size=8, bank_size=16, width=32)
+    registers, refresh = T.prior_source(task, prior, cond_prior, 2, 2)(4, torch.Generator().manual_seed(0))
+    half = canvas.clone()
+    half[:, 2] = x[:, 2]  # 2 of 4 slots revealed: the redraw is due
+    new, _ = refresh(1, half, registers, None)
+    assert new.shape == registers.shape == (4, 2, 32) and torch.isfinite(new).all()
+    frozen, _ = T.train_prior(task, encoder, conditional=True, steps=2, batch_size=8, bank_size=16, width=32)
+    assert frozen.encoder is encoder
+    with pytest.raises(ValueError, match="conditioning"):
+        T.train_prior(task, encoder, conditional=True, steps=1, conditioning="nope")
+
+
+def test_run_rows_per_conditioning():
+    """One ConWithinDisc row per conditioning asked for, fractions in [0, 1]; the frozen row keeps its key; the
+    conditionings do not change each other's numbers (each prior has its own seed)."""
+    kwargs = {"pairs": 2, "choices": 2, "train_steps": 3, "batch_size": 8, "num_samples": 8, "width": 32,
+              "trials": 50, "remaskings": ("random",), "thresholds": (), "prior_steps": 2, "refresh_prior_steps": 2,
+              "prior_train_steps": 3, "log": lambda message: None}
+    every = T.run(conditionings=("frozen", "hmu", "xt"), **kwargs)
+    for row in every["rows"]:
+        for method in ("conwithindisc", "conwithindisc_hmu", "conwithindisc_xt"):
+            assert 0 <= row[f"{method}_random"] <= 1
+    assert every["training"]["conditionings"] == ["frozen", "hmu", "xt"]
+    assert set(every["sampling"]["conditionings"]) == {"frozen", "hmu", "xt"}
+    only = T.run(conditionings=("hmu",), **kwargs)
+    assert "conwithindisc_random" not in only["rows"][0]
+    for key in ("conwithindisc_hmu_random", "conthendisc_random"):
+        assert [r[key] for r in only["rows"]] == [r[key] for r in every["rows"]]
+    text, _ = T.report(every)
+    assert T.LABELS["conwithindisc_hmu"] in text and T.LABELS["conwithindisc_xt"] in text
+    with pytest.raises(ValueError, match="unknown conditioning"):
+        T.run(conditionings=("frozen", "hphi"), **kwargs)
+
+
 def test_run_returns_every_row():
     result = T.run(pairs=2, choices=2, train_steps=3, batch_size=8, num_samples=8, width=32, trials=100,
                    remaskings=("random",), thresholds=(0.5,), prior_steps=2, refresh_prior_steps=2,
                    log=lambda message: None)
     assert [row["steps"] for row in result["rows"]] == [4, 2, 1]
-    methods = ("base", "guided", "conthendisc", "conwithindisc")
+    methods = ("base", "guided", "conthendisc", "conwithindisc", "conwithindisc_hmu")  # default: frozen, hmu
     assert set(result["rows"][0]) == {"steps", "tokens_per_step", "optimal_factorized_random"} | {
         f"{m}_random{d}" for m in methods for d in ("", "_distinct")}
     assert [(r["method"], r["threshold"]) for r in result["threshold_rows"]] == [(m, 0.5) for m in methods]
@@ -143,33 +203,43 @@ def test_run_returns_every_row():
 
 
 def test_cli_prints_and_writes_the_demo_table(tmp_path, capsys):
-    """demo.sh's first stage (python -m experiments.marginal_trap) end to end at tiny settings: the heading, the
-    four rows over tokens per step 1, 2, 4, the one-line reading; the JSON table; --reuse prints it back."""
+    """demo.sh's first stage (python -m experiments.trap_demo) end to end at tiny settings: the heading, the
+    five rows (ConWithinDisc with frozen h_phi and with h_mu by default) over tokens per step 1, 2, 4, the one-line
+    reading; the JSON table; --reuse prints it back."""
     out = tmp_path / "trap" / "table.json"
     argv = ["--pairs", "2", "--choices", "2", "--train-steps", "3", "--prior-train-steps", "2", "--samples", "8",
             "--trials", "50", "--out", str(out), "--reuse"]
-    payload = T.main(argv)
+    payload = trap_demo.main(argv)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("The marginal trap (App. B)") and printed[-1].startswith("Theorem B.1 predicts")
-    assert len(printed) == 1 + 5 + 1  # heading, header + four rows, reading
+    assert len(printed) == 1 + 6 + 1  # heading, header + five rows, reading
     saved = json.loads(out.read_text())
     assert saved["tokens_per_step"] == [1, 2, 4]
-    assert [r["method"] for r in saved["rows"]] == ["base", "optimal_factorized", "conthendisc", "conwithindisc"]
+    assert [r["method"] for r in saved["rows"]] == ["base", "optimal_factorized", "conthendisc", "conwithindisc",
+                                                     "conwithindisc_hmu"]
+    assert "frozen h_phi" in saved["rows"][3]["label"] and "h_mu" in saved["rows"][4]["label"]
+    assert saved["settings"]["conditioning"] == "frozen,hmu" and "h_mu" in printed[-1]
     for row in saved["rows"]:
         assert len(row["valid"]) == 3 and all(math.isfinite(v) and 0 <= v <= 1 for v in row["valid"])
         assert row["label"] in saved["text"]
     assert saved["rows"][1]["valid"][0] == 1.0 and saved["rows"][1]["valid"][-1] == 0.25  # eq. 8: (1/2)^2
     assert saved["settings"]["train_steps"] == 3 and saved["seconds"] >= 0 and payload["text"] == saved["text"]
-    T.main(argv)  # same settings: reused, not retrained
+    trap_demo.main(argv)  # same settings: reused, not retrained
     again = capsys.readouterr().out
     assert "(reused: " in again and saved["text"] in again and "training" not in again
-    T.main(argv[:-3] + ["--seed", "1", "--out", str(out), "--reuse"])  # other settings: trained again
+    trap_demo.main(argv[:-3] + ["--seed", "1", "--out", str(out), "--reuse"])  # other settings: trained again
     assert "training again" in capsys.readouterr().out and json.loads(out.read_text())["settings"]["seed"] == 1
+    trap_demo.main(argv[:-3] + ["--seed", "1", "--conditioning", "xt,frozen", "--out", str(out), "--reuse"])
+    assert "training again" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["conditioning"] == "frozen,xt"
+    assert [r["method"] for r in saved["rows"]][3:] == ["conwithindisc", "conwithindisc_xt"]
 
 
 def test_cli_rejects_bad_flags(capsys):
-    for argv in (["--reuse"], ["--samples", "0"], ["--choices", "1"], ["--threads", "-1"]):
+    for argv in (["--reuse"], ["--samples", "0"], ["--choices", "1"], ["--threads", "-1"], ["--conditioning", "hphi"],
+                 ["--conditioning", "hmu,hmu"]):
         with pytest.raises(SystemExit):
-            T.parse_args(argv)
+            trap_demo.parse_args(argv)
     assert "--reuse needs --out" in capsys.readouterr().err
 
