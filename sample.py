@@ -6,11 +6,13 @@ from the unconditional prior, then the guided MDM), `conwithindisc` (Alg. 3, App
 conditional prior given x_t while decoding); priors from train_prior.py, NFE counted as the paper does
 (generators.py). --prompt (App. H: a fixed prefix; guided methods with an experiments/train_prompted.py prior)
 and --infill 'prefix<|span|>suffix' (registers from the conditional prior given the context) decode a canvas
-with fixed tokens (extensions/prompting.py).
+with fixed tokens (extensions/prompting.py). A CADD checkpoint (train_ae.py --cadd) is sampled by --method base
+with CADD's latents at [M] (extensions/cadd.py, --cadd-*).
 
 main(): load the models (training/runs.py), pick the method, generate batch by batch (per-batch seeds: the same
 output on any number of ranks), decode each program up to its first EOS, write one JSONL record per program.
-Flags: config/sample_args.py. The decoding loop (LLaDA's sampler and RNG order, the decoding rules) is mdm.py.
+Flags, and which run each acts on (a flag set where it does not act is an error): config/sample_args.py.
+The decoding loop (LLaDA's sampler and RNG order, the decoding rules) is mdm.py.
 
     python sample.py --ckpt RUN --method base|autoencode ...        # writes JSONL; see --help
     python sample.py --method conthendisc|conwithindisc --ae RUN --prior DIR [--cond-prior DIR]
@@ -21,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from config.sample_args import check_numbers, parse_args  # noqa: F401 (sample.parse_args)
+from config.sample_args import check_guidance, check_numbers, check_run, parse_args, used  # noqa: F401 (re-exported)
 from evaluation.metrics import cer, levenshtein  # noqa: F401 (re-exported)
-from extensions.cadd import check_cadd
+from extensions.cadd import cadd_generate, check_cadd  # noqa: F401 (check_cadd: re-exported)
 from training.runs import heldout_programs, load_run, run_folder, through_first_eos  # noqa: F401 (re-exported)
 from mdm import (REMASKING, RULES, Decoding, _model_device, _resolve_mask_id, add_gumbel_noise, autoencode,  # noqa: F401
                  check_schedule, encode_registers, generate, mdm_loop, reveal_step)  # (re-exported)
@@ -130,10 +132,13 @@ def conditional_generator(args, tokenizer, cfg, gen_length, dtype):
 
 def pick_method(args, demasker, encoder, tokenizer, dtype):
     """The chosen method as (kind, sampler, the priors' CPU generator | None, held-out sources | None, (gen_length,
-    block_length, steps)); kind is "autoencode", "conditional" (--prompt / --infill), "hybrid" or "base"."""
+    block_length, steps)); kind is "autoencode", "conditional" (--prompt / --infill), "hybrid", "cadd" (--method base
+    on a CADD checkpoint: the generator draws its latents) or "base"."""
     cfg = demasker.cfg
     generator = sources = canvas = None
-    if args.prompt is not None or args.infill is not None:
+    if is_cadd(demasker):
+        kind, generator = "cadd", torch.Generator().manual_seed(args.seed)  # re-seeded per batch by main()
+    elif args.prompt is not None or args.infill is not None:
         kind = "conditional"
         conditional, generator, canvas = conditional_generator(args, tokenizer, cfg, args.gen_length or 256, dtype)
     elif args.method in ("conthendisc", "conwithindisc"):
@@ -164,6 +169,12 @@ def pick_method(args, demasker, encoder, tokenizer, dtype):
             tokens, nfe = autoencode(encoder, model, enc_ids, enc_mask, gen_length, block_length, steps, *settings,
                                      keep=args.keep, decoding=decoding, stats=stats)
             return tokens, nfe, None
+        if kind == "cadd":
+            tokens, nfe = cadd_generate(model, count, gen_length, block_length, steps, *settings,
+                                        softness=args.cadd_softness, num_latents=args.cadd_latents,
+                                        posterior_noise=args.cadd_posterior_noise, latent_generator=generator,
+                                        decoding=decoding, stats=stats)
+            return tokens, nfe, None
         if kind == "conditional":
             tokens, report = conditional(model, count, steps, *settings, decoding=decoding, stats=stats)
         elif kind == "hybrid":
@@ -182,13 +193,19 @@ def pick_method(args, demasker, encoder, tokenizer, dtype):
 # The command line: generate, decode, write
 # ------------------------------------------------------------------------------------------------
 
+def is_cadd(demasker):
+    """Whether the demasker was trained with train_ae.py --cadd (it expects CADD's latents at [M])."""
+    return getattr(demasker.cfg, "cadd_schedule", "none") != "none"
+
+
 def batch_seed(seed, first_index):
     """The seed of the batch whose first sample index is first_index: the same on any number of ranks."""
     return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
 
 
 def record_of(args, kind, index, text, tokens, nfe, report, stats, i, lengths, seconds_per_sample, sources):
-    """The JSONL record of program `index` (row i of its batch): text, tokens, NFE and the settings of its method."""
+    """The JSONL record of program `index` (row i of its batch): text, tokens, NFE and the settings of its method;
+    an input (prior, prompt) is named only where the run used it (`used`: None otherwise)."""
     gen_length, block_length, steps = lengths
     record = {"index": index, "method": args.method, "text": text, "tokens": tokens.tolist(),
               "nfe": nfe, "gen_length": gen_length, "block_length": block_length, "steps": steps,
@@ -198,12 +215,16 @@ def record_of(args, kind, index, text, tokens, nfe, report, stats, i, lengths, s
               "seconds_per_sample": round(seconds_per_sample, 4)}
     if kind == "conditional":
         record.update(prompt=args.prompt, infill=args.infill, nfe_counts=report,
-                      prompted_prior=args.prompted_prior, cond_prior=args.cond_prior)
+                      prompted_prior=used(args, "--prompted-prior"), cond_prior=used(args, "--cond-prior"))
     if kind == "hybrid":
         record.update(nfe_counts=report, nfe_flops=report.get("nfe_flops"), nfe_count=report.get("nfe_count"),
-                      prior=args.prior, cond_prior=args.cond_prior, prior_steps=args.prior_steps)
+                      prior=used(args, "--prior"), cond_prior=used(args, "--cond-prior"),
+                      prior_steps=used(args, "--prior-steps"))
         if args.method == "conwithindisc":
             record.update(refresh_at=args.refresh_at, refresh_prior_steps=args.refresh_prior_steps)
+    if kind == "cadd":
+        record.update(cadd_softness=args.cadd_softness, cadd_latents=args.cadd_latents,
+                      cadd_posterior_noise=args.cadd_posterior_noise)
     if kind == "autoencode":
         record["source"] = sources["texts"][index]
         record["cer"] = cer(record["source"], text)
@@ -227,13 +248,14 @@ def main(argv=None):
 
     from infra import distributed as D
 
-    args = parse_args(argv)
+    args = parse_args(argv)  # refuses a flag that acts on no run of this method, mode and decoding rule
+    check_guidance(args)
     env = D.setup(device=args.device)
     args.device = str(env.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     autoencoding = args.method == "autoencode"
     demasker, encoder, tokenizer = load_run(args.ckpt, autoencoding, args.device, dtype)
-    check_cadd(demasker, wanted=False)  # a CADD demasker expects latents at [M]: eval.py cadd samples it
+    check_run(args, is_cadd(demasker))  # a CADD checkpoint: --method base only, and the --cadd-* flags act
     cfg = demasker.cfg
     kind, sampler, prior_generator, sources, lengths = pick_method(args, demasker, encoder, tokenizer, dtype)
     gen_length, _, steps = lengths

@@ -3,26 +3,148 @@
 Every flag of every decoder (paper arXiv 2603.20210): --method base (the LLaDA baseline, Sec. 5), autoencode
 (Alg. 6), conthendisc / conwithindisc (Alg. 2, 3; priors from train_prior.py), the decoding rules of mdm.py
 (LLaDA's fixed schedule, confidence threshold, Fast-dLLM's factor), register guidance, and --prompt / --infill
-(App. H; extensions/prompting.py). check_numbers refuses a bad number or flag combination with argparse's
-message naming the flag (exit status 2); --prompt-file is read into --prompt here.
+(App. H; extensions/prompting.py), and --cadd-* for a CADD checkpoint (train_ae.py --cadd; extensions/cadd.py).
+check_numbers refuses a bad number or flag combination with argparse's message naming the flag (exit status 2);
+--prompt-file is read into --prompt here. APPLIES says which run each flag acts on: a flag set on the command line
+where it does not act is refused (`unused_flags`; the CADD rows once the checkpoint is read, `check_run`), and
+`used` gives a flag's value only where it acts (the records name only the inputs a run used). `check_guidance`
+refuses --guidance on a demasker whose recorded training had no register dropout (an untrained null branch).
 """
 
 import argparse
+import json
 import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from mdm import REMASKING, RULES
 
+METHODS = ("base", "autoencode", "conthendisc", "conwithindisc")
+GUIDED = ("conthendisc", "conwithindisc")    # registers from a prior
+REGISTERS = ("autoencode",) + GUIDED         # the methods whose demasker reads registers
+CANVAS = ("base",) + GUIDED                  # the methods that decode a --prompt / --infill canvas
+PLAIN, PROMPT, INFILL = ("plain",), ("prompt",), ("infill",)  # the mode: no fixed tokens, --prompt(-file), --infill
+MODES = PLAIN + PROMPT + INFILL
 
-def parse_args(argv=None):
+
+@dataclass(frozen=True)
+class Where:
+    """Runs a flag acts on: each field the allowed values (None: any). trace: only with --trace; cadd: True
+    only on a CADD checkpoint, False never on one (None before the checkpoint is read counts as either)."""
+    methods: tuple = None
+    modes: tuple = None
+    rules: tuple = None
+    trace: bool = None
+    cadd: bool = None
+
+    def holds(self, run):
+        return ((self.methods is None or run["method"] in self.methods)
+                and (self.modes is None or run["mode"] in self.modes)
+                and (self.rules is None or run["rule"] in self.rules)
+                and (self.trace is None or run["trace"] == self.trace)
+                and (self.cadd is None or run["cadd"] is None or run["cadd"] == self.cadd))
+
+
+_CADD = ("a CADD checkpoint (train_ae.py --cadd) with --method base", Where(("base",), PLAIN, cadd=True))
+_CANVAS = ("--method base / conthendisc / conwithindisc on a non-CADD checkpoint", Where(CANVAS, cadd=False))
+_REGISTERS = "--method autoencode / conthendisc / conwithindisc (a demasker reading registers)"
+# flag: (where it acts, in words; the runs it acts on). Flags not listed act on every run.
+APPLIES = {
+    "--threshold": ("--decoding threshold", Where(rules=("threshold",))),
+    "--factor": ("--decoding factor", Where(rules=("factor",))),
+    "--data": ("--method autoencode", Where(("autoencode",))),
+    "--keep": (_REGISTERS, Where(REGISTERS)),
+    "--guidance": (_REGISTERS, Where(REGISTERS)),
+    "--prior": ("--method conthendisc / conwithindisc without --prompt / --infill", Where(GUIDED, PLAIN)),
+    "--cond-prior": ("--method conwithindisc, or --infill with --method conthendisc / conwithindisc",
+                     Where(("conwithindisc",), PLAIN), Where(GUIDED, INFILL)),
+    "--prior-steps": ("--method conthendisc / conwithindisc without --infill (its draw takes --refresh-prior-steps)",
+                      Where(GUIDED, PLAIN + PROMPT)),
+    "--refresh-at": ("--method conwithindisc without --infill", Where(("conwithindisc",), PLAIN + PROMPT)),
+    "--refresh-prior-steps": ("--method conwithindisc, or --infill with --method conthendisc / conwithindisc",
+                              Where(("conwithindisc",), PLAIN + PROMPT), Where(GUIDED, INFILL)),
+    "--block-length": ("a run without --prompt / --infill (their canvas is one block)", Where(modes=PLAIN)),
+    "--prompt": _CANVAS, "--prompt-file": _CANVAS, "--infill": _CANVAS,
+    "--prompted-prior": ("--prompt with --method conthendisc / conwithindisc", Where(GUIDED, PROMPT)),
+    "--cfg-scale": ("--prompt / --prompt-file", Where(modes=PROMPT)),
+    "--span-tokens": ("--infill", Where(modes=INFILL)),
+    "--trace-samples": ("--trace", Where(trace=True)),
+    "--cache": ("a non-CADD checkpoint (the CADD sampler has no key/value cache)", Where(cadd=False)),
+    "--cadd-softness": _CADD, "--cadd-latents": _CADD, "--cadd-posterior-noise": _CADD,
+}
+
+
+def run_of(args, cadd=None):
+    """The run as APPLIES reads it: method, mode, decoding rule, --trace, CADD checkpoint (None: not read yet)."""
+    mode = "infill" if args.infill is not None else "prompt" if args.prompt is not None else "plain"
+    return {"method": args.method, "mode": mode, "rule": args.decoding, "trace": args.trace is not None,
+            "cadd": cadd}
+
+
+def applies(flag, run):
+    return any(where.holds(run) for where in APPLIES[flag][1:])
+
+
+def used(args, flag, cadd=None):
+    """The value of `flag` where it acts on this run, else None (what a record may name)."""
+    return getattr(args, flag[2:].replace("-", "_")) if applies(flag, run_of(args, cadd)) else None
+
+
+def unused_flags(args, cadd=None):
+    """One message per flag set on the command line (args.explicit) that does not act on this run."""
+    run = run_of(args, cadd)
+    here = ", ".join([f"--method {run['method']}"] + {"plain": [], "prompt": ["--prompt"], "infill": ["--infill"]}[
+        run["mode"]] + [f"--decoding {run['rule']}"] + (["a CADD checkpoint"] if cadd else []))
+    return [f"{flag} applies to {APPLIES[flag][0]} (this run: {here}); use that or drop {flag}"
+            for flag in APPLIES if flag in getattr(args, "explicit", ()) and not applies(flag, run)]
+
+
+def check_run(args, cadd):
+    """After the checkpoint is read: a CADD checkpoint is sampled by --method base only, and no flag set on the
+    command line may be one that does not act on this run (SystemExit naming it)."""
+    if cadd and args.method != "base":
+        raise SystemExit(f"sample.py: error: this demasker is a CADD demasker (train_ae.py --cadd): sample.py samples "
+                         f"it with --method base (CADD's sampler, extensions/cadd.py), not --method {args.method}")
+    problems = unused_flags(args, cadd)
+    if problems:
+        raise SystemExit("sample.py: error: " + "; ".join(problems))
+
+
+def recorded_args(ckpt):
+    """The training flags a train_ae.py run recorded (args.json of the checkpoint or of its run), or None."""
+    folder = Path(ckpt)
+    for candidate in (folder / "checkpoint" / "args.json", folder / "args.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
+
+
+def check_guidance(args):
+    """--guidance w != 1 mixes in the null branch (every register withheld), which only a demasker trained with
+    train_ae.py --register-dropout p > 0 has learned: refused when the run recorded 0, a warning when unrecorded."""
+    if args.guidance == 1 or args.method not in REGISTERS:
+        return
+    recorded = recorded_args(args.ckpt) or {}
+    if "register_dropout" not in recorded:
+        print(f"sample.py: warning: {args.ckpt} records no --register-dropout (args.json); --guidance {args.guidance} "
+              f"needs a demasker trained with train_ae.py --register-dropout > 0 (its null branch)", file=sys.stderr)
+    elif not recorded["register_dropout"]:
+        raise SystemExit(f"sample.py: error: this demasker was trained with --register-dropout "
+                         f"{recorded['register_dropout']:g}: its null branch is untrained; retrain with "
+                         f"--register-dropout 0.1 or drop --guidance")
+
+
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Decode programs with the masked diffusion sampler (LLaDA generate). "
                     "base: the unguided MDM from an all-[M] start; autoencode: encode held-out programs with "
                     "h_phi and decode them with the guided MDM (Alg. 6), printing the CER.")
     parser.add_argument("--ckpt", "--ae", dest="ckpt", required=True,
                         help="train_ae.py output folder (demasker/, encoder/, tokenizer.json)")
-    parser.add_argument("--method", choices=["base", "autoencode", "conthendisc", "conwithindisc"], default="base",
+    parser.add_argument("--method", choices=METHODS, default="base",
                         help="base = unconditional MDM; autoencode = reconstruct validation programs (Alg. 6); "
                              "conthendisc = registers from --prior, then the guided MDM (Alg. 2); conwithindisc = "
                              "the guided MDM with registers redrawn from --cond-prior given x_t (Alg. 3, App. G)")
@@ -92,7 +214,25 @@ def parse_args(argv=None):
                         help="model dtype (default: as stored in the checkpoint)")
     parser.add_argument("--out", default=None, help="JSONL file: one record per program (text, tokens, nfe, ...)")
     parser.add_argument("--quiet", action="store_true", help="do not print the programs")
+    parser.add_argument("--cadd-softness", type=float, default=0.0, help="a CADD checkpoint: the z0_hat dial, 0 = hard "
+                        "w(argmax p) (mode-seeking) .. 1 = soft sum_v p_v w_v (mode-covering)")
+    parser.add_argument("--cadd-latents", type=int, default=1, help="a CADD checkpoint: K latents per [M] position, "
+                        "probabilities averaged (NFE counts K forward passes per step)")
+    parser.add_argument("--cadd-posterior-noise", action="store_true", help="a CADD checkpoint: sample the Gaussian "
+                        "posterior of the latents (mean + noise) instead of moving them to its mean")
+    return parser
+
+
+def parse_args(argv=None):
+    """The flags (args.explicit: those set on the command line), checked before any model is loaded."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    bare = build_parser()  # the same flags without defaults: what it parses is what the command line set
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    args.explicit = {action.option_strings[0] for action in bare._actions
+                     if action.option_strings and action.dest in vars(bare.parse_args(argv))}
     check_numbers(parser, args)
     return args
 
@@ -100,7 +240,7 @@ def parse_args(argv=None):
 def check_numbers(parser, args):
     """Every number checked before any model is loaded or file written (parser.error names the flag)."""
     at_least_one = ("num", "batch_size", "gen_length", "block_length", "steps", "prior_steps", "refresh_prior_steps",
-                    "keep", "trace_samples", "span_tokens")
+                    "keep", "trace_samples", "span_tokens", "cadd_latents")
     for name in at_least_one:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -111,8 +251,11 @@ def check_numbers(parser, args):
         parser.error(f"--threshold must be >= 0, got {args.threshold}")
     if not args.cfg_scale >= 0:
         parser.error(f"--cfg-scale must be >= 0 (0 = off), got {args.cfg_scale}")
-    if args.cfg_scale > 0 and args.prompt is None:
-        parser.error("--cfg-scale guides on a prompt: pass --prompt or --prompt-file")
+    if not 0 <= args.cadd_softness <= 1:
+        parser.error(f"--cadd-softness must lie in [0, 1] (0 = hard, 1 = soft), got {args.cadd_softness}")
+    if args.cadd_latents > 1 and args.trace is not None:
+        parser.error("--trace records one canvas per sample, --cadd-latents K > 1 runs K copies of it: "
+                     "drop --trace or --cadd-latents")
     if not args.factor > 0:
         parser.error(f"--factor must be > 0, got {args.factor}")
     for fraction in args.refresh_at or []:
@@ -127,9 +270,9 @@ def check_numbers(parser, args):
             parser.error(f"--prompt-file {args.prompt_file} does not exist; pass a text file holding the prompt")
         with open(args.prompt_file, encoding="utf-8") as handle:
             args.prompt = handle.read()
-    if (args.prompt is not None or args.infill is not None) and args.method == "autoencode":
-        parser.error("--prompt / --infill decode a canvas with fixed tokens: use --method base, conthendisc or "
-                     "conwithindisc")
+    problems = unused_flags(args)  # the CADD rows wait for the checkpoint (check_run)
+    if problems:
+        parser.error("; ".join(problems))
     if args.prompt is not None and not args.prompt.strip():
         parser.error("the prompt is empty; pass a function signature and docstring, e.g. --prompt "
                      "'def add(a, b):\n    \"\"\"Return a + b.\"\"\"'")

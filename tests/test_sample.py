@@ -491,9 +491,11 @@ def test_prompt_is_the_fixed_prefix_of_every_sample(runs, tmp_path, method):  # 
     from dataprep.tokenization import load_tokenizer
     tok = load_tokenizer(str(runs / "ae" / "tokenizer.json"))
     ckpt = runs / ("base" if method == "base" else "ae")
-    S.main(["--ckpt", str(ckpt), "--method", method, "--prompt", PROMPT, "--prompted-prior", str(runs / "pprior"),
-            "--length", "40", "--steps", "8", "--num", "3", "--batch-size", "2", "--prior-steps", "2",
-            "--refresh-prior-steps", "2", "--temperature", "1", "--out", str(tmp_path / "s.jsonl"), "--quiet"])
+    extra = {"base": [], "conthendisc": ["--prompted-prior", str(runs / "pprior"), "--prior-steps", "2"]}
+    extra["conwithindisc"] = extra["conthendisc"] + ["--refresh-prior-steps", "2"]
+    S.main(["--ckpt", str(ckpt), "--method", method, "--prompt", PROMPT, *extra[method],
+            "--length", "40", "--steps", "8", "--num", "3", "--batch-size", "2",
+            "--temperature", "1", "--out", str(tmp_path / "s.jsonl"), "--quiet"])
     prefix = [tok.bos_id] + tok.encode(PROMPT + "\n")
     for record in _records(tmp_path / "s.jsonl"):
         assert record["tokens"][:len(prefix)] == prefix and record["prompt"] == PROMPT
@@ -509,10 +511,11 @@ def test_prompt_file_and_infill_keep_their_tokens(runs, tmp_path):  # noqa: F811
             "--num", "2", "--out", str(tmp_path / "f.jsonl"), "--quiet"])
     assert all(r["text"].startswith(PROMPT) for r in _records(tmp_path / "f.jsonl"))
     text = "def f(x):\n<|span|>\n    return y"
-    for method, extra in (("base", []), ("conwithindisc", ["--cond-prior", str(runs / "cprior")])):
+    for method, extra in (("base", []), ("conwithindisc", ["--cond-prior", str(runs / "cprior"),
+                                                            "--refresh-prior-steps", "2"])):
         ckpt = runs / ("base" if method == "base" else "ae")
         S.main(["--ckpt", str(ckpt), "--method", method, "--infill", text, "--span-tokens", "6", "--length", "40",
-                "--num", "2", "--refresh-prior-steps", "2", "--out", str(tmp_path / "i.jsonl"), "--quiet", *extra])
+                "--num", "2", "--out", str(tmp_path / "i.jsonl"), "--quiet", *extra])
         before = [tok.bos_id] + tok.encode("def f(x):\n")
         after = tok.encode("\n    return y") + [tok.eos_id]
         for record in _records(tmp_path / "i.jsonl"):
@@ -529,7 +532,7 @@ def test_prompt_file_and_infill_keep_their_tokens(runs, tmp_path):  # noqa: F811
     (["--prompt-file", "/nonexistent/p.txt"], "does not exist"),
     (["--prompt", PROMPT, "--method", "conthendisc"], "needs --prompted-prior"),
     (["--infill", "a<|span|>b", "--method", "conwithindisc"], "needs --cond-prior"),
-    (["--cfg-scale", "1"], "pass --prompt"),
+    (["--cfg-scale", "1"], "--cfg-scale applies to --prompt / --prompt-file"),
 ])
 def test_bad_prompt_input_is_named(runs, tmp_path, capsys, flags, text):  # noqa: F811
     ckpt = runs / ("ae" if "--method" in flags else "base")
@@ -547,17 +550,17 @@ def test_every_method_samples_in_float32_bfloat16_and_float16(runs, tmp_path, dt
     (random tiny models: the ids, not their quality)."""
     from dataprep.tokenization import load_tokenizer
     tok = load_tokenizer(str(runs / "ae" / "tokenizer.json"))
-    common = ["--length", "40", "--steps", "8", "--num", "2", "--batch-size", "2", "--prior-steps", "2",
-              "--refresh-prior-steps", "2", "--temperature", "1", "--dtype", dtype, "--quiet"]
+    common = ["--length", "40", "--steps", "8", "--num", "2", "--batch-size", "2", "--temperature", "1",
+              "--dtype", dtype, "--quiet"]
     cases = {
         "base": ["--ckpt", str(runs / "base"), "--method", "base"],
         "autoencode": ["--ckpt", str(runs / "ae"), "--method", "autoencode", "--data", str(runs / "data")],
         "conthendisc": ["--ckpt", str(runs / "ae"), "--method", "conthendisc", "--prompt", PROMPT,
-                        "--prompted-prior", str(runs / "pprior")],
+                        "--prompted-prior", str(runs / "pprior"), "--prior-steps", "2"],
         "conwithindisc": ["--ckpt", str(runs / "ae"), "--method", "conwithindisc", "--prompt", PROMPT,
-                          "--prompted-prior", str(runs / "pprior"), "--cond-prior", str(runs / "cprior")],
+                          "--prompted-prior", str(runs / "pprior"), "--prior-steps", "2", "--refresh-prior-steps", "2"],
         "infill": ["--ckpt", str(runs / "ae"), "--method", "conwithindisc", "--infill", "def f(x):\n<|span|>\n",
-                   "--span-tokens", "6", "--cond-prior", str(runs / "cprior")],
+                   "--span-tokens", "6", "--cond-prior", str(runs / "cprior"), "--refresh-prior-steps", "2"],
     }
     for name, flags in cases.items():
         if name == "autoencode":  # decodes the held-out programs at their own length
@@ -569,3 +572,113 @@ def test_every_method_samples_in_float32_bfloat16_and_float16(runs, tmp_path, dt
         assert len(records) == 2, name
         for record in records:
             assert len(record["tokens"]) > 0 and all(0 <= t < tok.vocab_size for t in record["tokens"]), name
+
+
+# ------------------------------------------------------------------------------------------------
+# A flag set where it does not act is refused (config/sample_args.py APPLIES); --guidance needs register dropout
+# ------------------------------------------------------------------------------------------------
+
+from config import sample_args as SA  # noqa: E402
+
+MODE_FLAGS = {"--prompt": "prompt", "--prompt-file": "prompt", "--infill": "infill"}
+CONTEXTS = [(method, mode, rule, trace) for method in SA.METHODS for mode in SA.MODES for rule in SA.RULES
+            for trace in (False, True) if not (method == "autoencode" and mode != "plain")]
+
+
+def _flag_argv(flag, tmp_path):
+    """The flag with a valid value, as the parser reads it."""
+    action = next(a for a in SA.build_parser()._actions if flag in a.option_strings)
+    if action.nargs == 0:
+        return [flag]
+    value = {"--prompt": PROMPT, "--infill": "a<|span|>b", "--prompt-file": str(tmp_path / "p.txt")}.get(flag)
+    if value is None:
+        value = action.choices[0] if action.choices else {int: "1", float: "0.5"}.get(action.type, "x")
+    return [flag, value]
+
+
+def _context_argv(flag, context, tmp_path):
+    method, mode, rule, trace = context
+    argv = ["--ckpt", str(tmp_path), "--method", method, "--decoding", rule]
+    if flag not in MODE_FLAGS:
+        argv += {"plain": [], "prompt": ["--prompt", PROMPT], "infill": ["--infill", "a<|span|>b"]}[mode]
+    return argv + (["--trace", str(tmp_path / "t.html")] if trace else []) + _flag_argv(flag, tmp_path)
+
+
+def _run(context, cadd=None):
+    return dict(zip(("method", "mode", "rule", "trace"), context), cadd=cadd)
+
+
+@pytest.mark.parametrize("flag", sorted(SA.APPLIES))
+def test_a_flag_is_refused_where_it_does_not_act_and_accepted_where_it_does(flag, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text(PROMPT)
+    contexts = [c for c in CONTEXTS if flag not in MODE_FLAGS or c[1] == MODE_FLAGS[flag]]
+    acts = [c for c in contexts if SA.applies(flag, _run(c))]
+    assert acts, f"{flag} acts on no run"
+    for context in contexts:
+        argv = _context_argv(flag, context, tmp_path)
+        if context in acts:
+            args = S.parse_args(argv)
+            assert flag in args.explicit
+            for cadd in (False, True):  # once the checkpoint is read: the CADD rows
+                if cadd and context[0] != "base":
+                    continue  # a CADD checkpoint is sampled by --method base only (check_run refuses the rest)
+                refused = [p for p in SA.unused_flags(args, cadd) if p.startswith(f"{flag} applies to ")]
+                assert bool(refused) != SA.applies(flag, _run(context, cadd)), (flag, context, cadd)
+                if refused:
+                    with pytest.raises(SystemExit, match=f"{flag} applies to "):
+                        SA.check_run(args, cadd)
+        else:
+            with pytest.raises(SystemExit):
+                S.parse_args(argv)
+            assert f"{flag} applies to {SA.APPLIES[flag][0]}" in capsys.readouterr().err, (flag, context)
+    # the default, not set on the command line, is never refused
+    assert flag not in S.parse_args(["--ckpt", str(tmp_path)]).explicit
+
+
+def test_threshold_without_its_rule_is_an_error_not_the_fixed_schedule(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        S.parse_args(["--ckpt", str(tmp_path), "--threshold", "0"])
+    err = capsys.readouterr().err
+    assert "--threshold applies to --decoding threshold" in err and "drop --threshold" in err
+    assert S.parse_args(["--ckpt", str(tmp_path), "--threshold", "0", "--decoding", "threshold"]).threshold == 0
+    with pytest.raises(SystemExit):  # every unused flag is named at once
+        S.parse_args(["--ckpt", str(tmp_path), "--factor", "2", "--prior", "p", "--trace-samples", "3"])
+    err = capsys.readouterr().err
+    assert all(f"{flag} applies to" in err for flag in ("--factor", "--prior", "--trace-samples"))
+
+
+def test_records_name_only_the_inputs_the_run_used(tmp_path):
+    """A prior set programmatically where the method does not read it is not recorded as used."""
+    args = S.parse_args(["--ckpt", str(tmp_path), "--method", "conthendisc", "--prior", "p"])
+    args.cond_prior = "c"  # what a conthendisc run never reads
+    stats = {"nfe_per_sample": [4], "tokens_per_step": [1] * 4}
+    record = S.record_of(args, "hybrid", 0, "t", torch.tensor([1]), 4, {"nfe": 4}, stats, 0, (8, 8, 4), 0.1, None)
+    assert (record["prior"], record["cond_prior"], record["prior_steps"]) == ("p", None, 128)
+    args = S.parse_args(["--ckpt", str(tmp_path), "--method", "conthendisc", "--prompt", PROMPT,
+                         "--prompted-prior", "pp"])
+    args.prior, args.cond_prior = "p", "c"
+    record = S.record_of(args, "conditional", 0, "t", torch.tensor([1]), 4, {"nfe": 4}, stats, 0, (8, 8, 4), 0.1,
+                         None)
+    assert (record["prompted_prior"], record["cond_prior"], "prior" in record) == ("pp", None, False)
+
+
+@pytest.mark.parametrize("dropout", [0.0, None, 0.1])
+def test_guidance_needs_a_demasker_trained_with_register_dropout(runs, tmp_path, capsys, dropout):  # noqa: F811
+    import json
+    import shutil
+    ae = tmp_path / "ae"
+    shutil.copytree(runs / "ae", ae)
+    record = {"data": str(runs / "data")} | ({} if dropout is None else {"register_dropout": dropout})
+    (ae / "args.json").write_text(json.dumps(record))
+    argv = ["--ckpt", str(ae), "--method", "autoencode", "--data", str(runs / "data"), "--steps", "8", "--num", "2",
+            "--quiet", "--out", str(tmp_path / "g.jsonl")]
+    if dropout == 0.0:
+        with pytest.raises(SystemExit, match=r"trained with --register-dropout 0: its null branch is untrained; "
+                                             r"retrain with --register-dropout 0.1 or drop --guidance"):
+            S.main(argv + ["--guidance", "2"])
+        assert not (tmp_path / "g.jsonl").exists()
+        S.main(argv + ["--guidance", "1"])  # plain guided decoding needs no null branch
+        return
+    S.main(argv + ["--guidance", "2"])
+    warned = "records no --register-dropout" in capsys.readouterr().err
+    assert warned == (dropout is None) and len(_records(tmp_path / "g.jsonl")) == 2

@@ -220,11 +220,6 @@ def test_train_ae_cadd_trains_saves_and_loads(cache, tmp_path, capsys):
         cadd.CaddDecoder(plain_model)
     with pytest.raises(ValueError, match="is a CADD demasker"):
         cadd.check_cadd(loaded, wanted=False)
-    import sample
-    with pytest.raises(ValueError, match="is a CADD demasker"):  # sample.py refuses to decode it as a plain MDM
-        sample.main(["--ckpt", str(tmp_path / "cadd"), "--method", "base", "--gen-length", "8", "--steps", "2",
-                     "--num", "1", "--out", str(tmp_path / "samples.jsonl")])
-    assert not (tmp_path / "samples.jsonl").exists()
     both = Demasker.from_pretrained(str(tmp_path / "both" / "checkpoint" / "demasker"))
     assert both.cfg.register_dim > 0 and both.cfg.cadd_schedule == "linear"
     # resuming with another CADD setting is refused (the objective changes)
@@ -243,3 +238,44 @@ def test_k_latents_average_the_probabilities_of_each_latent():
     each = [torch.softmax(model(x, latents=scale * decoder.z[k]), dim=-1) for k in range(3)]
     assert torch.allclose(logits.exp(), torch.stack(each).mean(0), atol=1e-5)
     assert torch.allclose(logits.exp().sum(-1), torch.ones(2, 8), atol=1e-5)
+
+
+def test_sample_py_samples_a_cadd_checkpoint_with_the_cadd_sampler(cache, tmp_path, capsys):
+    """sample.py --method base on a train_ae.py --no-registers --cadd run: extensions/cadd.py's sampler, with the
+    --cadd-* options, the same tokens as cadd_generate under sample.py's per-batch seeds; what does not fit is named."""
+    import json
+
+    import sample
+    import train_ae
+    from mdm import Decoding
+    train_ae.train(train_args(cache, tmp_path / "cadd", "--no-registers", "--cadd"))
+    train_ae.train(train_args(cache, tmp_path / "base", "--no-registers"))
+    common = ["--method", "base", "--gen-length", "8", "--steps", "4", "--num", "3", "--batch-size", "2",
+              "--temperature", "1", "--device", "cpu", "--quiet"]
+    options = ["--cadd-softness", "0.5", "--cadd-latents", "2", "--cadd-posterior-noise"]
+    sample.main(["--ckpt", str(tmp_path / "cadd"), *common, *options, "--out", str(tmp_path / "s.jsonl")])
+    records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    demasker = Demasker.from_pretrained(str(tmp_path / "cadd" / "checkpoint" / "demasker")).eval()
+    for first, count in ((0, 2), (2, 1)):
+        seed = sample.batch_seed(0, first)
+        torch.manual_seed(seed)
+        tokens, nfe = cadd.cadd_generate(demasker, count, 8, 8, 4, 1.0, softness=0.5, num_latents=2,
+                                         posterior_noise=True, latent_generator=torch.Generator().manual_seed(seed + 1),
+                                         decoding=Decoding())
+        assert [r["tokens"] for r in records[first:first + count]] == tokens.tolist()
+        assert all(r["nfe"] == nfe == 8 and r["cadd_latents"] == 2 and r["cadd_softness"] == 0.5
+                   for r in records[first:first + count])
+    sample.main(["--ckpt", str(tmp_path / "cadd"), *common, "--trace", str(tmp_path / "t.html"),
+                 "--out", str(tmp_path / "t.jsonl")])  # the defaults: hard z0_hat, one latent; traced
+    assert (tmp_path / "t.html").is_file()
+    refusals = [(["--ckpt", str(tmp_path / "base"), *common, "--cadd-latents", "2"], "--cadd-latents applies to a CADD"),
+                (["--ckpt", str(tmp_path / "cadd"), *common, "--cache", "prefix"], "--cache applies to a non-CADD"),
+                (["--ckpt", str(tmp_path / "cadd"), *common, "--infill", "a<|span|>b"], "--infill applies to"),
+                (["--ckpt", str(tmp_path / "cadd"), *common[2:], "--method", "conthendisc", "--prior", "p"],
+                 "sample.py samples it with --method base"),
+                (["--ckpt", str(tmp_path / "cadd"), *common, *options, "--trace", "t.html"], "drop --trace or --cadd")]
+    for argv, message in refusals:
+        with pytest.raises(SystemExit) as stop:
+            sample.main(argv + ["--out", str(tmp_path / "x.jsonl")])
+        assert message in str(stop.value) + capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
