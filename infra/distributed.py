@@ -2,7 +2,7 @@
 
 The paper fine-tunes LLaDA-8B (demasker f_theta) jointly with Qwen3-Embedding-0.6B (encoder
 h_phi) with AdamW (lr 2.5e-5, wd 0.1), global batch 512, 3 epochs, programs up to L = 4096.
-That only fits on a GPU cluster (see infra/memory_plan.py), while the tiny presets run on a laptop.
+That only fits on a GPU cluster (see scripts/memory_plan.py), while the tiny presets run on a laptop.
 This file is the thin layer that lets the SAME scripts do both, using only PyTorch's own
 engine: torch.distributed process groups, DistributedDataParallel, FSDP2 `fully_shard`,
 and torch.distributed.checkpoint.state_dict for gathering / scattering full state dicts.

@@ -21,3 +21,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def device():
+    """The torch device of device-agnostic tests (tests/test_on_device.py): env CROCODIL_TEST_DEVICE, default
+    "cpu"; scripts/gpu_check.py sets it to the GPU it checks. Skipped with the reason when CUDA is asked for but
+    this torch cannot use it."""
+    import os
+
+    name = os.environ.get("CROCODIL_TEST_DEVICE", "cpu") or "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"CROCODIL_TEST_DEVICE={name} but torch {torch.__version__} sees no CUDA device "
+                    f"(built with CUDA {torch.version.cuda})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        pytest.skip(f"CROCODIL_TEST_DEVICE={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev

@@ -1,10 +1,10 @@
-"""infra/memory_plan.py: the activation formula against the tensors autograd really saves, the
+"""scripts/memory_plan.py: the activation formula against the tensors autograd really saves, the
 parameter counts against the public checkpoints' figures, and the plan's arithmetic."""
 
 import pytest
 import torch
 
-from infra import memory_plan as M
+from scripts import memory_plan as M
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 

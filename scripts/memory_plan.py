@@ -37,7 +37,7 @@ formula, per GPU, in bytes:
   overhead    CUDA context, NCCL buffers, allocator fragmentation: a fixed allowance (flag)
 
 Sequence lengths: demasker T = L + K + 2 ([START, z_1..z_K, END, text]); encoder
-T = L + K - 1 (text + K-1 suffix registers). Run `python -m infra.memory_plan --help`.
+T = L + K - 1 (text + K-1 suffix registers). Run `python -m scripts.memory_plan --help`.
 """
 
 import argparse

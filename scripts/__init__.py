@@ -1,0 +1,1 @@
+"""Maintenance scripts of crocodil (python -m scripts.NAME): behaviour fingerprints, the GPU check, set-up."""
