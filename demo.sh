@@ -41,7 +41,8 @@ stage() { echo; echo "=== [$(printf '%4d' $SECONDS)s] $*"; }
 train() {  # train RUN_DIR CHECKPOINT_SUBDIR command...
   local run=$1 ckpt=$2; shift 2
   if [[ -f $run/.demo_done ]]; then echo "$run: finished earlier, reused"; return; fi
-  if [[ -d $run/$ckpt ]]; then "$@" --resume; else "$@"; fi
+  # a checkpoint: resume; a folder killed before its first save: start over (a writer refuses it otherwise)
+  if [[ -d $run/$ckpt ]]; then "$@" --resume; elif [[ -e $run ]]; then "$@" --overwrite; else "$@"; fi
   touch "$run/.demo_done"
 }
 

@@ -36,7 +36,9 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (evaluation/metri
                               parse rate, Gen-PPL vs NFE; infilling rows with --cond-prior
 
 Every subcommand writes OUT/NAME.json (settings, checkpoints, command, results), appends a section to
-OUT/REPORT.md and, when matplotlib is importable, draws OUT/NAME.png. Generated texts are scored with the
+OUT/REPORT.md and, when matplotlib is importable, draws OUT/NAME.png. Several subcommands share one OUT; an
+existing NAME.json of the same subcommand is refused before any work unless --overwrite, and one process at a
+time writes it (infra/run_folder.claim_result). Generated texts are scored with the
 reference scorer (--scorer, experiments/train_scorer.py): Gen-PPL pooled over tokens (MDLM), always next to the unigram
 entropy and the same numbers for held-out real programs of matched length; MAUVE features are its final
 hidden state at the last valid token (--features last, MAUVE's convention; mean pooling is --features mean).
@@ -90,6 +92,7 @@ from experiments.eval_prompt import run_prompt
 from experiments.eval_speed import run_speed
 from infra import distributed as D
 from infra.atomic import read_json
+from infra.run_folder import claim_result
 
 RUNS = {"fig4": run_fig4, "table1": lambda ctx: run_table(ctx, 0), "table2": lambda ctx: run_table(ctx, 1),
         "fig7": run_fig7, "fig8": run_fig8, "fig6": run_fig6, "fig9": run_fig9, "prdc": run_prdc, "fig11": run_fig11,
@@ -106,7 +109,7 @@ def write_outputs(ctx, name, title, result, text, panels):
         scorer_info = read_json(Path(ctx.args.scorer) / "scorer.json", "retrain it with experiments/train_scorer.py")
     record = {"experiment": name, "title": title, "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": command, "git_commit": git_commit(), "preset": ctx.args.preset,
-              "settings": {k: v for k, v in vars(ctx.args).items() if k != "func"},
+              "settings": {k: v for k, v in vars(ctx.args).items() if k not in ("func", "overwrite")},
               "resolved": {k: ctx.preset[k] for k in ctx.preset}, "data": str(ctx.data_dir) if ctx.data_dir else None,
               "world_size": ctx.env.world_size, "scorer": scorer_info, "results": result}
     return write_experiment(ctx.args.out, record, text, panels)
@@ -117,18 +120,19 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = Context(args, needs_data=args.command not in NO_DATA)
-    title, run = EXPERIMENTS[args.command]
-    try:
-        result, text, panels = run(ctx)
-        record = None
-        if ctx.env.is_main and result is not None:
-            record = write_outputs(ctx, args.command, title, result, text, panels)
-    except BaseException:
-        D.cleanup(ctx.env, barrier=False)
-        raise
-    D.cleanup(ctx.env)
-    return record
+    with claim_result(args.out, args.command, args.overwrite):  # infra/run_folder.py: NAME.json kept unless --overwrite
+        ctx = Context(args, needs_data=args.command not in NO_DATA)
+        title, run = EXPERIMENTS[args.command]
+        try:
+            result, text, panels = run(ctx)
+            record = None
+            if ctx.env.is_main and result is not None:
+                record = write_outputs(ctx, args.command, title, result, text, panels)
+        except BaseException:
+            D.cleanup(ctx.env, barrier=False)
+            raise
+        D.cleanup(ctx.env)
+        return record
 
 
 if __name__ == "__main__":

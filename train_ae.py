@@ -36,11 +36,12 @@ of the step, so a run gives the same numbers on 1 or N ranks, with any micro-bat
 
 Plumbing lives elsewhere: config/ae_args.py (flags, presets, number checks, --resume rules), training/ae_setup.py
 (data cache, model building), training/ae_run.py (data stream, Fig. 4 validation, atomic checkpoints and resume),
-training/runs.py (log.jsonl, run folder), infra/guards.py (a NaN/inf step is skipped; --max-bad-steps in a row stop
-the run), infra/distributed.py (DDP / FSDP2). Run folder: OUT/checkpoint/{encoder/, demasker/} (safetensors +
-config.json + model card, readable by from_pretrained), tokenizer.json, args.json, progress.json and
-training_state.pt; OUT/log.jsonl holds train and validation records (Fig. 4: masked-token CE and top-1 accuracy
-at mask ratios 0.1 .. 1.0).
+training/runs.py (log.jsonl, run folder), infra/run_folder.py (an existing run is refused unless --resume or
+--overwrite, one writer at a time, --overwrite staged), infra/guards.py (a NaN/inf step is skipped; --max-bad-steps
+in a row stop the run), infra/distributed.py (DDP / FSDP2). Run folder: OUT/checkpoint/{encoder/, demasker/}
+(safetensors + config.json + model card, readable by from_pretrained), tokenizer.json, args.json, progress.json and
+training_state.pt; OUT/log.jsonl holds train and validation records (Fig. 4: masked-token CE and top-1 accuracy at
+mask ratios 0.1 .. 1.0).
 
 Presets. tiny: the tiny() configs with ids from our BPE, AdamW lr 3e-3 (measured on the stdlib at L = 128:
 after 400 steps the base MDM's validation CE at 10% masking is 5.35 with 3e-3 and 5.73 with 1e-3), 100 warmup
@@ -54,7 +55,6 @@ Run:  python train_ae.py --preset tiny --out-dir runs/ae              (one proce
 
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -66,6 +66,7 @@ from encoder import Encoder, EncoderConfig, register_keep_mask, sample_keep  # n
 from extensions import cadd
 from infra import distributed as D
 from infra import guards
+from infra.run_folder import claim
 from training import runs as R
 from training.ae_run import PROGRESS, VAL_RATIOS, Stream, evaluate, load_resume, save_run, saved_step, val_summary  # noqa: F401
 from training.ae_setup import (build_models, cadd_batch, cadd_settings, check_vocab, conditioning_is_new,  # noqa: F401
@@ -194,90 +195,88 @@ def train(args):
     env = D.setup(device=args.device)
     D.enable_tf32(env)
     torch.manual_seed(args.seed)
-    out_dir = Path(args.out_dir)
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    train_data, val_data, meta, encoder_vocab, files = prepare_data(args, env)
-    resume_dir = out_dir / CHECKPOINT if args.resume else None
-    if resume_dir is not None:
-        R.recover_for_resume(env, resume_dir)
-        check_same_tokenizers(resume_dir, files)
-    encoder, demasker = build_models(args, meta, encoder_vocab, resume_dir)
-    core = EncoderDemasker(encoder, demasker).to(env.device)
-    amp = "bf16" if args.dtype == "bfloat16" else None
+    with claim(args.out_dir, args.resume, args.overwrite, env) as out_dir:  # infra/run_folder.py: the folder's rule
+        train_data, val_data, meta, encoder_vocab, files = prepare_data(args, env)
+        resume_dir = out_dir / CHECKPOINT if args.resume else None
+        if resume_dir is not None:
+            R.recover_for_resume(env, resume_dir)
+            check_same_tokenizers(resume_dir, files)
+        encoder, demasker = build_models(args, meta, encoder_vocab, resume_dir)
+        core = EncoderDemasker(encoder, demasker).to(env.device)
+        amp = "bf16" if args.dtype == "bfloat16" else None
 
-    accum = D.accumulation_steps(args.global_batch_size, args.micro_batch_size, env.world_size)
-    stream = Stream(len(train_data), args.global_batch_size, env, args.seed)
-    stream.data_settings = meta.get("settings")
-    max_steps = args.max_steps or int(args.epochs * stream.steps_per_epoch)
-    start = saved_step(resume_dir) if resume_dir is not None else 0  # decides the staging before wrap_model
-    staged = encoder is not None and args.encoder_warmup_steps > 0
-    # frozen at wrap time and at loading when no demasker update has happened yet (start <= warm-up steps):
-    # then the checkpoint holds no AdamW state for it; the loop unfreezes it at step == warm-up steps
-    set_demasker_trainable(core, not staged or start > args.encoder_warmup_steps)
-    model = D.wrap_model(core, env, mode=args.parallel if env.distributed else "none",
-                         mixed_precision=amp if args.parallel == "fsdp" else None,
-                         activation_checkpointing=args.activation_checkpointing)
-    D.maybe_compile(model, args.compile, env)
-    optimizer = make_optimizer(model, args)
-    if resume_dir is not None:
-        load_resume(resume_dir, model, optimizer, env, stream, args)
-    if env.is_main:  # what this run really uses (on --resume only the RESUME_MUTABLE flags can differ)
-        R.write_args(out_dir, args)
+        accum = D.accumulation_steps(args.global_batch_size, args.micro_batch_size, env.world_size)
+        stream = Stream(len(train_data), args.global_batch_size, env, args.seed)
+        stream.data_settings = meta.get("settings")
+        max_steps = args.max_steps or int(args.epochs * stream.steps_per_epoch)
+        start = saved_step(resume_dir) if resume_dir is not None else 0  # decides the staging before wrap_model
+        staged = encoder is not None and args.encoder_warmup_steps > 0
+        # frozen at wrap time and at loading when no demasker update has happened yet (start <= warm-up steps):
+        # then the checkpoint holds no AdamW state for it; the loop unfreezes it at step == warm-up steps
+        set_demasker_trainable(core, not staged or start > args.encoder_warmup_steps)
+        model = D.wrap_model(core, env, mode=args.parallel if env.distributed else "none",
+                             mixed_precision=amp if args.parallel == "fsdp" else None,
+                             activation_checkpointing=args.activation_checkpointing)
+        D.maybe_compile(model, args.compile, env)
+        optimizer = make_optimizer(model, args)
+        if resume_dir is not None:
+            load_resume(resume_dir, model, optimizer, env, stream, args)
+        if env.is_main:  # what this run really uses (on --resume only the RESUME_MUTABLE flags can differ)
+            R.write_args(out_dir, args)
 
-    corruption = corruption_settings(args, encoder)
-    K = corruption["K"]
-    keeps = [("base", None)] if encoder is None else [(f"k={k}", k) for k in (args.val_keep or [K])]
-    log = R.RunLog(out_dir / "log.jsonl", enabled=env.is_main, create=True)
-    stop = min(max_steps, args.stop_at or max_steps)
-    bar = tqdm(total=max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True,
-               desc="encoder-demasker" if encoder is not None else "base MDM")
-    tokens_per_step = args.global_batch_size * args.seq_len
-    last_time = time.time()
-    saved_at = start if resume_dir is not None else None
-    guard = guards.BadStepGuard(args.max_bad_steps, log=log,
-                                last_good=lambda: R.last_good(out_dir / CHECKPOINT, saved_at))
-    for step in range(start, stop):
-        lr = get_lr(step, args, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if staged and step == args.encoder_warmup_steps:
-            set_demasker_trainable(model, True)
-        rows, counters = stream.rows(step)
-        step_loss = 0.0
-        for micro in range(accum):  # gradient accumulation; the gradients are synchronised on the last one
-            part = slice(micro * args.micro_batch_size, (micro + 1) * args.micro_batch_size)
-            with D.grad_sync(model, enabled=micro == accum - 1):
-                loss = training_loss(model, train_data.batch(rows[part]), counters[part], args, corruption, env,
-                                     amp) / accum
-                loss.backward()
-            step_loss += loss.item()
-        grad_norm = D.clip_grad_norm(model, args.grad_clip)  # global: the same on every rank
-        done = step + 1
-        metrics = D.all_reduce_mean({"loss": step_loss}, env)  # a NaN on any rank is a NaN on all
-        good = guard.check(done, metrics["loss"], grad_norm)
-        if good:  # a non-finite step never reaches the weights or the AdamW moments
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        corruption = corruption_settings(args, encoder)
+        K = corruption["K"]
+        keeps = [("base", None)] if encoder is None else [(f"k={k}", k) for k in (args.val_keep or [K])]
+        log = R.RunLog(out_dir / "log.jsonl", enabled=env.is_main, create=True)
+        stop = min(max_steps, args.stop_at or max_steps)
+        bar = tqdm(total=max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True,
+                   desc="encoder-demasker" if encoder is not None else "base MDM")
+        tokens_per_step = args.global_batch_size * args.seq_len
+        last_time = time.time()
+        saved_at = start if resume_dir is not None else None
+        guard = guards.BadStepGuard(args.max_bad_steps, log=log,
+                                    last_good=lambda: R.last_good(out_dir / CHECKPOINT, saved_at))
+        for step in range(start, stop):
+            lr = get_lr(step, args, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if staged and step == args.encoder_warmup_steps:
+                set_demasker_trainable(model, True)
+            rows, counters = stream.rows(step)
+            step_loss = 0.0
+            for micro in range(accum):  # gradient accumulation; the gradients are synchronised on the last one
+                part = slice(micro * args.micro_batch_size, (micro + 1) * args.micro_batch_size)
+                with D.grad_sync(model, enabled=micro == accum - 1):
+                    loss = training_loss(model, train_data.batch(rows[part]), counters[part], args, corruption, env,
+                                         amp) / accum
+                    loss.backward()
+                step_loss += loss.item()
+            grad_norm = D.clip_grad_norm(model, args.grad_clip)  # global: the same on every rank
+            done = step + 1
+            metrics = D.all_reduce_mean({"loss": step_loss}, env)  # a NaN on any rank is a NaN on all
+            good = guard.check(done, metrics["loss"], grad_norm)
+            if good:  # a non-finite step never reaches the weights or the AdamW moments
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        now = time.time()
-        tok_s, last_time = tokens_per_step / max(now - last_time, 1e-9), now
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
-        if good and (done % args.log_interval == 0 or done == stop):
-            log({"type": "train", "step": done, "loss": metrics["loss"], "lr": lr, "grad_norm": grad_norm,
-                 "tokens_per_s": tok_s, "demasker_frozen": staged and step < args.encoder_warmup_steps})
-        if args.eval_interval and (done % args.eval_interval == 0 or done == max_steps):
-            results = evaluate(model, val_data, args, env, amp, keeps)
-            log({"type": "val", "step": done, "results": results})
-            if env.is_main:
-                bar.write(val_summary(done, results))
-        if (done % args.save_interval == 0 and guard.streak == 0) or done == stop:
-            save_run(out_dir, model, optimizer, env, done, args, stream, files)
-            saved_at = done
-    bar.close()
-    del model, optimizer  # the wrapper goes before its process group (distributed.cleanup)
-    D.cleanup(env)
+            now = time.time()
+            tok_s, last_time = tokens_per_step / max(now - last_time, 1e-9), now
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
+            if good and (done % args.log_interval == 0 or done == stop):
+                log({"type": "train", "step": done, "loss": metrics["loss"], "lr": lr, "grad_norm": grad_norm,
+                     "tokens_per_s": tok_s, "demasker_frozen": staged and step < args.encoder_warmup_steps})
+            if args.eval_interval and (done % args.eval_interval == 0 or done == max_steps):
+                results = evaluate(model, val_data, args, env, amp, keeps)
+                log({"type": "val", "step": done, "results": results})
+                if env.is_main:
+                    bar.write(val_summary(done, results))
+            if (done % args.save_interval == 0 and guard.streak == 0) or done == stop:
+                save_run(out_dir, model, optimizer, env, done, args, stream, files)
+                saved_at = done
+        bar.close()
+        del model, optimizer  # the wrapper goes before its process group (distributed.cleanup)
+        D.cleanup(env)
     return core
 
 

@@ -31,7 +31,8 @@ step draws t, the noise and the masks for the whole global batch from a generato
 rank taking its rows. So resuming needs no RNG state and any number of ranks (or micro-batches) follows the
 same trajectory up to float summation order.
 
-Run folder (--out-dir; plumbing in training/prior_run.py, flags in config/prior_args.py):
+Run folder (--out-dir; plumbing in training/prior_run.py, flags in config/prior_args.py; a folder that holds anything
+is refused unless --resume or --overwrite, one writer at a time: infra/run_folder.py):
     prior.json        settings sampling must repeat (K, offsets, conditioning) + pointer to the AE run
     args.json         the command line
     dit/              EMA weights, LatentDiT.save_pretrained (read by generators.load_prior), and a model card
@@ -59,6 +60,7 @@ from config.prior_args import parse_args, resolve_ae  # noqa: F401 (train_prior.
 from dataprep.cross_tokenizer import masked_view
 from infra import distributed as D
 from infra import guards
+from infra.run_folder import claim
 from training import runs as R
 from training.prior_run import (STATE_DIR, batch_rows, check_run_folder, check_same_sources, conditioning_view,  # noqa: F401
                              load_banks, load_resume, log_line, resolve_data_dir, run_context, save, truncate_log,
@@ -233,86 +235,86 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     env = D.setup(device=args.device)
     D.enable_tf32(env)
-    out, ae = Path(args.out_dir), resolve_ae(args.ae)
-    encoder_dir = ae / "encoder"
-    data_dir = resolve_data_dir(args, ae)
-    meta = load_meta(data_dir)
-    shared_tokenizer = bool(meta.get("shared_tokenizer", True))
-    check_run_folder(args, env, out, encoder_dir, data_dir, meta)
-    banks = load_banks(args, ae, encoder_dir, data_dir, env)  # z_0 = h_phi(x_0) of every program, cached
-    model, frozen = build_models(args, encoder_dir, env.device)
-    view = conditioning_view(args, encoder_dir, data_dir, meta)  # how h reads Alg. 4's x^(r) (None: unconditional)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, meta.get("settings"), view)
-        else:  # what the run really uses (only RESUME_MUTABLE flags can differ from the record)
-            R.write_args(out, args)
-    ema = EMA(model)
-    model = D.wrap_model(model, env, mode="ddp")
-    D.maybe_compile(model, args.compile, env)
-    optimizer = make_optimizer(model, args)  # train_ae.py's AdamW: decay on matrices only
-    micro = args.micro_batch_size or args.global_batch_size // env.world_size
-    accum = D.accumulation_steps(args.global_batch_size, micro, env.world_size)
-    args.micro_batch_size = micro
-    start = load_resume(out, model, optimizer, ema, env) if args.resume else 0
+    with claim(args.out_dir, args.resume, args.overwrite, env) as out:  # infra/run_folder.py: the folder's rule
+        ae = resolve_ae(args.ae)
+        encoder_dir = ae / "encoder"
+        data_dir = resolve_data_dir(args, ae)
+        meta = load_meta(data_dir)
+        shared_tokenizer = bool(meta.get("shared_tokenizer", True))
+        check_run_folder(args, env, out, encoder_dir, data_dir, meta)
+        banks = load_banks(args, ae, encoder_dir, data_dir, env)  # z_0 = h_phi(x_0) of every program, cached
+        model, frozen = build_models(args, encoder_dir, env.device)
+        view = conditioning_view(args, encoder_dir, data_dir, meta)  # how h reads Alg. 4's x^(r) (None: unconditional)
+        if env.is_main:
+            if not args.resume:
+                write_settings(args, out, data_dir, encoder_dir, shared_tokenizer, meta.get("settings"), view)
+            else:  # what the run really uses (only RESUME_MUTABLE flags can differ from the record)
+                R.write_args(out, args)
+        ema = EMA(model)
+        model = D.wrap_model(model, env, mode="ddp")
+        D.maybe_compile(model, args.compile, env)
+        optimizer = make_optimizer(model, args)  # train_ae.py's AdamW: decay on matrices only
+        micro = args.micro_batch_size or args.global_batch_size // env.world_size
+        accum = D.accumulation_steps(args.global_batch_size, micro, env.world_size)
+        args.micro_batch_size = micro
+        start = load_resume(out, model, optimizer, ema, env) if args.resume else 0
 
-    ctx = run_context(args, env, out, banks, frozen, view, data_dir)  # what model_inputs and validate read
-    G = args.global_batch_size
-    stop = min(args.max_steps, args.stop_at or args.max_steps)
-    n, dim, per_rank = len(banks["train"]), banks["train"].dim, G // env.world_size
-    bar = tqdm(total=args.max_steps, initial=start, desc="prior" + (" (conditional)" if args.conditional else ""),
-               disable=args.quiet or not env.is_main, dynamic_ncols=True)
-    began = time.time()
-    saved_at = start if args.resume else None
-    guard = guards.BadStepGuard(args.max_bad_steps, log=functools.partial(log_line, ctx),
-                                last_good=lambda: R.last_good(out / STATE_DIR, saved_at))
-    for step in range(start, stop):
-        lr = get_lr(step, args, args.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        rows = batch_rows(step, G, n, args.seed)
-        draws = step_draws(args.seed, step, G, args.num_registers, dim, args.max_offset, not args.no_block_offsets,
-                           ctx["seq_len"])
-        model.train()
-        step_loss = 0.0
-        for m in range(accum):  # this rank's rows of the global batch, in micro-batches
-            part = slice(env.rank * per_rank + m * micro, env.rank * per_rank + (m + 1) * micro)
-            r, u = (draws["r"][part], draws["u"][part]) if args.conditional else (None, None)
-            z0, t, noise, kwargs = model_inputs(ctx, rows[part], draws["t"][part], draws["noise"][part], r, u)
-            with D.grad_sync(model, enabled=m == accum - 1), D.autocast(env, args.amp):
-                loss = prior_loss(model, z0, t, noise, **kwargs) / accum
-                loss.backward()
-            step_loss += loss.item()
-        grad_norm = D.clip_grad_norm(model, args.grad_clip if args.grad_clip > 0 else float("inf"))  # global norm
-        done = step + 1
-        metrics = D.all_reduce_mean({"loss": step_loss}, env)  # a NaN on any rank is a NaN on every rank
-        good = guard.check(done, metrics["loss"], grad_norm)
-        if good:  # a non-finite step never reaches the weights, the AdamW moments or the EMA
-            optimizer.step()
-            ema.update(D.unwrap(model), ema_decay(args.ema_decay, step))
-        optimizer.zero_grad(set_to_none=True)
+        ctx = run_context(args, env, out, banks, frozen, view, data_dir)  # what model_inputs and validate read
+        G = args.global_batch_size
+        stop = min(args.max_steps, args.stop_at or args.max_steps)
+        n, dim, per_rank = len(banks["train"]), banks["train"].dim, G // env.world_size
+        bar = tqdm(total=args.max_steps, initial=start, desc="prior" + (" (conditional)" if args.conditional else ""),
+                   disable=args.quiet or not env.is_main, dynamic_ncols=True)
+        began = time.time()
+        saved_at = start if args.resume else None
+        guard = guards.BadStepGuard(args.max_bad_steps, log=functools.partial(log_line, ctx),
+                                    last_good=lambda: R.last_good(out / STATE_DIR, saved_at))
+        for step in range(start, stop):
+            lr = get_lr(step, args, args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = batch_rows(step, G, n, args.seed)
+            draws = step_draws(args.seed, step, G, args.num_registers, dim, args.max_offset, not args.no_block_offsets,
+                               ctx["seq_len"])
+            model.train()
+            step_loss = 0.0
+            for m in range(accum):  # this rank's rows of the global batch, in micro-batches
+                part = slice(env.rank * per_rank + m * micro, env.rank * per_rank + (m + 1) * micro)
+                r, u = (draws["r"][part], draws["u"][part]) if args.conditional else (None, None)
+                z0, t, noise, kwargs = model_inputs(ctx, rows[part], draws["t"][part], draws["noise"][part], r, u)
+                with D.grad_sync(model, enabled=m == accum - 1), D.autocast(env, args.amp):
+                    loss = prior_loss(model, z0, t, noise, **kwargs) / accum
+                    loss.backward()
+                step_loss += loss.item()
+            grad_norm = D.clip_grad_norm(model, args.grad_clip if args.grad_clip > 0 else float("inf"))  # global norm
+            done = step + 1
+            metrics = D.all_reduce_mean({"loss": step_loss}, env)  # a NaN on any rank is a NaN on every rank
+            good = guard.check(done, metrics["loss"], grad_norm)
+            if good:  # a non-finite step never reaches the weights, the AdamW moments or the EMA
+                optimizer.step()
+                ema.update(D.unwrap(model), ema_decay(args.ema_decay, step))
+            optimizer.zero_grad(set_to_none=True)
 
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-        if good and (done % args.log_interval == 0 or done == stop):
-            log_line(ctx, {"type": "train", "step": done, "loss": metrics["loss"], "lr": lr, "grad_norm": grad_norm,
-                           "seconds": round(time.time() - began, 2)})
-        if (done % args.save_interval == 0 and guard.streak == 0) or done == stop:
-            save(ctx, model, optimizer, ema, done)
-            saved_at = done
-        if ctx["val_bank"] is not None and ((args.eval_interval and done % args.eval_interval == 0) or done == stop):
-            if env.is_main:
-                result = validate(ema.module, ctx)
-                log_line(ctx, {"type": "val", "step": done, **result})
-                if not args.quiet:
-                    bar.write(f"val step {done}: MSE {result['val_mse']:.4f}, PSNR(t = 0, 0.1, .., 1) "
-                              + " ".join(f"{p:.1f}" for p in result["psnr"]))
-            D.barrier(env)
-    bar.close()
-    del model, optimizer  # the wrapper goes before its process group (distributed.cleanup)
-    D.cleanup(env)
-    return out
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+            if good and (done % args.log_interval == 0 or done == stop):
+                log_line(ctx, {"type": "train", "step": done, "loss": metrics["loss"], "lr": lr, "grad_norm": grad_norm,
+                               "seconds": round(time.time() - began, 2)})
+            if (done % args.save_interval == 0 and guard.streak == 0) or done == stop:
+                save(ctx, model, optimizer, ema, done)
+                saved_at = done
+            if ctx["val_bank"] is not None and ((args.eval_interval and done % args.eval_interval == 0) or done == stop):
+                if env.is_main:
+                    result = validate(ema.module, ctx)
+                    log_line(ctx, {"type": "val", "step": done, **result})
+                    if not args.quiet:
+                        bar.write(f"val step {done}: MSE {result['val_mse']:.4f}, PSNR(t = 0, 0.1, .., 1) "
+                                  + " ".join(f"{p:.1f}" for p in result["psnr"]))
+                D.barrier(env)
+        bar.close()
+        del model, optimizer  # the wrapper goes before its process group (distributed.cleanup)
+        D.cleanup(env)
+        return Path(args.out_dir)
 
 
 if __name__ == "__main__":

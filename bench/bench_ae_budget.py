@@ -107,13 +107,14 @@ def train_to(args, run_dir, flags, steps, stop_at):
     the subprocess: user + system, which on a shared machine is the better estimate of one idle core's time)."""
     if trained_step(run_dir) >= stop_at:
         return 0.0, 0.0
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir.with_name(run_dir.name + ".train.log")  # beside the run: train_ae claims its folder whole
     start, before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(run_dir / "train.log", "a") as log:
+    with open(log_path, "a") as log:
         done = subprocess.run(train_command(args, run_dir, flags, steps, stop_at), stdout=log, stderr=subprocess.STDOUT,
                               cwd=REPO)
     if done.returncode:
-        raise SystemExit(f"train_ae.py failed for {run_dir} (exit {done.returncode}); see {run_dir / 'train.log'}")
+        raise SystemExit(f"train_ae.py failed for {run_dir} (exit {done.returncode}); see {log_path}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return time.time() - start, cpu

@@ -19,6 +19,7 @@ import torch
 
 from infra import checkpoint as C
 from infra import guards
+from infra.run_folder import OVERWRITE_HELP
 from training.ae_run import CHECKPOINT  # OUT/checkpoint
 from dataprep.data import SPECIAL_TOKENS
 from demasker import CADD_SCHEDULES, CADD_TABLES
@@ -29,7 +30,7 @@ from demasker import CADD_SCHEDULES, CADD_TABLES
 RESUME_MUTABLE = ("resume", "out_dir", "stop_at", "max_steps", "epochs", "eval_interval", "val_programs", "val_keep",
                   "log_interval", "save_interval", "threads", "device", "dtype", "parallel", "compile",
                   "activation_checkpointing", "micro_batch_size", "max_bad_steps", "data")
-NOT_INHERITED = ("resume", "stop_at", "out_dir")  # flags of one invocation, not of the run
+NOT_INHERITED = ("resume", "stop_at", "out_dir", "overwrite")  # flags of one invocation, not of the run
 
 PRESETS = {
     "tiny": dict(seq_len=128, vocab_size=2048, num_registers=8, lr=3e-3, min_lr_ratio=0.1, weight_decay=0.1,
@@ -62,6 +63,7 @@ def parse_args(argv=None):
     a("--out-dir", default="runs/ae", help="run folder: checkpoint/, log.jsonl, args.json")
     a("--resume", action="store_true", help="continue exactly from OUT/checkpoint (same batches, same random draws); "
       "unset flags take the run's values, changed model/data/objective flags are refused (see the end of --help)")
+    a("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a("--stop-at", type=int, default=None, help="save and stop after this step without changing the LR schedule "
       "(split a run into jobs; continue with --resume)")
     a("--no-registers", action="store_true", help="train the base MDM f_theta(x_t) without encoder (the baseline)")
@@ -153,6 +155,8 @@ def parse_args(argv=None):
     a("--max-bad-steps", type=int, default=guards.DEFAULT_MAX_BAD_STEPS, help="stop with an error after this many "
       "consecutive steps with a NaN/inf loss or gradient norm (each is skipped: no update, no checkpoint)")
     args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
     saved = resume_defaults(p, args, argv)
     if saved is not None:
         args = p.parse_args(argv)

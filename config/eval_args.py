@@ -6,10 +6,10 @@ message naming the flag (exit status 2) before any checkpoint is loaded.
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 
+from infra.run_folder import check_folder
 from experiments.eval_context import ALPHAS, PRESETS, SIGMAS
 
 DESCRIPTION = "Every quantitative claim of the paper's Sec. 5 and App. D-G, for any checkpoints, as one command each."
@@ -61,7 +61,10 @@ def parse_args(argv=None):
     a("--k-priors", nargs="*", help="fig11: priors trained with different --num-registers (default: --prior)")
     a("--scorer", help="experiments/train_scorer.py output folder, or a Qwen3 causal LM folder / hub id (Gen-PPL, MAUVE)")
     a("--data", help="dataprep/data.py cache (default: the 'data' recorded in the AE run's args.json)")
-    a("--out", default="results", help="output folder for NAME.json, REPORT.md and plots")
+    a("--out", default="results", help="output folder for NAME.json, REPORT.md and plots (shared by subcommands; "
+      "an existing NAME.json of this subcommand is refused unless --overwrite)")
+    a("--overwrite", action="store_true", help="replace this subcommand's NAME.json / NAME.png in --out (kept until "
+      "the new result is complete; REPORT.md gets a new section)")
     a("--preset", choices=sorted(PRESETS), default="tiny", help="sample counts and sweeps: tiny (minutes on CPU), "
       "small (about an hour on CPU), paper (the paper's sizes, GPUs)")
     a("--num", type=int, help="samples / programs per point (default: the preset's; fig6, fig11, speed: its gen_num, "
@@ -172,5 +175,7 @@ def check_numbers(parser, args):
         parser.error(f"--span-fraction must lie in (0, 1), got {args.span_fraction}")
     if not 0 <= args.cond_ratio <= 1:
         parser.error(f"--cond-ratio must be in [0, 1], got {args.cond_ratio}")
-    if Path(args.out).is_file():
-        parser.error(f"--out {args.out} is a file; pass a folder (NAME.json, REPORT.md and plots go in it)")
+    try:  # a symlink, FIFO, device or file where the folder goes: refused before anything is loaded
+        check_folder(args.out, "--out")
+    except NotADirectoryError as error:
+        parser.error(str(error))

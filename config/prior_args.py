@@ -13,6 +13,7 @@ from pathlib import Path
 
 from infra import checkpoint as C
 from infra import guards
+from infra.run_folder import OVERWRITE_HELP
 from training.runs import resolve_ae  # noqa: F401 (re-exported)
 
 # flags that may change on --resume; any other difference from OUT/args.json is refused. --ae and --data are paths:
@@ -20,7 +21,7 @@ from training.runs import resolve_ae  # noqa: F401 (re-exported)
 RESUME_MUTABLE = ("ae", "data", "out_dir", "resume", "stop_at", "max_steps", "micro_batch_size", "eval_interval",
                   "val_examples", "log_interval", "save_interval", "bank_cache", "bank_batch_size", "amp", "compile",
                   "device", "threads", "quiet", "max_bad_steps")
-NOT_INHERITED = ("ae", "data", "out_dir", "resume", "stop_at")
+NOT_INHERITED = ("ae", "data", "out_dir", "resume", "stop_at", "overwrite")
 
 # Optimisation presets (flags left unset take these). App. E states the prior's architecture and objective but no
 # optimiser settings, so the paper preset is our choice for a ~400M DiT, after DiT (Peebles & Xie: AdamW lr 1e-4,
@@ -45,6 +46,7 @@ def parse_args(argv=None):
     a("--data", default=None, help="dataprep/data.py cache folder (default: the one recorded in the AE run's args.json)")
     a("--out-dir", "--out", dest="out_dir", required=True, help="run folder to write (see the module docstring)")
     a("--resume", action="store_true", help="continue exactly from OUT/train_state")
+    a("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a("--stop-at", type=int, default=None, help="save and stop after this step without changing the LR schedule "
       "(split a run into jobs; continue with --resume)")
     # model
@@ -99,6 +101,8 @@ def parse_args(argv=None):
     a("--max-bad-steps", type=int, default=guards.DEFAULT_MAX_BAD_STEPS, help="stop with an error after this many "
       "consecutive steps with a NaN/inf loss or gradient norm (each is skipped: no update, no EMA, no checkpoint)")
     args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
     saved_path = Path(args.out_dir) / "args.json"
     saved = C.read_json(saved_path, "run record") if args.resume and saved_path.is_file() else None
     if saved is not None:  # the run's flags become the defaults; explicit changes are refused below

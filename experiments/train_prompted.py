@@ -18,10 +18,11 @@ Paper map (arXiv 2603.20210, App. H; the recipe is the paper's, the experiment i
   The result is a complete AE run folder OUT/ae (demasker/, the AE's encoder/ and tokenizer.json).
 
 One process, one tokenizer shared by encoder and demasker (the tiny setting; two tokenizers are refused with
-the fix). Randomness is a function of (seed, step). No resume: runs are minutes at toy scale. A folder that
-already holds a run (finished: prompted.json; or started: args.json) is refused unless --overwrite; the models
-are written to a staging folder first and moved in complete (checkpoint.swap_folder), prompted.json last, so a
-killed run never leaves a prompted.json beside half-written weights.
+the fix). Randomness is a function of (seed, step). No resume: runs are minutes at toy scale. A folder that holds
+anything is refused unless --overwrite, which writes the new run beside the old one and swaps it in complete; one
+writer at a time (infra/run_folder.py). The models are written to a staging folder first and moved in complete
+(checkpoint.swap_folder), prompted.json last, so a killed run never leaves a prompted.json beside half-written
+weights.
 
 Run folder (--out-dir): prompted.json (what prompting.load_prompted_prior needs), args.json, dit/ and kappa/
 (EMA weights), log.jsonl, and with --demasker-steps ae/.
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from infra import checkpoint as C
 from infra import guards
 from infra.atomic import write_json, write_text
+from infra.run_folder import OVERWRITE_HELP, claim
 from corruption import latent_noise_std
 from generators import embed_canvas
 from extensions.prompting import PROMPTED_SETTINGS_FILE, join_cond
@@ -238,8 +240,6 @@ def save(args, out, trainee, demasker, folder):
         for name in ("dit", "kappa", "ae"):
             if (stage / name).exists():
                 C.swap_folder(stage / name, out / name)
-            elif (out / name).exists():  # --overwrite of a run that had it: not this run's
-                shutil.rmtree(out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     settings = {"ae": str(folder.resolve()), "pairs": str(Path(args.pairs).resolve()),
@@ -299,7 +299,7 @@ def parse_args(argv=None):
     a("--log-interval", type=int, default=50, help="steps between log lines")
     a("--seed", type=int, default=0, help="seed of the initialisation and of every per-step draw")
     a("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
-    a("--overwrite", action="store_true", help="replace the run already in --out-dir (refused by default)")
+    a("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = p.parse_args(argv)
     for name in ("seq_len", "num_registers", "steps", "batch_size", "log_interval"):
         guards.check_range(p, args, name, low=1, integer=True)
@@ -323,6 +323,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    with claim(args.out_dir, overwrite=args.overwrite, resumable=False) as out:  # infra/run_folder.py
+        return train(args, out)
+
+
+def train(args, out):
+    """One run written into `out` (the folder main() claimed): the prior, the demasker fine-tuning, the record."""
     folder, tokenizer, encoder = load_ae(args.ae)
     K_enc = encoder.cfg.num_registers
     for name in ("num_registers", "cond_registers", "kappa_registers"):
@@ -330,13 +336,6 @@ def main(argv=None):
             raise SystemExit(f"experiments/train_prompted.py: error: --{name.replace('_', '-')} {getattr(args, name)} but the "
                              f"encoder has K={K_enc} registers; choose at most {K_enc}")
     mask_id, eos_id = tokenizer.mask_id, tokenizer.eos_id
-    out = Path(args.out_dir)
-    held = [name for name in (PROMPTED_SETTINGS_FILE, "args.json") if (out / name).is_file()]
-    if held and not args.overwrite:
-        raise SystemExit(f"experiments/train_prompted.py: error: {out} already holds a run ({held[0]}); choose another --out-dir, "
-                         f"or pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PROMPTED_SETTINGS_FILE).unlink(missing_ok=True)  # an overwritten run is unreadable until it is complete
     write_text(out / "args.json", json.dumps(vars(args), indent=2) + "\n")
     lines = []
 

@@ -16,7 +16,8 @@ when the tokenizer has none, as for Qwen3), truncated to max_length tokens; ever
 scored, EOS included (MDLM's Gen-PPL; metrics.generative_perplexity pools them).
 
 Output folder: config.json + model.safetensors (the Encoder with num_registers=1, i.e. no suffix
-registers), tokenizer.json, scorer.json ({bos_id, eos_id, max_length, val_ppl, ...}); written atomically.
+registers), tokenizer.json, scorer.json ({bos_id, eos_id, max_length, val_ppl, ...}); written atomically. A --out
+that holds anything is refused unless --overwrite, and one writer at a time (infra/run_folder.py).
 
     python -m experiments.train_scorer --data DATA --out runs/scorer --preset tiny     # minutes on 2 CPU cores
 """
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from infra import guards
 from infra.checkpoint import non_finite, read_config, resolve_model_dir, swap_folder
+from infra.run_folder import OVERWRITE_HELP, claim
 from encoder import Encoder, EncoderConfig
 
 SCORER_FILE = "scorer.json"
@@ -235,7 +237,8 @@ def data_tokenizer_file(data_dir, tokenizer):
     return path
 
 
-def train(args):
+def train(args, out=None):
+    """Train and save the scorer to `out` (default --out; main() passes the folder infra/run_folder.claim holds)."""
     from tokenizers import Tokenizer
     from tqdm import tqdm
 
@@ -294,7 +297,7 @@ def train(args):
             "batch_size": batch_size, "lr": lr, "preset": args.preset, "seed": args.seed,
             "data": str(Path(args.data).resolve()), "train_rows": int(len(train_ids)),
             "tokens_seen": tokens_seen, "seconds": time.time() - start}
-    save_scorer(args.out, model, tokenizer_file, info)
+    save_scorer(out or args.out, model, tokenizer_file, info)
     print(f"scorer saved to {args.out}: validation perplexity {val_ppl:.2f} after {steps} steps")
     return info
 
@@ -305,6 +308,7 @@ def parse_args(argv=None):
                     "It trains on the TRAIN split of a dataprep/data.py cache, next-token CE over BOS .. first EOS.")
     parser.add_argument("--data", required=True, help="data cache folder written by dataprep/data.py (train and val splits)")
     parser.add_argument("--out", required=True, help="output folder (model, tokenizer.json, scorer.json)")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="model width and default budget: tiny (2 layers, d=128, minutes on CPU) or small "
                              "(4 layers, d=256, ~30-60 min on CPU)")
@@ -332,7 +336,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return train(args)
+    with claim(args.out, overwrite=args.overwrite, resumable=False, flag="--out") as out:  # infra/run_folder.py
+        return train(args, out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from infra.atomic import DIR_MODE, FILE_MODE
+
 HUB_FILE_PATTERNS = [
     "config.json", "*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -239,8 +241,10 @@ def save_model_dir(folder, state, config):
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
+        os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 -> the user's umask: this folder is swapped in as it is
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_FILE, FILE_MODE)  # safetensors writes 0600
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         swap_folder(tmp, folder)
     except BaseException:

@@ -59,13 +59,15 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 train() {  # train RUN_DIR CHECKPOINT_SUBDIR command...: skip when done, resume when interrupted
   local run=$1 ckpt=$2; shift 2
   if [[ -f $run/.done ]]; then echo "$run: finished earlier, reused"; return; fi
-  if [[ -d $run/$ckpt ]]; then "$@" --resume; else "$@"; fi
+  # a checkpoint: resume; a folder killed before its first save: start over (a writer refuses it otherwise)
+  if [[ -d $run/$ckpt ]]; then "$@" --resume; elif [[ -e $run ]]; then "$@" --overwrite; else "$@"; fi
   touch "$run/.done"
 }
 once() {  # once RUN_DIR command...: skip when done (a run with no resume: started over when interrupted)
   local run=$1; shift
   if [[ -f $run/.done ]]; then echo "$run: finished earlier, reused"; return; fi
-  "$@"; mkdir -p "$run"; touch "$run/.done"
+  if [[ -e $run ]]; then "$@" --overwrite; else "$@"; fi
+  mkdir -p "$run"; touch "$run/.done"
 }
 background() {  # background LOG command...: run, remember the pid
   local log=$1; shift
@@ -102,7 +104,7 @@ evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each log
     stage "$lane eval.py $experiment"
     rm -f "$R/$experiment.failed"
     # shellcheck disable=SC2086
-    python eval.py "$experiment" "${runs[@]}" "${priors[@]}" ${extra[$experiment]:-} > "$OUT/eval_$experiment.log" 2>&1 \
+    python eval.py "$experiment" ${REDO_EVALS:+--overwrite} "${runs[@]}" "${priors[@]}" ${extra[$experiment]:-} > "$OUT/eval_$experiment.log" 2>&1 \
       || { echo "eval.py $experiment failed: $OUT/eval_$experiment.log"; tail -n 5 "$OUT/eval_$experiment.log"
            touch "$R/$experiment.failed"; failed+=("$experiment"); continue; }
     grep -v '^\s*$' "$OUT/eval_$experiment.log" | tail -n 1

@@ -93,8 +93,8 @@ def runs(tmp_path_factory):
 
 def _run(runs, name, *extra):
     root, common = runs
-    out = root / "results"
-    record = E.main([name, *common, "--out", str(out), *extra])
+    out = root / "results"  # shared by the tests, some of which run a subcommand again: --overwrite
+    record = E.main([name, *common, "--out", str(out), "--overwrite", *extra])
     saved = json.loads((out / f"{name}.json").read_text())
     assert saved["experiment"] == name and saved["results"] == json.loads(json.dumps(record["results"]))
     assert f"## {name}:" in (out / "REPORT.md").read_text()
@@ -296,10 +296,10 @@ def test_marginal_trap_needs_no_data_or_checkpoints(tmp_path):
 def test_missing_inputs_raise_clear_errors(runs):
     root, common = runs
     with pytest.raises(ValueError, match="--ae-no-noise"):
-        E.main(["fig7", *common, "--out", str(root / "results")])
+        E.main(["fig7", *common, "--out", str(root / "results"), "--overwrite"])
     without_scorer = [c for c in common if "scorer" not in c]
     with pytest.raises(ValueError, match="python -m experiments.train_scorer"):
-        E.main(["fig8", *without_scorer, "--out", str(root / "results"), "--length", "16"])
+        E.main(["fig8", *without_scorer, "--out", str(root / "results"), "--overwrite", "--length", "16"])
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -23,6 +23,7 @@ from infra import dist_checkpoint as DC
 from infra import distributed as D
 from infra import guards
 from training.ae_setup import cadd_batch
+from training.runs import recorded
 from infra.dist_checkpoint import rng_states, set_rng_states
 
 CHECKPOINT = "checkpoint"  # OUT/checkpoint: encoder/, demasker/, tokenizer.json, args.json, progress.json, training_state.pt
@@ -135,7 +136,7 @@ def save_run(out_dir, model, optimizer, env, step, args, stream, files):
         if env.is_main:
             for name, source in files.items():
                 shutil.copyfile(source, stage / CHECKPOINT / name)
-            (stage / CHECKPOINT / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+            (stage / CHECKPOINT / "args.json").write_text(json.dumps(recorded(args), indent=2) + "\n")
             (stage / CHECKPOINT / PROGRESS).write_text(json.dumps({"step": step, "examples_seen": extra["examples_seen"]}))
             guards.write_cards_or_warn(stage / CHECKPOINT)  # hub cards, part of the atomic copy; a warning at worst
             C.swap_folder(stage / CHECKPOINT, Path(out_dir) / CHECKPOINT)  # a complete copy at every instant

@@ -3,7 +3,7 @@
 - resolve_data_dir: --data, else the data folder the AE run records.
 - batch_rows: the data order, per-epoch permutations of the banks as a function of (seed, step).
 - check_run_folder: --resume recovers a killed save and checks that the encoder and the data are the ones
-  prior.json records; a new run refuses a folder that already holds one.
+  prior.json records (a new run's folder is claimed by infra/run_folder.py: refused when it holds anything).
 - load_banks: the frozen encoder's register banks z_0 = h_phi(x_0) of the train / val splits (dataprep/latent_data.py;
   the training data of Alg. 4 / 5).
 - write_settings: prior.json (what sampling must repeat: K, block offsets, conditioning, the AE run) and args.json.
@@ -64,12 +64,10 @@ def resolve_data_dir(args, ae):
 
 def check_run_folder(args, env, out, encoder_dir, data_dir, meta):
     """--resume: saves killed between their two renames are recovered, the state must exist, and the encoder and
-    data must be the recorded ones; without --resume the folder must not hold a run yet."""
+    data must be the recorded ones."""
     if args.resume:
         R.recover_for_resume(env, out / STATE_DIR, out / "dit", out / "cond_encoder")
         check_same_sources(out, encoder_dir, data_dir, meta)
-    elif (out / STATE_DIR).is_dir():
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out-dir")
 
 
 def check_same_sources(out, encoder_dir, data_dir, meta):

@@ -4,7 +4,8 @@
   written by rank 0 only; `truncate` drops the records after a checkpoint that --resume goes back to.
 - recover_for_resume: a save killed between its two renames (checkpoint.swap_folder) left a complete old copy;
   it is put back before anything is read, and a run folder without a checkpoint is refused.
-- write_args: OUT/args.json, the flags the run really uses (on --resume only the RESUME_MUTABLE flags differ).
+- write_args / recorded: OUT/args.json, the flags the run really uses (on --resume only the RESUME_MUTABLE flags
+  differ), less the flags of one invocation that say nothing about the run (--overwrite).
 - last_good: the "last good checkpoint" phrase of guards.BadStepGuard's error.
 - run_folder / load_run / resolve_ae: a train_ae.py run folder read back (demasker, encoder, tokenizer), as
   sample.py, eval.py and the benchmarks load it, and the folder holding its encoder (train_prior.py --ae).
@@ -45,9 +46,17 @@ class RunLog:
             self.path.write_text("".join(line + "\n" for line in lines))
 
 
+INVOCATION_ONLY = ("overwrite",)  # how this invocation treats the folder, not what the run is: not recorded
+
+
+def recorded(args):
+    """vars(args) less INVOCATION_ONLY: what args.json records."""
+    return {key: value for key, value in vars(args).items() if key not in INVOCATION_ONLY}
+
+
 def write_args(folder, args):
-    """folder/args.json: vars(args), indented."""
-    (Path(folder) / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    """folder/args.json: recorded(args), indented."""
+    (Path(folder) / "args.json").write_text(json.dumps(recorded(args), indent=2) + "\n")
 
 
 def recover_for_resume(env, state_dir, *others):

@@ -57,10 +57,10 @@ def test_a_sweep_records_every_point_with_wall_clock_and_a_table(swept):
 
 def test_a_rerun_skips_finished_points_and_trains_nothing(cache, swept):
     out, results = swept
-    log = (out / "runs" / "tiny-s2" / "train.log").read_text()
+    log = (out / "runs" / "tiny-s2.train.log").read_text()
     again = B.run(bench_args(cache, out, "--steps", "2", "--eval-at", "1"))
     assert again["points"] == results["points"]
-    assert (out / "runs" / "tiny-s2" / "train.log").read_text() == log
+    assert (out / "runs" / "tiny-s2.train.log").read_text() == log
 
 
 def test_cer_is_scored_on_decoded_text_against_the_source(cache, swept, monkeypatch):

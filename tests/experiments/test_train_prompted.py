@@ -134,13 +134,13 @@ def test_an_existing_run_is_refused_unless_overwrite(run, tmp_path, capsys):
     out = tmp_path / "p"
     T.main(argv(run, out, "--steps", "2", "--demasker-steps", "1"))
     before = (out / "dit" / "model.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a run.*--overwrite"):
+    with pytest.raises(FileExistsError, match="already holds a run.*--overwrite"):
         T.main(argv(run, out, "--steps", "2", "--seed", "1"))
     assert (out / "dit" / "model.safetensors").read_bytes() == before and (out / "ae").is_dir()  # untouched
     T.main(argv(run, out, "--steps", "2", "--seed", "1", "--overwrite"))
     assert (out / "dit" / "model.safetensors").read_bytes() != before
     assert not (out / "ae").exists()  # the old run's fine-tuned demasker is not this run's
-    assert (out / "prompted.json").is_file() and not list(out.glob(".stage-*"))
+    assert (out / "prompted.json").is_file() and not list(out.glob(".stage-*")) and [p.name for p in tmp_path.glob(".*")] == [".p.lock"]
     PR.load_prompted_prior(out)
 
 

@@ -133,7 +133,7 @@ def test_scorer_numbers_are_checked_up_front(tmp_path, capsys, flags, text):
 
 def test_a_diverging_scorer_stops_and_leaves_the_existing_one(tmp_path, monkeypatch):
     """NaN losses are skipped (never reach the weights); after --max-bad-steps in a row the run stops with
-    an error and the scorer already in --out is left byte for byte."""
+    an error and the scorer already in --out (replaced only with --overwrite) is left byte for byte."""
     from dataprep import data
 
     from infra import guards
@@ -154,7 +154,9 @@ def test_a_diverging_scorer_stops_and_leaves_the_existing_one(tmp_path, monkeypa
         return real(*a, **k) * (float("nan") if len(calls) > 1 else 1.0)
 
     monkeypatch.setattr(S, "lm_loss", poisoned)
-    with pytest.raises(guards.NonFiniteError, match="step 4: .*3 consecutive"):
+    with pytest.raises(FileExistsError, match="--overwrite"):  # a scorer is there: replacing it must be asked for
         S.main(argv + ["--steps", "10"])
+    with pytest.raises(guards.NonFiniteError, match="step 4: .*3 consecutive"):
+        S.main(argv + ["--steps", "10", "--overwrite"])
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")] == []  # no stray (a build lock may stay)

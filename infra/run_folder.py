@@ -1,0 +1,202 @@
+"""One rule for every writer of a run or results folder, so that a finished run is never lost.
+
+Trainers (train_ae.py, train_prior.py, experiments/train_scorer.py, experiments/train_prompted.py) take their
+--out-dir / --out with `claim`; eval.py takes OUT/NAME.json with `claim_result`. Both are context managers held
+for the whole run:
+
+1. What is there is refused. A trainer needs an absent or empty folder; one that holds anything is refused
+   unless --resume (continue it: trainers that resume) or --overwrite (replace it), and the message names both
+   and the folder. eval.py: an --out that already holds this subcommand's NAME.json is refused unless
+   --overwrite; other subcommands' files in the same --out are fine (REPORT.md is appended to by design).
+2. One writer at a time. An exclusive, non-blocking fcntl lock (infra/atomic.exclusive) is held until the run
+   ends, on the lock file .NAME.lock beside the run folder (outside it, so the folder holds only the run, and
+   the same file whatever happens to the folder: an --overwrite swap, a resume's recovery), and for eval.py,
+   whose --out several subcommands share, on OUT/.NAME.lock. Lock files stay (removing one is racy), as the
+   data caches' do. A second writer is refused at once, naming the folder. Under torchrun rank 0 checks,
+   creates and locks; the other ranks meet it at a barrier and write where it says.
+3. --overwrite stages. The new run is written into the hidden sibling .NAME.stage-overwrite, and only once it is
+   complete (the with-block ends without error) does checkpoint.swap_folder put it in place of the old run,
+   which is removed only then (a kill between its two renames is undone by checkpoint.recover_folder, which
+   every claim calls first). A failed overwrite removes its staging folder; a killed one leaves it, and the next
+   --overwrite removes it; either way the old run is untouched. We stage the new run rather than moving the old
+   one aside because then the old run never leaves its path, even for an instant before the new one exists.
+   A staged run cannot be resumed: an interrupted --overwrite starts over. eval.py needs no staging: NAME.json
+   and NAME.png are written whole at the end (infra/atomic.py), the old ones stay until then.
+4. Output locations are checked before any work: a symlink, FIFO, socket, device node or regular file where a
+   folder is expected (or where eval.py writes a file) is refused with the path and the fix, never followed or
+   replaced. Folders are made by mkdir with its default mode, i.e. as the user's umask says. A folder this
+   claim created is removed again (when still empty) if the run fails.
+
+Refusals are OSErrors with the message a user needs: FileExistsError (something is there), BlockingIOError
+(another process holds it), NotADirectoryError (not a folder), FileNotFoundError (--resume of nothing).
+"""
+
+import os
+import shutil
+import stat
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from infra import checkpoint as C
+from infra import distributed as D
+from infra.atomic import exclusive
+
+OVERWRITE_HELP = ("replace the run already in the output folder (refused without it): the new run is written into a "
+                  "hidden sibling folder and swapped in when complete, so the old run is kept until then "
+                  "(infra/run_folder.py)")
+STAGE_SUFFIX = "stage-overwrite"  # .NAME.stage-overwrite: tagged "stage" (checkpoint.STRAY_TAGS), a known stray
+
+
+def lock_file(folder):
+    """The lock of run folder `folder`: the hidden sibling .NAME.lock."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent / f".{folder.name}.lock"
+
+
+def staging_folder(folder):
+    """Where --overwrite writes the new run: the hidden sibling .NAME.stage-overwrite."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.{STAGE_SUFFIX}"
+
+
+def _kind(path):
+    """'a symlink', 'a FIFO', ... for what sits at `path` (not followed); 'folder', 'file' or None (nothing)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "folder"), (stat.S_ISREG, "file")):
+        if test(mode):
+            return name
+    return "not a regular file or folder"
+
+
+def check_folder(path, flag="--out-dir"):
+    """Refuse (NotADirectoryError) a `path` that exists and is not a plain folder: a symlink (even to a folder),
+    FIFO, socket, device or regular file. An absent path is fine (it is created)."""
+    kind = _kind(path)
+    if kind in (None, "folder"):
+        return
+    fix = (f"pass {flag} the folder it points to ({os.readlink(path)}) or another path" if kind == "a symlink"
+           else f"remove it or pass {flag} another path")
+    kind = "a regular file" if kind == "file" else kind
+    raise NotADirectoryError(f"{flag} {path} is {kind}, not a folder; nothing was written: {fix}")
+
+
+def check_file(path, flag="--out"):
+    """Refuse (NotADirectoryError) a `path` where a result file goes that exists and is not a regular file."""
+    kind = _kind(path)
+    if kind in (None, "file"):
+        return
+    raise NotADirectoryError(f"{path} (in {flag}) is {kind}, not a regular file, and would be replaced or "
+                             f"written through; nothing was written: remove it or pass {flag} another folder")
+
+
+def _rank0(env):
+    return env.is_main if env is not None else int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def _hold(path, what):
+    """The non-blocking lock of `path` (a lock file), refused at once when another process holds it."""
+    held = ExitStack()
+    try:
+        held.enter_context(exclusive(path, wait=False))
+    except BlockingIOError:
+        raise BlockingIOError(f"{what} is in use: another process holds its lock (a second writer on it is "
+                              f"refused); wait for that process to end, or choose another folder") from None
+    with held:
+        yield
+
+
+@contextmanager
+def claim(folder, resume=False, overwrite=False, env=None, resumable=True, flag="--out-dir"):
+    """Hold run folder `folder` for the with-block (the rule of the module docstring); yields the folder to write
+    into: `folder`, or with --overwrite its staging sibling, swapped in when the block ends without error.
+    env: infra.distributed's (rank 0 claims, every rank waits at a barrier); None: rank from $RANK, no barrier.
+    resumable=False: the writer has no --resume (the message names only --overwrite)."""
+    folder = Path(folder)
+    stage = staging_folder(folder) if overwrite else None
+    if not _rank0(env):
+        if env is not None:
+            D.barrier(env)
+        yield stage or folder
+        return
+    if resume and overwrite:
+        raise ValueError(f"--resume continues the run in {folder} and --overwrite replaces it: pass one of them")
+    check_folder(folder, flag)
+    C.recover_folder(folder)  # an --overwrite (or a save) killed between its two renames: the complete old copy back
+    if resume and not folder.is_dir():
+        raise FileNotFoundError(f"--resume: {folder} does not exist; drop --resume to start a new run there")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with _hold(lock_file(folder), f"{flag} {folder}"):
+            if not resume and not overwrite and any(folder.iterdir()):
+                options = ("pass --resume to continue it, --overwrite to replace it (the old run is kept until the "
+                           "new one is complete)" if resumable else
+                           "pass --overwrite to replace it (the old one is kept until the new one is complete)")
+                raise FileExistsError(f"{flag} {folder} already holds a run (it is not empty); {options}, or choose "
+                                      f"another {flag}")
+            if stage is not None:
+                _remove(stage)  # a killed earlier --overwrite's; we hold the folder, so no live writer uses it
+                stage.mkdir()
+            if env is not None:
+                D.barrier(env)
+            try:
+                yield stage or folder
+            except BaseException:
+                if stage is not None:
+                    _remove(stage)  # the old run stays as it was
+                raise
+            if stage is not None:
+                C.swap_folder(stage, folder)  # only now is the old run replaced (a complete copy at every instant)
+    except BaseException:
+        if created:
+            _remove_if_empty(folder)
+        raise
+
+
+@contextmanager
+def claim_result(folder, name, overwrite=False, flag="--out"):
+    """Hold OUT/NAME.json of one eval.py subcommand for the with-block: OUT checked (a plain folder), NAME.json,
+    NAME.png and REPORT.md checked (absent or regular files), NAME.json refused unless `overwrite`, the lock
+    OUT/.NAME.lock held. Yields OUT. Only the process of rank 0 ($RANK) claims; the others write nothing."""
+    folder = Path(folder)
+    if not _rank0(None):
+        yield folder
+        return
+    check_folder(folder, flag)
+    for file in (f"{name}.json", f"{name}.png", "REPORT.md"):
+        check_file(folder / file, flag)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / f".{name}.lock"
+    try:
+        with _hold(lock, f"{flag} {folder} for eval.py {name}"):
+            if (folder / f"{name}.json").exists() and not overwrite:
+                raise FileExistsError(f"{folder / (name + '.json')} already exists (an earlier eval.py {name} into "
+                                      f"{flag} {folder}); pass --overwrite to replace it (it is kept until the new "
+                                      f"result is complete), or choose another {flag}")
+            yield folder
+    except BaseException:
+        if created:
+            lock.unlink(missing_ok=True)
+            _remove_if_empty(folder)
+        raise
+
+
+def _remove(path):
+    if _kind(path) == "folder":
+        shutil.rmtree(path, ignore_errors=True)
+    elif _kind(path) is not None:
+        Path(path).unlink(missing_ok=True)
+
+
+def _remove_if_empty(folder):
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
