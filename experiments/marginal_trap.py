@@ -27,7 +27,7 @@ prior adds its own error). The analytic reference `optimal_factorized_validity` 
 OPTIMAL factorised demasker (exact marginals) under random remasking, computed by Monte Carlo over reveal
 orders: the Independence-gap prediction the trained base model should approach from below.
 
-The real generators (issue 12 item 8). Beside the oracle row, two learned priors are trained in-process on
+The real generators. Beside the oracle row, two learned priors are trained in-process on
 the trap's own register bank (`register_bank`: z_0 = h_phi(x) of fresh valid sequences, the frozen trap
 encoder) with train_prior.py's objective (`prior_loss`, x0-prediction MSE, App. E block offsets, EMA):
 - ConThenDisc (Alg. 2): registers from the unconditional prior (generators.sample_registers, DDIM), then the
@@ -47,7 +47,7 @@ decode from an all-[M] canvas), so `prior_source` runs Alg. 2 / 3 from the same 
 embed_canvas, and conwithindisc's progress rule for the refresh: the first step at which a share
 `refresh_at` of the canvas is revealed, the same step as generators.refresh_steps under the fixed schedule).
 
-Threshold decoding (issue 14): mdm.Decoding(rule="threshold", threshold=tau) reveals every [M] whose
+Threshold decoding (Fast-dLLM; docs/decoding.md): mdm.Decoding(rule="threshold", threshold=tau) reveals every [M] whose
 confidence is >= tau (at least one); validity is reported against the MEASURED tokens per step (L / mean
 demasker calls per sample). The optimal base model's marginals are 1/A until a partner is revealed, so a base
 MDM with tau > 1/A reveals the one forced token of a fresh pair per step, then its (now certain) partner at the

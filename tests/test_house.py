@@ -68,3 +68,15 @@ def test_no_module_over_600_lines_and_short_core_files():
         assert lines <= 600, f"{path.relative_to(ROOT)} has {lines} lines: split it by concept"
         if name in CORE:
             assert lines <= 400, f"{name}.py has {lines} lines: the reading path reads in one sitting"
+
+
+def test_code_and_docs_speak_to_a_reader_of_the_repository():
+    """Cite the paper, a docs page or a test: no issue numbers, no paths outside the repository."""
+    import re
+    pattern = re.compile(r"\bissues? \d|\.\./shared/|\bBRIEF\b")
+    folders = [ROOT, ROOT / "docs", ROOT / "tests", *(ROOT / name for name in PACKAGES)]
+    files = [p for folder in folders for p in folder.rglob("*") if p.suffix in (".py", ".md", ".sh")
+             and p.is_file() and (folder != ROOT or p.parent == ROOT)]
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+             if pattern.search(line) and p.name != "test_house.py"]
+    assert not found, f"references a reader of the repository cannot follow: {found[:10]}"
