@@ -24,6 +24,7 @@ from pathlib import Path
 from infra import atomic
 
 CARD_FILE = "README.md"
+TOKENIZER_FILES = ("tokenizer.json", "encoder_tokenizer.json")  # what sample.py needs beside the models
 
 # What each kind of model is, in the paper's terms.
 ROLES = {
@@ -42,7 +43,7 @@ LOADERS = {
     "encoder": "from encoder import Encoder\nmodel = Encoder.from_pretrained({where})",
     "demasker": "from demasker import Demasker\nmodel = Demasker.from_pretrained({where})",
     "latent_dit": "from latent_dit import LatentDiT\nmodel = LatentDiT.from_pretrained({where})",
-    "scorer": "from train_scorer import Scorer\nscorer = Scorer.load({where})",
+    "scorer": "from experiments.train_scorer import Scorer\nscorer = Scorer.load({where})",
 }
 
 
@@ -115,9 +116,21 @@ def _data_meta(args):
     return read_json(Path(data) / "meta.json") if data else None
 
 
+def _public(value):
+    """A recorded value as a card may publish it: local absolute paths reduced to their last component (a
+    card tells what the run was, not where it sat on the machine that trained it)."""
+    if isinstance(value, dict):
+        return {key: _public(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    if isinstance(value, str) and (value.startswith("/") or value.startswith("~")) and len(value) > 1:
+        return f"<local>/{Path(value).name}"
+    return value
+
+
 def _table(rows):
     lines = ["| field | value |", "|---|---|"]
-    lines += [f"| `{key}` | `{json.dumps(value)}` |" for key, value in rows]
+    lines += [f"| `{key}` | `{json.dumps(_public(value))}` |" for key, value in rows]
     return "\n".join(lines)
 
 
@@ -150,13 +163,13 @@ def model_card(folder, repo="<owner>/<name>", sub=".", license="other"):
         "## Data", "", _table(data_rows) if data_rows else "Not recorded in the run folder.", "",
         "## Training budget", "", _table(budget) if budget else "Not recorded in the run folder.", "",
         "## Measured", "",
-        ("Last validation record of the run's log.jsonl:\n\n```json\n" + json.dumps(metrics, indent=1)[:4000]
+        ("Last validation record of the run's log.jsonl:\n\n```json\n" + json.dumps(_public(metrics), indent=1)[:4000]
          + "\n```") if metrics else "No validation record in the run's log.jsonl.", "",
         "## Load it", "", "With the crocodil repository on the Python path:", "",
         "```python\n" + loading_snippet(kind, repo, sub) + "\n```", "",
     ]
     if records["prior"]:
-        body += ["Sampling settings (prior.json):", "", "```json\n" + json.dumps(records["prior"], indent=1)
+        body += ["Sampling settings (prior.json):", "", "```json\n" + json.dumps(_public(records["prior"]), indent=1)
                  + "\n```", ""]
     return "\n".join(header + body)
 
@@ -194,19 +207,38 @@ def check_hub_folder(folder):
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
+def tokenizer_files(run):
+    """[(file, path in the repo)]: the tokenizers a downloaded run needs to be sampled (sample.py reads
+    tokenizer.json, and encoder_tokenizer.json with two tokenizers, from the run or its checkpoint/)."""
+    run = Path(run)
+    found = []
+    for folder in (run, run / "checkpoint"):
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                found.append((folder / name, (folder / name).relative_to(run).as_posix()))
+    return found
+
+
 def upload(run, repo, private=False, dry_run=False, api=None, license="other"):
-    """Upload each model folder of run to repo (subfolders keep their path). Returns the upload plan."""
+    """Upload each model folder of run to repo (subfolders keep their path) and the run's tokenizers, so
+    that the downloaded repository has the run's layout. Returns the upload plan: (source, path in the repo,
+    files) per model folder, then one entry per tokenizer file."""
     folders = write_cards(run, repo, license)
     plan = [(folder, folder.relative_to(run).as_posix(), check_hub_folder(folder)) for folder in folders]
+    tokenizers = tokenizer_files(run)
+    plan += [(path, rel, [path.name]) for path, rel in tokenizers]
     if dry_run:
         return plan
     if api is None:
         from huggingface_hub import HfApi
         api = HfApi()
     api.create_repo(repo_id=repo, private=private, exist_ok=True)
-    for folder, sub, _ in plan:
+    for folder, sub, _ in plan[:len(folders)]:
         api.upload_folder(repo_id=repo, folder_path=str(folder), path_in_repo=None if sub == "." else sub,
                           commit_message=f"crocodil: upload {sub}")
+    for path, rel in tokenizers:
+        api.upload_file(repo_id=repo, path_or_fileobj=str(path), path_in_repo=rel,
+                        commit_message=f"crocodil: upload {rel}")
     return plan
 
 

@@ -76,6 +76,9 @@ class FakeApi:
     def upload_folder(self, **kwargs):
         self.calls.append(("upload_folder", kwargs))
 
+    def upload_file(self, **kwargs):
+        self.calls.append(("upload_file", kwargs))
+
 
 def test_upload_plan_and_calls(tmp_path, capsys):
     run = make_run(tmp_path)
@@ -85,8 +88,23 @@ def test_upload_plan_and_calls(tmp_path, capsys):
     api = FakeApi()
     hub.upload(run, "me/tiny", private=True, api=api)
     assert api.calls[0] == ("create_repo", {"repo_id": "me/tiny", "private": True, "exist_ok": True})
-    paths = sorted(call[1]["path_in_repo"] for call in api.calls[1:])
+    paths = sorted(call[1]["path_in_repo"] for call in api.calls[1:] if call[0] == "upload_folder")
     assert paths == ["checkpoint/demasker", "checkpoint/encoder"]
+
+
+def test_upload_carries_the_tokenizers_and_cards_carry_no_local_path(tmp_path):
+    """A downloaded run can be sampled (sample.py reads tokenizer.json beside the models), and a card does not
+    publish where the run sat on the training machine."""
+    run = make_run(tmp_path)
+    (run / "checkpoint" / "tokenizer.json").write_text("{}")
+    (run / "checkpoint" / "encoder_tokenizer.json").write_text("{}")
+    api = FakeApi()
+    hub.upload(run, "me/tiny", api=api)
+    files = sorted(call[1]["path_in_repo"] for call in api.calls if call[0] == "upload_file")
+    assert files == ["checkpoint/encoder_tokenizer.json", "checkpoint/tokenizer.json"]
+    for folder in ("encoder", "demasker"):
+        card = (run / "checkpoint" / folder / "README.md").read_text()
+        assert str(tmp_path) not in card and "<local>/data" in card
 
 
 def test_cli_errors(tmp_path):
