@@ -124,7 +124,7 @@ def collect_programs(source, whole_file_lines=40, include_tests=False, val_fract
                          desc="reading corpus", unit="file", leave=False):
             stats["files"] += 1
             try:
-                file_programs = split_programs(path.read_text(encoding="utf-8"), whole_file_lines)
+                file_programs = split_programs(path.read_text(encoding="utf-8-sig"), whole_file_lines)  # BOM dropped
             except UnicodeDecodeError:
                 stats["skipped_non_utf8"] += 1
                 continue
@@ -141,13 +141,13 @@ def collect_programs(source, whole_file_lines=40, include_tests=False, val_fract
 
 
 def corpus_fingerprint(source, files):
-    """{'files', 'bytes', 'sha256'} over the sorted (relative path, size, mtime) list."""
+    """{'files', 'bytes', 'sha256'} over the sorted (relative path, sha256 of the contents) list: an edited
+    file changes it even at the same size and modification time."""
     source = Path(source)
     entries = []
     for path in files:
-        status = path.stat()
         name = path.name if path == source else path.relative_to(source).as_posix()
-        entries.append(f"{name}\t{status.st_size}\t{status.st_mtime_ns}")
+        entries.append(f"{name}\t{hashlib.sha256(path.read_bytes()).hexdigest()}")
     return {"files": len(files), "bytes": sum(path.stat().st_size for path in files),
             "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest()}
 

@@ -103,7 +103,7 @@ def collect_pairs(source=None, include_tests=False, val_fraction=0.05, test_frac
     elif source.is_dir():
         files = find_source_files(source, include_tests)[:max_files] if max_files else find_source_files(source,
                                                                                                          include_tests)
-        documents = [(path.relative_to(source).as_posix(), lambda p=path: p.read_text(encoding="utf-8"))
+        documents = [(path.relative_to(source).as_posix(), lambda p=path: p.read_text(encoding="utf-8-sig"))
                      for path in files]
     else:
         raise FileNotFoundError(f"corpus {source} is neither a folder of .py files nor a .jsonl file; pass "

@@ -132,10 +132,10 @@ def heldout_programs(data_dir, num, demasker_cfg, encoder_cfg):
     from dataprep.data import load_split
 
     split = load_split(data_dir, "val")
-    ids = torch.as_tensor(np.asarray(split["ids"][:num]), dtype=torch.long)  # (n, L)
+    ids = torch.as_tensor(np.array(split["ids"][:num]), dtype=torch.long)  # (n, L)
     if ids.shape[0] < num:
         raise ValueError(f"the validation split of {data_dir} has only {ids.shape[0]} programs; lower --num")
     has_own = "encoder_ids" in split and split["encoder_ids"] is not None
-    enc_ids = torch.as_tensor(np.asarray(split["encoder_ids"][:num]), dtype=torch.long) if has_own else ids
+    enc_ids = torch.as_tensor(np.array(split["encoder_ids"][:num]), dtype=torch.long) if has_own else ids
     enc_eos = encoder_cfg.eos_token_id if has_own else demasker_cfg.eos_token_id
     return ids, enc_ids, through_first_eos(enc_ids, enc_eos)

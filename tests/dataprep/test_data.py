@@ -389,3 +389,29 @@ def test_a_folder_that_is_not_a_cache_is_never_replaced(tmp_path, corpus):
         build(tmp_path / "file", corpus)
     (tmp_path / "empty").mkdir()
     assert build(tmp_path / "empty", corpus)["splits"]["train"]["programs"] > 0
+
+
+def test_an_edit_of_the_same_size_and_time_rebuilds_the_cache(tmp_path, corpus):
+    """The corpus fingerprint hashes the contents: an edit that keeps the file's size and modification time
+    (a one-character change, mtime restored) still invalidates the cache."""
+    import os
+    out = tmp_path / "cache"
+    meta = build(out, corpus)
+    path = corpus / "mod1.py"
+    status = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace("return 1", "return 7", 1))
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert path.stat().st_size == status.st_size and path.stat().st_mtime_ns == status.st_mtime_ns
+    assert build(out, corpus)["settings"]["corpus_sha256"] != meta["settings"]["corpus_sha256"]
+
+
+def test_a_source_file_with_a_utf8_bom_is_read(tmp_path):
+    """Editors on some systems start UTF-8 files with a byte order mark; ast.parse of the text with the BOM
+    fails, so the file was counted unparsable."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "bom.py").write_bytes(b"\xef\xbb\xbf" + b"def with_bom(a):\n    return a + 1\n")
+    programs, stats = data.collect_programs(root, whole_file_lines=10)
+    texts = [text for split in programs.values() for _, text in split]
+    assert stats["skipped_unparsable"] == 0 and any(t.startswith("def with_bom") for t in texts)
