@@ -144,6 +144,11 @@ def read_safetensors(folder, dtype=None, device="cpu"):
             raise CheckpointError(f"{file} is unreadable ({type(error).__name__}: {error}): truncated or not a "
                                   f"safetensors file. Restore it from a good copy, re-download the model, or "
                                   f"retrain; an interrupted save never leaves such a file") from None
+    bad = non_finite(state)  # saving refuses NaN / inf; a file edited or damaged since is refused on loading too
+    if bad:
+        raise CheckpointError(f"{folder} holds NaN or inf in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
+                              f"{', ...' if len(bad) > 5 else ''}): it would decode to garbage. Restore the model "
+                              f"from a good copy or retrain it")
     return state
 
 

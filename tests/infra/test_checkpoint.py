@@ -98,3 +98,19 @@ def test_non_finite_names_every_bad_tensor():
              "opt": {"state": {"c": {"exp_avg": torch.tensor([float("inf")]), "step": torch.tensor(3.0)}}},
              "ids": torch.tensor([1, 2])}
     assert C.non_finite(state) == ["b", "opt.state.c.exp_avg"]
+
+
+def test_weights_with_nan_are_refused_on_loading(tmp_path):
+    """Saving refuses non-finite tensors; a file written by another tool (or edited) with a NaN is refused when
+    loaded, naming the tensor, instead of decoding to empty programs."""
+    from safetensors.torch import save_file
+    from demasker import Demasker, DemaskerConfig
+    folder = tmp_path / "demasker"
+    Demasker(DemaskerConfig.tiny()).save_pretrained(folder)
+    state = C.read_safetensors(folder)
+    key = sorted(state)[0]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(folder / C.WEIGHTS_FILE))
+    with pytest.raises(C.CheckpointError, match=f"NaN or inf in 1 tensor.*{key}.*Restore"):
+        Demasker.from_pretrained(str(folder))
