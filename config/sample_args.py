@@ -237,6 +237,27 @@ def parse_args(argv=None):
     return args
 
 
+def output_problem(path):
+    """Why `path` cannot take a file written at the end of the run (None when it can): checked before any work,
+    so that a long sampling run never fails at its last line. A symlink, FIFO, device or folder at the path
+    is never replaced; missing folders are created at the end, so the nearest existing one must be a
+    writable folder."""
+    from infra.run_folder import _kind
+    kind = _kind(path)
+    if kind == "folder":
+        return "is a folder; pass a file path"
+    if kind not in (None, "file"):
+        return f"is {kind}, not a regular file, and would be replaced: remove it or pass another path"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be written: {parent} is not writable; pass a path in a writable folder"
+    return None
+
+
 def check_numbers(parser, args):
     """Every number checked before any model is loaded or file written (parser.error names the flag)."""
     at_least_one = ("num", "batch_size", "gen_length", "block_length", "steps", "prior_steps", "refresh_prior_steps",
@@ -261,8 +282,11 @@ def check_numbers(parser, args):
     for fraction in args.refresh_at or []:
         if not 0 <= fraction < 1:
             parser.error(f"--refresh-at fractions must lie in [0, 1) (0 = no refresh), got {fraction}")
-    if args.out and os.path.isdir(args.out):
-        parser.error(f"--out {args.out} is a folder; pass a .jsonl file path")
+    for flag, path in (("--out", args.out), ("--trace", args.trace)):
+        if path:
+            problem = output_problem(path)
+            if problem:
+                parser.error(f"{flag} {path} {problem}; nothing was sampled")
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.infill)) > 1:
         parser.error("pass one of --prompt, --prompt-file and --infill")
     if args.prompt_file is not None:

@@ -682,3 +682,25 @@ def test_guidance_needs_a_demasker_trained_with_register_dropout(runs, tmp_path,
     S.main(argv + ["--guidance", "2"])
     warned = "records no --register-dropout" in capsys.readouterr().err
     assert warned == (dropout is None) and len(_records(tmp_path / "g.jsonl")) == 2
+
+
+def test_output_locations_are_checked_before_any_sampling(tmp_path, capsys):
+    """A FIFO, symlink or folder at --out / --trace, or an unwritable folder, is refused before a model is
+    loaded (it failed, or replaced the node, only after the whole run)."""
+    import os
+    fifo, link, ro = tmp_path / "fifo.jsonl", tmp_path / "link.jsonl", tmp_path / "ro"
+    os.mkfifo(fifo)
+    (tmp_path / "target.jsonl").write_text("keep\n")
+    link.symlink_to(tmp_path / "target.jsonl")
+    ro.mkdir()
+    ro.chmod(0o500)
+    cases = [(["--out", str(fifo)], "a FIFO"), (["--out", str(link)], "a symlink"),
+             (["--out", str(tmp_path)], "is a folder"), (["--trace", str(fifo)], "a FIFO")]
+    if not os.access(ro, os.W_OK):  # root may write anywhere
+        cases.append((["--out", str(ro / "new" / "s.jsonl")], "not writable"))
+    for flags, text in cases:
+        with pytest.raises(SystemExit):
+            S.parse_args(["--ckpt", str(tmp_path / "no_run"), *flags])
+        assert text in capsys.readouterr().err, flags
+    assert (tmp_path / "target.jsonl").read_text() == "keep\n" and fifo.exists()
+    S.parse_args(["--ckpt", str(tmp_path / "no_run"), "--out", str(tmp_path / "new" / "deeper" / "s.jsonl")])
