@@ -12,7 +12,6 @@ refuses --guidance on a demasker whose recorded training had no register dropout
 """
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from infra.atomic import read_json
+from infra.run_folder import path_kind
 from mdm import REMASKING, RULES
 
 METHODS = ("base", "autoencode", "conthendisc", "conwithindisc")
@@ -118,7 +119,7 @@ def recorded_args(ckpt):
     folder = Path(ckpt)
     for candidate in (folder / "checkpoint" / "args.json", folder / "args.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return read_json(candidate, "restore it from the run, or delete it to sample without the check")
     return None
 
 
@@ -242,8 +243,7 @@ def output_problem(path):
     so that a long sampling run never fails at its last line. A symlink, FIFO, device or folder at the path
     is never replaced; missing folders are created at the end, so the nearest existing one must be a
     writable folder."""
-    from infra.run_folder import _kind
-    kind = _kind(path)
+    kind = path_kind(path)
     if kind == "folder":
         return "is a folder; pass a file path"
     if kind not in (None, "file"):

@@ -59,7 +59,7 @@ def staging_folder(folder):
     return folder.parent / f".{folder.name}.{STAGE_SUFFIX}"
 
 
-def _kind(path):
+def path_kind(path):
     """'a symlink', 'a FIFO', ... for what sits at `path` (not followed); 'folder', 'file' or None (nothing)."""
     try:
         mode = os.lstat(path).st_mode
@@ -76,7 +76,7 @@ def _kind(path):
 def check_folder(path, flag="--out-dir"):
     """Refuse (NotADirectoryError) a `path` that exists and is not a plain folder: a symlink (even to a folder),
     FIFO, socket, device or regular file. An absent path is fine (it is created)."""
-    kind = _kind(path)
+    kind = path_kind(path)
     if kind in (None, "folder"):
         return
     fix = (f"pass {flag} the folder it points to ({os.readlink(path)}) or another path" if kind == "a symlink"
@@ -87,7 +87,7 @@ def check_folder(path, flag="--out-dir"):
 
 def check_file(path, flag="--out"):
     """Refuse (NotADirectoryError) a `path` where a result file goes that exists and is not a regular file."""
-    kind = _kind(path)
+    kind = path_kind(path)
     if kind in (None, "file"):
         return
     raise NotADirectoryError(f"{path} (in {flag}) is {kind}, not a regular file, and would be replaced or "
@@ -189,9 +189,9 @@ def claim_result(folder, name, overwrite=False, flag="--out"):
 
 
 def _remove(path):
-    if _kind(path) == "folder":
+    if path_kind(path) == "folder":
         shutil.rmtree(path, ignore_errors=True)
-    elif _kind(path) is not None:
+    elif path_kind(path) is not None:
         Path(path).unlink(missing_ok=True)
 
 
