@@ -170,7 +170,7 @@ class Demasker(nn.Module):
         k, K = num_registers, self.cfg.max_registers
         prefix_global = torch.full((k + 2,), -1, device=device, dtype=torch.long)  # one slot before the text
         prefix_local = torch.cat([torch.arange(-(K + 2), -(K + 2) + k + 1, device=device),  # START, z_1..z_k
-                                  torch.tensor([-1], device=device)])                        # END
+                                  torch.full((1,), -1, device=device, dtype=torch.long)])    # END
         return torch.cat([prefix_global, text]), torch.cat([prefix_local, text])
 
     def rope_cos_sin(self, global_pos, local_pos):

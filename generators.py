@@ -239,8 +239,10 @@ def refresh_due(refresh_at, steps, adaptive, mask_id):
     pending = sorted(fraction for fraction in set(refresh_at) if fraction > 0)
 
     def due(step, x):
+        if not pending:  # every refresh done: no more host syncs
+            return False
         revealed = float((x != mask_id).float().mean())  # share of the canvas revealed so far
-        if pending and revealed >= pending[0] and revealed < 1:
+        if revealed >= pending[0] and revealed < 1:
             while pending and revealed >= pending[0]:
                 pending.pop(0)
             return True

@@ -21,7 +21,11 @@ Random stream (Decoding.rng). "llada" draws, per step and nothing else: (1) if t
 uniform tensor of the logits' shape (B, L, V) (LLaDA's torch.rand_like); (2) with remasking='random', one
 (B, L) uniform tensor of the default dtype (LLaDA's torch.rand). With generator=None the draws use the
 global RNG, so `torch.manual_seed(s); generate(..., decoding=LLADA)` equals LLaDA's output after the same
-seed (tests/test_sample.py). "fast" (the default): one uniform per candidate, the same distribution.
+seed (tests/test_sample.py). "fast" (the default): one uniform per candidate, the same distribution, and
+[M] never predicted (MDLM's zero-masking; LLaDA's models give it almost no mass).
+
+Host-device syncs: the fixed rule syncs once per block (its schedule); each step then runs without waiting
+for the device (tests/test_mdm.py counts). The adaptive rules sync once per step: whether the block is done.
 
 NFE = demasker forward passes of the batch: `steps` for the fixed rule, twice that with cfg_scale > 0 or
 guidance != 1 (two branches per step); returned by every decoder. bench/bench_sample.py times the loop.
@@ -70,11 +74,16 @@ def mdm_loop(model, x, gen_start, block_length, steps, temperature=0.0, remaskin
     for block in range(num_blocks):
         block_start = gen_start + block * block_length
         block_end = block_start + block_length
-        schedule = block_schedule(x[:, block_start:block_end] == mask_id, steps_per_block, decoding.rule)
+        schedule, candidates = block_schedule(x[:, :block_end] == mask_id, block_start, steps_per_block,
+                                              decoding.rule)
         for i, k_per_row in enumerate(schedule):
             active = (x[:, block_start:block_end] == mask_id).any(dim=1)  # (B,) rows with [M] in the block
-            if k_per_row is None and not active.any():
-                break  # an adaptive rule has decoded the whole block
+            if k_per_row is None:  # an adaptive rule: one host sync per step, to know when the block is done
+                left_in_block, candidates = candidate_counts(x, block_start, block_end, mask_id)
+                if left_in_block == 0:
+                    break
+            elif decoding.rng == "llada":
+                candidates = None  # LLaDA may predict [M] (a revealed [M] stays [M]): count with a sync
             new = None if refresh_registers is None else refresh_registers(step, x, registers, register_mask)
             if new is not None:  # ConWithinDisc (Alg. 3 line 6): registers redrawn given x_t
                 registers, register_mask = new
@@ -82,21 +91,32 @@ def mdm_loop(model, x, gen_start, block_length, steps, temperature=0.0, remaskin
             logits = forward(x, registers, register_mask, block_start, block_end, fresh)  # (B, L, V) f_theta
             # Alg. 6 lines 5-7: x0_hat ~ f_theta(x_t, t, z_0), then x_t = Forward(x0_hat, t)
             x, revealed = reveal_step(x, logits, block_end, k_per_row, temperature, remasking, mask_id,
-                                      generator, decoding, forward.eos_ids)  # (B, L), (B,)
+                                      generator, decoding, forward.eos_index(x.device), candidates)  # (B, L), (B,)
             record.step(active, revealed)
+            if k_per_row is not None and candidates is not None:
+                candidates -= sum(k_per_row)  # the fixed rule reveals exactly k_per_row: no sync needed
             step += 1
     record.write()
     return x, step * decoding.branches
 
 
-def block_schedule(masked, steps, rule):
+def block_schedule(masked, block_start, steps, rule):
     """Tokens each row reveals at each step of a block: `steps` lists of B ints (LLaDA's
-    get_num_transfer_tokens: the block's [M] split evenly over its steps; one host sync per block), or
-    block_length Nones for the adaptive rules, which decide per step. masked: (B, block_length) bool."""
+    get_num_transfer_tokens: the block's [M] split evenly over its steps), or block_length Nones for the
+    adaptive rules, which decide per step. masked: (B, block_end) bool, [M] before the block end.
+    Returns (schedule, candidates): candidates is the number of [M] before the block end (the fixed rule;
+    None for the adaptive rules). One host sync per block for both."""
     if rule != "fixed":
-        return [None] * masked.shape[1]
-    per_row = num_transfer_tokens(masked, steps).tolist()  # (B, steps)
-    return [[row[i] for row in per_row] for i in range(steps)]
+        return [None] * (masked.shape[1] - block_start), None
+    per_row = num_transfer_tokens(masked[:, block_start:], steps)  # (B, steps)
+    counts = torch.cat([per_row, masked.sum(dim=1, keepdim=True)], dim=1).tolist()  # (B, steps + 1)
+    return [[row[i] for row in counts] for i in range(steps)], sum(row[-1] for row in counts)
+
+
+def candidate_counts(x, block_start, block_end, mask_id):
+    """(number of [M] in the block, number of [M] before the block end): one host sync."""
+    masked = x[:, :block_end] == mask_id  # (B, block_end)
+    return torch.stack([masked[:, block_start:].sum(), masked.sum()]).tolist()
 
 
 def check_schedule(gen_length, block_length, steps):
@@ -119,18 +139,20 @@ def check_schedule(gen_length, block_length, steps):
 
 
 def reveal_step(x, logits, block_end, k_per_row, temperature, remasking, mask_id, generator=None,
-                decoding=None, eos_ids=()):
+                decoding=None, eos_ids=(), candidates=None):
     """One step: predict every [M] before the block end and reveal some, the rest stay [M].
 
     x: (B, L) long current tokens; logits: (B, L, V) the model's output for x; block_end: first position
     after the current block; k_per_row: list of B ints, tokens to reveal per row (the fixed rule; ignored
-    by the adaptive rules). decoding: Decoding (default LLADA). Returns (new x (B, L), revealed (B,) long).
+    by the adaptive rules). decoding: Decoding (default LLADA). candidates: the number of [M] before the
+    block end when the caller knows it (no host sync; see predict_candidates), else None.
+    Returns (new x (B, L), revealed (B,) long).
     """
     decoding = decoding or LLADA
     B, L = x.shape
     rows, cols, predicted, confidence, probability = predict_candidates(
         x, logits, block_end, temperature, remasking, mask_id, generator, decoding.rng, eos_ids,
-        decoding.confidence_eos_eot_inf)  # (N,) each
+        decoding.confidence_eos_eot_inf, candidates)  # (N,) each
     x0 = x.clone()
     x0[rows, cols] = predicted  # (B, L)
     if decoding.rule == "fixed":  # LLaDA: the k most confident candidates per row
@@ -145,7 +167,7 @@ def reveal_step(x, logits, block_end, k_per_row, temperature, remasking, mask_id
 
 
 def predict_candidates(x, logits, block_end, temperature, remasking, mask_id, generator=None, rng="llada",
-                       eos_ids=(), confidence_eos_eot_inf=False):
+                       eos_ids=(), confidence_eos_eot_inf=False, candidates=None):
     """Predict every [M] before block_end and score it. Returns (rows, cols, predicted, confidence,
     probability): (N,) each; probability is the model's probability of the predicted token, confidence
     what the fixed rule ranks by (probability, or a uniform draw with random remasking).
@@ -154,9 +176,17 @@ def predict_candidates(x, logits, block_end, temperature, remasking, mask_id, ge
     (prediction, Gumbel noise, softmax are row-wise, so each value is the one LLaDA computes on the full
     tensor). With rng="llada" the random numbers are drawn for the full (B, L, V) and (B, L) shapes so the
     RNG stream stays LLaDA's; with rng="fast" one per candidate (same distribution, fast_draw).
+    candidates: N when the caller knows it (mdm_loop's fixed rule counts on the host: N falls by the tokens
+    revealed each step: with rng="fast" [M] is never predicted, so a revealed position never stays [M]), so the
+    positions are found without a host-device sync (torch.nonzero_static); None: torch.nonzero, which waits
+    for the device.
     """
     B, L = x.shape
-    rows, cols = (x[:, :block_end] == mask_id).nonzero(as_tuple=True)  # (N,), (N,) candidate positions
+    masked = x[:, :block_end] == mask_id  # (B, block_end)
+    if candidates is None:
+        rows, cols = masked.nonzero(as_tuple=True)  # (N,), (N,) candidate positions, row-major
+    else:
+        rows, cols = torch.nonzero_static(masked, size=candidates).unbind(dim=1)  # the same, no sync
     candidate_logits = logits[rows, cols]  # (N, V)
     if rng == "llada":
         p = F.softmax(candidate_logits, dim=-1)  # (N, V) in the model's dtype, as LLaDA
@@ -178,7 +208,7 @@ def predict_candidates(x, logits, block_end, temperature, remasking, mask_id, ge
     else:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
     if confidence_eos_eot_inf and len(eos_ids):
-        is_eos = torch.isin(predicted, torch.tensor(list(eos_ids), device=predicted.device))
+        is_eos = torch.isin(predicted, torch.as_tensor(eos_ids, device=predicted.device))
         # below every other candidate (scores are in [0, 1]) but above the -inf of non-candidates
         confidence = torch.where(is_eos, confidence - 2.0, confidence)
     return rows, cols, predicted, confidence, probability

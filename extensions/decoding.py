@@ -1,7 +1,8 @@
 """The decoding options of the MDM loop (mdm.py): `Decoding`, and all that it adds to LLaDA's generate().
 
 None of these is in the CRoCoDiL paper's algorithms; all are off in `LLADA` (LLaDA's generate(), token for
-token), and the default `Decoding()` differs from it only in the random stream. The loop of mdm.py meets them
+token), and the default `Decoding()` differs from it only in the random stream (with which [M] is never
+predicted, MDLM's zero-masking, so the loop counts its candidates without a host sync). The loop of mdm.py meets them
 through `StepLogits` (its model call) and `adaptive_transfer` (the rule of `mdm.reveal_step`), and reports
 through `DecodeStats`. Nothing here imports mdm.py (which imports this file and re-exports its names).
 Command lines and measured speed / quality of every option: docs/decoding.md.
@@ -11,7 +12,10 @@ Command lines and measured speed / quality of every option: docs/decoding.md.
   tau = 0 the whole block at once); "factor" the n most confident with (n + 1) (1 - c_(n)) < f, at least
   one. `steps` is then not used: each block takes as many steps as it needs ([M] is never predicted, so
   every step reveals a token and a block takes at most block_length steps). `choose_adaptive`.
-- rng "fast": each masked candidate's token is drawn from softmax(logits / T) by inverse CDF (`fast_draw`:
+- rng "fast": [M] itself is never predicted (its logit is -inf: MDLM's zero-masking; LLaDA leaves it, and a
+  revealed [M] stays [M]), so every step of the fixed rule reveals exactly its scheduled count and mdm.py
+  finds the candidates without waiting for the device. Each masked candidate's token is drawn from
+  softmax(logits / T) by inverse CDF (`fast_draw`:
   a two-level search of the float32 CDF, one uniform per candidate): the distribution of Gumbel-max
   (tests/test_mdm.py) at a fraction of its cost (float64 Gumbel noise even at the candidates only made a
   T = 1 step 2.4x a T = 0 step at V = 32k; torch.multinomial was slower still).
@@ -138,6 +142,13 @@ class StepLogits:
         self.eos_ids = eos_ids(model) if wants_eos else ()
         self.cached = None if decoding.cache == "none" else CachedModel(model, decoding.cache)
         self.model = model if self.cached is None else self.cached
+        self._eos_index = None
+
+    def eos_index(self, device):
+        """eos_ids as a (n,) long tensor on `device`, made once (not copied from the host at every step)."""
+        if self._eos_index is None or self._eos_index.device != device:
+            self._eos_index = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+        return self._eos_index
 
     def __call__(self, x, registers, register_mask, block_start, block_end, fresh):
         if self.cached is not None:
@@ -145,8 +156,8 @@ class StepLogits:
         logits = guided_logits(self.model, x, self.gen_start, self.mask_id, registers, register_mask,
                                self.attention_mask, self.decoding)
         if self.decoding.logits_eos_inf and self.eos_ids:
-            logits[..., list(self.eos_ids)] = -math.inf
-        if self.decoding.rule != "fixed":
+            logits.index_fill_(-1, self.eos_index(logits.device), -math.inf)
+        if self.decoding.rule != "fixed" or self.decoding.rng == "fast":  # [M] is never predicted (MDLM)
             logits[..., self.mask_id] = -math.inf
         return logits if self.cached is None else self.cached.full_logits(logits)
 
@@ -248,4 +259,5 @@ class DecodeStats:
     def write(self):
         if self.stats is not None:
             self.stats["nfe_per_sample"] = self.per_sample.tolist()
-            self.stats["tokens_per_step"] = [float(r.float().mean()) for r in self.revealed]
+            means = torch.stack(self.revealed).float().mean(dim=1) if self.revealed else torch.zeros(0)  # (steps,)
+            self.stats["tokens_per_step"] = means.tolist()

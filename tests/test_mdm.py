@@ -184,3 +184,69 @@ def test_fast_draw_two_level_search_over_ragged_chunks():
     assert counts[[1, 2, 3, 6, 7, 8, 9]].sum() == 0
     expected = torch.softmax(torch.tensor([0.0, 1.0, -0.5, 0.5], dtype=torch.float64), 0) * 20000
     assert float(((counts[[0, 4, 5, 10]] - expected) ** 2 / expected).sum()) < 16.3
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-device syncs of the loop (what a GPU waits for; on CPU they are free, so they are counted here)
+# ------------------------------------------------------------------------------------------------
+
+SYNCS = {"nonzero", "tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+
+
+class SyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts the torch calls that make the host wait for the device: reading a value (item, tolist, bool,
+    int, float), nonzero (its size depends on the data), indexing with a boolean mask, copies to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        index = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else None
+        if name in SYNCS or (isinstance(index, torch.Tensor) and index.dtype == torch.bool):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def demasker_with_registers():
+    from demasker import Demasker, DemaskerConfig
+    torch.manual_seed(0)
+    model = Demasker(DemaskerConfig.tiny(n_layers=1, register_dim=16, max_registers=8)).eval()
+    return model, torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("temperature, remasking, options", [
+    (0.0, "low_confidence", {}), (1.0, "low_confidence", {}), (1.0, "random", {}),
+    (0.0, "low_confidence", {"guidance": 2.0, "logits_eos_inf": True, "confidence_eos_eot_inf": True}),
+    (0.0, "low_confidence", {"cache": "dual"})])
+def test_the_fixed_rule_syncs_once_per_block_not_per_step(temperature, remasking, options):
+    model, regs = demasker_with_registers()
+    decoding = M.Decoding(**options)
+    with SyncCounter() as counter:  # 2 blocks x 8 steps, the run's stats read at the end
+        out, nfe = M.generate(model, 3, 32, 16, 16, temperature, remasking, registers=regs, decoding=decoding,
+                              stats={})
+    assert nfe == 16 * decoding.branches and (out != model.cfg.mask_token_id).all()
+    assert len(counter.calls) == 2 + 2, counter.calls  # one per block (its schedule), two for the stats
+    llada = SyncCounter()
+    with llada:  # LLaDA's exact mode counts its candidates with nonzero at every step
+        M.generate(model, 3, 32, 16, 16, temperature, remasking, registers=regs, decoding=M.LLADA)
+    assert llada.calls.count("nonzero") == 16
+
+
+def test_the_adaptive_rules_sync_once_per_step():
+    model, regs = demasker_with_registers()
+    with SyncCounter() as counter:
+        out, nfe = M.generate(model, 3, 32, 16, 32, 0.0, registers=regs,
+                              decoding=M.Decoding(rule="threshold", threshold=0.0))
+    # threshold 0 reveals a block per step: each block one count to decode it, one to find it done
+    assert nfe == 2 and len(counter.calls) == 4, counter.calls
+
+
+def test_the_fast_stream_never_reveals_mask_even_when_the_model_prefers_it():
+    logits = torch.zeros(V)
+    logits[MASK] = 5.0  # [M] is the argmax everywhere
+    out, _ = M.generate(FixedLogits(logits), 2, 8, 8, 4, mask_id=MASK, decoding=M.Decoding())
+    assert (out != MASK).all()
+    llada, _ = M.generate(FixedLogits(logits), 2, 8, 8, 4, mask_id=MASK, decoding=M.LLADA)
+    assert (llada == MASK).all()  # LLaDA's generate() reveals the [M] it predicts: the canvas stays masked

@@ -138,6 +138,27 @@ def test_base_and_guided_decoding(device, dtype, guided, decoding):
     assert_valid(out, dem.cfg) and nfe >= 1
 
 
+def test_the_fixed_rule_does_not_wait_for_the_device_at_each_step(device):
+    """On CUDA, torch's sync debug mode warns at every host-device sync: the fixed rule makes one per block
+    (its schedule), none per step. (On CPU tests/test_mdm.py counts the same calls.)"""
+    if device.type != "cuda":
+        pytest.skip("CUDA's sync debug mode only; tests/test_mdm.py counts the syncs on CPU")
+    import warnings
+    dem = sampler_demasker(device, torch.bfloat16)
+    registers = torch.randn(B, K, WIDTH, device=device, dtype=torch.bfloat16)
+    mdm.generate(dem, B, L, L // 2, 8, 1.0, registers=registers, decoding=mdm.Decoding())  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mdm.generate(dem, B, L, L // 2, 8, 1.0, registers=registers, decoding=mdm.Decoding())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 2, [str(w.message)[:200] for w in syncs]  # 2 blocks x 4 steps: one per block
+
+
 def test_autoencode(device):
     dem = sampler_demasker(device, torch.float32)
     enc = tiny_encoder(dem.cfg, seed=1).to(device)
