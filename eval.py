@@ -26,7 +26,9 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (evaluation/metri
                               handling) on selection programs disjoint from fig6's references; the best
                               setting per L goes to OUT/base-decoding.json, which fig6 / speed take with
                               --base-decoding (experiments/eval_base.py)
-  Sec. 5      speed           quality vs NFE and wall-clock with fixed and threshold decoding, the speed headline
+  Sec. 5      speed           quality vs NFE (a fine NFE grid) and wall-clock with fixed, threshold and factor
+                              decoding, then a separate timing pass (experiments/eval_timing.py); the headline
+                              read on the curves by the matched-quality rule of evaluation/match.py
                               (experiments/eval_speed.py)
   CADD        cadd            beyond the paper (experiments/eval_cadd.py): base MDM vs CADD (per-token latents,
                               hard / soft z0_hat) vs CRoCoDiL vs CADD + registers: masked-token CE per ratio,
@@ -34,6 +36,10 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (evaluation/metri
   App. H      prompt          (experiments/eval_prompt.py) signature + docstring -> body on held-out functions:
                               base MDM vs ConThenDisc / ConWithinDisc with a prompted prior, CER, token F1,
                               parse rate, Gen-PPL vs NFE; infilling rows with --cond-prior
+  Sec. 4.3.2  consistency     (ours; experiments/eval_consistency.py) does the conditional prior read its condition?
+                              agreement of registers drawn given h(x_t) with the revealed tokens per revealed share,
+                              copy given the clean h(x) (cosine / MSE to h_phi(x), CER), beside the oracle h_phi(x),
+                              the all-[M] condition and the unconditional prior (evaluation/consistency.py)
 
 Every subcommand writes OUT/NAME.json (settings, checkpoints, command, results), appends a section to
 OUT/REPORT.md and, when matplotlib is importable, draws OUT/NAME.png. Several subcommands share one OUT; an
@@ -51,6 +57,12 @@ Statistics (ours): --bootstrap N (preset default 200 at tiny; 0 = off) seeded pe
 95% intervals over each row's samples: Gen-PPL pooled over each resample's tokens, MAUVE with each replicate
 resampling the method's samples and a new k-means seed (--bootstrap-restarts restarts; the reference set fixed,
 as it is shared by every row), the parse / empty rates, CER; the real-vs-real ceiling gets its interval too.
+The speed headline (`speed`, and beside fig6's own speedups) is read on curves: evaluation/match.py states the
+rule (the reference's point value, the first crossing interpolated in log NFE, Bonferroni-level bands) and
+experiments/eval_timing.py times every row back to back, several repeats, after the quality passes. The
+point rule below is kept in the records as "matches".
+--keep K (or L=K) makes every generator subcommand feed the demasker the first K registers of each bank (a
+prior over all of an encoder's registers evaluated at the paper's K); default: all that the prior models.
 "Matches the base": a point matches the base reference (the base MDM at NFE = L) on MAUVE when its MAUVE >=
 the reference's lower 95% bound, on Gen-PPL when its Gen-PPL <= the reference's upper bound, and on "both"
 when both hold: it is not detectably worse than the base. The speedup's interval bootstraps over the replicate
@@ -70,7 +82,8 @@ random streams. Presets set sample counts and sweeps: tiny (minutes on CPU), sma
 Files: eval.py (this command line and the output record), config/eval_args.py (the flags and their checks),
 experiments/eval_context.py (presets, loading, sharded sampling, scoring), experiments/eval_autoencoder.py
 (Fig. 4, 7, 8, Tables 1-2), experiments/eval_generation.py (Fig. 6, 11, 9, PRDC, App. B), experiments/eval_speed.py
-(`speed`), experiments/eval_base.py, eval_cadd.py, eval_prompt.py.
+(`speed`), experiments/eval_timing.py (its timing pass), evaluation/match.py (the matched-quality rule),
+experiments/eval_base.py, eval_cadd.py, eval_prompt.py, eval_consistency.py.
 """
 
 
@@ -85,6 +98,7 @@ from evaluation.report import git_commit, write_experiment
 from experiments.eval_autoencoder import run_fig4, run_fig7, run_fig8, run_table
 from experiments.eval_base import run_base_decoding
 from experiments.eval_cadd import run_cadd
+from experiments.eval_consistency import run_consistency
 from experiments.eval_context import ALPHAS, PRESETS, SIGMAS, Context  # noqa: F401 (re-exported)
 from experiments.eval_generation import (run_fig6, run_fig9, run_fig11, run_marginal_trap, run_prdc, speedup_text,  # noqa: F401
                                          speedups)
@@ -97,7 +111,7 @@ from infra.run_folder import claim_result
 RUNS = {"fig4": run_fig4, "table1": lambda ctx: run_table(ctx, 0), "table2": lambda ctx: run_table(ctx, 1),
         "fig7": run_fig7, "fig8": run_fig8, "fig6": run_fig6, "fig9": run_fig9, "prdc": run_prdc, "fig11": run_fig11,
         "speed": run_speed, "base-decoding": run_base_decoding, "marginal-trap": run_marginal_trap, "cadd": run_cadd,
-        "prompt": run_prompt}
+        "prompt": run_prompt, "consistency": run_consistency}
 EXPERIMENTS = {name: (TITLES[name], RUNS[name]) for name in TITLES}  # subcommand -> (title, run(ctx))
 
 

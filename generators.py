@@ -299,8 +299,12 @@ def check_prior_matches_ae(folder, settings, ae):
     both (prior.json's encoder_fingerprint against the fingerprint of `ae`'s encoder/)."""
     from dataprep.latent_data import encoder_fingerprint
     recorded, ae_dir = settings.get("encoder_fingerprint"), _ae_checkpoint(ae)
-    if recorded is None or not (ae_dir / "encoder").is_dir():
-        return  # a prior.json without a fingerprint, or a base-only run: nothing to compare
+    if not (ae_dir / "encoder").is_dir():
+        return  # a base-only run: no encoder to compare
+    if recorded is None:
+        raise ValueError(f"{folder}/prior.json records no encoder_fingerprint, so nothing shows that it was "
+                         f"trained on the registers of --ae {ae}; retrain it with train_prior.py --ae {ae} "
+                         f"(which records it), or add the fingerprint of the AE it was trained on")
     actual = encoder_fingerprint(ae_dir / "encoder")
     if actual != recorded:
         raise ValueError(f"the prior {folder} was trained on the registers of {settings.get('ae')} (encoder "

@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from config.sample_args import check_guidance, check_numbers, check_run, parse_args, used  # noqa: F401 (re-exported)
+from config.sample_args import (check_guidance, check_numbers, check_priors, check_run, parse_args,  # noqa: F401
+                                used)  # (re-exported)
 from evaluation.metrics import cer, levenshtein  # noqa: F401 (re-exported)
 from extensions.cadd import cadd_generate, check_cadd  # noqa: F401 (check_cadd: re-exported)
 from training.runs import heldout_programs, load_run, run_folder, through_first_eos  # noqa: F401 (re-exported)
@@ -250,6 +251,7 @@ def main(argv=None):
 
     args = parse_args(argv)  # refuses a flag that acts on no run of this method, mode and decoding rule
     check_guidance(args)
+    check_priors(args)  # a prior record without the encoder's fingerprint, or of another tokenizer layout
     env = D.setup(device=args.device)
     args.device = str(env.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -303,7 +305,12 @@ def main(argv=None):
             show(record, autoencoding)
     if args.out:  # a temporary file of our own, renamed at the end: an existing file is replaced whole or kept
         from infra.atomic import write_text
-        write_text(args.out, "".join(json.dumps(record) + "\n" for record in gathered))
+        try:
+            write_text(args.out, "".join(json.dumps(record) + "\n" for record in gathered))
+        except OSError as error:  # checked before the work (config/sample_args.output_problem); a disk filled since
+            raise SystemExit(f"sample.py: error: --out {args.out} could not be written ({error.strerror}); the "
+                             f"programs are lost, any earlier {args.out} is kept: free space or pass another --out "
+                             f"and sample again") from None
     errors = [record["cer"] for record in gathered] if autoencoding else []
     summary = (f"{args.num} programs on {env.world_size} rank(s), NFE {gathered[-1]['nfe']:.4g} per batch, "
                f"{time.time() - start:.1f}s")

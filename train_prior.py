@@ -24,7 +24,12 @@ Paper map (arXiv 2603.20210, App. E):
   no optimiser settings for the prior; ours follow DiT).
 - Validation (App. E, Fig. 9): on fixed held-out banks with fixed noise, MSE and PSNR(g(z_t, t), z_0)
   at base times t = 0, 0.1, ..., 1 (PSNR with peak 1 = the RMS of a register entry; metrics.psnr); the
-  conditional prior is validated at r = 0.5, the paper's inference ratio.
+  conditional prior is validated at r = 0.5, the paper's inference ratio. MSE cannot see whether the prior
+  reads its condition: with --val-consistency N (off by default, training/prior_run.py says why) the
+  conditional prior's validation also logs evaluation/consistency.py's agreement (registers drawn given
+  h(x_t) at revealed shares 0.25 / 0.5 / 0.75, decoded by the AE run's demasker: the share of revealed tokens
+  reproduced) and copy (given the clean h(x): cosine / MSE to h_phi(x), CER), beside the oracle z = h_phi(x)
+  and the all-[M] condition, with bootstrap intervals over the N programs ("consistency" in the val record).
 
 Randomness is a function of (seed, step) only: batch rows come from a stream of per-epoch permutations and each
 step draws t, the noise and the masks for the whole global batch from a generator seeded by (seed, step), each
@@ -38,10 +43,11 @@ is refused unless --resume or --overwrite, one writer at a time: infra/run_folde
     dit/              EMA weights, LatentDiT.save_pretrained (read by generators.load_prior), and a model card
     cond_encoder/     EMA h_mu (only with --train-cond-encoder)
     train_state/      raw weights + training_state.pt (AdamW, EMA, step), atomic; `--resume` continues bit-exactly
-    log.jsonl         {"type": "train", "step", "loss", "lr", ...} and {"type": "val", "step", "val_mse", "psnr", ...}
+    log.jsonl         {"type": "train", "step", "loss", "lr", ...} and {"type": "val", "step", "val_mse", "psnr", ...,
+                      "consistency" (with --val-consistency)}
 
     python train_prior.py --ae runs/ae --out-dir runs/prior --max-steps 2000
-    python train_prior.py --ae runs/ae --out-dir runs/cprior --conditional --max-steps 2000
+    python train_prior.py --ae runs/ae --out-dir runs/cprior --conditional --max-steps 2000 --val-consistency 8
     torchrun --nproc_per_node 8 train_prior.py --ae RUN --out-dir OUT --preset paper --num-registers all
 """
 
@@ -62,9 +68,9 @@ from infra import distributed as D
 from infra import guards
 from infra.run_folder import claim
 from training import runs as R
-from training.prior_run import (STATE_DIR, batch_rows, check_run_folder, check_same_sources, conditioning_view,  # noqa: F401
-                             load_banks, load_resume, log_line, resolve_data_dir, run_context, save, truncate_log,
-                             write_settings)
+from training.prior_run import (CONSISTENCY_PRIOR_STEPS, STATE_DIR, batch_rows, check_run_folder,  # noqa: F401
+                             check_same_sources, conditioning_view, consistency_inputs, load_banks, load_resume,
+                             log_line, parse_all, resolve_data_dir, run_context, save, truncate_log, write_settings)
 from latent_dit import DiTConfig, LatentDiT
 from schedules import q_sample, register_times, sample_base_times
 
@@ -193,7 +199,26 @@ def validate(model, ctx):
             psnr_db.append(float(torch.cat(ratios).mean()))
     finally:
         ctx["tokens"], ctx["bank"] = tokens, ctx["train_bank"]
-    return {"val_mse": float(np.mean(mse)), "t": VAL_TIMES, "mse": mse, "psnr": psnr_db, "val_examples": n}
+    result = {"val_mse": float(np.mean(mse)), "t": VAL_TIMES, "mse": mse, "psnr": psnr_db, "val_examples": n}
+    inputs = consistency_inputs(ctx)  # None unless --val-consistency N with --conditional
+    if inputs is not None:
+        result["consistency"] = validate_consistency(model, ctx, inputs)
+    return result
+
+
+def validate_consistency(model, ctx, inputs):
+    """evaluation/consistency.measure on the EMA prior (its h_mu, or the frozen h_phi, reads the canvas through
+    the training view), the held-out programs of prior_run.consistency_inputs, fixed seeds."""
+    from evaluation.consistency import measure
+    from generators import Prior
+
+    a = ctx["args"]
+    encoder = model.cond_encoder if model.cond_encoder is not None else ctx["frozen_encoder"]
+    prior = Prior(model.dit, a.num_registers, a.max_offset, not a.no_block_offsets, encoder=encoder,
+                  shared_tokenizer=ctx["view"].shared, view=ctx["view"])
+    return measure(inputs["demasker"], prior, inputs["ids"], inputs["lengths"], inputs["oracle"],
+                   steps=a.val_consistency_steps, refresh_prior_steps=CONSISTENCY_PRIOR_STEPS, seed=VAL_SEED,
+                   batch_size=a.micro_batch_size, to_text=inputs["to_text"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,7 +255,7 @@ def main(argv=None):
     from dataprep.data import load_meta
     from train_ae import get_lr, make_optimizer
 
-    args = parse_args(argv)
+    args = parse_all(argv)  # config/prior_args.py's flags and the consistency flags (training/prior_run.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = D.setup(device=args.device)
@@ -310,6 +335,9 @@ def main(argv=None):
                     if not args.quiet:
                         bar.write(f"val step {done}: MSE {result['val_mse']:.4f}, PSNR(t = 0, 0.1, .., 1) "
                                   + " ".join(f"{p:.1f}" for p in result["psnr"]))
+                        if "consistency" in result:
+                            from evaluation.consistency import summary_line
+                            bar.write(f"val step {done}: {summary_line(result['consistency'])}")
                 D.barrier(env)
         bar.close()
         del model, optimizer  # the wrapper goes before its process group (distributed.cleanup)

@@ -219,7 +219,7 @@ def resume_defaults(p, args, argv):
     path = folder / "args.json" if (folder / "args.json").is_file() else Path(args.out_dir) / "args.json"
     if not path.is_file():
         return None
-    saved = C.read_json(path, "run record")
+    saved = guards.read_run_record(p, path)  # a hand-edited record: parser.error naming the file, entry and fix
     p.set_defaults(**{key: value for key, value in saved.items() if key not in NOT_INHERITED})
     return saved
 

@@ -29,6 +29,7 @@ TITLES = {
     "marginal-trap": "The marginal trap: valid samples vs tokens per step (App. B, Theorem B.1)",
     "cadd": "CADD beside CRoCoDiL: per-token latents vs registers (beyond the paper)",
     "prompt": "Prompted generation and infilling through the registers (App. H)",
+    "consistency": "Does the conditional prior read its condition? Agreement and copy (ConWithinDisc's prior)",
 }
 
 NO_DATA = ("marginal-trap",)  # subcommands that read no data cache (each asks only for what it uses)
@@ -53,7 +54,10 @@ def parse_args(argv=None):
       "L = 512, K = 16 at L = 1024); lengths not named use --prior")
     a("--length-cond-priors", nargs="*", metavar="L=DIR", help="fig6: a conditional prior per length (else --cond-prior)")
     a("--thresholds", type=float, nargs="+", help="speed: confidence thresholds tau of the adaptive rule "
-      "(default: 0.5 0.7 0.9 0.99); marginal-trap: its threshold rows (default: 0.1 0.3 0.5 0.7 0.9 0.99)")
+      "(default: 0.5 0.7 0.9 0.99); base-decoding: its threshold rows (default: 0.5 0.7 0.9); marginal-trap: its "
+      "threshold rows (default: 0.1 0.3 0.5 0.7 0.9 0.99)")
+    a("--factors", type=float, nargs="+", help="speed, base-decoding: f of Fast-dLLM's factor rule (the n most "
+      "confident with (n + 1)(1 - c_(n)) < f), one row each (default: 1.0)")
     a("--caches", nargs="+", choices=["prefix", "dual"], default=[], help="speed: extra base MDM rows at NFE = L "
       "with the approximate key/value cache (extensions/kv_cache.py; semi-autoregressive blocks only), for its cost and speed")
     a("--methods", nargs="*", choices=["conthendisc", "conwithindisc"], default=None, help="speed: only these "
@@ -75,21 +79,37 @@ def parse_args(argv=None):
     a("--length", type=int, help="one length for table1/table2 (default: the preset's first/second), fig11 (the "
       "first) and fig8 (the data's L)")
     a("--nfe", type=int, nargs="+", help="NFE (= MDM steps) grid (default: powers of two from the preset's nfe_min, 1 "
-      "at tiny, up to the length)")
+      "at tiny, up to the length; speed: the fine grid)")
+    a("--nfe-grid", choices=["powers", "fine"], help="the default NFE grid: powers of two (fig6, fig11, cadd) or fine, "
+      "2^k and 3 x 2^k: 1, 2, 3, 4, 6, 8, 12, ... (speed), on which evaluation/match.py reads the matched-quality NFE")
+    a("--keep", type=keep_arg, nargs="+", metavar="K|L=K", help="fig6, fig11, speed, cadd (and fig8, prompt): the "
+      "demasker reads the first K registers of each draw (the paper: K = 8 at L = 512, 16 at L = 1024, from a "
+      "prior over all of them: --keep 512=8 1024=16); default: every register the prior models, as sample.py")
+    a("--timing-repeats", type=int, help="speed: repeats of the timing pass after the quality rows, every row timed "
+      "interleaved with the others (experiments/eval_timing.py; default: the preset's, 5; 0 = no timing pass)")
+    a("--timing-batch", type=int, help="speed: samples per timed batch (default: the preset's batch size)")
     a("--guided-max-nfe", type=int, help="fig6: sweep ConThenDisc / ConWithinDisc only up to this NFE (default: "
       "the length, as the base); the speedup is decided at the bottom of the grid, and a CPU budget can skip their "
       "costliest points (scripts/reproduce.sh at tiny: 64; speed has them at NFE = L)")
     a("--blocks", type=int, nargs="+", help="table1/table2: block lengths (default: L/8, L/4, L/2, L); "
-      "base-decoding: semi-autoregressive block lengths tried beside the whole sequence (default: 32)")
-    a("--base-decoding", metavar="FILE", help="fig6/speed: decode the base MDM rows with the setting chosen per "
-      "length in FILE (OUT/base-decoding.json of `eval.py base-decoding`: remasking, block length, EOS handling); "
-      "default: --remasking, one block. The guided methods keep --remasking and one block")
+      "base-decoding (fixed and adaptive rows), cadd --cadd-select: semi-autoregressive block lengths tried beside "
+      "the whole sequence (default: 32)")
+    a("--base-decoding", metavar="FILE", help="fig6/speed/cadd: decode the base MDM rows (and cadd's CADD rows) with "
+      "the setting chosen per length in FILE (OUT/base-decoding.json of `eval.py base-decoding`: remasking, block "
+      "length, EOS handling; its chosen_adaptive for speed's threshold / factor rows); default: --remasking, one "
+      "block. The guided methods keep --remasking and one block")
     a("--fig6-num", type=int, help="base-decoding: samples per point of the fig6 run whose reference programs the "
       "selection set must avoid (default: the preset's generation samples)")
     a("--selection-split", choices=["auto", "val", "train"], default="auto", help="base-decoding: real programs "
       "to choose on: val (held-out val programs after fig6's references; an error if too few), train (the last "
       "training programs), auto (val when enough remain, else train)")
-    a("--steps", type=int, help="fig8: MDM steps for decoding (default: the length)")
+    a("--steps", type=int, help="fig8, consistency: MDM steps for decoding (default: the length)")
+    a("--revealed-shares", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="consistency: shares r of each "
+      "program's tokens revealed to the conditional prior, one agreement row each (the copy row is r = 1)")
+    a("--canvas", choices=["random", "confidence", "both"], default="both", help="consistency: which positions are "
+      "revealed: random (each independently, the training masks), confidence (the canvas ConWithinDisc's refresh "
+      "reads: ConThenDisc's own decoding with --prior's registers stopped at share r, else the order of the oracle "
+      "registers' decoding of the program) or both (default)")
     a("--registers", type=int, nargs="+", help="fig4: register counts k (default: 1, 2, 4, ..., K)")
     a("--sigmas", type=float, nargs="+", help=f"fig7: noise std list (default: {SIGMAS})")
     a("--fig7-ratio", type=float, default=0.9, help="fig7: mask ratio (paper: 0.9)")
@@ -126,6 +146,9 @@ def parse_args(argv=None):
       "(Monte Carlo); NFE counts K forward passes per step (default 1)")
     a("--cadd-posterior-noise", action="store_true", help="cadd: sample the Gaussian posterior (mean + noise) "
       "instead of moving the latents to its mean")
+    a("--cadd-select", action="store_true", help="cadd: choose CADD's own decoding (z0_hat softness x remasking x "
+      "block length x EOS handling, at NFE = L) on base-decoding's selection set by its rule, and add 'cadd_best' rows "
+      "decoded with it (costly: one NFE = L sweep per setting)")
     a("--cadd-trap", action="store_true", help="cadd: also train a CADD demasker on the marginal-trap corpus "
       "(--trap-*) and compare its valid-sample fraction with the base MDM and the factorised bound")
     a("--cadd-trap-schedule", choices=["linear", "cosine"], default="linear", help="cadd: gamma_bar of the trap's "
@@ -143,10 +166,19 @@ def parse_args(argv=None):
     return args
 
 
+def keep_arg(text):
+    """--keep values: K (every length) or L=K (one length) -> (L | None, K)."""
+    length, sep, count = text.rpartition("=")
+    try:
+        return (int(length) if sep else None), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K or L=K (e.g. 8 or 512=8), got {text!r}") from None
+
+
 COUNTS = ("num", "batch_size", "lengths", "length", "nfe", "blocks", "steps", "registers", "prior_steps",
           "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples",
           "fig6_num", "trap_prior_steps", "guided_max_nfe",
-          "bootstrap_restarts", "cadd_latents")
+          "bootstrap_restarts", "cadd_latents", "timing_batch")
 
 
 def check_numbers(parser, args):
@@ -158,6 +190,14 @@ def check_numbers(parser, args):
         for value in each(name):
             if value < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for length, count in args.keep or []:
+        if count < 1 or (length is not None and length < 1):
+            given = f"{count}" if length is None else f"{length}={count}"
+            parser.error(f"--keep needs K >= 1 (and L >= 1 in L=K), got {given}")
+    if len([length for length, _ in args.keep or [] if length is None]) > 1:
+        parser.error("--keep takes one bare K (every length) at most; name the others as L=K")
+    if args.timing_repeats is not None and args.timing_repeats < 0:
+        parser.error(f"--timing-repeats must be >= 0 (0 = no timing pass), got {args.timing_repeats}")
     if args.bootstrap is not None and args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0 (0 = no intervals), got {args.bootstrap}")
     if args.threads < 0:
@@ -175,7 +215,10 @@ def check_numbers(parser, args):
         parser.error(f"--span-fraction must lie in (0, 1), got {args.span_fraction}")
     if not 0 <= args.cond_ratio <= 1:
         parser.error(f"--cond-ratio must be in [0, 1], got {args.cond_ratio}")
+    for value in args.revealed_shares:
+        if not 0 < value < 1:
+            parser.error(f"--revealed-shares must lie in (0, 1) (the copy row is r = 1), got {value}")
     try:  # a symlink, FIFO, device or file where the folder goes: refused before anything is loaded
         check_folder(args.out, "--out")
-    except NotADirectoryError as error:
+    except OSError as error:  # a file in the way, a read-only or full location
         parser.error(str(error))

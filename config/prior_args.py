@@ -104,7 +104,7 @@ def parse_args(argv=None):
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
     saved_path = Path(args.out_dir) / "args.json"
-    saved = C.read_json(saved_path, "run record") if args.resume and saved_path.is_file() else None
+    saved = guards.read_run_record(p, saved_path) if args.resume and saved_path.is_file() else None
     if saved is not None:  # the run's flags become the defaults; explicit changes are refused below
         p.set_defaults(**{key: value for key, value in saved.items() if key not in NOT_INHERITED})
         args = p.parse_args(argv)

@@ -8,7 +8,10 @@ check_numbers refuses a bad number or flag combination with argparse's message n
 --prompt-file is read into --prompt here. APPLIES says which run each flag acts on: a flag set on the command line
 where it does not act is refused (`unused_flags`; the CADD rows once the checkpoint is read, `check_run`), and
 `used` gives a flag's value only where it acts (the records name only the inputs a run used). `check_guidance`
-refuses --guidance on a demasker whose recorded training had no register dropout (an untrained null branch).
+refuses --guidance on a demasker whose recorded training had no register dropout (an untrained null branch);
+`check_priors` refuses a prior whose record carries no encoder fingerprint or another tokenizer layout than the
+autoencoder's. --prompt-file is read as UTF-8 (a byte that is not is named with its line); --out / --trace must be
+writable locations (`output_problem`).
 """
 
 import argparse
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 from infra.atomic import read_json
-from infra.run_folder import path_kind
+from infra.run_folder import location_problem, path_kind
 from mdm import REMASKING, RULES
 
 METHODS = ("base", "autoencode", "conthendisc", "conwithindisc")
@@ -138,6 +141,36 @@ def check_guidance(args):
                          f"--register-dropout 0.1 or drop --guidance")
 
 
+def check_priors(args):
+    """The provenance of --prior / --cond-prior (those this run uses), from their prior.json before anything is
+    loaded: the record must carry the fingerprint of the autoencoder's encoder (generators.load_prior compares it
+    with --ckpt's; without one nothing shows which registers the prior samples), and its tokenizer layout (one
+    shared tokenizer, or the encoder's own) must be the autoencoder run's. SystemExit naming the file and the fix."""
+    from generators import PRIOR_SETTINGS_FILE
+
+    ae = Path(args.ckpt) / "checkpoint" if (Path(args.ckpt) / "checkpoint" / "encoder").is_dir() else Path(args.ckpt)
+    for flag in ("--prior", "--cond-prior"):
+        folder = used(args, flag)
+        record = Path(folder) / PRIOR_SETTINGS_FILE if folder else None
+        if record is None or not record.is_file():
+            continue  # not used here, or not a prior folder (load_prior names the problem)
+        retrain = f"train a prior on this autoencoder: train_prior.py --ae {args.ckpt} --out-dir NEW_FOLDER"
+        try:
+            settings = read_json(record, retrain)
+        except ValueError as error:
+            raise SystemExit(f"sample.py: error: {flag} {folder}: {error}") from None
+        if not isinstance(settings, dict) or not settings.get("encoder_fingerprint"):
+            raise SystemExit(f"sample.py: error: {record} records no encoder_fingerprint, so nothing shows that {flag} "
+                             f"{folder} was trained on the registers of --ckpt {args.ckpt}'s encoder (a prior of another "
+                             f"autoencoder decodes to garbage); {retrain}")
+        shared, ours = settings.get("shared_tokenizer", True), not (ae / "encoder_tokenizer.json").is_file()
+        if (ae / "encoder").is_dir() and bool(shared) != ours:
+            layout = {True: "one tokenizer shared by encoder and demasker", False: "an encoder with its own tokenizer"}
+            raise SystemExit(f"sample.py: error: {flag} {folder} was trained with {layout[bool(shared)]} ({record}: "
+                             f"shared_tokenizer {str(bool(shared)).lower()}), but --ckpt {args.ckpt} has "
+                             f"{layout[ours]}: it belongs to another autoencoder run; pass that run, or {retrain}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Decode programs with the masked diffusion sampler (LLaDA generate). "
@@ -242,20 +275,14 @@ def output_problem(path):
     """Why `path` cannot take a file written at the end of the run (None when it can): checked before any work,
     so that a long sampling run never fails at its last line. A symlink, FIFO, device or folder at the path
     is never replaced; missing folders are created at the end, so the nearest existing one must be a
-    writable folder."""
+    writable folder with free space (infra/run_folder.location_problem)."""
     kind = path_kind(path)
     if kind == "folder":
         return "is a folder; pass a file path"
     if kind not in (None, "file"):
         return f"is {kind}, not a regular file, and would be replaced: remove it or pass another path"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"cannot be created: {parent} is not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be written: {parent} is not writable; pass a path in a writable folder"
-    return None
+    problem = location_problem(path)  # a file where a folder must be, a folder not writable, a full disk
+    return None if problem is None else f"{problem[1]}; pass a path in a writable folder with free space"
 
 
 def check_numbers(parser, args):
@@ -290,13 +317,29 @@ def check_numbers(parser, args):
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.infill)) > 1:
         parser.error("pass one of --prompt, --prompt-file and --infill")
     if args.prompt_file is not None:
-        if not os.path.isfile(args.prompt_file):
-            parser.error(f"--prompt-file {args.prompt_file} does not exist; pass a text file holding the prompt")
-        with open(args.prompt_file, encoding="utf-8") as handle:
-            args.prompt = handle.read()
+        args.prompt = read_prompt_file(parser, args.prompt_file)
     problems = unused_flags(args)  # the CADD rows wait for the checkpoint (check_run)
     if problems:
         parser.error("; ".join(problems))
     if args.prompt is not None and not args.prompt.strip():
         parser.error("the prompt is empty; pass a function signature and docstring, e.g. --prompt "
                      "'def add(a, b):\n    \"\"\"Return a + b.\"\"\"'")
+
+
+def read_prompt_file(parser, path):
+    """The text of --prompt-file (UTF-8, a byte order mark dropped); parser.error naming the file, the line of a
+    byte that is not UTF-8, and the fix."""
+    if os.path.isdir(path):
+        parser.error(f"--prompt-file {path} is a folder; pass a text file holding the prompt")
+    if not os.path.isfile(path):
+        parser.error(f"--prompt-file {path} does not exist; pass a text file holding the prompt")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        parser.error(f"--prompt-file {path} cannot be read ({error.strerror}); make it readable or pass another file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        parser.error(f"--prompt-file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} on line {line}); save "
+                     f"it as UTF-8, or pass the prompt itself with --prompt")

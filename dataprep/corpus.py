@@ -3,7 +3,9 @@ interpreter's standard library, present on every machine without a download). An
 JSONL file of {"text": ..., "path": optional} lines, works the same way: find the files, split each into
 self-contained programs (top-level functions and classes via `ast`, or the whole file when small), drop exact
 duplicates, assign train/val/test by FILE (a hash of its relative path), never by program. dataprep/data.py builds the
-token cache from it.
+token cache from it. Files and JSONL lines that give no program (not UTF-8, unparsable, a JSONL line that is not an
+object with a string "text", or whose "path" is not a string) are skipped and counted, never fatal; the skipped
+lines of a JSONL are named, with why and the fix, in one warning.
 """
 
 import ast
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -102,23 +105,20 @@ def collect_programs(source, whole_file_lines=40, include_tests=False, val_fract
             programs[split_of(relative, val_fraction, test_fraction)].append((str(relative), text))
 
     if source.is_file():
+        skipped = []  # (line number from 1, why) of the lines that give no program
         with open(source, "rb") as handle:
             for number, raw in enumerate(handle):
                 if not raw.strip():
                     continue
                 stats["files"] += 1
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                    text, path = record["text"], record.get("path", f"line{number}")
-                    if not isinstance(text, str):
-                        raise TypeError("text is not a string")
-                except UnicodeDecodeError:
-                    stats["skipped_non_utf8"] += 1
+                record, problem = jsonl_record(raw, number)
+                if problem is not None:
+                    stats["skipped_non_utf8" if problem == NOT_UTF8 else "skipped_unparsable"] += 1
+                    skipped.append((number + 1, problem))
                     continue
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    stats["skipped_unparsable"] += 1
-                    continue
-                add(path, text)
+                add(record["path"], record["text"])
+        if skipped:
+            warn_skipped_lines(source, skipped)
     elif source.is_dir():
         for path in tqdm(find_source_files(source, include_tests) if files is None else files,
                          desc="reading corpus", unit="file", leave=False):
@@ -138,6 +138,38 @@ def collect_programs(source, whole_file_lines=40, include_tests=False, val_fract
                                 f"pass --corpus a folder or a JSONL of {{\"text\": ...}} lines")
     stats["programs"] = sum(len(p) for p in programs.values())
     return programs, stats
+
+
+NOT_UTF8 = "not UTF-8"
+
+
+def jsonl_record(raw, number):
+    """({"text", "path"}, None) of one corpus JSONL line (bytes; `number` counts from 0 and names a line without a
+    "path"), or (None, why it gives no program): not UTF-8, not JSON, not an object, no string "text", or a
+    "path" that is not a string."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, NOT_UTF8
+    except json.JSONDecodeError as error:
+        return None, f"not JSON ({error.msg} at column {error.colno})"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    if not isinstance(record.get("text"), str):
+        return None, "no \"text\" string" if "text" not in record else "\"text\" is not a string"
+    path = record.get("path", f"line{number}")
+    if not isinstance(path, str):
+        return None, "\"path\" is not a string"
+    return {"text": record["text"], "path": path}, None
+
+
+def warn_skipped_lines(source, skipped, shown=5):
+    """One warning (stderr) naming the JSONL corpus, its skipped lines and why, and the fix."""
+    lines = "; ".join(f"line {number}: {why}" for number, why in skipped[:shown])
+    more = f" (and {len(skipped) - shown} more)" if len(skipped) > shown else ""
+    print(f"warning: {source}: {len(skipped)} line(s) give no program and are skipped ({lines}{more}); each line "
+          f"must be a JSON object {{\"text\": \"...\", \"path\": \"optional/name.py\"}} in UTF-8: fix or remove "
+          f"them", file=sys.stderr)
 
 
 def corpus_fingerprint(source, files):

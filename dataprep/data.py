@@ -26,7 +26,10 @@ Pipeline (`build_dataset`, CLI `python -m dataprep.data --out data/stdlib`):
   6. tokenize once into int32 arrays on disk (nanoGPT-style .bin memmaps) with their valid
      lengths; programs longer than L are cut (the last token stays EOS) or dropped (--overlong).
 meta.json holds the settings and a hash of the corpus file list; it is written last, and a cache
-whose settings differ is rebuilt.
+whose settings differ is rebuilt. The output location is checked before the build (a file where a folder
+must be, a folder that is not writable, a full disk); a build that waited for another one building the
+same folder with other settings is refused rather than replacing it; the cache's files and folder follow
+the user's umask.
 
 Files: dataprep/corpus.py (steps 1-4), dataprep/tokenization.py (step 5), this file (steps 6 and the batches); their names are
 re-exported here.
@@ -154,6 +157,7 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
                      val_fraction, test_fraction)
     started = time.time()
     out = Path(out)
+    seen = cache_state(out)  # what a build that finishes while this one waits for the lock changes
     corpus = Path(corpus) if corpus else default_corpus_dir()
     if not corpus.exists():
         raise ValueError(f"--corpus {corpus} does not exist; pass a folder of .py files or a JSONL file")
@@ -173,9 +177,13 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
         return meta
     # Build into a staging folder beside `out`; the old cache stays untouched (and usable) until the new
     # one is complete, then checkpoint.swap_folder replaces it (a complete copy exists at every instant).
-    # One builder at a time (locks.exclusive): a second process waits, then reuses the finished cache.
+    # One builder at a time (locks.exclusive): a second process waits, then reuses the finished cache, or
+    # refuses when the cache it waited for was built with other settings (refuse_concurrent_build).
     from infra.checkpoint import recover_folder, swap_folder
-    from infra.atomic import exclusive
+    from infra.atomic import DIR_MODE, exclusive
+    from infra.run_folder import refuse_location
+    refuse_foreign_folder(out)
+    refuse_location(out.parent if out.is_dir() else out, "--out", out)  # the lock, the staging folder, the swap
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out.parent / f".{out.name}.lock"):
         recover_folder(out)
@@ -183,7 +191,9 @@ def build_dataset(out, corpus=None, seq_len=256, vocab_size=4096, tokenizer=None
         meta = None if force else _finished_meta(meta_path, settings)
         if meta is not None:
             return meta  # finished by another process while we waited
+        refuse_concurrent_build(out, seen, settings)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+        os.chmod(stage, DIR_MODE)  # mkdtemp's 0700 -> the user's umask: this folder becomes the cache as it is
         try:
             meta = _build_into(stage, corpus, files, fingerprint, settings, seq_len, vocab_size, tokenizer,
                                encoder_tokenizer, encoder_seq_len, overlong, whole_file_lines, include_tests,
@@ -201,6 +211,36 @@ def refuse_foreign_folder(out):
     if out.is_dir() and not (out / "meta.json").is_file() and any(out.iterdir()):
         raise ValueError(f"--out {out} holds files but no meta.json: it is not a dataprep/data.py cache, and a build replaces "
                          f"the folder whole; pass a new or empty folder (or delete {out} if it is a broken cache)")
+
+
+def cache_state(out):
+    """The bytes of the meta.json of the complete copy of cache `out` (None without one): they change whenever a
+    build swaps in a cache (its meta.json records the settings, counts and build time)."""
+    from infra.checkpoint import find_folder
+
+    try:
+        return (find_folder(out) / "meta.json").read_bytes()
+    except OSError:
+        return None
+
+
+def refuse_concurrent_build(out, seen, settings):
+    """Refuse to replace a cache that another process built with other settings while this build waited for the
+    lock: that process has reported success, and its data would vanish under it. One folder holds one build."""
+    state = cache_state(out)
+    if state is None or state == seen:
+        return
+    try:
+        theirs = json.loads(state).get("settings") or {}
+    except (ValueError, AttributeError):
+        return  # an unreadable meta.json: a broken cache, rebuilt as before
+    if theirs == settings:
+        return  # the same build (--force): nothing of another's is lost
+    differ = ", ".join(f"{key} {theirs.get(key)!r} there, {value!r} here" for key, value in settings.items()
+                       if theirs.get(key) != value)
+    raise ValueError(f"--out {out}: another build finished there while this one waited for it, with other settings "
+                     f"({differ}); nothing was written. One folder holds one cache: pass this build another --out, "
+                     f"or run it again to replace that cache once nothing reads it")
 
 
 def _finished_meta(meta_path, settings):
@@ -423,7 +463,7 @@ def main(argv=None):
         meta = build_dataset(args.out, args.corpus, args.seq_len, args.vocab_size, args.tokenizer,
                              args.encoder_tokenizer, args.encoder_seq_len, args.overlong, args.whole_file_lines,
                              args.include_tests, args.max_files, args.val_fraction, args.test_fraction, args.force)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: an output location refused (infra/run_folder.py), a file unread
         raise SystemExit(f"dataprep/data.py: error: {error}") from None
     keys = ("corpus", "stats", "splits", "vocab_size", "bos_id", "eos_id", "pad_id", "mask_id", "encoder",
             "build_seconds")

@@ -170,6 +170,9 @@ def build_bank(encoder_dir, data_dir, split, num_registers, cache_dir, batch_siz
     meta_path = folder / "meta.json"
     if (_stored_meta(meta_path) or {}).get("complete"):
         return folder
+    if rank == 0:  # a read-only or full cache folder: refused before the encoder runs, naming the fix
+        from infra.run_folder import refuse_location
+        refuse_location(cache_dir, "the register bank folder (--bank-cache)")
     # One builder at a time per bank, across processes (two priors trained side by side on one AE run);
     # the ranks of one job share rank 0's lock.
     with exclusive(Path(cache_dir) / f".{folder.name}.lock", enabled=rank == 0):

@@ -12,7 +12,7 @@ conditional DiT, encoder), the parameter counts, and beside it a FLOP-based equi
 count is ours, not the paper's: a DiT over K = 8 registers costs far less than its parameter share (its 8
 tokens against the demasker's L): at L = 512, K = 8 the 128-step prior is 6.53 by parameters but 0.105 by
 FLOPs, the 32-step conditional one 1.69 vs 0.027 (the encoder call 0.074 vs 0.065). The generators also time
-themselves ("seconds_per_sample", wall clock, CUDA synchronised: `_clock`).
+themselves ("seconds_per_sample", wall clock, CUDA synchronised: `clock`).
 
 Forward FLOPs come from the configs (`*_flops`): 2 x (multiply-adds of every matmul-like layer applied per
 token) + the attention matmuls 4 x T_q x T_k x heads x head_dim per layer (QK^T and AV, a full score matrix
@@ -139,8 +139,12 @@ def nfe_report(demasker_cfg, gen_length, num_registers, demasker_calls, prior=No
     return report
 
 
-def _clock(device):
-    """Wall-clock seconds, after the device's queued work (CUDA kernels run asynchronously)."""
+def clock(device):
+    """Wall-clock seconds, after the device's queued work (CUDA kernels run asynchronously): every timing of
+    a decoding reads this, so that a GPU's queued kernels are counted where they belong."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+_clock = clock  # the name generators.py and extensions/prompting.py import

@@ -5,8 +5,9 @@ own, renamed at the end); sections are appended to REPORT.md under a lock, so tw
 never interleave. Every experiment record holds the command, the git commit, the settings and the results, so a number
 in docs/results.md can be traced to the command that produced it.
 
-Tables show a bootstrap interval as `value [lo, hi]` (`fmt_ci`); plots draw it as error bars, and a panel's
-`band` (the real-vs-real ceiling) as a grey horizontal band.
+Tables show a bootstrap interval as `value [lo, hi]` (`fmt_ci`); plots draw it as error bars (or, with `fill`, as
+a shaded band around the curve), a panel's `band` (the real-vs-real ceiling) as a grey horizontal band and its
+`lines` (a reference's quality) as dotted horizontal lines.
 """
 
 import math
@@ -34,12 +35,14 @@ def fmt_ci(value, interval, digits=3):
     return text
 
 
-def panel(title, xlabel, ylabel, series, logx=False, logy=False, band=None):
+def panel(title, xlabel, ylabel, series, logx=False, logy=False, band=None, fill=False, lines=()):
     """A plot panel. series: {label: (xs, ys)} or {label: (xs, ys, lows, highs)} (error bars; nan = none);
     logx: True (log base 2) or a base (e.g. 10); logy: log base 10;
-    band: (lo, hi, label) drawn as a horizontal band (e.g. the real-vs-real ceiling), or None."""
+    band: (lo, hi, label) drawn as a horizontal band (e.g. the real-vs-real ceiling), or None;
+    fill: lows / highs drawn as a shaded band around each curve instead of error bars (curves with bands);
+    lines: (y, label) pairs drawn as dashed horizontal lines (e.g. a reference's quality)."""
     return {"title": title, "xlabel": xlabel, "ylabel": ylabel, "series": series, "logx": logx, "logy": logy,
-            "band": band}
+            "band": band, "fill": fill, "lines": list(lines)}
 
 
 def _finite(value):
@@ -55,9 +58,17 @@ def _draw(ax, spec):
             ax.axhspan(lo, hi, color="grey", alpha=0.2, label=label)
         else:
             ax.axhline(lo, color="grey", linestyle="--", label=label)
+    for y, label in spec.get("lines", ()):
+        if _finite(y):
+            ax.axhline(y, color="black", linestyle=":", linewidth=1, label=label)
     for label, values in spec["series"].items():
         xs, ys = values[0], values[1]
-        if len(values) == 4 and any(_finite(v) for v in values[2]):
+        if spec.get("fill") and len(values) == 4 and any(_finite(v) for v in values[2]):
+            line, = ax.plot(xs, ys, marker="o", label=label)
+            lows = [v if _finite(v) else math.nan for v in values[2]]
+            highs = [v if _finite(v) else math.nan for v in values[3]]
+            ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
+        elif len(values) == 4 and any(_finite(v) for v in values[2]):
             below = [y - lo if _finite(lo) and _finite(y) else 0.0 for y, lo in zip(ys, values[2])]
             above = [hi - y if _finite(hi) and _finite(y) else 0.0 for y, hi in zip(ys, values[3])]
             ax.errorbar(xs, ys, yerr=[[max(v, 0.0) for v in below], [max(v, 0.0) for v in above]], marker="o",

@@ -12,8 +12,8 @@ from infra import distributed as D
 from evaluation import metrics as M
 from evaluation.report import fmt_ci, md_table, panel
 from sample import autoencode, batch_seed, check_schedule, generate
-from experiments.eval_context import (ALPHAS, MASK_RATIOS, SIGMAS, nfe_grid, real_reference, sampler_decoding, score_texts,
-                          sharded_samples, temperature)
+from experiments.eval_context import (ALPHAS, MASK_RATIOS, SIGMAS, nfe_grid, real_reference, register_keep,
+                                      sampler_decoding, score_texts, sharded_samples, temperature)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def run_fig8(ctx):
     demasker, encoder = ctx.ae()
     steps = ctx.args.steps or length
     temp, decoding = temperature(ctx, 0.0), sampler_decoding(ctx)
-    d = encoder.cfg.hidden_size
+    d, keep = encoder.cfg.hidden_size, register_keep(ctx, length)  # keep: the first k registers (--keep)
     with torch.no_grad():
         z_a = encoder(a["enc_ids"].to(ctx.device), attention_mask=a["enc_mask"].to(ctx.device)).float()
         z_b = encoder(b["enc_ids"].to(ctx.device), attention_mask=b["enc_mask"].to(ctx.device)).float()
@@ -197,6 +197,7 @@ def run_fig8(ctx):
 
         def make_batch(indices, generator, _):
             registers = mixed[torch.as_tensor(indices, device=ctx.device)].to(next(demasker.parameters()).dtype)
+            registers = registers if keep is None else registers[:, :keep]  # (B, k, d)
             return generate(demasker, len(indices), length, length, steps, temp, ctx.args.remasking,
                             registers=registers, generator=generator, decoding=decoding)
         texts, _ = sharded_samples(ctx, num, make_batch, f"interpolate alpha={alpha}")
@@ -208,7 +209,7 @@ def run_fig8(ctx):
     if not ctx.env.is_main:
         return None, None, None
     result = {"length": length, "steps": steps, "temperature": temp, "num_pairs": num, "rows": rows,
-              "real": ceiling}
+              "real": ceiling, "keep": keep}
     table = md_table(["alpha", "MAUVE [95% CI]", "Gen-PPL [95% CI]", "entropy", "CER to A", "CER to B", "parse",
                       "empty"],
                      [[r["alpha"], fmt_ci(r["mauve"], r.get("mauve_ci"), 3),

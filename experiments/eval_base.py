@@ -22,11 +22,26 @@ SELECTION set of as many real programs, disjoint from Fig. 6's references:
 The choice, per length: among the settings with at most half of their samples empty, the highest MAUVE, ties
 broken by the lower Gen-PPL (a degenerate sampler that writes empty programs cannot win on Gen-PPL).
 
-Written: OUT/base-decoding.json with every setting tried ("lengths": {L: {"rows", "chosen", "selection"}})
-and "chosen": {L: setting}. `eval.py fig6 / speed --base-decoding OUT/base-decoding.json` then decode the base
-rows with the chosen setting of their length (`base_sampler`); the guided methods keep --remasking and the
-whole sequence as one block (the paper's setting). A chosen block longer than L / steps is widened to
-L / steps at small NFE (a block needs at least one step); the rows record the block used.
+Fast-dLLM's adaptive rules (ours to sweep; Wu et al. run theirs in semi-autoregressive blocks of 32): the base's
+threshold rows (tau in --thresholds, default 0.5 0.7 0.9) and factor rows (f in --factors, default 1) are decoded
+under every block length (the whole sequence and --blocks) x EOS mode "as trained" / "never", low-confidence
+remasking (the rules rank by probability; remasking does not enter them), their NFE measured (mean demasker
+calls per sample). In one block a threshold reveals the confident EOS tail first, the collapse the fixed grid
+shows at one block too. "revealed last" is left out of the adaptive grid: it gives EOS no confidence, so no EOS
+passes a threshold and the tail is revealed one token per step (an NFE near L by construction, a fixed-schedule
+option). The adaptive configuration (block length x EOS mode) is chosen by the same rule applied to its means
+over its rules (mean empty rate, mean MAUVE, mean Gen-PPL): one configuration per length for every tau and f,
+so that `speed` can sweep its own thresholds under it.
+
+Written: OUT/base-decoding.json with every setting tried ("lengths": {L: {"rows", "chosen", "selection",
+"adaptive_rows", "adaptive_configurations", "chosen_adaptive"}}), "chosen": {L: setting} (the fixed schedule at
+NFE = L) and "chosen_adaptive": {L: setting} (the threshold / factor rows). `eval.py fig6 / speed / cadd
+--base-decoding OUT/base-decoding.json` then decode the base rows with the chosen setting of their length and
+rule (`base_setting`; a file without "chosen_adaptive", written before it existed, gives its "chosen" to the
+adaptive rows too); the guided methods keep --remasking and the whole sequence as one block (the paper's
+setting). With the fixed schedule a chosen block is widened to the smallest block that shares the steps evenly
+(LLaDA splits them evenly over the blocks: 6 steps over 4 blocks of 32 at L = 128 are 3 over 2 blocks of 64;
+`fitting_block`); the rows record the block used.
 
 Padding EOS (ours): dataprep/data.py pads every program with EOS to L and train_ae.py scores every position, as
 LLaDA's SFT does (there the padding EOS tokens are part of the answer, masked and scored;
@@ -49,6 +64,9 @@ from evaluation.report import fmt_ci, md_table
 EOS_MODES = {"as trained": {}, "revealed last": {"confidence_eos_eot_inf": True}, "never": {"logits_eos_inf": True}}
 REMASKINGS = ("low_confidence", "random")
 DEFAULT_BLOCK = 32
+THRESHOLDS = (0.5, 0.7, 0.9)  # the adaptive rows' tau (--thresholds)
+FACTORS = (1.0,)              # and f (--factors; Fast-dLLM's default)
+ADAPTIVE_EOS = ("as trained", "never")  # "revealed last" would reveal the EOS tail one token per step
 MAX_EMPTY = 0.5  # a setting with more empty samples than this is degenerate and cannot be chosen
 
 
@@ -57,17 +75,41 @@ MAX_EMPTY = 0.5  # a setting with more empty samples than this is degenerate and
 # ------------------------------------------------------------------------------------------------
 
 
+def block_options(length, blocks=None):
+    """The block lengths tried at L: None (the whole sequence) and each of --blocks (default 32) dividing L."""
+    return [None] + sorted({b for b in (blocks or (DEFAULT_BLOCK,)) if b < length and length % b == 0})
+
+
 def settings_grid(length, blocks=None):
     """Every setting tried at length L: remasking x block length (None = the whole sequence) x EOS mode."""
-    sizes = sorted({b for b in (blocks or (DEFAULT_BLOCK,)) if b < length and length % b == 0})
-    block_options = [None] + sizes
     return [{"remasking": r, "block_length": b, "eos": e}
-            for r, b, e in itertools.product(REMASKINGS, block_options, EOS_MODES)]
+            for r, b, e in itertools.product(REMASKINGS, block_options(length, blocks), EOS_MODES)]
+
+
+def adaptive_grid(length, blocks=None, thresholds=None, factors=None):
+    """The adaptive rows tried at length L: (threshold at each tau, factor at each f) x block length x EOS mode
+    (ADAPTIVE_EOS), low-confidence remasking. Each setting holds its configuration and its rule."""
+    rules = [{"rule": "threshold", "threshold": t} for t in thresholds or THRESHOLDS]
+    rules += [{"rule": "factor", "factor": f} for f in (FACTORS if factors is None else factors)]
+    return [{"remasking": "low_confidence", "block_length": b, "eos": e, **rule}
+            for rule, b, e in itertools.product(rules, block_options(length, blocks), ADAPTIVE_EOS)]
+
+
+def configuration(setting):
+    """The part of a setting that base_setting hands on: remasking, block length, EOS mode (no rule)."""
+    return {k: setting[k] for k in ("remasking", "block_length", "eos")}
+
+
+def rule_decoding(ctx, setting):
+    """The mdm.Decoding of an adaptive setting's rule (the fixed schedule for a setting without one)."""
+    fields = {k: setting[k] for k in ("rule", "threshold", "factor") if k in setting}
+    return sampler_decoding(ctx, **fields)
 
 
 def label(setting):
     block = "whole" if setting["block_length"] is None else f"block {setting['block_length']}"
-    return f"{setting['remasking']}, {block}, EOS {setting['eos']}"
+    rule = "" if "rule" not in setting else f"{setting['rule']} {setting.get('threshold', setting.get('factor'))}, "
+    return f"{rule}{setting['remasking']}, {block}, EOS {setting['eos']}"
 
 
 def check_setting(setting, source):
@@ -82,22 +124,30 @@ def check_setting(setting, source):
     return setting
 
 
-def read_base_decoding(path):
-    """{L: setting} from an eval.py base-decoding output (the record, or its "results")."""
+def read_base_decoding(path, key="chosen"):
+    """{L: setting} from an eval.py base-decoding output (the record, or its "results"): its "chosen" (the fixed
+    schedule), or with key "chosen_adaptive" its adaptive rows' choice ({} in a file written before it existed)."""
     record = read_json(path, "write it with `python eval.py base-decoding --base RUN --scorer SCORER --out OUT`")
-    chosen = record.get("results", record).get("chosen")
+    chosen = record.get("results", record).get(key)
+    if key != "chosen" and chosen is None:
+        return {}
     if not isinstance(chosen, dict) or not chosen:
-        raise ValueError(f"{path} holds no 'chosen' settings; pass the base-decoding.json written by "
+        raise ValueError(f"{path} holds no '{key}' settings; pass the base-decoding.json written by "
                          f"`python eval.py base-decoding`")
     return {int(length): check_setting(setting, path) for length, setting in chosen.items()}
 
 
-def base_setting(ctx, length):
-    """The setting of the base MDM at this length: --base-decoding's choice, else LLaDA's default decoding with
-    --remasking and one block (the behaviour before base-decoding existed)."""
+def base_setting(ctx, length, adaptive=False):
+    """The setting of the base MDM at this length: --base-decoding's choice (adaptive: its "chosen_adaptive",
+    for the threshold / factor rows, else its "chosen"), else LLaDA's default decoding with --remasking and one
+    block (the behaviour before base-decoding existed)."""
     path = getattr(ctx.args, "base_decoding", None)
     if not path:
         return {"remasking": ctx.args.remasking, "block_length": None, "eos": "as trained"}
+    if adaptive:
+        chosen = ctx.cached(("base_decoding_adaptive", path), lambda: read_base_decoding(path, "chosen_adaptive"))
+        if length in chosen:
+            return chosen[length]
     chosen = ctx.cached(("base_decoding", path), lambda: read_base_decoding(path))
     if length not in chosen:
         raise ValueError(f"--base-decoding {path} chose settings for L = {sorted(chosen)}, not {length}; rerun "
@@ -105,16 +155,26 @@ def base_setting(ctx, length):
     return chosen[length]
 
 
+def fitting_block(length, block, steps):
+    """The smallest block length >= `block` that divides L and whose number of blocks divides `steps` (LLaDA
+    gives every block steps / blocks steps); the whole sequence always fits."""
+    for size in range(block, length + 1):
+        if length % size == 0 and steps % (length // size) == 0:
+            return size
+    return length
+
+
 def decode_options(setting, length, steps, decoding=None):
     """(block_length, remasking, mdm.Decoding) for the base under `setting` at `steps` steps; the EOS mode is
-    merged into `decoding` (its rule and random stream kept). The block is widened to L / steps when a block
-    of the chosen size would get no step (steps < L / block)."""
+    merged into `decoding` (its rule and random stream kept). With the fixed schedule the block is widened to
+    the smallest that shares the steps evenly (`fitting_block`); the adaptive rules take as many steps as
+    each block needs and keep the chosen block."""
     import dataclasses
 
     from mdm import Decoding
     block = setting["block_length"] or length
-    if block < length and (decoding is None or decoding.rule == "fixed") and steps < length // block:
-        block = length // steps
+    if decoding is None or decoding.rule == "fixed":
+        block = fitting_block(length, block, steps)
     decoding = dataclasses.replace(decoding or Decoding(), **EOS_MODES[setting["eos"]])
     return block, setting["remasking"], decoding
 
@@ -184,40 +244,79 @@ def choose(rows):
     return max(fine, key=lambda r: (round(r["mauve"], 3), -ppl(r)))
 
 
+def choose_configuration(rows):
+    """The adaptive rows' choice: each configuration (remasking, block length, EOS mode) summarised by its means
+    over its rules (empty rate, MAUVE, Gen-PPL over the finite ones, NFE), then `choose` on the summaries.
+    Returns (the chosen summary, every summary)."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(label(configuration(row["setting"])), []).append(row)
+    summaries = []
+    for name, group in groups.items():
+        ppl = [r["gen_ppl"] for r in group if np.isfinite(r.get("gen_ppl", np.nan))]
+        summaries.append({"label": name, "setting": configuration(group[0]["setting"]), "rules": len(group),
+                          "mauve": float(np.mean([r["mauve"] for r in group])),
+                          "gen_ppl": float(np.mean(ppl)) if ppl else float("nan"),
+                          "empty_rate": float(np.mean([r.get("empty_rate", 0.0) for r in group])),
+                          "nfe": float(np.mean([r["nfe"] for r in group]))})
+    return choose(summaries), summaries
+
+
+def sweep_settings(ctx, settings, length, temp, num, features):
+    """One scored row per setting (fixed schedule at NFE = L, or its adaptive rule), rank 0 (empty elsewhere)."""
+    rows = []
+    for setting in settings:
+        sampler = base_sampler(ctx, configuration(setting), length, length, temp, rule_decoding(ctx, setting))
+        samples, nfe, stats = sharded_samples(ctx, num, sampler, f"base {label(setting)} L={length}", with_stats=True)
+        if samples is not None:
+            rows.append({"label": label(setting), "setting": setting, "nfe": nfe, **stats,
+                         **score_texts(ctx, samples, features), "examples": samples[:2]})
+    return rows
+
+
 def run_base_decoding(ctx):
     temp = temperature(ctx, 1.0)
     num = ctx.gen_num  # as many samples per setting as fig6 takes per point (--num; tiny 256)
-    result = {"temperature": temp, "num_samples": num, "nfe": "L (one token per step)",
+    result = {"temperature": temp, "num_samples": num, "nfe": "L (one token per step); adaptive rows: measured",
               "rule": f"empty rate <= {MAX_EMPTY}, then highest MAUVE (3 decimals), then lowest Gen-PPL",
-              "lengths": {}, "chosen": {}}
+              "adaptive_rule": "the same rule on each configuration's means over its thresholds and factors",
+              "lengths": {}, "chosen": {}, "chosen_adaptive": {}}
     sections = []
     for length in ctx.args.lengths or ctx.get("lengths"):
         texts, selection = selection_set(ctx, length, num)
         features = ctx.scorer().features(texts, ctx.get("batch_size"), pool=ctx.args.features)
-        rows = []
-        for setting in settings_grid(length, ctx.args.blocks):
-            sampler = base_sampler(ctx, setting, length, length, temp)
-            samples, nfe, stats = sharded_samples(ctx, num, sampler, f"base {label(setting)} L={length}",
-                                                  with_stats=True)
-            if samples is not None:
-                rows.append({"label": label(setting), "setting": setting, "nfe": nfe, **stats,
-                             **score_texts(ctx, samples, features), "examples": samples[:2]})
+        rows = sweep_settings(ctx, settings_grid(length, ctx.args.blocks), length, temp, num, features)
+        adaptive = sweep_settings(ctx, adaptive_grid(length, ctx.args.blocks, ctx.args.thresholds, ctx.args.factors),
+                                  length, temp, num, features)
         if not ctx.env.is_main:
             continue
         best = choose(rows)
-        result["lengths"][str(length)] = {"rows": rows, "chosen": best["setting"], "selection": selection}
+        best_adaptive, configurations = choose_configuration(adaptive)
+        result["lengths"][str(length)] = {"rows": rows, "chosen": best["setting"], "selection": selection,
+                                          "adaptive_rows": adaptive, "adaptive_configurations": configurations,
+                                          "chosen_adaptive": best_adaptive["setting"]}
         result["chosen"][str(length)] = best["setting"]
+        result["chosen_adaptive"][str(length)] = best_adaptive["setting"]
         sections.append(f"### L = {length}\n\nSelection set: {selection['how']}.\n\n" + table(rows, best)
-                        + f"\n\nChosen: **{best['label']}**.")
+                        + f"\n\nChosen: **{best['label']}**.\n\nFast-dLLM's adaptive rules (NFE measured):\n\n"
+                        + table(adaptive, None) + "\n\nTheir configurations, means over the rules:\n\n"
+                        + table(configurations, best_adaptive)
+                        + f"\n\nChosen for the threshold / factor rows: **{best_adaptive['label']}**.")
     if not ctx.env.is_main:
         return None, None, None
-    head = (f"The base MDM at NFE = L with each of LLaDA's options, {num} samples per setting, temperature {temp}; "
-            f"rule: {result['rule']}. Use it with `eval.py fig6 --base-decoding OUT/base-decoding.json`.")
+    head = (f"The base MDM at NFE = L with each of LLaDA's options, and with Fast-dLLM's adaptive rules under each "
+            f"block length and EOS mode, {num} samples per setting, temperature {temp}; rule: {result['rule']} "
+            f"(adaptive rows: {result['adaptive_rule']}). Use it with `eval.py fig6 / speed --base-decoding "
+            f"OUT/base-decoding.json`.")
     return result, head + "\n\n" + "\n\n".join(sections), []
 
 
 def table(rows, best):
-    return md_table(["setting", "MAUVE", "Gen-PPL", "empty", "entropy", "s/sample"],
-                    [[("**" + r["label"] + "**") if r is best else r["label"], fmt_ci(r["mauve"], r.get("mauve_ci")),
-                      fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2), f"{r['empty_rate']:.2f}",
-                      f"{r['unigram_entropy']:.2f}", f"{r['seconds_per_sample']:.3f}"] for r in rows])
+    """Settings (or configuration summaries) with their NFE, quality, empty share and time; `best` in bold."""
+    def cell(r, key, fmt):
+        return fmt.format(r[key]) if key in r else "-"
+    return md_table(["setting", "NFE", "MAUVE", "Gen-PPL", "empty", "entropy", "s/sample"],
+                    [[("**" + r["label"] + "**") if r is best else r["label"], f"{r['nfe']:.1f}",
+                      fmt_ci(r["mauve"], r.get("mauve_ci")), fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2),
+                      f"{r['empty_rate']:.2f}", cell(r, "unigram_entropy", "{:.2f}"),
+                      cell(r, "seconds_per_sample", "{:.3f}")] for r in rows])

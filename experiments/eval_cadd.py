@@ -14,6 +14,13 @@ needs a prior over its own encoder, --cadd-prior). Three parts:
    number. The guided rows use h_phi(x_0), also x_0's information, as Fig. 4 does.
 2. Fig. 6-style quality vs NFE (only with --scorer): MAUVE (with the scorer's intervals when eval_context
    gives them), Gen-PPL, entropy per method over the NFE grid; CADD's NFE counts K forward passes per step.
+   The base MDM and CADD (a plain MDM with latents: the base's options apply to it) are decoded with
+   --base-decoding's choice for the length when given (remasking, block length, EOS handling;
+   experiments/eval_base.py), else --remasking in one block; each row records its setting. With --cadd-select,
+   CADD's own best setting is chosen like the base's (eval_base's rule on its selection set, at NFE = L, over
+   z0_hat softness x remasking x block length x EOS handling) and decoded as the extra rows "cadd_best".
+   The CADD + registers rows (ConThenDisc over CADD) keep one block, as the guided methods, and read the first
+   --keep registers.
 3. The marginal trap (App. B, Theorem B.1) with a CADD demasker trained on marginal_trap's corpus next to the
    base MDM and the optimal factorised bound (a demasker factorised given x_t alone). CADD's reveal is
    factorised given (x_t, z), not given x_t: at one step every latent is pure noise, but every position reads
@@ -119,35 +126,67 @@ def curves(ctx, programs, models, ratios):
 # ------------------------------------------------------------------------------------------------
 
 
-def cadd_sampler(ctx, demasker, length, steps, temp, softness, prior=None):
-    """make_batch for sharded_samples: CADD (prior None) or CADD + registers from `prior` (ConThenDisc)."""
-    from experiments.eval_context import sampler_decoding
+def cadd_sampler(ctx, demasker, length, steps, temp, softness, prior=None, setting=None):
+    """make_batch for sharded_samples: CADD (prior None) decoded under `setting` (eval_base's remasking, block
+    length, EOS handling; None: --remasking in one block), or CADD + registers from `prior` (ConThenDisc, one
+    block, the first --keep registers)."""
+    from experiments.eval_base import decode_options
+    from experiments.eval_context import register_keep, sampler_decoding
     from generators import conthendisc
     K, noise = ctx.args.cadd_latents, ctx.args.cadd_posterior_noise
-    decoding = sampler_decoding(ctx)
+    setting = setting or {"remasking": ctx.args.remasking, "block_length": None, "eos": "as trained"}
+    block, remasking, decoding = decode_options(setting, length, steps, sampler_decoding(ctx))
 
     def run(idx, g, pg):
         latent_generator = torch.Generator(device=ctx.device).manual_seed(batch_seed(ctx.args.seed + 3, int(idx[0])))
         if prior is None:
-            tokens, nfe = cadd.cadd_generate(demasker, len(idx), length, length, steps, temp, ctx.args.remasking,
+            tokens, nfe = cadd.cadd_generate(demasker, len(idx), length, block, steps, temp, remasking,
                                              softness=softness, num_latents=K, posterior_noise=noise, generator=g,
                                              latent_generator=latent_generator, decoding=decoding)
             return tokens, {"nfe": nfe, "demasker_calls": nfe}
         decoder = cadd.CaddDecoder(demasker, softness, K, noise, 0, latent_generator)
         tokens, report = conthendisc(decoder, prior, len(idx), length, length, steps, temp, ctx.args.remasking,
                                      prior_steps=ctx.get("prior_steps"), generator=g, prior_generator=pg,
-                                     decoding=decoding)
+                                     decoding=sampler_decoding(ctx), keep=register_keep(ctx, length))
         calls = report["demasker_calls"] * K
         return tokens, {"nfe": report["nfe"] - report["demasker_calls"] + calls, "demasker_calls": calls}
     return run
 
 
+def select_cadd(ctx, demasker, length, temp):
+    """CADD's own best setting at this length: every z0_hat softness (--cadd-softness) x eval_base's settings grid
+    (remasking x block length x EOS handling) at NFE = L, scored on base-decoding's selection set (disjoint from
+    the references) and chosen by its rule (eval_base.choose). Returns {"rows", "chosen", "selection"} (the
+    choice broadcast to every rank; rows and selection on rank 0)."""
+    from experiments.eval_base import choose, label, selection_set, settings_grid
+    from experiments.eval_context import score_texts, sharded_samples
+    from infra import distributed as D
+    texts, selection = selection_set(ctx, length, ctx.gen_num)
+    features = ctx.scorer().features(texts, ctx.get("batch_size"), pool=ctx.args.features)
+    rows = []
+    for softness in ctx.args.cadd_softness:
+        for setting in settings_grid(length, ctx.args.blocks):
+            name = f"s{softness:g}, {label(setting)}"
+            sampler = cadd_sampler(ctx, demasker, length, length, temp, softness, setting=setting)
+            samples, nfe, stats = sharded_samples(ctx, ctx.gen_num, sampler, f"cadd {name} L={length}",
+                                                  with_stats=True)
+            if samples is not None:
+                rows.append({"label": name, "setting": {**setting, "softness": softness}, "nfe": nfe, **stats,
+                             **score_texts(ctx, samples, features), "examples": samples[:2]})
+    chosen = D.broadcast_object(choose(rows)["setting"] if ctx.env.is_main else None, ctx.env)
+    return {"rows": rows, "chosen": chosen, "selection": selection}
+
+
 def generation_rows(ctx, length):
+    """The quality-vs-NFE rows of every method at this length, the real-vs-real ceiling, and with --cadd-select
+    CADD's selection ({} without)."""
+    from experiments.eval_base import base_setting, configuration
     from experiments.eval_context import nfe_grid, real_reference, temperature
     from experiments.eval_generation import method_sampler, sweep
     temp, args = temperature(ctx, 1.0), ctx.args
     reference_features, ceiling = real_reference(ctx, length, ctx.get("num"))
     steps_list = nfe_grid(ctx, length)
+    setting = base_setting(ctx, length)  # --base-decoding's choice, else --remasking in one block
     rows = []
     if args.base:
         rows += sweep(ctx, "base", length, lambda s: method_sampler(ctx, "base", length, s, temp), steps_list,
@@ -155,7 +194,15 @@ def generation_rows(ctx, length):
     demasker, _ = load_demasker(ctx, args.cadd_run, "--cadd-run", False, True)
     for softness in args.cadd_softness:
         rows += sweep(ctx, f"cadd_s{softness:g}", length, lambda s, w=softness: cadd_sampler(
-            ctx, demasker, length, s, temp, w), steps_list, reference_features)
+            ctx, demasker, length, s, temp, w, setting=setting), steps_list, reference_features)
+    for row in rows:
+        row["setting"] = setting
+    selection = select_cadd(ctx, demasker, length, temp) if args.cadd_select else {}
+    if selection:
+        best = selection["chosen"]
+        rows += [{**row, "setting": best} for row in sweep(ctx, "cadd_best", length, lambda s: cadd_sampler(
+            ctx, demasker, length, s, temp, best["softness"], setting=configuration(best)), steps_list,
+            reference_features)]
     if args.ae and args.prior:
         prior = ctx.prior(args.prior)
         rows += sweep(ctx, "conthendisc", length, lambda s: method_sampler(ctx, "conthendisc", length, s, temp,
@@ -171,7 +218,7 @@ def generation_rows(ctx, length):
                                                                                device=ctx.device, dtype=ctx.dtype))
         rows += sweep(ctx, "cadd_conthendisc", length, lambda s: cadd_sampler(
             ctx, both, length, s, temp, args.cadd_softness[0], prior), steps_list, reference_features)
-    return rows, ceiling
+    return rows, ceiling, selection
 
 
 def quality_table(rows):
@@ -276,10 +323,20 @@ def run_cadd(ctx):
                     {n: (MASK_RATIOS, v["ce"]) for n, v in result["curves"].items()})]
     if args.scorer:
         result["generation"] = {}
+        from experiments.eval_base import base_setting, label
+        from experiments.eval_context import register_keep
         for length in args.lengths or [ctx.data_length]:
-            rows, ceiling = generation_rows(ctx, length)
-            result["generation"][str(length)] = {"rows": rows, "real": ceiling}
-            sections.append(f"### Quality vs NFE, L = {length}\n\n" + quality_table(rows))
+            rows, ceiling, selection = generation_rows(ctx, length)
+            result["generation"][str(length)] = {"rows": rows, "real": ceiling, "keep": register_keep(ctx, length),
+                                                 "base_setting": base_setting(ctx, length), "cadd_selection": selection}
+            text = (f"### Quality vs NFE, L = {length}\n\nThe base MDM and CADD decoded with "
+                    f"{'--base-decoding' if args.base_decoding else 'the default'} setting: "
+                    f"{label(base_setting(ctx, length))}.")
+            if selection:
+                text += (f" CADD's own best setting on the selection set ({selection['selection']['how']}), NFE = L: "
+                         f"**softness {selection['chosen']['softness']:g}, {label(selection['chosen'])}** "
+                         f"('cadd_best'; {len(selection['rows'])} settings tried).")
+            sections.append(text + "\n\n" + quality_table(rows))
             methods = list(dict.fromkeys(r["method"] for r in rows))
             panels.append(panel(f"MAUVE vs NFE (L={length})", "NFE", "MAUVE", {m: (
                 [r["nfe"] for r in rows if r["method"] == m], [r["mauve"] for r in rows if r["method"] == m])

@@ -27,19 +27,20 @@ PRESETS = {
     # num: samples (or programs) per point; lengths: the two generation lengths (Fig. 6, Tables 1/2)
     # table_*: Tables 1/2 (paper: L = 256 and 512, block sizes including 32, NFE down to 4); fig4_num: Fig. 4;
     # fig8_*: Fig. 8's program length (None: the data's L) and number of interpolated pairs
-    # gen_num: samples per generation point (fig6, fig11, speed); bootstrap: replicates of every interval
+    # gen_num: samples per generation point (fig6, fig11, speed); bootstrap: replicates of every interval;
+    # timing_repeats: repeats of speed's timing pass (experiments/eval_timing.py)
     "tiny": dict(table_lengths=(64, 128), table_nfe_min=8, table_blocks=(), fig4_num=48, fig8_length=None,
                  fig8_pairs=48, num=48, gen_num=256, bootstrap=200, batch_size=16, lengths=(64, 128), nfe_min=1,
                  prior_steps=32, refresh_prior_steps=16, mauve_seeds=1, trap_steps=400, trap_samples=256,
-                 trap_trials=5000, psnr_points=11),
+                 trap_trials=5000, psnr_points=11, timing_repeats=5),
     "small": dict(table_lengths=(128, 256), table_nfe_min=8, table_blocks=(), fig4_num=400, fig8_length=None, fig8_pairs=400,
                   num=400, gen_num=400, bootstrap=200, batch_size=32, lengths=(128, 256), nfe_min=1, prior_steps=64,
                   refresh_prior_steps=32, mauve_seeds=3, trap_steps=1500, trap_samples=1024, trap_trials=20000,
-                  psnr_points=21),
+                  psnr_points=21, timing_repeats=5),
     "paper": dict(table_lengths=(256, 512), table_nfe_min=4, table_blocks=(32,), fig4_num=1000, fig8_length=256,
                   fig8_pairs=1000, num=5000, gen_num=5000, bootstrap=100, batch_size=64, lengths=(512, 1024),
                   nfe_min=16, prior_steps=128, refresh_prior_steps=32, mauve_seeds=5, trap_steps=3000,
-                  trap_samples=4096, trap_trials=50000, psnr_points=21),
+                  trap_samples=4096, trap_trials=50000, psnr_points=21, timing_repeats=5),
 }
 MASK_RATIOS = [round(0.1 * i, 1) for i in range(1, 11)]   # Fig. 4's x axis
 SIGMAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]       # Fig. 7 (0.75 = the CS 0.8 training noise)
@@ -215,10 +216,10 @@ def sharded_samples(ctx, num, make_batch, desc, with_stats=False):
     """Run make_batch(indices, generator, prior_generator) -> (tokens (B, L), nfe float | {"nfe", "nfe_flops"})
     over this rank's round-robin share of range(num), decode, gather on rank 0. Returns (texts, mean NFE) on rank
     0, else (None, None); with_stats: (texts, mean NFE, {"nfe_flops", "seconds_per_sample"}) (wall-clock of the
-    batches on this machine, the same run for every method)."""
-    import time
-
+    batches on this machine, the device synchronised; speed times its rows again apart: eval_timing.py)."""
     from tqdm import tqdm
+
+    from evaluation.nfe import clock
     env, batch_size = ctx.env, ctx.get("batch_size")
     mine = D.shard_indices(num, env.rank, env.world_size, seed=None)
     records = []
@@ -227,9 +228,9 @@ def sharded_samples(ctx, num, make_batch, desc, with_stats=False):
         seed = batch_seed(ctx.args.seed, int(indices[0]))
         generator = torch.Generator(device=ctx.device).manual_seed(seed)
         prior_generator = torch.Generator().manual_seed(seed + 1)
-        started = time.perf_counter()
+        started = clock(ctx.device)
         tokens, nfe = make_batch(indices, generator, prior_generator)
-        seconds = (time.perf_counter() - started) / len(indices)
+        seconds = (clock(ctx.device) - started) / len(indices)
         calls = nfe.get("demasker_calls", nfe["nfe"]) if isinstance(nfe, dict) else nfe
         nfe, nfe_flops = (nfe["nfe"], nfe.get("nfe_flops", nfe["nfe"])) if isinstance(nfe, dict) else (nfe, nfe)
         texts = decode_programs(ctx.tokenizer, tokens, ctx.eos_id, ctx.bos_id)
@@ -336,15 +337,28 @@ def real_reference(ctx, length, count):
     return ctx.cached(key, build)
 
 
-def nfe_grid(ctx, length, key="nfe_min"):
-    """--nfe, else powers of two from the preset's `key` (nfe_min; table_nfe_min for Tables 1/2) up to the length."""
+def nfe_grid(ctx, length, key="nfe_min", kind="powers"):
+    """--nfe, else from the preset's `key` (nfe_min; table_nfe_min for Tables 1/2) up to the length: powers of
+    two (1, 2, 4, 8, ...), or with kind "fine" (--nfe-grid fine; speed's default) also the 3 x 2^k between them
+    (1, 2, 3, 4, 6, 8, 12, 16, 24, ...): every step count is allowed by a one-block schedule, and a finer grid
+    lets evaluation/match.py read a speedup between grid points rather than at them."""
     if ctx.args.nfe:
         return sorted({n for n in ctx.args.nfe if 1 <= n <= length})
-    grid, n = [], ctx.get(key)
+    kind = getattr(ctx.args, "nfe_grid", None) or kind
+    start, grid, n = ctx.get(key), set(), 1
     while n < length:
-        grid.append(n)
+        grid.update([n] + ([n + n // 2] if kind == "fine" and n >= 2 else []))
         n *= 2
-    return grid + [length]
+    return sorted(v for v in grid if start <= v < length) + [length]
+
+
+def register_keep(ctx, length):
+    """How many registers the demasker reads at this length (generators' keep): --keep's L=K for this length,
+    else its bare K, else None: every register the prior models (sample.py's default). A prior over all of an
+    encoder's registers (train_prior.py --num-registers all) is evaluated at the paper's K with --keep 512=8
+    1024=16, or --keep 8 for every length."""
+    named = dict(getattr(ctx.args, "keep", None) or [])
+    return named.get(length, named.get(None))
 
 
 def temperature(ctx, default):

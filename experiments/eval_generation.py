@@ -3,7 +3,11 @@
 Each run_* takes eval_context.Context and returns (result, text, panels).
 
 Rows carry bootstrap 95% intervals (eval_context.score_texts); "matches the base" and the speedup intervals are
-defined in eval.py's docstring and implemented once here (`match_tests`, `speedup_entry`; eval_speed reuses them).
+defined in eval.py's docstring and implemented once here (`match_tests`, `speedup_entry`; eval_speed reuses them
+for its older point matches). Beside them fig6 reads evaluation/match.py's curve rule (`curve_match`: the NFE where
+each method's curve first reaches the base at NFE = L, interpolated in log NFE, Bonferroni intervals over the
+methods), the rule `eval.py speed` makes its headline. fig6 / fig11 / speed record the registers the demasker read
+(--keep: eval_context.register_keep).
 """
 
 import dataclasses
@@ -12,10 +16,11 @@ import math
 import numpy as np
 import torch
 
+from evaluation import match
 from evaluation import metrics as M
 from evaluation.report import fmt_ci, md_table, panel
-from experiments.eval_context import (REFRESH_FRACTIONS, nfe_grid, real_reference, sampler_decoding, score_texts, sharded_samples,
-                          temperature)
+from experiments.eval_context import (REFRESH_FRACTIONS, nfe_grid, real_reference, register_keep, sampler_decoding,
+                                     score_texts, sharded_samples, temperature)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -30,13 +35,16 @@ BASES = ("base", "base-equal")
 
 def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None, refresh_at=(0.5,), decoding=None):
     """make_batch for sharded_samples: 'base' (plain MDM, decoded with --base-decoding's remasking, block length and
-    EOS handling for this length, else --remasking in one block: eval_base.base_sampler), 'conthendisc' (Alg. 2),
-    'conwithindisc' (Alg. 3), these two with --remasking in one block (the paper's setting).
+    EOS handling for this length and rule, its "chosen_adaptive" for a threshold / factor rule, else --remasking
+    in one block: eval_base.base_sampler), 'conthendisc' (Alg. 2), 'conwithindisc' (Alg. 3), these two with
+    --remasking in one block (the paper's setting), the demasker reading the first --keep registers of each draw
+    (eval_context.register_keep; default: all the prior models).
     decoding: mdm.Decoding (None: LLaDA's fixed schedule). With an adaptive rule the NFE is per sample: the mean
     demasker calls of the batch's rows (mdm stats) plus the priors' cost."""
     from generators import conthendisc, conwithindisc
     remasking, prior_steps = ctx.args.remasking, ctx.get("prior_steps")
     adaptive = decoding is not None and decoding.rule != "fixed"
+    keep = register_keep(ctx, length)
     decoding = decoding or sampler_decoding(ctx)  # the same token draw (--rng) for every method
 
     def nfe_of(report, stats):
@@ -48,14 +56,14 @@ def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None
     if method in BASES:  # its own setting: --base-decoding's choice for this length (experiments/eval_base.py); the
         from experiments.eval_base import base_sampler, base_setting  # equal-budget base (--base-equal) decoded the same way
         folder = ctx.args.base_equal if method == "base-equal" else None
-        return base_sampler(ctx, base_setting(ctx, length), length, steps, temp, decoding, folder)
+        return base_sampler(ctx, base_setting(ctx, length, adaptive), length, steps, temp, decoding, folder)
     demasker, _ = ctx.ae()
     if method == "conthendisc":
         def run(idx, g, pg):
             stats = {}
             tokens, report = conthendisc(demasker, prior, len(idx), length, length, steps, temp, remasking,
                                          prior_steps=prior_steps, generator=g, prior_generator=pg,
-                                         decoding=decoding, stats=stats)
+                                         decoding=decoding, stats=stats, keep=keep)
             return tokens, nfe_of(report, stats)
         return run
 
@@ -64,7 +72,7 @@ def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None
         tokens, report = conwithindisc(demasker, cond_prior, len(idx), length, length, steps, temp, remasking,
                                        prior=prior, prior_steps=prior_steps, refresh_at=refresh_at,
                                        refresh_prior_steps=ctx.get("refresh_prior_steps"), generator=g,
-                                       prior_generator=pg, decoding=decoding, stats=stats)
+                                       prior_generator=pg, decoding=decoding, stats=stats, keep=keep)
         return tokens, nfe_of(report, stats)
     return run
 
@@ -261,10 +269,14 @@ def run_fig6(ctx):
             rows += sweep(ctx, method, length, lambda s, m=method, k=kwargs: method_sampler(ctx, m, length, s, temp, **k),
                           steps_list if method in BASES else guided_steps, reference_features)
         if ctx.env.is_main:
-            entry = {"rows": rows, "real": ceiling, "speedup": speedups(rows, length)}
+            entry = {"rows": rows, "real": ceiling, "speedup": speedups(rows, length),
+                     "keep": register_keep(ctx, length), "registers_read": register_keep(ctx, length) or
+                     prior.num_registers, "curves": curve_match(rows, length)}
             if guided_steps != steps_list:
                 entry["guided_max_nfe"] = max(guided_steps)
             text = speedup_text(entry["speedup"], length)
+            if entry["curves"]:
+                text += "\n\n" + match.rule_text(entry["curves"]) + "\n\n" + match.curves_text(entry["curves"])
             if guided_steps != steps_list:
                 text += (f"\n\nThe guided methods were swept up to NFE {max(guided_steps)} (--guided-max-nfe); a match "
                          f"above it is not measured here.")
@@ -280,6 +292,17 @@ def run_fig6(ctx):
     result.update(num_samples=ctx.gen_num, bootstrap=ctx.get("bootstrap"), prior_steps=ctx.get("prior_steps"),
                   refresh_prior_steps=ctx.get("refresh_prior_steps"), refresh_at=[0.5])
     return result, "\n\n".join(sections), panels
+
+
+def curve_match(rows, length):
+    """evaluation/match.py's curve rule over fig6's rows: one curve per method, the base at NFE = L the
+    reference; {} without base rows. The equal-budget base (another model) keeps its point speedups only."""
+    reference = reference_row(rows, length)
+    if reference is None:
+        return {}
+    curves = {m: [r for r in rows if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rows)
+              if m != "base-equal"}
+    return match.read_curves(reference, curves, replicate_count(rows), bases=BASES)
 
 
 def speedup_phrase(entry):
@@ -323,7 +346,7 @@ def run_fig11(ctx):
     rows = {"registers": [], "refresh": [], "offsets": []}
     for folder in ctx.args.k_priors or [ctx.args.prior]:
         k_prior = ctx.prior(folder, "--k-priors")
-        rows["registers"] += sweep(ctx, f"K={k_prior.num_registers}", length,
+        rows["registers"] += sweep(ctx, f"K={register_keep(ctx, length) or k_prior.num_registers}", length,
                                    lambda s, p=k_prior: method_sampler(ctx, "conthendisc", length, s, temp, prior=p),
                                    steps_list, reference_features)
     if ctx.args.cond_prior:
@@ -343,7 +366,8 @@ def run_fig11(ctx):
                                  steps_list, reference_features)
     if not ctx.env.is_main:
         return None, None, None
-    result = {"length": length, "temperature": temp, "steps": steps_list, "real": ceiling, **rows}
+    result = {"length": length, "temperature": temp, "steps": steps_list, "real": ceiling,
+              "keep": register_keep(ctx, length), **rows}
     missing = [flag for flag, given in (("--k-priors", ctx.args.k_priors), ("--cond-prior", ctx.args.cond_prior),
                                         ("--prior-no-offsets", ctx.args.prior_no_offsets)) if not given]
     text = ceiling_text(ceiling) + "\n\n" + "\n\n".join(f"### {name}\n\n" + generation_table(r)

@@ -15,22 +15,27 @@ Infilling rows (with --cond-prior): a centred middle span of --span-fraction of 
 the context visible: `infill base` (base MDM) and `infill guided` (registers from the conditional prior given the
 context, prompting.infill); CER and token F1 of the span, parse rate of the filled program.
 Under torchrun the batches are dealt over the ranks (the same numbers as one process). The guided demasker may
-be experiments/train_prompted.py's fine-tuned OUT/ae (pass it as --ae).
+be experiments/train_prompted.py's fine-tuned OUT/ae (pass it as --ae); the prompted prior must belong to --ae's
+encoder and sample the registers its demasker is guided by (prompting.check_pairing refuses any other pairing).
 """
 
 import numpy as np
 import torch
 
 from evaluation import metrics as M
-from experiments.eval_context import interval_of, nfe_grid, score_texts, temperature
+from experiments.eval_context import interval_of, nfe_grid, register_keep, score_texts, temperature
 from evaluation.report import fmt_ci, md_table, panel
 
 
-def _pairs(ctx, length):
+def _pairs(ctx, length, pprior=None):
+    """The test pairs that fit `length`; h_kappa's prompt rows in the tokens the prompted prior was trained on (the
+    encoder's own with two tokenizers, prompting.prompt_rows' layout)."""
     from dataprep.prompts import encode_pairs, load_pairs
     if not ctx.args.pairs:
         raise ValueError("eval.py prompt needs --pairs, the folder written by `python -m dataprep.prompts --out DIR`")
-    batch = encode_pairs(load_pairs(ctx.args.pairs, "test"), ctx.tokenizer, length)
+    own = pprior.encoder_tokenizer if pprior is not None else None
+    batch = encode_pairs(load_pairs(ctx.args.pairs, "test"), ctx.tokenizer, length, own,
+                         pprior.encoder_seq_len if own is not None else None)
     n = min(ctx.gen_num, len(batch["pairs"]))
     if n == 0:
         raise ValueError(f"no test pair of {ctx.args.pairs} fits --length {length}; raise --length")
@@ -54,7 +59,7 @@ def _prompted_sampler(ctx, method, steps, temp, pprior):
         common = dict(steps=steps, temperature=temp, remasking=a.remasking)
         if method == "base":
             return PR.base_prompted(ctx.base(), canvas, **common)
-        demasker = ctx.ae()[0]
+        demasker, common["keep"] = ctx.ae()[0], register_keep(ctx, canvas.shape[1])  # --keep: the first k registers
         if method == "conthendisc":
             return PR.conthendisc_prompted(demasker, pprior, canvas, prompt_ids, prompt_mask, prior_steps=prior_steps,
                                            prior_generator=prior_generator, **common)
@@ -102,7 +107,13 @@ def _score(ctx, references, hypotheses, ref_ids, hyp_ids, programs):
 def prompted_rows(ctx, length, temp):
     from extensions.prompting import load_prompted_prior
     a = ctx.args
-    batch, n = _pairs(ctx, length)
+    methods = (["base"] if a.base else []) + (["conthendisc", "conwithindisc"] if a.prompted_prior else [])
+    if not methods:
+        raise ValueError("eval.py prompt needs --base and/or --prompted-prior (experiments/train_prompted.py) to compare")
+    # the prior must belong to --ae's encoder and sample the registers its demasker is guided by (refused otherwise)
+    pprior = load_prompted_prior(a.prompted_prior, ae=a.ae, device=ctx.device, dtype=ctx.dtype,
+                                 encoder_prompts=True) if a.prompted_prior else None
+    batch, n = _pairs(ctx, length, pprior)
     tok, eos = ctx.tokenizer, ctx.eos_id
     mask_id = ctx.ae()[0].cfg.mask_token_id
     starts = batch["prompt_len"][:n]
@@ -112,10 +123,6 @@ def prompted_rows(ctx, length, temp):
     truth = [p.answer for p in batch["pairs"][:n]]
     truth_ids = [_answer_ids(batch["ids"][i], int(starts[i]), eos) for i in range(n)]
     prompts = [p.prompt for p in batch["pairs"][:n]]
-    methods = (["base"] if a.base else []) + (["conthendisc", "conwithindisc"] if a.prompted_prior else [])
-    if not methods:
-        raise ValueError("eval.py prompt needs --base and/or --prompted-prior (experiments/train_prompted.py) to compare")
-    pprior = load_prompted_prior(a.prompted_prior, device=ctx.device, dtype=ctx.dtype) if a.prompted_prior else None
     rows = []
     for steps in nfe_grid(ctx, length):
         for method in methods:
@@ -152,7 +159,8 @@ def infill_rows(ctx, length, temp):
                 if method == "infill base":
                     return PR.base_infill(ctx.base(), c, **common)
                 return PR.infill(demasker, cond_prior, c, prior_steps=ctx.get("refresh_prior_steps"),
-                                 prior_generator=torch.Generator().manual_seed(seed + 1), **common)
+                                 prior_generator=torch.Generator().manual_seed(seed + 1),
+                                 keep=register_keep(ctx, c.shape[1]), **common)
             tokens, nfe = _decode_rows(ctx, run, canvas, None, (), n)
             assert torch.equal(tokens[~span], ids[~span])  # every context token kept
             hyp_ids = [tokens[i][span[i]].tolist() for i in range(n)]
@@ -172,7 +180,7 @@ def run_prompt(ctx):
     if not ctx.env.is_main:
         return None, None, None
     result = {"length": length, "temperature": temp, "num_samples": n, "bootstrap": ctx.get("bootstrap"),
-              "span_fraction": ctx.args.span_fraction, "rows": rows}
+              "span_fraction": ctx.args.span_fraction, "rows": rows, "keep": register_keep(ctx, length)}
     table = md_table(["task", "method", "steps", "NFE", "CER [95% CI]", "token F1 [95% CI]", "parse [95% CI]",
                       "Gen-PPL [95% CI]", "empty"],
                      [[r["task"], r["method"], r["steps"], f"{r['nfe']:.1f}", fmt_ci(r["cer"], r["cer_ci"], 3),

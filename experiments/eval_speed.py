@@ -1,25 +1,98 @@
 """The speed headline (docs/results.md; the paper's claim of Sec. 5.3: many tokens per step are safe when
 registers carry the cross-token dependencies): quality against NFE and against wall-clock, measured side by side
-in one run on one machine, for the base MDM, ConThenDisc and ConWithinDisc, each decoded with LLaDA's fixed schedule
-over the NFE grid and with Fast-dLLM's confidence threshold (mdm.Decoding, adaptive per-sample NFE); with
---caches, base rows at NFE = L decoded with the approximate key/value cache (its quality cost and speed).
+in one run on one machine, for the base MDM, ConThenDisc and ConWithinDisc, each decoded with LLaDA's fixed
+schedule over the NFE grid (the fine grid 1, 2, 3, 4, 6, 8, 12, ... up to L by default: eval_context.nfe_grid)
+and with Fast-dLLM's adaptive rules, the confidence threshold (--thresholds) and the factor rule (--factors)
+(mdm.Decoding, adaptive per-sample NFE); with --caches, base rows at NFE = L decoded with the approximate
+key/value cache (its quality cost and speed).
+
+The base MDM is decoded at its own best setting when --base-decoding is given (experiments/eval_base.py): its
+fixed rows with the file's "chosen", its threshold / factor rows with its "chosen_adaptive" (e.g. semi-AR blocks
+of 32, where one block would reveal the confident EOS tail first); every base row records its setting. The
+guided methods keep one block (the paper's setting) and read the first --keep registers of each draw.
+
+Three passes:
+1. quality: every row sampled (--num, sharded over ranks) and scored (MAUVE, Gen-PPL, bootstrap replicates);
+2. timing (experiments/eval_timing.py): every row's sampler timed again, alone, interleaved, --timing-repeats
+   times on one batch: median seconds per sample with [min, max];
+3. matched quality (evaluation/match.py, its rule written in the report before the numbers): one curve per
+   method and rule, the speedup read where a curve first reaches the base at NFE = L (its point value),
+   interpolated in log NFE, intervals over the bootstrap replicates at level 1 - 0.05/m (Bonferroni over the m
+   curves), wall-clock from the timing pass (repeat-paired). This is the headline; the older point matches
+   (eval_generation.match_tests: a row within the reference's interval, the best over rows) are kept beside it
+   as "matches", for comparison.
 
 Every row: method, decoding, NFE (the paper's count; adaptive rules: the mean demasker calls per sample plus
-the priors by parameter ratio), nfe_flops, demasker calls, tokens per step, seconds per sample, MAUVE and
-Gen-PPL with their bootstrap 95% intervals, and the share of empty samples. The reference is the base MDM at
-NFE = L with the fixed schedule; a row matches it when its MAUVE >= the reference's lower 95% bound and its
-Gen-PPL <= the reference's upper bound (eval.py's "matches", eval_generation.match_tests); for each matching
-row the speedups in NFE and in wall-clock; the headline is the best of each, with an interval bootstrapped over
-the replicate index (eval_generation.speedup_entry: the best matching row recomputed in every replicate).
+the priors by parameter ratio), nfe_flops, demasker calls, tokens per step, seconds per sample (the quality
+pass) and "timing" (the timing pass), MAUVE and Gen-PPL with their bootstrap 95% intervals, the share of empty
+samples.
 """
 
 import math
 
-from experiments.eval_context import nfe_grid, real_reference, sampler_decoding, score_texts, sharded_samples, temperature
-from experiments.eval_generation import ceiling_text, match_tests, method_sampler, replicate_count, speedup_entry
+from evaluation import match
 from evaluation.report import fmt_ci, md_table, panel
+from experiments.eval_base import base_setting
+from experiments.eval_context import (nfe_grid, real_reference, register_keep, sampler_decoding, score_texts,
+                                      sharded_samples, temperature)
+from experiments.eval_generation import ceiling_text, match_tests, method_sampler, replicate_count, speedup_entry
+from experiments.eval_timing import timing_pass, timing_text
 
 THRESHOLDS = [0.5, 0.7, 0.9, 0.99]
+FACTORS = [1.0]
+
+
+def decodings(ctx, length):
+    """(label, steps, mdm.Decoding) of each row of a method: the fixed schedule over the grid, then the rules."""
+    settings = [("fixed", steps, sampler_decoding(ctx)) for steps in nfe_grid(ctx, length, kind="fine")]
+    settings += [(f"threshold {tau}", length, sampler_decoding(ctx, rule="threshold", threshold=tau))
+                 for tau in (ctx.args.thresholds or THRESHOLDS)]
+    settings += [(f"factor {f}", length, sampler_decoding(ctx, rule="factor", factor=f))
+                 for f in (ctx.args.factors or FACTORS)]
+    return settings
+
+
+def quality_rows(ctx, methods, length, temp, reference_features):
+    """Pass 1: the scored rows and, beside each, its sampler (for the timing pass); rank 0 (empty elsewhere)."""
+    settings = decodings(ctx, length)
+    # the approximate key/value cache (extensions/kv_cache.py): extra base rows at NFE = L, for its quality cost and speed
+    cached = [(f"fixed, cache {mode}", length, sampler_decoding(ctx, cache=mode)) for mode in (ctx.args.caches or [])]
+    rows, samplers = [], []
+    for method, kwargs in methods:
+        for label, steps, decoding in settings + (cached if method == "base" else []):
+            sampler = method_sampler(ctx, method, length, steps, temp, decoding=decoding, **kwargs)
+            texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, sampler, f"{method} {label} L={length}",
+                                                with_stats=True)
+            if texts is None:
+                continue
+            row = {"method": method, "decoding": label, "steps": steps, "nfe": nfe, **stats,
+                   "tokens_per_step": length / max(stats["demasker_calls"], 1e-9),
+                   **score_texts(ctx, texts, reference_features), "examples": texts[:2]}
+            if method == "base":
+                row["setting"] = base_setting(ctx, length, decoding.rule != "fixed")
+            rows.append(row)
+            samplers.append(sampler)
+    return rows, samplers
+
+
+def curve_name(row):
+    """'conthendisc threshold', 'base fixed', 'base cache dual': one curve per method and rule."""
+    rule = row["decoding"].split()[0].rstrip(",")
+    return f"{row['method']} {'cache ' + row['decoding'].split()[-1] if 'cache' in row['decoding'] else rule}"
+
+
+def curves_of(rows):
+    """{curve name: its rows sorted by NFE}, in the rows' order."""
+    curves = {}
+    for row in rows:
+        curves.setdefault(curve_name(row), []).append(row)
+    return {name: sorted(mine, key=lambda r: r["nfe"]) for name, mine in curves.items()}
+
+
+def reference_of(rows, length):
+    """The base MDM's fixed-schedule row at NFE = L (else its largest), or None."""
+    base = [r for r in rows if r["method"] == "base" and r["decoding"] == "fixed"]
+    return max(base, key=lambda r: (r["steps"] == length, r["steps"])) if base else None
 
 
 def run_speed(ctx):
@@ -33,60 +106,79 @@ def run_speed(ctx):
         methods.append(("conwithindisc", {"prior": prior, "cond_prior": cond_prior}))
     if ctx.args.methods is not None:  # a subset (the base is always kept: it is the reference)
         methods = [(m, kw) for m, kw in methods if m == "base" or m in ctx.args.methods]
-    settings = [("fixed", steps, sampler_decoding(ctx)) for steps in nfe_grid(ctx, length)]
-    settings += [(f"threshold {tau}", length, sampler_decoding(ctx, rule="threshold", threshold=tau))
-                 for tau in (ctx.args.thresholds or THRESHOLDS)]
-    # the approximate key/value cache (extensions/kv_cache.py): extra base rows at NFE = L, for its quality cost and speed
-    cached = [(f"fixed, cache {mode}", length, sampler_decoding(ctx, cache=mode)) for mode in (ctx.args.caches or [])]
-    rows = []
-    for method, kwargs in methods:
-        for label, steps, decoding in settings + (cached if method == "base" else []):
-            sampler = method_sampler(ctx, method, length, steps, temp, decoding=decoding, **kwargs)
-            texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, sampler, f"{method} {label} L={length}",
-                                                with_stats=True)
-            if texts is not None:
-                rows.append({"method": method, "decoding": label, "steps": steps, "nfe": nfe, **stats,
-                             "tokens_per_step": length / max(stats["demasker_calls"], 1e-9),
-                             **score_texts(ctx, texts, reference_features), "examples": texts[:2]})
+    rows, samplers = quality_rows(ctx, methods, length, temp, reference_features)
     if not ctx.env.is_main:
         return None, None, None
-    headline = speed_headline(rows, length)
+    timing = None
+    repeats = ctx.get("timing_repeats")
+    if repeats:  # pass 2, after every quality row: the times apart from the sampling and scoring
+        timed, timing = timing_pass(ctx, samplers, repeats, ctx.args.timing_batch or ctx.get("batch_size"))
+        for row, entry in zip(rows, timed):
+            row["timing"] = entry
+    reference, curves = reference_of(rows, length), curves_of(rows)
+    headline = match.read_curves(reference, curves, replicate_count(rows)) if reference else {}
+    keep = register_keep(ctx, length)
     result = {"length": length, "temperature": temp, "num_samples": ctx.gen_num, "bootstrap": ctx.get("bootstrap"),
-              "rows": rows, "real": ceiling, "headline": headline}
-    table = md_table(["method", "decoding", "NFE", "tokens/step", "s/sample", "MAUVE [95% CI]", "Gen-PPL [95% CI]",
-                      "empty"],
-                     [[r["method"], r["decoding"], f"{r['nfe']:.1f}", f"{r['tokens_per_step']:.1f}",
-                       f"{r['seconds_per_sample']:.3f}", fmt_ci(r["mauve"], r.get("mauve_ci"), 3),
-                       fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2), f"{r['empty_rate']:.2f}"] for r in rows])
+              "keep": keep, "registers_read": keep or prior.num_registers, "rows": rows, "real": ceiling,
+              "timing": timing, "headline": headline, "matches": point_matches(rows, length)}
+    text = "\n\n".join([ceiling_text(ceiling), timing_text(timing),
+                        match.rule_text(headline) if headline else "No base MDM rows: no reference.",
+                        rows_table(rows), match.curves_text(headline) if headline else "",
+                        "Older rule, for comparison: " + matches_text(result["matches"])])
+    return result, text, speed_panels(length, curves, headline, ceiling)
 
-    def series(x, key):  # one curve per method and rule: (x values, values, 95% lows, highs)
-        curves = {}
-        for m, _ in methods:
-            for rule in ("fixed", "threshold"):
-                mine = [r for r in rows if r["method"] == m and r["decoding"].split()[0] == rule]
-                bounds = [r.get(f"{key}_ci") or [math.nan, math.nan] for r in mine]
-                curves[f"{m} {rule}"] = ([r[x] for r in mine], [r[key] for r in mine], [b[0] for b in bounds],
-                                         [b[1] for b in bounds])
-        return curves
+
+def rows_table(rows):
+    def timed(r):
+        t = r.get("timing")
+        return f"{t['median']:.4f} [{t['interval'][0]:.4f}, {t['interval'][1]:.4f}]" if t else "-"
+    return md_table(["method", "decoding", "NFE", "tokens/step", "s/sample (quality pass)",
+                     "s/sample (timed) [min, max]", "MAUVE [95% CI]", "Gen-PPL [95% CI]", "empty"],
+                    [[r["method"], r["decoding"], f"{r['nfe']:.1f}", f"{r['tokens_per_step']:.1f}",
+                      f"{r['seconds_per_sample']:.4f}", timed(r), fmt_ci(r["mauve"], r.get("mauve_ci"), 3),
+                      fmt_ci(r["gen_ppl"], r.get("gen_ppl_ci"), 2), f"{r['empty_rate']:.2f}"] for r in rows])
+
+
+def speed_panels(length, curves, headline, ceiling):
+    """Quality vs NFE per curve with its bands (the rule's level), the reference's quality as a dotted line, the
+    real-vs-real band; and MAUVE vs the timed seconds per sample."""
+    level = headline.get("level", 0.95)
+
+    def series(x, key):  # {curve: (xs, values, band lows, band highs)}
+        out = {}
+        for name, rows in curves.items():
+            band = match.bands(rows, key, level)
+            xs = [match.seconds(r) if x == "seconds" else r["nfe"] for r in rows]
+            order = sorted(range(len(rows)), key=lambda i: xs[i])
+            out[name] = ([xs[i] for i in order], [rows[i][key] for i in order], [band[i][0] for i in order],
+                         [band[i][1] for i in order])
+        return out
+    ref = headline.get("reference", {})
     lo, hi = ceiling.get("mauve_ci") or [ceiling.get("mauve", math.nan)] * 2
     band = (lo, hi, "real programs (95% CI)") if math.isfinite(lo) else None
-    panels = [panel(f"Speed (L={length}): MAUVE vs NFE", "NFE (log scale)", "MAUVE (higher is better)",
-                    series("nfe", "mauve"), logx=True, band=band),
-              panel(f"Speed (L={length}): MAUVE vs wall-clock", "seconds per sample (log scale)",
-                    "MAUVE (higher is better)", series("seconds_per_sample", "mauve"), logx=10, band=band),
-              panel(f"Speed (L={length}): Gen-PPL vs wall-clock", "seconds per sample (log scale)",
-                    "Gen-PPL (log scale, lower is better)", series("seconds_per_sample", "gen_ppl"), logx=10,
-                    logy=True)]
-    return result, ceiling_text(ceiling) + "\n\n" + table + "\n\n" + headline_text(headline), panels
+    bands = f"bands: {100 * level:.2f}% (Bonferroni)"
+    return [panel(f"Speed (L={length}): MAUVE vs NFE, {bands}", "NFE (log scale)", "MAUVE (higher is better)",
+                  series("nfe", "mauve"), logx=True, band=band, fill=True,
+                  lines=[(ref.get("mauve"), "base at NFE = L")]),
+            panel(f"Speed (L={length}): Gen-PPL vs NFE, {bands}", "NFE (log scale)",
+                  "Gen-PPL (log scale, lower is better)", series("nfe", "gen_ppl"), logx=True, logy=True, fill=True,
+                  lines=[(ref.get("gen_ppl"), "base at NFE = L")]),
+            panel(f"Speed (L={length}): MAUVE vs wall-clock (timed medians)", "seconds per sample (log scale)",
+                  "MAUVE (higher is better)", series("seconds", "mauve"), logx=10, band=band, fill=True,
+                  lines=[(ref.get("mauve"), "base at NFE = L")])]
 
 
-def speed_headline(rows, length):
+# ------------------------------------------------------------------------------------------------
+# The older rule, kept for comparison: the best row within the reference's interval
+# ------------------------------------------------------------------------------------------------
+
+
+def point_matches(rows, length):
     """Matched-quality speedups against the base MDM at NFE = L (fixed schedule), in NFE and in wall-clock; a row
     matches on MAUVE and Gen-PPL together (eval_generation.match_tests); the best of each with its interval."""
-    base = [r for r in rows if r["method"] == "base" and r["decoding"] == "fixed"]
-    if not base:
+    ref = reference_of(rows, length)
+    if ref is None:
         return {}
-    ref = max(base, key=lambda r: (r["steps"] == length, r["steps"]))
     test, replicates = match_tests(ref)["both"], replicate_count(rows)
     candidates = [r for r in rows if r is not ref]
     keys = ("nfe", "seconds_per_sample", "mauve", "mauve_ci", "gen_ppl", "gen_ppl_ci", "empty_rate")
@@ -106,25 +198,16 @@ def speed_headline(rows, length):
     return out
 
 
-def headline_text(headline):
-    if not headline:
-        return "No base MDM rows: no speedup."
-    ref = headline["reference"]
-    mauve, ppl = fmt_ci(ref["mauve"], ref.get("mauve_ci"), 3), fmt_ci(ref["gen_ppl"], ref.get("gen_ppl_ci"), 2)
-    lines = [f"Reference: base MDM, fixed schedule, NFE {ref['nfe']:.0f} (MAUVE {mauve}, Gen-PPL {ppl}, "
-             f"{ref['seconds_per_sample']:.3f} s/sample). A setting matches when its MAUVE >= the reference's lower "
-             f"95% bound and its Gen-PPL <= its upper bound."]
-    if not headline["matched"]:
-        return "\n".join(lines + ["No other setting matched its quality in this sweep."])
-    share = headline.get("matched_share")
-    by_nfe, by_time = headline["best_nfe"], headline["best_wallclock"]  # each with the interval of its own ranking
-    lines.append(f"- best NFE speedup at matched quality: {by_nfe['method']} ({by_nfe['decoding']}): "
-                 f"x{fmt_ci(by_nfe['nfe_speedup'], by_nfe.get('nfe_speedup_ci'), 1)} in NFE, "
-                 f"x{by_nfe['wallclock_speedup']:.1f} in wall-clock")
-    lines.append(f"- best wall-clock speedup at matched quality: {by_time['method']} ({by_time['decoding']}): "
-                 f"x{by_time['nfe_speedup']:.1f} in NFE, "
-                 f"x{fmt_ci(by_time['wallclock_speedup'], by_time.get('wallclock_speedup_ci'), 1)} in wall-clock")
-    if share is not None:
-        lines.append(f"(intervals over {headline['replicates']} bootstrap replicates of the best matching setting; "
-                     f"a match in {100 * share:.0f}% of them, 0 counted where none matched)")
-    return "\n".join(lines)
+def matches_text(matches):
+    if not matches:
+        return "no base MDM rows."
+    if not matches["matched"]:
+        return ("a row matches when its MAUVE >= the reference's lower 95% bound and its Gen-PPL <= its upper bound; "
+                "none did.")
+    by_nfe, by_time = matches["best_nfe"], matches["best_wallclock"]
+    return (f"a row matches when its MAUVE >= the reference's lower 95% bound and its Gen-PPL <= its upper bound "
+            f"(no interpolation, no correction for the best of many rows, quality-pass seconds): best in NFE "
+            f"{by_nfe['method']} ({by_nfe['decoding']}) "
+            f"x{fmt_ci(by_nfe['nfe_speedup'], by_nfe.get('nfe_speedup_ci'), 1)}"
+            f"; best in wall-clock {by_time['method']} ({by_time['decoding']}) "
+            f"x{fmt_ci(by_time['wallclock_speedup'], by_time.get('wallclock_speedup_ci'), 1)}.")

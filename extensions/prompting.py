@@ -18,6 +18,15 @@ Paper map (arXiv 2603.20210, App. H "Extending the proposed algorithms to condit
 - Infilling: the registers drawn from the conditional prior of ConWithinDisc (Alg. 4, train_prior.py
   --conditional) given the visible context, z_0 ~ G_psi(eps, h(x_ctx)), then the span decoded by the guided MDM
   with every context token fixed: `infill`; `base_infill` is the plain MDM on the same canvas.
+- Loading (`load_prompted_prior`): a prompted prior belongs to one autoencoder and one kind of demasker. Its
+  prompted.json carries the AE encoder's fingerprint (checked against the encoder of the run that decodes; a
+  record without one is refused) and its target, the registers it samples: of the program (prompt + answer, what
+  the AE's own demasker reads, h_phi of whole programs) or of the answer. The demasker that decodes must be guided
+  by the same kind (`demasker_guide`: a train_ae.py run reads programs; OUT/ae of experiments/train_prompted.py
+  records its --guide); a mismatch is refused with the fix (`check_pairing`).
+- Two tokenizers (App. C): h_kappa and h(x_t) read the encoder's tokens: the prompt through the encoder's own
+  tokenizer (`prompt_rows`), the canvas through the cross-tokenizer view the prior was trained with
+  (dataprep/cross_tokenizer.py, prompted.json "cross_tokenizer").
 
 NFE is the paper's count (generators.nfe_report: demasker calls + other models' calls x params / params of the
 demasker); the h_kappa call is added to it like the encoder call of a refresh.
@@ -25,6 +34,7 @@ demasker); the h_kappa call is added to it like the encoder call of a refresh.
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -34,41 +44,141 @@ from generators import (Prior, _clock, _first, embed_canvas, nfe_report, param_c
 from mdm import _model_device, _resolve_mask_id, mdm_loop
 
 PROMPTED_SETTINGS_FILE = "prompted.json"  # written by experiments/train_prompted.py next to dit/ and kappa/
+FINE_TUNED_BY = "experiments/train_prompted.py"  # the "fine_tuned_by" of a demasker it fine-tuned (OUT/ae/args.json)
 
 
 @dataclass
 class PromptedPrior:
     """g_psi(z_t, t, [h(x_t) ; h_kappa(c)]) and its two encoders (module docstring)."""
-    prior: Prior                   # dit (conditional), K, offsets; prior.encoder = h_phi (frozen) for h(x_t)
+    prior: Prior                   # dit (conditional), K, offsets; h(x_t) by prior.encoder (h_phi) and prior.view
     kappa: torch.nn.Module         # h_kappa: the prompt's encoder
-    target: str = "answer"         # the registers it models: of the answer, or of prompt + answer ("program")
+    target: str = "program"        # the registers it models: of prompt + answer ("program"), or of the answer
+    encoder_tokenizer: Optional[object] = None  # the encoder's own tokenizer (two tokenizers), None: shared
+    encoder_seq_len: Optional[int] = None       # cap of the encoder rows of a prompt (prompt_rows)
 
     @property
     def num_registers(self):
         return self.prior.num_registers
 
 
-def load_prompted_prior(folder, ae=None, device="cpu", dtype=None):
-    """A experiments/train_prompted.py run folder (prompted.json, dit/, kappa/) -> PromptedPrior; h(x_t) is read by the AE
-    run's encoder (`ae` overrides the folder recorded in prompted.json)."""
+def load_prompted_prior(folder, ae=None, device="cpu", dtype=None, encoder_prompts=False):
+    """A experiments/train_prompted.py run folder (prompted.json, dit/, kappa/) -> PromptedPrior.
+
+    ae: the run whose demasker will decode (a train_ae.py run, or the OUT/ae train_prompted.py fine-tuned); None:
+    the demasker the prior was trained for (prompted.json "demasker"). Refused, naming the fix: a record without
+    the autoencoder's fingerprint, an `ae` whose encoder is not the one the prior was trained on, and a demasker
+    guided by other registers than the prior samples (check_pairing). h(x_t) is read by `ae`'s encoder.
+    encoder_prompts: the caller builds h_kappa's inputs with prompt_rows (the encoder's tokenizer); a prior whose
+    encoder has its own tokenizer is refused without it (demasker-token prompts would be silently wrong)."""
     from encoder import Encoder
     from latent_dit import LatentDiT
 
     folder = Path(folder)
-    if not (folder / PROMPTED_SETTINGS_FILE).is_file() or not (folder / "dit").is_dir():
-        raise FileNotFoundError(f"{folder} is not a experiments/train_prompted.py run folder (needs {PROMPTED_SETTINGS_FILE}, dit/ "
-                                f"and kappa/); pass --prompted-prior the --out-dir of experiments/train_prompted.py")
-    s = read_json(folder / PROMPTED_SETTINGS_FILE, f"retrain with experiments/train_prompted.py --out-dir {folder}")
-    ae_dir = Path(ae or s["ae"])
-    if (ae_dir / "checkpoint" / "encoder").is_dir():
-        ae_dir = ae_dir / "checkpoint"
+    settings_file = folder / PROMPTED_SETTINGS_FILE
+    if not settings_file.is_file() or not (folder / "dit").is_dir():
+        stopped = (folder / "train_state").is_dir()
+        raise FileNotFoundError(
+            f"{folder} is not a finished experiments/train_prompted.py run (needs {PROMPTED_SETTINGS_FILE}, dit/ and "
+            f"kappa/); " + ("its training stopped before the end: continue it with experiments/train_prompted.py "
+                            "--resume --out-dir " + str(folder) if stopped else
+                            "pass --prompted-prior the --out-dir of experiments/train_prompted.py"))
+    s = read_json(settings_file, _retrain(folder))
+    decoder = Path(ae) if ae is not None else folder / s.get("demasker", s["ae"])
+    ae_dir = check_pairing(folder, s, decoder)
+    shared = s.get("shared_tokenizer", True)
+    if not shared and not encoder_prompts:
+        raise ValueError(f"the prompted prior {folder} reads prompts with the encoder's own tokenizer (two "
+                         f"tokenizers); build h_kappa's inputs with extensions.prompting.prompt_rows and load it with "
+                         f"load_prompted_prior(..., encoder_prompts=True)")
     dit = LatentDiT.from_pretrained(str(folder / "dit"), dtype=dtype, device=device).eval()
     kappa = Encoder.from_pretrained(str(folder / "kappa"), dtype=dtype, device=device).eval()
     encoder = Encoder.from_pretrained(str(ae_dir / "encoder"), num_registers=s["cond_registers"], dtype=dtype,
                                       device=device).eval()
+    view, encoder_tokenizer = (None, None) if shared else _cross_view(folder, s, ae_dir)
     prior = Prior(dit=dit, num_registers=s["num_registers"], max_offset=s["max_offset"],
-                  block_offsets=s["block_offsets"], encoder=encoder)
-    return PromptedPrior(prior=prior, kappa=kappa, target=s.get("target", "answer"))
+                  block_offsets=s["block_offsets"], encoder=encoder, shared_tokenizer=shared, view=view)
+    return PromptedPrior(prior=prior, kappa=kappa, target=s["target"], encoder_tokenizer=encoder_tokenizer,
+                         encoder_seq_len=s.get("encoder_seq_len") or s.get("seq_len"))
+
+
+def _retrain(folder, settings=None):
+    """The fix for a record that cannot be trusted: the command that writes it again."""
+    settings = settings or {}
+    return (f"retrain it: python -m experiments.train_prompted --ae {settings.get('ae', 'AE')} --pairs "
+            f"{settings.get('pairs', 'PAIRS')} --out-dir {folder} --overwrite")
+
+
+def demasker_guide(run):
+    """Which registers guide the demasker of `run`: "answer" or "program" (h_phi of prompt + answer). A demasker
+    experiments/train_prompted.py fine-tuned records its --guide (args.json); any other, a train_ae.py run, read
+    h_phi of whole programs in training, which on a prompted canvas is the program."""
+    run = Path(run)
+    for record in (run / "args.json", run / "checkpoint" / "args.json"):
+        if record.is_file():
+            saved = read_json(record, f"restore {run} from a good copy")
+            if saved.get("fine_tuned_by") == FINE_TUNED_BY:
+                return saved["guide"]
+            return "program"
+    return "program"
+
+
+def check_pairing(folder, settings, decoder):
+    """The prompted prior of `folder` (its prompted.json `settings`) may drive the demasker of run `decoder` only if
+    its record carries the autoencoder's encoder fingerprint, `decoder`'s encoder has that fingerprint, and the
+    demasker is guided by the registers the prior samples. Returns the folder holding `decoder`'s encoder/."""
+    from dataprep.latent_data import encoder_fingerprint
+
+    recorded = settings.get("encoder_fingerprint")
+    if not recorded:
+        raise ValueError(f"{folder / PROMPTED_SETTINGS_FILE} records no encoder fingerprint, so nothing shows which "
+                         f"autoencoder its registers belong to; " + _retrain(folder, settings))
+    ae_dir = decoder / "checkpoint" if (decoder / "checkpoint" / "encoder").is_dir() else decoder
+    if not (ae_dir / "encoder").is_dir():
+        raise FileNotFoundError(f"{decoder} holds no encoder/ (nor checkpoint/encoder/); pass the train_ae.py run the "
+                                f"prompted prior {folder} was trained on ({settings.get('ae')}), or its fine-tuned "
+                                f"{folder / 'ae'}")
+    actual = encoder_fingerprint(ae_dir / "encoder")
+    if actual != recorded:
+        raise ValueError(f"the prompted prior {folder} was trained on the registers of {settings.get('ae')} (encoder "
+                         f"fingerprint {recorded[:12]}), but {decoder} has another encoder ({actual[:12]}); pass that "
+                         f"AE run (or the prior's fine-tuned {folder / 'ae'}), or train a prompted prior on this one "
+                         f"(experiments/train_prompted.py --ae {decoder})")
+    target, guide = settings["target"], demasker_guide(decoder)
+    if target != guide:
+        paired = folder / settings.get("demasker", settings.get("ae", ""))
+        raise ValueError(f"the prompted prior {folder} samples the registers of the {target} (--target {target}), but "
+                         f"the demasker of {decoder} is guided by the registers of the {guide}: it would decode from "
+                         f"registers it was never trained on. Decode with the demasker the prior was trained for "
+                         f"({paired}), or retrain the prior with --target {guide}")
+    return ae_dir
+
+
+def _cross_view(folder, settings, ae_dir):
+    """(the cross-tokenizer view of a demasker canvas, the encoder's tokenizer) of a two-tokenizer prompted prior:
+    the tokenizer files of `ae_dir` and the slots per token recorded in prompted.json."""
+    from dataprep.cross_tokenizer import view_from_files
+
+    recorded = settings.get("cross_tokenizer") or {}
+    if "slots_per_token" not in recorded or not (ae_dir / "encoder_tokenizer.json").is_file():
+        raise FileNotFoundError(f"the prompted prior {folder} reads demasker canvases through two tokenizers, but "
+                                f"{PROMPTED_SETTINGS_FILE} records no slots_per_token or {ae_dir} holds no "
+                                f"encoder_tokenizer.json; pass the AE run it was trained on, or "
+                                + _retrain(folder, settings))
+    view = view_from_files(ae_dir, recorded["slots_per_token"], recorded.get("max_length"))
+    return view, view.encoder_tok
+
+
+def prompt_rows(pprior, prompts, tokenizer, seq_len=None):
+    """h_kappa's inputs for prompt texts, as experiments/train_prompted.py built them (prompts.encoder_rows): with
+    one tokenizer the demasker layout BOS prompt EOS, with two the encoder's own tokens. tokenizer: the demasker's.
+    Returns (prompt_ids, prompt_mask), each (B, Lc)."""
+    from dataprep.prompts import encoder_rows
+
+    shared = pprior.encoder_tokenizer is None
+    length = seq_len or pprior.encoder_seq_len
+    if length is None:
+        raise ValueError("prompt_rows needs seq_len: the prompted prior records no encoder_seq_len")
+    return encoder_rows(prompts, tokenizer if shared else pprior.encoder_tokenizer, length, shared)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,7 +321,7 @@ def conwithindisc_prompted(demasker, pprior, canvas, prompt_ids, prompt_mask, st
     def refresh(step, x, old, register_mask):
         if step not in when:
             return None
-        xt_cond, _ = embed_canvas(pprior.prior.encoder, x, mask_id, eos_id)  # (B, Kc, d), [M] hidden
+        xt_cond, _ = embed_canvas(pprior.prior.encoder, x, mask_id, eos_id, pprior.prior.view)  # (B, Kc, d)
         counts["encoder"] += 1
         new, calls = prompt_registers(pprior, prompt_ids, prompt_mask, refresh_prior_steps, prior_generator, xt_cond,
                                       kappa)

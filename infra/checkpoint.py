@@ -152,6 +152,32 @@ def read_safetensors(folder, dtype=None, device="cpu"):
     return state
 
 
+def stored_shapes(folder):
+    """{key: shape} of every tensor of a folder, read from the safetensors headers only (nothing is allocated)."""
+    shapes = {}
+    for file in weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                shapes.update({key: tuple(reader.get_slice(key).get_shape()) for key in reader.keys()})
+        except Exception as error:  # safetensors raises its own SafetensorError / OSError on bad bytes
+            raise CheckpointError(f"{file} is unreadable ({type(error).__name__}: {error}): truncated or not a "
+                                  f"safetensors file. Restore it from a good copy or retrain") from None
+    return shapes
+
+
+def config_misfits(model, folder):
+    """How `model` (built from folder's config.json, best on the meta device) differs from the weights stored in
+    `folder`: ["missing (n): ...", "unexpected (n): ...", "wrong shape (n): ..."], [] when they fit."""
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    stored = stored_shapes(folder)
+    groups = (("missing", [k for k in expected if k not in stored]),
+              ("unexpected", [k for k in stored if k not in expected]),
+              ("wrong shape", [f"{k}: config {expected[k]} vs weights {stored[k]}" for k in stored
+                               if k in expected and stored[k] != expected[k]]))
+    return [f"{title} ({len(items)}): " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
+            for title, items in groups if items]
+
+
 def _template_regex(template):
     """'layers.{}.mlp.up_proj.weight' -> a regex whose groups capture each '{}' (a layer index)."""
     return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))

@@ -8,12 +8,18 @@ Three concepts, each refusing to go on rather than guessing:
     skipped steps the run stops with NonFiniteError naming the step and the last good checkpoint;
   - resume consistency: on --resume, a flag that would change the model, the data or the objective
     (the trajectory) is refused with the list of differences; only the flags named mutable may change;
+    the run's record (args.json) is read back checked: a file that is not JSON, not an object, or holds a
+    value its flag could never take (a hand edit) is refused naming the file, the entry and the fix;
   - extras never fail a save: the hub model cards written after each checkpoint (write_cards_or_warn).
 Under DDP/FSDP every rank must take the same decision: the finite flag rides in the all-reduce the
 trainers already make for their logged loss (no extra collective).
 """
 
+import argparse
 import math
+import numbers
+
+from infra.atomic import read_json
 
 DEFAULT_MAX_BAD_STEPS = 20  # consecutive skipped steps before a run gives up (a divergence, not a blip)
 
@@ -34,6 +40,8 @@ def check_range(parser, args, name, low=None, high=None, low_open=False, high_op
     values = value if isinstance(value, (list, tuple)) else [value]
     for item in values:
         ok = isinstance(item, (int, float)) and not (isinstance(item, float) and math.isnan(item))
+        if integer and (isinstance(item, bool) or not isinstance(item, numbers.Integral)):
+            ok = False  # argparse's type=int gives integers; a value read back from a record may be 4.5 or "4"
         if ok and low is not None:
             ok = item > low if low_open else item >= low
         if ok and high is not None:
@@ -119,6 +127,58 @@ def resume_differences(saved, current, mutable):
 
 def _normal(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+RECORD_FIX = ("restore it (every checkpoint holds a copy: OUT/checkpoint/args.json, OUT/args.json), or start a new "
+              "run with another --out-dir")
+
+
+def read_run_record(parser, path):
+    """--resume: the flags a run recorded (its args.json) as a dict, each value checked against the flag it belongs
+    to (parser.error naming the file, the entry and the fix: never a raw traceback, and nothing is touched)."""
+    try:
+        saved = read_json(path, RECORD_FIX)
+    except ValueError as error:
+        parser.error(str(error))
+    if not isinstance(saved, dict):
+        parser.error(f"{path} holds a JSON {type(saved).__name__}, not the object of flags a run records; {RECORD_FIX}")
+    actions = {}  # dest -> the flag that takes its value (--parallel, not its shorthand --fsdp = store_const)
+    for action in parser._actions:
+        if action.option_strings and (action.nargs != 0 or isinstance(action, SWITCHES)):
+            actions.setdefault(action.dest, action)
+    for key, value in saved.items():
+        problem = record_problem(actions[key], value) if key in actions else None
+        if problem:
+            parser.error(f"{path}: \"{key}\" is {value!r}, but {actions[key].option_strings[0]} {problem}; the file "
+                         f"was edited: {RECORD_FIX}")
+    return saved
+
+
+def record_problem(action, value):
+    """Why `value`, read back from a record, cannot be what argparse gave the flag of `action` (None when it can)."""
+    if value is None:
+        return None  # an unset flag; one the run must have set is caught by the checks that follow
+    if isinstance(action, SWITCHES):
+        return None if isinstance(value, bool) else "is a switch (true or false)"
+    many = action.nargs not in (None, "?")
+    if many and not isinstance(value, list):
+        return "takes a list"
+    for item in value if many else [value]:
+        if isinstance(item, str) and action.type not in (None, str):
+            try:  # argparse converts a string default with the flag's type, as if typed on the command line
+                item = action.type(item)
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                return f"does not take {item!r}"
+        elif action.type is int and (isinstance(item, bool) or not isinstance(item, int)):
+            return "takes an integer"
+        elif action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
+            return "takes a number"
+        elif action.type in (None, str) and not isinstance(item, str):
+            return "takes a text"
+        if action.choices is not None and item not in action.choices:
+            return f"takes one of {', '.join(map(str, action.choices))}"
+    return None
 
 
 def refuse_changed_flags(differences, where, mutable):

@@ -24,13 +24,17 @@ for the whole run:
    and NAME.png are written whole at the end (infra/atomic.py), the old ones stay until then.
 4. Output locations are checked before any work: a symlink, FIFO, socket, device node or regular file where a
    folder is expected (or where eval.py writes a file) is refused with the path and the fix, never followed or
-   replaced. Folders are made by mkdir with its default mode, i.e. as the user's umask says. A folder this
-   claim created is removed again (when still empty) if the run fails.
+   replaced; so is a location that cannot be written (`location_problem`: a file where a parent folder must be,
+   a folder that is not writable, a disk without free space), which would otherwise fail at the first save or,
+   for eval.py and sample.py, after the whole run. Folders are made by mkdir with its default mode, i.e. as the
+   user's umask says. A folder this claim created is removed again (when still empty) if the run fails.
 
 Refusals are OSErrors with the message a user needs: FileExistsError (something is there), BlockingIOError
-(another process holds it), NotADirectoryError (not a folder), FileNotFoundError (--resume of nothing).
+(another process holds it), NotADirectoryError (not a folder), PermissionError (not writable), OSError ENOSPC (no
+free space), FileNotFoundError (--resume of nothing).
 """
 
+import errno
 import os
 import shutil
 import stat
@@ -63,7 +67,7 @@ def path_kind(path):
     """'a symlink', 'a FIFO', ... for what sits at `path` (not followed); 'folder', 'file' or None (nothing)."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file where a parent folder must be
         return None
     for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -73,25 +77,79 @@ def path_kind(path):
     return "not a regular file or folder"
 
 
+MIN_FREE_BYTES = 1 << 20  # a location with less free space is refused as full before any work
+
+
+def _writable(folder):
+    """Whether this process may create files in `folder` (os.access: permissions, a read-only mount)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _free_bytes(folder):
+    """Free bytes for this user on the disk of `folder` (None when unknown)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def location_problem(path):
+    """Why nothing can be written at `path` (None when it can), as (the OSError class, the reason): the nearest
+    existing path at or above it must be a folder (or `path` itself a file, to be replaced), and the folder that
+    would receive the write must be writable and have free space. Nothing is created."""
+    path = os.path.abspath(path)
+    where = path
+    while not os.path.lexists(where):
+        where = os.path.dirname(where)
+    if where != path and not os.path.isdir(where):
+        kind = path_kind(where)
+        return NotADirectoryError, (f"cannot be created: {where} is {'a regular file' if kind == 'file' else kind}, "
+                                    f"not a folder")
+    folder = where if os.path.isdir(where) else os.path.dirname(where)
+    if not _writable(folder):
+        return PermissionError, f"cannot be written: {folder} is not writable (read-only, or not yours)"
+    free = _free_bytes(folder)
+    if free is not None and free < MIN_FREE_BYTES:
+        return OSError, f"cannot be written: the disk holding {folder} is full ({free} bytes free)"
+    return None
+
+
+def refuse_location(path, flag, named=None):
+    """Raise location_problem(path) as its OSError, naming `flag` with its value `named` (default: `path`), the
+    reason and the fix; nothing was written."""
+    problem = location_problem(path)
+    if problem is None:
+        return
+    cls, reason = problem
+    message = (f"{flag} {named or path} {reason}; nothing was written: pass {flag} a path in a writable folder "
+               f"with free space")
+    raise OSError(errno.ENOSPC, message) if cls is OSError else cls(message)
+
+
 def check_folder(path, flag="--out-dir"):
     """Refuse (NotADirectoryError) a `path` that exists and is not a plain folder: a symlink (even to a folder),
-    FIFO, socket, device or regular file. An absent path is fine (it is created)."""
+    FIFO, socket, device or regular file, or that cannot be created because a file sits where a parent folder
+    must be; refuse (PermissionError, OSError ENOSPC) a location that cannot be written (location_problem). An
+    absent path is fine (it is created)."""
     kind = path_kind(path)
-    if kind in (None, "folder"):
-        return
-    fix = (f"pass {flag} the folder it points to ({os.readlink(path)}) or another path" if kind == "a symlink"
-           else f"remove it or pass {flag} another path")
-    kind = "a regular file" if kind == "file" else kind
-    raise NotADirectoryError(f"{flag} {path} is {kind}, not a folder; nothing was written: {fix}")
+    if kind not in (None, "folder"):
+        fix = (f"pass {flag} the folder it points to ({os.readlink(path)}) or another path" if kind == "a symlink"
+               else f"remove it or pass {flag} another path")
+        kind = "a regular file" if kind == "file" else kind
+        raise NotADirectoryError(f"{flag} {path} is {kind}, not a folder; nothing was written: {fix}")
+    refuse_location(path, flag)
 
 
-def check_file(path, flag="--out"):
-    """Refuse (NotADirectoryError) a `path` where a result file goes that exists and is not a regular file."""
+def check_file(path, flag="--out", appended=False):
+    """Refuse (NotADirectoryError) a `path` where a result file goes that exists and is not a regular file;
+    appended: the file is written in place (REPORT.md), so an existing one must be writable (PermissionError)."""
     kind = path_kind(path)
-    if kind in (None, "file"):
-        return
-    raise NotADirectoryError(f"{path} (in {flag}) is {kind}, not a regular file, and would be replaced or "
-                             f"written through; nothing was written: remove it or pass {flag} another folder")
+    if kind not in (None, "file"):
+        raise NotADirectoryError(f"{path} (in {flag}) is {kind}, not a regular file, and would be replaced or "
+                                 f"written through; nothing was written: remove it or pass {flag} another folder")
+    if appended and kind == "file" and not os.access(path, os.W_OK):
+        raise PermissionError(f"{path} (in {flag}) is not writable and would fail after the work; nothing was "
+                              f"written: make it writable or pass {flag} another folder")
 
 
 def _rank0(env):
@@ -127,6 +185,8 @@ def claim(folder, resume=False, overwrite=False, env=None, resumable=True, flag=
     if resume and overwrite:
         raise ValueError(f"--resume continues the run in {folder} and --overwrite replaces it: pass one of them")
     check_folder(folder, flag)
+    if folder.is_dir() and (overwrite or not lock_file(folder).exists()):
+        refuse_location(folder.parent, flag, folder)  # the lock (and an --overwrite's staged run) go beside it
     C.recover_folder(folder)  # an --overwrite (or a save) killed between its two renames: the complete old copy back
     if resume and not folder.is_dir():
         raise FileNotFoundError(f"--resume: {folder} does not exist; drop --resume to start a new run there")
@@ -170,7 +230,7 @@ def claim_result(folder, name, overwrite=False, flag="--out"):
         return
     check_folder(folder, flag)
     for file in (f"{name}.json", f"{name}.png", "REPORT.md"):
-        check_file(folder / file, flag)
+        check_file(folder / file, flag, appended=file == "REPORT.md")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / f".{name}.lock"

@@ -418,7 +418,7 @@ class Check:
         prompted = ["--ae", str(self.ae), "--pairs", str(w / "pairs"), "--out-dir", str(w / "pprior"), "--seq-len",
                     str(s["prompted_len"]), "--num-registers", str(s["prior_registers"]), "--steps", str(s["prompted_steps"]),
                     "--batch-size", "4", "--max-examples", "8", "--warmup-steps", "0", "--freeze-kappa",
-                    "--log-interval", "1", "--threads", str(s["threads"])]  # CPU only: it has no --device
+                    "--log-interval", "1", "--threads", str(s["threads"]), "--device", self.device]
         calls = [{"name": "unconditional", "module": "train_prior", "argv": common + ["--out-dir", str(w / "prior")]},
                  {"name": "conditional", "module": "train_prior", "argv": common + ["--conditional", "--out-dir",
                                                                                      str(w / "cprior")]},

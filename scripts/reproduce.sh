@@ -3,6 +3,11 @@
 #
 #   bash scripts/reproduce.sh                       PRESET=tiny on CPU (2 cores: see docs/results.md)
 #   PRESET=small DEVICE=cuda bash scripts/reproduce.sh   wider/deeper models, L = 256, more samples (minutes on one GPU)
+#   PRESET=ratio bash scripts/reproduce.sh          the speed headline with the paper's cost ratios: a 4 x 128 demasker,
+#                                                   an encoder of 0.068 and priors of 0.049 / 0.061 of its parameters
+#                                                   (paper: Qwen3-0.6B / LLaDA-8B = 0.074, DiT 409M / 8B = 0.051), so
+#                                                   that a prior draw weighs in NFE what it does in the paper; base,
+#                                                   AE, the two priors, base-decoding and speed only
 #
 # Stages (each reuses a finished run in OUT; delete it to start over):
 #   1. dataprep/data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each)
@@ -24,8 +29,9 @@
 #      base MDM's steps), FT_STEPS_OVERRIDE (each fine-tune's; tiny: 1000, half the base's, for the 60-minute budget),
 #      PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM, SELECT_NUM (base-decoding, 64), FIG11_NUM (64), CADD_NUM (128)
 #      shrink the budget (a smoke test of the whole chain: all at a few steps / samples).
-# The tiny preset's evaluation budget (60 minutes on 2 cores in all): fig6 sweeps the guided methods up to NFE 64
-# (GUIDED_MAX_NFE; speed has them at NFE = L), speed's thresholds are 0.5 0.7 0.9, CADD is compared at NFE 8 32 64.
+# The tiny preset's evaluation budget: fig6 sweeps the guided methods up to NFE 64 (GUIDED_MAX_NFE); speed runs every
+# method on a fine NFE grid (SPEED_NFE: 1 2 3 4 6 8 12 16 24 32 64 L, the curves of evaluation/match.py) with
+# thresholds 0.5 0.7 0.9, then times every row alone on the machine; CADD is compared at NFE 8 32 64.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root
 source scripts/env.sh  # the packages: reuse what is importable, else create or reuse .venv
@@ -34,8 +40,9 @@ PRESET=${PRESET:-tiny}
 DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-runs/$PRESET}
 STAGES=${STAGES:-1 2 3 4 5}
-EVALS=${EVALS:-fig4 table1 table2 fig7 fig8 base-decoding fig6 speed fig9 prdc fig11 marginal-trap cadd}
-DATA=$OUT/data
+ALL_EVALS="fig4 table1 table2 fig7 fig8 base-decoding fig6 speed fig9 prdc fig11 marginal-trap cadd consistency"
+ABLATIONS=1  # the runs that only the ablations need: no latent noise, equal-budget base, CADD, no block offsets
+EVAL_PRESET=$PRESET
 export PYTHONUNBUFFERED=1
 case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset's budget (smoke tests)
   tiny)  L=128; VOCAB=2048; AE_STEPS=2000; FT_STEPS=1000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
@@ -45,8 +52,16 @@ case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset'
          GUIDED_MAX_NFE=$L; THRESHOLDS="0.5 0.7 0.9 0.99"; CADD_NFE="8 32 $L"
          MODEL=(--encoder-width 256 --encoder-layers 4 --demasker-width 256 --demasker-layers 4)
          PRIOR_MODEL=(--hidden-size 256 --depth 4 --num-heads 4); SCORER=(--preset small); EVAL_NUM=() ;;
-  *) echo "PRESET must be tiny or small"; exit 2 ;;
+  ratio) L=128; VOCAB=2048; AE_STEPS=2000; FT_STEPS=1000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
+         GUIDED_MAX_NFE=64; THRESHOLDS="0.5 0.7 0.9"; CADD_NFE="8 32 64"
+         MODEL=(--encoder-width 32 --encoder-layers 2 --demasker-width 128 --demasker-layers 4)
+         PRIOR_MODEL=(--hidden-size 40 --depth 2 --num-heads 2); SCORER=(--preset tiny); EVAL_NUM=()
+         ALL_EVALS="base-decoding speed"; ABLATIONS=0; EVAL_PRESET=tiny ;;
+  *) echo "PRESET must be tiny, small or ratio"; exit 2 ;;
 esac
+EVALS=${EVALS:-$ALL_EVALS}
+SPEED_NFE=${SPEED_NFE:-1 2 3 4 6 8 12 16 24 32 64 $L}
+DATA=${DATA:-$OUT/data}  # PRESET=ratio can share tiny's: DATA=runs/tiny/data (same L and vocabulary)
 AE_STEPS=${AE_STEPS_OVERRIDE:-$AE_STEPS}; PRIOR_STEPS=${PRIOR_STEPS_OVERRIDE:-$PRIOR_STEPS}
 FT_STEPS=${FT_STEPS_OVERRIDE:-${AE_STEPS_OVERRIDE:-$FT_STEPS}}
 [[ -n ${SCORER_STEPS:-} ]] && SCORER+=(--steps "$SCORER_STEPS")
@@ -80,16 +95,17 @@ log_to() { local log=$1; shift; "$@" > "$log" 2>&1; }
 
 # The evaluations (stage 4; marginal-trap and base-decoding start earlier, on cores that training leaves free)
 R=$OUT/results
-runs=(--ae "$OUT/ae" --base "$OUT/base" --scorer "$OUT/scorer" --data "$DATA" --out "$R" --preset $PRESET
+SCORER_RUN=${SCORER_RUN:-$OUT/scorer}  # PRESET=ratio can share tiny's: SCORER_RUN=runs/tiny/scorer
+runs=(--ae "$OUT/ae" --base "$OUT/base" --scorer "$SCORER_RUN" --data "$DATA" --out "$R" --preset $EVAL_PRESET
       --device $DEVICE --threads $THREADS "${EVAL_NUM[@]}")  # 1 thread per lane on CPU: 2 each is 3x slower
 priors=(--prior "$OUT/prior" --cond-prior "$OUT/cprior")
 declare -A extra=(
   [fig7]="--ae-no-noise $OUT/ae_no_noise"
   [base-decoding]="--num ${SELECT_NUM:-64}"
   [fig6]="--base-decoding $R/base-decoding.json --base-equal $OUT/base_equal --guided-max-nfe $GUIDED_MAX_NFE"
-  [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $L --thresholds $THRESHOLDS"
+  [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $SPEED_NFE --thresholds $THRESHOLDS"
   [fig11]="--prior-no-offsets $OUT/prior_no_offsets --num ${FIG11_NUM:-64}"
-  [cadd]="--cadd-run $OUT/cadd --lengths $L --nfe $CADD_NFE --num ${CADD_NUM:-128} --cadd-trap"
+  [cadd]="--cadd-run $OUT/cadd --base-decoding $R/base-decoding.json --lengths $L --nfe $CADD_NFE --num ${CADD_NUM:-128} --cadd-trap"
 )
 wants() { [[ " $EVALS " == *" $1 "* ]]; }
 evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each logged; skip those already written;
@@ -98,7 +114,7 @@ evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each log
   for experiment in "$@"; do
     wants "$experiment" || continue
     if [[ -f $R/$experiment.json && -z ${REDO_EVALS:-} ]]; then echo "$experiment: $R/$experiment.json exists, reused"; continue; fi
-    if [[ $experiment == fig6 || $experiment == speed ]] && wants base-decoding; then  # its choice, from any lane
+    if [[ $experiment == fig6 || $experiment == speed || $experiment == cadd ]] && wants base-decoding; then  # its choice
       until [[ -f $R/base-decoding.json || -f $R/base-decoding.failed ]]; do sleep 5; done
     fi
     stage "$lane eval.py $experiment"
@@ -123,15 +139,16 @@ if has 2; then
   ae=(--preset tiny --data "$DATA" --seq-len $L --device $DEVICE --threads $THREADS --max-steps $AE_STEPS
       --global-batch-size $BATCH --micro-batch-size $BATCH --eval-interval $AE_STEPS --save-interval 500
       "${MODEL[@]}")
-  background "$OUT/scorer.log" once "$OUT/scorer" python -m experiments.train_scorer --data "$DATA" --out "$OUT/scorer" \
+  background "$OUT/scorer.log" once "$SCORER_RUN" python -m experiments.train_scorer --data "$DATA" --out "$SCORER_RUN" \
     --device $DEVICE --threads $THREADS "${SCORER[@]}"
-  has 4 && background "$OUT/lane_trap.log" early 2.trap marginal-trap  # its own models: no run needed
+  has 4 && wants marginal-trap && background "$OUT/lane_trap.log" early 2.trap marginal-trap  # its own models
   log_to "$OUT/base.log" train "$OUT/base" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/base" --no-registers
   # As in the paper (guided LLaDA fine-tuned from LLaDA-8B-Base), the guided demaskers start from the base
   # MDM's weights (AE_FROM_BASE=0: from scratch, side by side with the base). The equal-budget base continues
   # the base MDM with the guided fine-tune's recipe (same steps, warm-up and decay, no registers): it has seen
   # as many demasker updates as the guided demasker (docs/results.md: the paper's protocol and an equal budget).
   [[ ${AE_FROM_BASE:-1} == 1 ]] && ae+=(--demasker-init "$OUT/base/checkpoint" --max-steps $FT_STEPS --eval-interval $FT_STEPS)
+  if [[ $ABLATIONS == 1 ]]; then
   background "$OUT/base_equal.log" train "$OUT/base_equal" checkpoint python train_ae.py "${ae[@]}" \
     --out-dir "$OUT/base_equal" --no-registers $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((AE_STEPS + FT_STEPS)))
   background "$OUT/ae_no_noise.log" train "$OUT/ae_no_noise" checkpoint python train_ae.py "${ae[@]}" \
@@ -139,6 +156,7 @@ if has 2; then
   # CADD (docs/beyond.md): the same budget and start, per-token continuous latents at [M] instead of registers
   background "$OUT/cadd.log" train "$OUT/cadd" checkpoint python train_ae.py "${ae[@]}" \
     --out-dir "$OUT/cadd" --no-registers --cadd $([[ ${AE_FROM_BASE:-1} == 1 ]] || echo --max-steps $((AE_STEPS + FT_STEPS)))
+  fi
   log_to "$OUT/ae.log" train "$OUT/ae" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/ae"
   wait_all
   grep '"type": "val"' "$OUT/ae/log.jsonl" | tail -n 1 | cut -c1-300
@@ -149,9 +167,9 @@ if has 3; then
   prior=(--preset tiny --ae "$OUT/ae" --data "$DATA" --max-steps $PRIOR_STEPS --device $DEVICE --threads $THREADS
          --quiet "${PRIOR_MODEL[@]}")
   background "$OUT/prior.log" train "$OUT/prior" train_state python train_prior.py "${prior[@]}" --out-dir "$OUT/prior"
-  background "$OUT/prior_no_offsets.log" train "$OUT/prior_no_offsets" train_state python train_prior.py "${prior[@]}" \
-    --out-dir "$OUT/prior_no_offsets" --no-block-offsets
-  has 4 && background "$OUT/lane_select.log" early 3.select base-decoding  # needs only the base and the scorer
+  [[ $ABLATIONS == 1 ]] && background "$OUT/prior_no_offsets.log" train "$OUT/prior_no_offsets" train_state \
+    python train_prior.py "${prior[@]}" --out-dir "$OUT/prior_no_offsets" --no-block-offsets
+  has 4 && wants base-decoding && background "$OUT/lane_select.log" early 3.select base-decoding  # base + scorer only
   log_to "$OUT/cprior.log" train "$OUT/cprior" train_state python train_prior.py "${prior[@]}" --out-dir "$OUT/cprior" --conditional
   wait_all
 fi
@@ -160,8 +178,10 @@ if has 4; then
   # Two lanes side by side, one thread each, balanced by the measured time of each experiment (tiny, 2 cores)
   rm -f "$R"/*.failed
   background "$OUT/lane_generation.log" evaluate 4.a base-decoding fig6 fig11 fig4 fig7 fig9 prdc
-  log_to "$OUT/lane_other.log" evaluate 4.b table1 table2 fig8 speed cadd marginal-trap
+  log_to "$OUT/lane_other.log" evaluate 4.b table1 table2 fig8 cadd consistency marginal-trap
   wait_all
+  # speed alone on the machine: its timing pass times every row back to back (experiments/eval_timing.py)
+  log_to "$OUT/lane_speed.log" evaluate 4.c speed
   cat "$OUT"/lane_*.log
 fi
 

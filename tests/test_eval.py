@@ -7,6 +7,7 @@ base MDM, an unconditional prior, a conditional prior, a prior without block off
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import eval as E
 from dataprep.data import load_meta
+from dataprep.latent_data import encoder_fingerprint
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 from latent_dit import DiTConfig, LatentDiT
@@ -54,7 +56,8 @@ def _prior(folder, ae, conditional=False, offsets=True):
     LatentDiT(DiTConfig.tiny(register_dim=WIDTH, num_registers=K, hidden_size=32, depth=1, num_heads=2,
                              cond_dim=WIDTH if conditional else None)).save_pretrained(folder / "dit")
     settings = {"ae": str(ae), "num_registers": K, "max_offset": 0.2 if offsets else 0.0, "block_offsets": offsets,
-                "conditional": conditional, "cond_registers": K if conditional else None, "shared_tokenizer": True}
+                "conditional": conditional, "cond_registers": K if conditional else None, "shared_tokenizer": True,
+                "encoder_fingerprint": encoder_fingerprint(Path(ae) / "encoder")}  # as train_prior.py records it
     (folder / "prior.json").write_text(json.dumps(settings))
 
 
@@ -140,6 +143,18 @@ def test_fig8(runs):
     assert [r["alpha"] for r in result["rows"]] == [0.0, 0.5, 1.0]
     assert all(0 <= r["mauve"] <= 1 and _finite(r["gen_ppl"], r["cer_to_a"], r["cer_to_b"]) for r in result["rows"])
     assert all(len(r["mauve_ci"]) == 2 and 0 <= r["empty_rate"] <= 1 for r in result["rows"])
+
+
+def test_fig8_reads_the_first_keep_registers(runs, monkeypatch):
+    import experiments.eval_autoencoder as EA
+    seen, generate = [], EA.generate
+
+    def spy(*args, registers=None, **kwargs):
+        seen.append(registers.shape[1])
+        return generate(*args, registers=registers, **kwargs)
+    monkeypatch.setattr(EA, "generate", spy)
+    result = _run(runs, "fig8", "--length", "16", "--steps", "4", "--alphas", "0.5", "--keep", "2", "--overwrite")
+    assert result["keep"] == 2 and set(seen) == {2}
 
 
 def test_fig6_with_speedup(runs):
@@ -270,6 +285,28 @@ def test_fig9_and_prdc(runs):
     assert result["real_vs_real"]["precision"] >= 0
 
 
+def test_consistency(runs):
+    """Agreement per revealed share and copy for the conditional prior beside the oracle, the blank condition and the
+    unconditional prior (--prior); the fixture's conditional DiT is fresh (its cross-attention outputs zero), so it
+    ignores its condition: every conditional row equals the blank row. The command and a REPORT.md table are kept."""
+    result = _run(runs, "consistency", "--steps", "4", "--revealed-shares", "0.5", "0.25")
+    assert result["shares"] == [0.25, 0.5] and result["num_programs"] == 4 and result["steps"] == 4
+    assert [row["source"] for row in result["copy"]] == ["oracle", "conditional", "blank", "unconditional"]
+    assert result["cer_unit"] == "characters" and result["refresh_prior_steps"] == 2
+    from evaluation.consistency import row_of
+    for r in (0.25, 0.5):
+        conditional = row_of(result, "agreement", "conditional", r)
+        assert conditional["agreement"] == row_of(result, "agreement", "blank", r)["agreement"]
+        assert conditional["gain"] == 0.0 and conditional["gain_ci"] == [0.0, 0.0]
+    oracle = row_of(result, "copy", "oracle")
+    assert oracle["cosine"] == pytest.approx(1.0) and _finite(oracle["cer"], *oracle["cer_ci"])
+    saved = json.loads((runs[0] / "results" / "consistency.json").read_text())
+    assert saved["command"] is None or "consistency" in saved["command"]
+    assert "| revealed share r (mean revealed) |" in (runs[0] / "results" / "REPORT.md").read_text()
+    with pytest.raises(SystemExit):
+        E.parse_args(["consistency", "--revealed-shares", "1.0", "--out", str(runs[0] / "results")])
+
+
 def test_fig11(runs):
     root, _ = runs
     result = _run(runs, "fig11", "--length", "16", "--nfe", "2", "--prior-no-offsets", str(root / "prior_flat"),
@@ -310,6 +347,9 @@ def test_missing_inputs_raise_clear_errors(runs):
     (["--fig7-ratio", "0"], "--fig7-ratio must be in (0, 1]"), (["--cond-ratio", "1.5"], "--cond-ratio"),
     (["--bootstrap", "-1"], "--bootstrap must be >= 0"), (["--bootstrap-restarts", "0"], "--bootstrap-restarts"),
     (["--threads", "-1"], "--threads must be >= 0"), (["--guided-max-nfe", "0"], "--guided-max-nfe must be >= 1"),
+    (["--keep", "0"], "--keep needs K >= 1"), (["--keep", "8", "4"], "--keep takes one bare K"),
+    (["--keep", "a=8"], "expected K or L=K"), (["--timing-repeats", "-1"], "--timing-repeats must be >= 0"),
+    (["--timing-batch", "0"], "--timing-batch must be >= 1"),
 ])
 def test_numbers_are_refused_before_anything_is_loaded(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
@@ -327,15 +367,13 @@ def test_pieces_that_do_not_belong_together_are_refused(runs, tmp_path):
     with pytest.raises(ValueError, match=r"other_data/tokenizer.json \(sha256 \w+\) is not the tokenizer the --ae run"):
         E.main(["fig4", *common, "--data", str(other), "--out", str(tmp_path / "results")])
     swapped = [str(root / "ae_plain") if c == str(root / "ae") else c for c in common]  # prior.json names 'ae'
-    (root / "prior" / "prior.json").write_text(json.dumps({**json.loads((root / "prior" / "prior.json").read_text()),
-                                                           "encoder_fingerprint": "0" * 64}))
+    recorded = json.loads((root / "prior" / "prior.json").read_text())
+    (root / "prior" / "prior.json").write_text(json.dumps({**recorded, "encoder_fingerprint": "0" * 64}))
     try:
         with pytest.raises(ValueError, match=r"prior .* was trained on the registers of .*encoder fingerprint 000000"):
             E.main(["fig6", *swapped, "--out", str(tmp_path / "results"), "--lengths", "16", "--nfe", "16"])
     finally:
-        settings = json.loads((root / "prior" / "prior.json").read_text())
-        del settings["encoder_fingerprint"]
-        (root / "prior" / "prior.json").write_text(json.dumps(settings))
+        (root / "prior" / "prior.json").write_text(json.dumps(recorded))
     assert not (tmp_path / "results").exists()
 
 
@@ -407,9 +445,97 @@ def test_speed_base_only_with_cached_rows(runs):
                   "--caches", "prefix", "dual", "--base-decoding", str(chosen))
     by = {r["decoding"]: r for r in result["rows"]}
     assert {r["method"] for r in result["rows"]} == {"base"}
-    assert set(by) == {"fixed", "threshold 0.9", "fixed, cache prefix", "fixed, cache dual"}
+    assert set(by) == {"fixed", "threshold 0.9", "factor 1.0", "fixed, cache prefix", "fixed, cache dual"}
     assert by["fixed, cache dual"]["nfe"] == by["fixed"]["nfe"] == 16
     assert result["headline"]["reference"]["nfe"] == 16
+
+
+def test_speed_times_every_row_apart_and_reads_the_curves(runs):
+    """speed: the fine NFE grid by default (6 steps: 3 over 2 blocks of 8 for the chosen semi-AR base), a timing
+    pass after the quality rows (every row --timing-repeats times), the curve rule (evaluation/match.py) as the
+    headline with its rule written before the numbers, the older point matches beside it."""
+    root, _ = runs
+    chosen = root / "base-decoding-block8.json"
+    chosen.write_text(json.dumps({"chosen": {"16": {"remasking": "low_confidence", "block_length": 8,
+                                                    "eos": "as trained"}}}))
+    result = _run(runs, "speed", "--length", "16", "--thresholds", "0.5", "--methods", "conthendisc",
+                  "--timing-repeats", "2", "--timing-batch", "2", "--keep", "2", "--base-decoding", str(chosen))
+    fixed = [r["steps"] for r in result["rows"] if r["method"] == "base" and r["decoding"] == "fixed"]
+    assert fixed == [1, 2, 3, 4, 6, 8, 12, 16]
+    assert all(len(r["timing"]["repeats"]) == 2 and r["timing"]["interval"][0] <= r["timing"]["median"]
+               for r in result["rows"])
+    assert result["timing"]["repeats"] == 2 and result["timing"]["batch"] == 2
+    assert result["keep"] == 2 and result["registers_read"] == 2
+    headline = result["headline"]
+    assert headline["m"] == 6 and headline["level"] == pytest.approx(1 - 0.05 / 6)  # base, ConThenDisc x 3 rules
+    assert set(headline["curves"]) == {f"{m} {rule}" for m in ("base", "conthendisc")
+                                       for rule in ("fixed", "threshold", "factor")}
+    assert headline["curves"]["base fixed"]["speedup"] >= 1 and headline["curves"]["base fixed"]["timed"]
+    assert "reference" in result["matches"]
+    report = (root / "results" / "REPORT.md").read_text()
+    section = report[report.rindex("## speed:"):]
+    assert section.index("Matched quality (evaluation/match.py") < section.index("| method | decoding |")
+    assert "Older rule, for comparison" in section
+    quiet = _run(runs, "speed", "--length", "16", "--nfe", "16", "--thresholds", "0.5", "--methods",
+                 "--timing-repeats", "0")
+    assert quiet["timing"] is None and not any("timing" in r for r in quiet["rows"])
+
+
+def test_timing_pass_interleaves_rows_and_pairs_repeats():
+    """Repeat r runs every row once, rotated by r, on the seeds of quality batch r; one warm-up round first."""
+    import types
+
+    from experiments import eval_timing
+    calls = []
+
+    def sampler(name):
+        def run(indices, generator, prior_generator):
+            calls.append((name, indices[0], generator.initial_seed()))
+            return None, {"nfe": 3.0}
+        return run
+    ctx = types.SimpleNamespace(args=types.SimpleNamespace(seed=0), device="cpu")
+    rows, record = eval_timing.timing_pass(ctx, [sampler("a"), sampler("b"), sampler("c")], repeats=3, batch=2)
+    assert [c[0] for c in calls] == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [c[1] for c in calls[3:]] == [0, 0, 0, 2, 2, 2, 4, 4, 4]  # repeat r: quality batch r's first index
+    assert len({c[2] for c in calls[3:6]}) == 1 and calls[3][2] != calls[6][2]  # the same seed within a repeat
+    assert all(len(r["repeats"]) == 3 and r["nfe"] == 3.0 for r in rows)
+    assert record["repeats"] == 3 and record["order"].startswith("round-robin")
+
+
+def test_sharded_samples_time_with_the_device_clock(monkeypatch):
+    """Seconds per sample are read after the device's queued work (evaluation/nfe.clock synchronises CUDA): a
+    plain perf_counter after an asynchronous GPU decode measured the launch, not the decoding."""
+    import types
+
+    import evaluation.nfe as N
+    from experiments import eval_context
+    ticks = iter([10.0, 12.0])
+    monkeypatch.setattr(N, "clock", lambda device: next(ticks))
+    monkeypatch.setattr(eval_context, "decode_programs", lambda tokenizer, tokens, *ids: ["x"] * len(tokens))
+    env = types.SimpleNamespace(rank=0, world_size=1, is_main=True, distributed=False)
+    ctx = types.SimpleNamespace(env=env, get=lambda name: 4, args=types.SimpleNamespace(seed=0), device="cpu",
+                                tokenizer=None, eos_id=0, bos_id=1)
+    texts, nfe, stats = eval_context.sharded_samples(ctx, 4, lambda i, g, pg: (torch.zeros(len(i), 2), 3.0), "t",
+                                                     with_stats=True)
+    assert stats["seconds_per_sample"] == 0.5 and nfe == 3.0 and texts == ["x"] * 4
+
+
+def test_fine_nfe_grid():
+    import types
+
+    from experiments.eval_context import nfe_grid
+    ctx = types.SimpleNamespace(args=types.SimpleNamespace(nfe=None, nfe_grid=None), get=lambda name: 1)
+    assert nfe_grid(ctx, 32, kind="fine") == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+    assert nfe_grid(ctx, 32) == [1, 2, 4, 8, 16, 32] and nfe_grid(ctx, 20, kind="fine")[-3:] == [12, 16, 20]
+    ctx.args.nfe_grid = "powers"  # the flag wins over a subcommand's default
+    assert nfe_grid(ctx, 32, kind="fine") == [1, 2, 4, 8, 16, 32]
+
+
+def test_fig6_records_the_registers_read(runs):
+    result = _run(runs, "fig6", "--lengths", "16", "--nfe", "4", "16", "--bootstrap", "0", "--keep", "16=2", "3")
+    block = result["lengths"]["16"]
+    assert block["keep"] == 2 and block["registers_read"] == 2
+    assert block["curves"]["m"] == 3 and "conthendisc" in block["curves"]["curves"]
 
 
 def test_tiny_preset_statistics_protocol():

@@ -443,3 +443,11 @@ def test_shared_view_through_embed_canvas_is_the_default_path(models):
     default, _ = G.embed_canvas(cond_prior.encoder, x, cfg.mask_token_id, cfg.eos_token_id)
     through, _ = G.embed_canvas(cond_prior.encoder, x, cfg.mask_token_id, cfg.eos_token_id, view)
     assert torch.equal(default, through)
+
+
+def test_a_prior_record_without_the_encoder_fingerprint_is_refused(tmp_path):
+    from encoder import Encoder, EncoderConfig
+    Encoder(EncoderConfig.tiny(num_registers=4)).save_pretrained(tmp_path / "ae" / "encoder")
+    with pytest.raises(ValueError, match="records no encoder_fingerprint.*train_prior.py --ae"):
+        G.check_prior_matches_ae(tmp_path / "prior", {"ae": "elsewhere"}, tmp_path / "ae")
+    G.check_prior_matches_ae(tmp_path / "prior", {}, tmp_path / "base_only")  # no encoder: nothing to compare

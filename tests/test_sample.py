@@ -481,6 +481,19 @@ from test_eval_prompt import runs  # noqa: E402,F401  (the module-scoped fixture
 PROMPT = 'def f(x):\n    """Multiply x by 3 and add 4."""'
 
 
+@pytest.fixture(scope="module")
+def recorded_runs(runs):  # noqa: F811
+    """`runs` with the conditional prior's prior.json completed as train_prior.py writes it: the fingerprint of the
+    encoder it was trained on (sample.py refuses a prior record without one)."""
+    import json
+    from dataprep.latent_data import encoder_fingerprint
+    record = runs / "cprior" / "prior.json"
+    settings = json.loads(record.read_text())
+    settings.setdefault("encoder_fingerprint", encoder_fingerprint(runs / "ae" / "encoder"))
+    record.write_text(json.dumps(settings))
+    return runs
+
+
 def _records(path):
     import json
     return [json.loads(line) for line in open(path)]
@@ -503,8 +516,9 @@ def test_prompt_is_the_fixed_prefix_of_every_sample(runs, tmp_path, method):  # 
         assert tok.mask_id not in record["tokens"]
 
 
-def test_prompt_file_and_infill_keep_their_tokens(runs, tmp_path):  # noqa: F811
+def test_prompt_file_and_infill_keep_their_tokens(recorded_runs, tmp_path):
     from dataprep.tokenization import load_tokenizer
+    runs = recorded_runs  # noqa: F811
     tok = load_tokenizer(str(runs / "ae" / "tokenizer.json"))
     (tmp_path / "p.txt").write_text(PROMPT)
     S.main(["--ckpt", str(runs / "base"), "--prompt-file", str(tmp_path / "p.txt"), "--length", "40", "--steps", "4",
@@ -544,10 +558,11 @@ def test_bad_prompt_input_is_named(runs, tmp_path, capsys, flags, text):  # noqa
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_every_method_samples_in_float32_bfloat16_and_float16(runs, tmp_path, dtype):  # noqa: F811
+def test_every_method_samples_in_float32_bfloat16_and_float16(recorded_runs, tmp_path, dtype):
     """GPU runs keep every model in bf16 / fp16: the base MDM, the autoencoder, prompted ConThenDisc and
     ConWithinDisc (the conditional prior's refresh) and infilling all decode to token ids of the vocabulary
     (random tiny models: the ids, not their quality)."""
+    runs = recorded_runs  # noqa: F811
     from dataprep.tokenization import load_tokenizer
     tok = load_tokenizer(str(runs / "ae" / "tokenizer.json"))
     common = ["--length", "40", "--steps", "8", "--num", "2", "--batch-size", "2", "--temperature", "1",
@@ -704,3 +719,49 @@ def test_output_locations_are_checked_before_any_sampling(tmp_path, capsys):
         assert text in capsys.readouterr().err, flags
     assert (tmp_path / "target.jsonl").read_text() == "keep\n" and fifo.exists()
     S.parse_args(["--ckpt", str(tmp_path / "no_run"), "--out", str(tmp_path / "new" / "deeper" / "s.jsonl")])
+
+
+@pytest.mark.parametrize("case", ["under a file", "not writable", "full"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_sampling(tmp_path, capsys, monkeypatch, case):
+    """A file where a parent folder must be (it raised a raw NotADirectoryError), a folder that is not writable (a
+    read-only mount; stood in for here, as root writes anywhere) or a full disk: refused before a model is loaded."""
+    from infra import run_folder as RF
+    out = tmp_path / "runs" / "s.jsonl"
+    if case == "under a file":
+        (tmp_path / "runs").write_text("mine")
+    elif case == "not writable":
+        monkeypatch.setattr(RF, "_writable", lambda folder: False)
+    else:
+        monkeypatch.setattr(RF, "_free_bytes", lambda folder: 100)
+    for flag in ("--out", "--trace"):
+        with pytest.raises(SystemExit):
+            S.parse_args(["--ckpt", str(tmp_path / "no_run"), flag, str(out)])
+        message = capsys.readouterr().err
+        assert f"{flag} {out}" in message and "nothing was sampled" in message
+        assert {"under a file": "runs is a regular file, not a folder", "not writable": "is not writable",
+                "full": "is full (100 bytes free)"}[case] in message
+
+
+def test_a_disk_that_fills_during_sampling_names_the_out_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """The location is checked before the work; a disk filled meanwhile fails the final write: one line naming
+    --out and the fix, and an earlier file there is kept whole."""
+    import errno
+    import types
+
+    from demasker import Demasker, DemaskerConfig
+    from infra import atomic
+    ckpt = tmp_path / "run"
+    Demasker(DemaskerConfig.tiny(register_dim=0)).save_pretrained(ckpt / "demasker")
+    (ckpt / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "dataprep.data", types.SimpleNamespace(load_tokenizer=lambda path: _CharTokenizer()))
+    out = tmp_path / "s.jsonl"
+    out.write_text("earlier\n")
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(atomic, "write_text", full)
+    with pytest.raises(SystemExit) as refused:
+        S.main(["--ckpt", str(ckpt), "--length", "8", "--num", "1", "--quiet", "--out", str(out)])
+    message = str(refused.value)
+    assert f"--out {out} could not be written (No space left on device)" in message and "free space" in message
+    assert out.read_text() == "earlier\n"

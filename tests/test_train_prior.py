@@ -261,6 +261,42 @@ def test_run_folder_feeds_the_generators(run, tmp_path):
     assert tokens.shape == (2, 16) and report["demasker_calls"] == 4 and report["encoder_calls"] == 1
 
 
+def test_conditional_validation_logs_consistency_and_resume_keeps_it(run, tmp_path, capsys):
+    """--val-consistency N: every validation record of the conditional prior carries the agreement rows (oracle,
+    conditional, blank at each revealed share) and the copy rows (the oracle's registers are h_phi(x) itself: cosine
+    1, MSE 0), measured on N held-out programs; --resume keeps the run's N, prints the line, and the flag is refused
+    without --conditional. Off by default."""
+    out = tmp_path / "c"
+    T.main(["--ae", str(run["ae"]), "--out-dir", str(out), "--max-steps", "6", "--global-batch-size", "8",
+            "--eval-interval", "3", "--bank-cache", str(run["root"] / "banks"), "--conditional",
+            "--val-consistency", "3", "--val-consistency-steps", "4", "--stop-at", "3"])
+    assert "agreement (conditional/blank/oracle) r=0.25" in capsys.readouterr().out
+    T.main(["--ae", str(run["ae"]), "--out-dir", str(out), "--resume", "--quiet"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["type"] == "val"]
+    assert [r["step"] for r in val] == [3, 6]
+    for record in val:
+        result = record["consistency"]
+        assert result["num_programs"] == 3 and result["steps"] == 4 and result["cer_unit"] == "characters"
+        assert [(row["source"], row["share"]) for row in result["agreement"]] == \
+            [(s, r) for r in (0.25, 0.5, 0.75) for s in ("oracle", "conditional", "blank")]
+        assert all(row["agreement"] is None or 0 <= row["agreement"] <= 1 for row in result["agreement"])
+        copy = {row["source"]: row for row in result["copy"]}
+        assert copy["oracle"]["cosine"] == pytest.approx(1.0) and copy["oracle"]["mse"] == pytest.approx(0, abs=1e-9)
+        assert copy["conditional"]["cer_ci"][0] <= copy["conditional"]["cer"] <= copy["conditional"]["cer_ci"][1]
+    assert json.loads((out / "args.json").read_text())["val_consistency"] == 3
+    base = ["--ae", str(run["ae"]), "--out-dir", str(tmp_path / "x")]
+    assert T.parse_all(base).val_consistency == 0
+    for flags, text in ((["--val-consistency", "2"], "add --conditional"),
+                        (["--conditional", "--val-consistency", "-1"], "--val-consistency must be an integer >= 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            T.parse_all(base + flags)
+        assert exit_info.value.code == 2 and text in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.parse_all(["--help"])
+    assert "--val-consistency N" in capsys.readouterr().out
+
+
 def test_resume_refuses_changed_flags_and_another_encoder(run, tmp_path, capsys):
     """--resume keeps the run's flags (unset ones inherited), refuses a changed objective flag (exit 2,
     old vs new listed) and an AE whose encoder fingerprint differs from prior.json's (both named)."""

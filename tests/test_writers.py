@@ -107,7 +107,7 @@ WRITERS = {
                         fail=_patch(train_prior, "prior_loss"), work=_patch(train_prior, "load_banks")),
     "train_scorer": dict(run=_run_scorer, product="model.safetensors", resumable=False,
                          fail=_patch(train_scorer, "lm_loss"), work=_patch(data, "load_split")),
-    "train_prompted": dict(run=_run_prompted, product="dit/model.safetensors", resumable=False,
+    "train_prompted": dict(run=_run_prompted, product="dit/model.safetensors", resumable=True,
                            fail=_patch(train_prompted, "prior_step"), work=_patch(train_prompted, "load_ae")),
     "eval": dict(run=_run_eval, product="marginal-trap.json", resumable=False, fail=_failing_eval,
                  work=_patch(E, "Context")),
@@ -236,6 +236,56 @@ def test_a_symlink_fifo_or_file_is_refused_before_any_work(inputs, tmp_path, mon
     assert "another path" in message or "points to" in message  # the fix
     assert out.is_symlink() == (kind == "symlink") and (out.is_fifo() if kind == "fifo" else True)
     assert _tree(target) == {"precious": b"keep"} and sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
+
+
+@pytest.mark.parametrize("case", ["under a file", "not writable", "full", "parent not writable"])
+@pytest.mark.parametrize("name", WRITER_NAMES)
+def test_a_location_that_cannot_be_written_is_refused_before_any_work(inputs, tmp_path, monkeypatch, capsys, name,
+                                                                      case):
+    """A file where a parent folder must be, a folder that is not writable (os.access: a read-only mount, another
+    user's folder; stood in for here, as root writes anywhere) or a full disk: refused before any work, naming the
+    path and the fix, where it used to fail with a raw OSError at the first save or after the whole run."""
+    w = WRITERS[name]
+    out = tmp_path / "runs" / "out"
+    (tmp_path / "runs").mkdir()
+    if case == "under a file":
+        out = tmp_path / "runs" / "a_file" / "out"
+        (tmp_path / "runs" / "a_file").write_text("mine")
+    elif case == "not writable":
+        monkeypatch.setattr(RF, "_writable", lambda folder: False)
+    elif case == "full":
+        monkeypatch.setattr(RF, "_free_bytes", lambda folder: 0)
+    else:  # the run folder is there and writable, its parent (the lock and --overwrite's staging go there) is not
+        if name == "eval":
+            pytest.skip("eval.py's lock sits inside --out")
+        out.mkdir()
+        monkeypatch.setattr(RF, "_writable", lambda folder: Path(folder) != out.parent)
+    w["work"](monkeypatch)  # the refusal must come before any work
+    with pytest.raises((OSError, SystemExit)) as refused:
+        w["run"](inputs, out)
+    message = str(refused.value) + capsys.readouterr().err
+    assert str(out) in message and "nothing was written" in message
+    assert "a writable folder with free space" in message
+    assert {"under a file": "a_file is a regular file, not a folder", "not writable": "is not writable",
+            "full": "is full (0 bytes free)", "parent not writable": f"{out.parent} is not writable"}[case] in message
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == (["out"] if case == "parent not writable" else
+                                                                    ["a_file"] if case == "under a file" else [])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder: chmod does not bite")
+@pytest.mark.parametrize("name", WRITER_NAMES)
+def test_a_read_only_folder_is_refused_before_any_work(inputs, tmp_path, monkeypatch, name):
+    w = WRITERS[name]
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    w["work"](monkeypatch)
+    try:
+        with pytest.raises((PermissionError, SystemExit), match=r"cannot be written: .*out is not writable"):
+            w["run"](inputs, out)
+    finally:
+        out.chmod(0o755)
+    assert list(out.iterdir()) == []
 
 
 def test_eval_refuses_a_result_file_that_is_not_a_file(inputs, tmp_path):

@@ -22,6 +22,7 @@ from infra import checkpoint as C
 from infra import dist_checkpoint as DC
 from infra import distributed as D
 from infra import guards
+from infra.atomic import read_json
 from training.ae_setup import cadd_batch
 from training.runs import recorded
 from infra.dist_checkpoint import rng_states, set_rng_states
@@ -147,14 +148,26 @@ def save_run(out_dir, model, optimizer, env, step, args, stream, files):
 
 
 def saved_step(resume_dir):
-    """The step of the checkpoint in resume_dir (progress.json)."""
-    return json.loads((Path(resume_dir) / PROGRESS).read_text())["step"]
+    """The step of the checkpoint in resume_dir (progress.json); a file edited since the save is refused naming it
+    and the fix (the same step is in training_state.pt, which the load then checks against it)."""
+    path = Path(resume_dir) / PROGRESS
+    fix = "restore it from a good copy of the run, or start a new run with another --out-dir"
+    progress = read_json(path, fix)
+    step = progress.get("step") if isinstance(progress, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{path} holds no step count (\"step\": a whole number >= 0; got {step!r}): it was edited; "
+                         f"{fix}")
+    return step
 
 
 def load_resume(resume_dir, model, optimizer, env, stream, args):
     """--resume: every tensor and the AdamW state loaded strictly (distributed.load_checkpoint), the data stream
     (programs, global batch, seed, data settings) checked to be the run's, the global RNG states restored."""
     extra = DC.load_checkpoint(resume_dir, model, optimizer, env)
+    if extra.get("step") is not None and extra["step"] != saved_step(resume_dir):
+        raise ValueError(f"{Path(resume_dir) / PROGRESS} says step {saved_step(resume_dir)}, but the checkpoint's "
+                         f"training state was saved at step {extra['step']}: the file was edited; write "
+                         f"\"step\": {extra['step']} back into it")
     if (extra["num_train"], extra["global_batch_size"], extra["seed"]) != (stream.n, args.global_batch_size, args.seed):
         raise ValueError(f"--resume: the checkpoint's data stream (programs, global batch, seed) = "
                          f"{(extra['num_train'], extra['global_batch_size'], extra['seed'])} differs from this run's "

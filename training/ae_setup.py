@@ -3,14 +3,14 @@
 - prepare_data: dataprep/data.py's memmapped cache (built by rank 0 when missing), its meta and tokenizer files.
 - build_models: the encoder h_phi and the demasker f_theta (paper Sec. 4.1): from scratch with the tiny configs,
   from public or own weights (--encoder-init / --demasker-init; App. C: Qwen3-Embedding-0.6B and LLaDA-8B-Base or
-  the base MDM run), or from the checkpoint configs on --resume (the weights are loaded afterwards, strictly).
+  the base MDM run), or from the checkpoint configs on --resume (the weights are loaded afterwards, strictly; a
+  config.json edited since the save is refused first, by its shapes on the meta device: resumed_part).
   New conditioning parameters (register projection, START, END) are scaled so that a projected register has the
   token embeddings' RMS (match_conditioning_rms_; our choice).
 - cadd_settings / cadd_batch: the demasker's CADD fields and the per-example latent noise of --cadd
   (extensions/cadd.py; beyond the paper).
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -94,9 +94,13 @@ def build_models(args, meta, encoder_vocab, resume_dir=None):
     encoder = None
     if resume_dir is not None:  # weights are loaded afterwards by distributed.load_checkpoint
         if not args.no_registers:
-            cfg = json.loads((resume_dir / "encoder" / "config.json").read_text())
-            encoder = Encoder(EncoderConfig.from_dict(cfg))
-        demasker = Demasker(DemaskerConfig.from_dict(json.loads((resume_dir / "demasker" / "config.json").read_text())))
+            encoder = resumed_part(resume_dir / "encoder", "encoder", Encoder, EncoderConfig)
+        demasker = resumed_part(resume_dir / "demasker", "demasker", Demasker, DemaskerConfig)
+        try:
+            check_vocab(demasker.cfg, meta, encoder, encoder_vocab)
+        except ValueError as error:
+            raise ValueError(f"--resume: {error} (the run's {resume_dir / 'demasker' / 'config.json'} against the data "
+                             f"cache {args.data}: the config.json was edited, or --data is not the run's cache)") from None
         return encoder, demasker
     if not args.no_registers:
         encoder = (Encoder.from_pretrained(part_folder(args.encoder_init, "encoder"), num_registers=args.num_registers)
@@ -111,6 +115,29 @@ def build_models(args, meta, encoder_vocab, resume_dir=None):
         match_conditioning_rms_(demasker)
     check_vocab(demasker.cfg, meta, encoder, encoder_vocab)
     return (encoder.float() if encoder is not None else None), demasker.float()  # fp32 master weights
+
+
+def resumed_part(folder, kind, model_cls, config_cls):
+    """--resume: one model of the checkpoint built from its config.json, which must describe the weights beside it:
+    a config.json edited since the save (not JSON, another kind, a bad field, sizes that do not fit the weights)
+    is refused naming the file and the fix, before anything of its size is allocated."""
+    path = folder / "config.json"
+    fix = (f"restore it from a good copy of the run (its values fit {folder}/model.safetensors) or start a new run "
+           f"with another --out-dir")
+    fields = C.read_config(folder)  # not JSON / not an object: CheckpointError naming the file
+    if fields.get("crocodil_model") != kind:
+        raise C.CheckpointError(f"{path} names crocodil_model={fields.get('crocodil_model')!r}, not {kind!r}: it was "
+                                f"edited or copied from another model; {fix}")
+    try:
+        cfg = config_cls.from_dict(fields)
+        with torch.device("meta"):  # shapes only: a config edited to a huge size allocates nothing
+            misfits = C.config_misfits(model_cls(cfg), folder)
+    except (TypeError, ValueError, ArithmeticError) as error:
+        raise C.CheckpointError(f"{path} does not make a {kind} ({type(error).__name__}: {error}); {fix}") from None
+    if misfits:
+        raise C.CheckpointError(f"{path} does not describe the weights beside it ({'; '.join(misfits)}): it was "
+                                f"edited after the save; {fix}")
+    return model_cls(cfg)
 
 
 def part_folder(name_or_path, part):

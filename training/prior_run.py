@@ -9,10 +9,14 @@
 - write_settings: prior.json (what sampling must repeat: K, block offsets, conditioning, the AE run) and args.json.
 - save / load_resume: the training state (atomic, every rank) and the EMA sampling weights dit/ (and cond_encoder/), with hub
   model cards (a card that cannot be written is a warning).
+- parse_all / consistency_inputs: the consistency measurement of a conditional prior at validation
+  (evaluation/consistency.py): its flags, and the demasker, held-out programs and oracle registers it reads.
 """
 
+import argparse
 import functools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +78,11 @@ def check_same_sources(out, encoder_dir, data_dir, meta):
     """--resume: the AE encoder and the data must be the ones prior.json records (fingerprint, settings)."""
     settings = C.read_json(out / PRIOR_SETTINGS_FILE, "prior settings file")
     recorded, current = settings.get("encoder_fingerprint"), encoder_fingerprint(encoder_dir)
-    if recorded and recorded != current:
+    if recorded is None:
+        raise ValueError(f"--resume: {out / PRIOR_SETTINGS_FILE} records no encoder_fingerprint, so the encoder "
+                         f"{encoder_dir} cannot be checked against the one the prior was trained on; start a new "
+                         f"prior with another --out-dir (or --overwrite)")
+    if recorded != current:
         raise ValueError(f"--resume: the encoder {encoder_dir} (fingerprint {current[:16]}) is not the one this prior "
                          f"was trained on ({settings.get('ae')}, fingerprint {recorded[:16]}); pass --ae "
                          f"{settings.get('ae')} or start a new prior with another --out-dir")
@@ -170,3 +178,77 @@ def log_line(ctx, record):
 def truncate_log(out, step):
     """Drop log lines written after the checkpoint we resume from (they will be written again)."""
     R.RunLog(Path(out) / "log.jsonl").truncate(step)
+
+
+# ------------------------------------------------------------------------------------------------
+# The consistency measurement at validation (evaluation/consistency.py)
+# ------------------------------------------------------------------------------------------------
+
+# Off by default: every validation would decode 6 x N programs with the demasker (oracle, blank, 3 shares, copy;
+# N = 8 with the tiny demasker at L = 128: 3.5 s per validation on one CPU thread, about 20 s over the six
+# validations of demo.sh's conditional prior), and at paper size rank 0 would hold the 8B demasker beside the prior it trains.
+CONSISTENCY_DEFAULTS = {"val_consistency": 0, "val_consistency_steps": 32}
+CONSISTENCY_PRIOR_STEPS = 32  # DDIM steps of each draw: the paper's refresh (generators.conwithindisc)
+
+
+def consistency_flags():
+    """The flags train_prior.py reads beside config/prior_args.py's (validation only: free to change on
+    --resume). Shown after the main --help."""
+    p = argparse.ArgumentParser(prog="train_prior.py", add_help=False, allow_abbrev=False)
+    g = p.add_argument_group("consistency of the conditional prior at validation (evaluation/consistency.py)")
+    g.add_argument("--val-consistency", type=int, default=None, metavar="N", help="with --conditional: at every "
+                   "validation, draw registers for the first N held-out programs given h(x_t) at revealed shares "
+                   "0.25 / 0.5 / 0.75 and given the clean program, decode them with the AE run's demasker, and log "
+                   "the agreement with the revealed tokens and the copy figures beside the oracle h_phi(x) and "
+                   "the all-[M] condition (0 = off, the default: it costs decoding time, and rank 0 holds the "
+                   "demasker)")
+    g.add_argument("--val-consistency-steps", type=int, default=None, metavar="S", help="MDM steps of each of "
+                   "those decodings (default 32, at most the sequence length)")
+    return p
+
+
+def parse_all(argv=None):
+    """config/prior_args.parse_args(argv) plus the consistency flags (their run values kept on --resume unless
+    given again). Errors exit with status 2, naming the flag."""
+    from config.prior_args import parse_args
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = consistency_flags()
+    own, rest = extra.parse_known_args(argv)
+    try:
+        args = parse_args(rest)
+    except SystemExit as stop:
+        if stop.code == 0:  # --help: the consistency flags follow the main ones
+            print(extra.format_help())
+        raise
+    for name, default in CONSISTENCY_DEFAULTS.items():
+        chosen = getattr(own, name)
+        setattr(args, name, chosen if chosen is not None else getattr(args, name, default))
+    if args.val_consistency < 0:
+        extra.error(f"--val-consistency must be an integer >= 0 (0 = off), got {args.val_consistency}")
+    if args.val_consistency_steps < 1:
+        extra.error(f"--val-consistency-steps must be an integer >= 1, got {args.val_consistency_steps}")
+    if args.val_consistency and not args.conditional:
+        extra.error("--val-consistency measures a conditional prior: add --conditional, or drop it")
+    return args
+
+
+def consistency_inputs(ctx):
+    """What evaluation/consistency.measure reads at validation, built once on the validating rank: the AE run's
+    demasker and tokenizer, the first --val-consistency held-out programs and their oracle registers (the
+    validation bank: h_phi(x), the first K). Returns a dict, or None when the measurement is off."""
+    args = ctx["args"]
+    if not getattr(args, "val_consistency", 0) or not args.conditional or ctx["val_bank"] is None:
+        return None
+    if "consistency" not in ctx:
+        from sample import decode_programs
+
+        demasker, _, tokenizer = R.load_run(R.resolve_ae(args.ae), False, ctx["device"])
+        cfg = demasker.cfg
+        rows = np.arange(min(args.val_consistency, len(ctx["val_bank"])))
+        programs = ctx["val_tokens"].batch(rows)
+        ctx["consistency"] = {
+            "demasker": demasker, "ids": programs["ids"], "lengths": programs["lengths"],
+            "oracle": ctx["val_bank"].batch(rows),
+            "to_text": lambda tokens: decode_programs(tokenizer, tokens, cfg.eos_token_id, cfg.bos_token_id)}
+    return ctx["consistency"]

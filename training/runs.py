@@ -1,14 +1,16 @@
 """Run-folder plumbing shared by train_ae.py and train_prior.py (and the model loading of sample.py).
 
 - RunLog: OUT/log.jsonl, one JSON record per line ({"type": "train" | "val" | "skipped", "step", ...}),
-  written by rank 0 only; `truncate` drops the records after a checkpoint that --resume goes back to.
+  written by rank 0 only; `truncate` drops the records after a checkpoint that --resume goes back to (a torn
+  last line too; a damaged line elsewhere is refused with its number).
 - recover_for_resume: a save killed between its two renames (checkpoint.swap_folder) left a complete old copy;
   it is put back before anything is read, and a run folder without a checkpoint is refused.
 - write_args / recorded: OUT/args.json, the flags the run really uses (on --resume only the RESUME_MUTABLE flags
   differ), less the flags of one invocation that say nothing about the run (--overwrite).
 - last_good: the "last good checkpoint" phrase of guards.BadStepGuard's error.
 - run_folder / load_run / resolve_ae: a train_ae.py run folder read back (demasker, encoder, tokenizer), as
-  sample.py, eval.py and the benchmarks load it, and the folder holding its encoder (train_prior.py --ae).
+  sample.py, eval.py and the benchmarks load it (a tokenizer whose ids are not the demasker's is refused:
+  check_tokenizer_ids), and the folder holding its encoder (train_prior.py --ae).
 - heldout_programs / through_first_eos: the first validation programs of a data cache, as the encoder reads them
   (sample.py --method autoencode, Alg. 6).
 """
@@ -22,6 +24,7 @@ import torch
 from infra import checkpoint as C
 from infra import dist_checkpoint as DC
 from infra import distributed as D
+from infra.atomic import write_text
 
 
 class RunLog:
@@ -39,11 +42,29 @@ class RunLog:
                 handle.write(json.dumps(record) + "\n")
 
     def truncate(self, step):
-        """Drop the records written after `step` (the checkpoint --resume continues from writes them again)."""
-        if self.path is not None and self.path.is_file():
-            lines = [line for line in self.path.read_text().splitlines()
-                     if line and json.loads(line).get("step", 0) <= step]
-            self.path.write_text("".join(line + "\n" for line in lines))
+        """Drop the records written after `step` (the checkpoint --resume continues from writes them again). A last
+        line cut short (a run killed while appending it) is dropped too; any other line that is not a JSON record
+        is refused naming the file, the line and the fix, and the log is left as it was."""
+        if self.path is None or not self.path.is_file():
+            return
+        text = self.path.read_text(errors="replace")
+        lines, kept = text.splitlines(), []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                at = record.get("step", 0) if isinstance(record, dict) else None
+                if isinstance(at, bool) or not isinstance(at, (int, float)):
+                    raise ValueError(f"its \"step\" is {at!r}, not a number" if at is not None else "not an object")
+            except ValueError as error:
+                if number == len(lines) and not text.endswith("\n"):
+                    break  # the torn last append of a killed run
+                raise ValueError(f"{self.path} line {number} is not a log record ({error}); delete or repair that "
+                                 f"line, then --resume again") from None
+            if at <= step:
+                kept.append(line)
+        write_text(self.path, "".join(line + "\n" for line in kept))  # whole or not at all (infra/atomic.py)
 
 
 INVOCATION_ONLY = ("overwrite",)  # how this invocation treats the folder, not what the run is: not recorded
@@ -104,7 +125,26 @@ def load_run(ckpt, need_encoder, device="cpu", dtype=None):
             raise FileNotFoundError(f"{folder} has no encoder/; --method autoencode needs an encoder-demasker "
                                     f"checkpoint (train_ae.py without --no-registers)")
         encoder = Encoder.from_pretrained(str(folder / "encoder"), dtype=dtype, device=device).eval()
-    return demasker, encoder, load_tokenizer(str(tokenizer_file))
+    tokenizer = load_tokenizer(str(tokenizer_file))
+    check_tokenizer_ids(tokenizer, demasker.cfg, tokenizer_file, demasker_dir)
+    return demasker, encoder, tokenizer
+
+
+def check_tokenizer_ids(tokenizer, cfg, tokenizer_file, demasker_dir):
+    """The run's tokenizer.json must be the one its demasker was trained with, as far as the demasker's config
+    records it: the same BOS / EOS / [M] ids and a vocabulary the embedding holds. A tokenizer file replaced since
+    (another run's, another cache's) is refused naming both files and the fix: it would decode other text."""
+    pairs = (("[M]", "mask_id", cfg.mask_token_id), ("EOS", "eos_id", cfg.eos_token_id),
+             ("BOS", "bos_id", cfg.bos_token_id), ("vocabulary", "vocab_size", cfg.vocab_size))
+    problems = []
+    for name, role, theirs in pairs:  # a role the tokenizer does not report (a stand-in) is not compared
+        ours = getattr(tokenizer, role, None)
+        if ours is not None and theirs is not None and (ours > theirs if role == "vocab_size" else ours != theirs):
+            problems.append(f"{name} {ours} vs {theirs}")
+    if problems:
+        raise ValueError(f"{tokenizer_file} is not the tokenizer the demasker in {demasker_dir} was trained with "
+                         f"(tokenizer vs config.json: {', '.join(problems)}); copy back the tokenizer.json of the data "
+                         f"cache the run was trained on (its args.json 'data')")
 
 
 def resolve_ae(path):

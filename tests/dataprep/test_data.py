@@ -1,6 +1,7 @@
 """dataprep/data.py: corpus reading and splitting, tokenizers, the memmapped token cache, resumable batches."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -415,3 +416,94 @@ def test_a_source_file_with_a_utf8_bom_is_read(tmp_path):
     programs, stats = data.collect_programs(root, whole_file_lines=10)
     texts = [text for split in programs.values() for _, text in split]
     assert stats["skipped_unparsable"] == 0 and any(t.startswith("def with_bom") for t in texts)
+
+
+def test_the_cache_follows_the_umask(tmp_path, corpus):
+    """The cache folder is a staging folder made by mkdtemp (0700) and swapped in: it gets the user's umask."""
+    from infra import atomic
+    out = build(tmp_path / "cache", corpus)
+    folder = tmp_path / "cache"
+    assert folder.stat().st_mode & 0o777 == atomic.DIR_MODE
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {atomic.FILE_MODE}
+    assert out["splits"]["train"]["programs"] > 0
+
+
+def test_a_build_that_waited_for_one_with_other_settings_is_refused(tmp_path, corpus, monkeypatch):
+    """Two builds into one folder, the second started while the first held the lock, with another --seq-len: the
+    first succeeds and keeps its cache; the second is refused (it used to replace the first one's cache and both
+    reported success)."""
+    import threading
+    out = tmp_path / "cache"
+    inside, proceed, seen = threading.Event(), threading.Event(), threading.Event()
+    build_into, cache_state = data._build_into, data.cache_state
+
+    def slow_build(*args, **kwargs):  # the first build holds the lock until the second one has started
+        inside.set()
+        assert proceed.wait(60)
+        return build_into(*args, **kwargs)
+
+    def noted_state(folder):
+        state = cache_state(folder)
+        if threading.current_thread().name == "second":
+            seen.set()
+        return state
+
+    monkeypatch.setattr(data, "_build_into", slow_build)
+    monkeypatch.setattr(data, "cache_state", noted_state)
+    results = {}
+
+    def run(name, seq_len):
+        try:
+            results[name] = build(out, corpus, seq_len=seq_len)
+        except ValueError as error:
+            results[name] = error
+
+    first = threading.Thread(target=run, args=("first", 64), name="first")
+    first.start()
+    assert inside.wait(60)
+    second = threading.Thread(target=run, args=("second", 48), name="second")
+    second.start()
+    assert seen.wait(60)  # the second build has looked at the folder and now waits for the lock
+    proceed.set()
+    first.join(60)
+    second.join(60)
+    assert results["first"]["settings"]["seq_len"] == 64 == data.load_meta(out)["seq_len"]
+    message = str(results["second"])
+    assert str(out) in message and "another build finished there while this one waited" in message
+    assert "seq_len 64 there, 48 here" in message and "another --out" in message
+    assert not [p.name for p in tmp_path.iterdir() if ".stage-" in p.name]
+    assert build(out, corpus, seq_len=48)["seq_len"] == 48  # run again: the cache is replaced, as asked
+
+
+@pytest.mark.parametrize("case", ["under a file", "not writable", "full"])
+def test_an_output_location_that_cannot_be_written_is_refused_before_the_build(tmp_path, corpus, monkeypatch, case,
+                                                                             capsys):
+    from infra import run_folder as RF
+    target = tmp_path / "runs" / "cache"
+    if case == "under a file":
+        (tmp_path / "runs").write_text("a file")
+    elif case == "not writable":
+        monkeypatch.setattr(RF, "_writable", lambda folder: False)
+    else:
+        monkeypatch.setattr(RF, "_free_bytes", lambda folder: 0)
+    monkeypatch.setattr(data, "_build_into", lambda *a, **k: pytest.fail("the build started"))
+    with pytest.raises(SystemExit) as refused:
+        data.main(["--out", str(target), "--corpus", str(corpus), "--seq-len", "64", "--vocab-size", "300"])
+    message = str(refused.value)
+    assert str(target) in message and "nothing was written" in message and "a writable folder with free space" in message
+    assert {"under a file": "runs is a regular file, not a folder", "not writable": "is not writable",
+            "full": "is full (0 bytes free)"}[case] in message
+    assert not target.exists() and not (tmp_path / "runs" / ".cache.lock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder: chmod does not bite")
+def test_a_read_only_folder_is_refused_before_the_build(tmp_path, corpus):
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=r"read_only/cache cannot be written: .*read_only is not writable"):
+            build(parent / "cache", corpus)
+    finally:
+        parent.chmod(0o755)
+    assert list(parent.iterdir()) == []

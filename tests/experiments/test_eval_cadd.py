@@ -86,6 +86,43 @@ def test_quality_vs_nfe_rows_count_k_passes_per_step(runs):
     assert all(0 <= r["mauve"] <= 1 and r["gen_ppl"] > 0 for r in rows)
 
 
+def test_base_and_cadd_rows_take_the_base_decoding_choice_and_cadd_its_own_best(runs):
+    """--base-decoding's setting reaches the base and the CADD rows (before, CADD decoded low-confidence in one
+    block whatever the base's choice); --cadd-select adds CADD at its own best setting, chosen on the selection
+    set by base-decoding's rule."""
+    root, common = runs
+    chosen = {"remasking": "random", "block_length": 8, "eos": "revealed last"}
+    (root / "bd.json").write_text(json.dumps({"chosen": {"16": chosen}}))
+    E.main(["cadd", *common, "--scorer", str(root / "scorer"), "--lengths", "16", "--nfe", "6", "16",
+            "--cadd-softness", "0", "--blocks", "8", "--base-decoding", str(root / "bd.json"), "--cadd-select",
+            "--fig6-num", "2", "--out", str(root / "select")])
+    block = json.loads((root / "select" / "cadd.json").read_text())["results"]["generation"]["16"]
+    assert block["base_setting"] == chosen
+    assert {r["method"]: r["setting"] for r in block["rows"] if r["method"] in ("base", "cadd_s0")} == \
+        {"base": chosen, "cadd_s0": chosen}
+    selection = block["cadd_selection"]
+    assert len(selection["rows"]) == 2 * 2 * 3 and all(r["nfe"] == 16 for r in selection["rows"])
+    assert selection["chosen"] in [r["setting"] for r in selection["rows"]] and selection["chosen"]["softness"] == 0
+    best = [r for r in block["rows"] if r["method"] == "cadd_best"]
+    assert [r["steps"] for r in best] == [6, 16] and all(r["setting"] == selection["chosen"] for r in best)
+
+
+def test_cadd_sampler_decodes_under_a_setting(monkeypatch):
+    seen = {}
+
+    def fake(demasker, count, length, block, steps, temp, remasking, decoding=None, **kwargs):
+        seen.update(block=block, remasking=remasking, eos=decoding.confidence_eos_eot_inf)
+        return torch.zeros(count, length, dtype=torch.long), steps
+    monkeypatch.setattr(eval_cadd.cadd, "cadd_generate", fake)
+    ctx = types.SimpleNamespace(args=types.SimpleNamespace(cadd_latents=1, cadd_posterior_noise=False, seed=0,
+                                                           rng="fast", remasking="low_confidence"), device="cpu")
+    setting = {"remasking": "random", "block_length": 8, "eos": "revealed last"}
+    eval_cadd.cadd_sampler(ctx, None, 32, 6, 1.0, 0.0, setting=setting)([0], torch.Generator(), None)
+    assert seen == {"block": 16, "remasking": "random", "eos": True}  # 6 steps: 2 blocks of 16 share them
+    eval_cadd.cadd_sampler(ctx, None, 32, 6, 1.0, 0.0)([0], torch.Generator(), None)
+    assert seen == {"block": 32, "remasking": "low_confidence", "eos": False}
+
+
 def test_sampler_is_reproducible_per_batch():
     torch.manual_seed(0)
     model = Demasker(DemaskerConfig.tiny(vocab_size=40, mask_token_id=39, eos_token_id=38, bos_token_id=37,

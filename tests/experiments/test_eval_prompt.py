@@ -12,6 +12,7 @@ import eval as E
 from dataprep import prompts as P
 from experiments import train_prompted as T
 from dataprep.data import build_dataset
+from dataprep.latent_data import encoder_fingerprint
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 from latent_dit import DiTConfig, LatentDiT
@@ -52,7 +53,8 @@ def runs(tmp_path_factory):
     dit.save_pretrained(root / "cprior" / "dit")
     (root / "cprior" / "prior.json").write_text(json.dumps({
         "ae": str(root / "ae"), "num_registers": K, "max_offset": 0.2, "block_offsets": True, "conditional": True,
-        "cond_registers": K, "shared_tokenizer": True, "register_blocks": register_blocks(K)}))
+        "cond_registers": K, "shared_tokenizer": True, "register_blocks": register_blocks(K),
+        "encoder_fingerprint": encoder_fingerprint(root / "ae" / "encoder")}))
     return root
 
 
@@ -83,6 +85,19 @@ def test_table_over_nfe_for_every_method_with_intervals(runs, tmp_path):
     assert record["results"]["rows"][0]["examples"][0].startswith("def f_")  # prompt + generated body
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert "token F1 [95% CI]" in report and "conwithindisc" in report
+
+
+def test_keep_reaches_the_prompted_and_infilling_demasker(runs, tmp_path, monkeypatch):
+    from extensions import prompting as PR
+    seen, loop = [], PR._loop
+
+    def spy(demasker, canvas, steps, temperature, remasking, mask_id, registers=None, *rest, **kwargs):
+        if registers is not None:  # the base rows have none
+            seen.append(registers.shape[1])
+        return loop(demasker, canvas, steps, temperature, remasking, mask_id, registers, *rest, **kwargs)
+    monkeypatch.setattr(PR, "_loop", spy)
+    record = E.main(argv(runs, tmp_path / "out", "--cond-prior", str(runs / "cprior"), "--keep", "2"))
+    assert record["results"]["keep"] == 2 and seen and set(seen) == {2}
 
 
 def test_bad_input_is_named(runs, tmp_path, capsys):
@@ -129,3 +144,24 @@ def test_two_ranks_give_the_one_process_table(runs, tmp_path):
     one = E.main(argv(runs, tmp_path / "one", *extra))["results"]["rows"]
     two = json.loads((tmp_path / "two" / "prompt.json").read_text())["results"]["rows"]
     assert len(one) == 3 and json.loads(json.dumps(one)) == two
+
+
+def test_a_prompted_prior_paired_with_another_demasker_or_without_fingerprint_is_refused(runs, tmp_path):
+    """--ae decodes: the prior must sample the registers its demasker is guided by (the AE's own reads whole
+    programs) and belong to its encoder (prompted.json's fingerprint); either problem is named with the fix."""
+    from extensions.prompting import FINE_TUNED_BY
+    folder, tuned = tmp_path / "pprior", tmp_path / "tuned"
+    shutil.copytree(runs / "pprior", folder)
+    shutil.copytree(runs / "ae", tuned)  # as if fine-tuned on the answer's registers: the prior's own pair
+    (tuned / "args.json").write_text(json.dumps({"data": str(runs / "data"), "fine_tuned_by": FINE_TUNED_BY,
+                                                 "guide": "answer"}))
+    record = folder / "prompted.json"
+    settings = json.loads(record.read_text())
+    record.write_text(json.dumps({**settings, "target": "answer", "guide": "answer", "demasker": str(tuned)}))
+    args = [a if a != str(runs / "pprior") else str(folder) for a in argv(runs, tmp_path / "o")]
+    with pytest.raises(ValueError, match="samples the registers of the answer.*retrain the prior with --target program"):
+        E.main(args)
+    record.write_text(json.dumps({k: v for k, v in settings.items() if k != "encoder_fingerprint"}))
+    with pytest.raises(ValueError, match="records no encoder fingerprint"):
+        E.main(args)
+    assert not (tmp_path / "o" / "prompt.json").exists()

@@ -1,5 +1,7 @@
 """Tests for experiments/train_prompted.py: the Eq. 12 prior recovers a program's registers from its prompt (better than
-the unconditional prior, tiny overfit case), the prompt is never masked, and the run folder feeds extensions/prompting.py."""
+the unconditional prior, tiny overfit case), the prompt is never masked, the run folder feeds extensions/prompting.py,
+the prior and the demasker are a consistent pair (defaults, refusals, the record's fingerprint), --resume is
+bit-exact in either phase, two gloo ranks give the one-process run, and an encoder with its own tokenizer trains."""
 
 import json
 import math
@@ -75,7 +77,7 @@ def test_prompted_prior_recovers_its_programs_registers_better_than_the_uncondit
     """Tiny overfit case: 8 programs; the prompted prior samples z_0 given each program's own prompt, the
     unconditional prior (same DiT size, same steps) samples blindly. Cosine to the program's own registers."""
     T.main(argv(run, tmp_path / "p", "--steps", "150", "--lr", "3e-3", "--warmup-steps", "10", "--ema-decay", "0.9",
-           "--xt-drop", "1"))
+           "--xt-drop", "1", "--target", "answer", "--demasker-steps", "1"))  # the answer's registers: a fine-tuned f
     pprior = PR.load_prompted_prior(tmp_path / "p")
     tokenizer = run["tokenizer"]
     batch = P.encode_pairs(P.load_pairs(run["pairs"], "train"), tokenizer, 64)
@@ -153,10 +155,169 @@ def test_numbers_are_checked_with_the_flag_named(run, tmp_path, capsys, flags, t
     assert not (tmp_path / "p" / "prompted.json").exists()
 
 
-def test_two_tokenizers_are_refused_with_the_fix(run, tmp_path):
+def test_the_default_pair_is_consistent_and_a_mismatch_is_refused_with_the_fix(run, tmp_path, capsys):
+    """The AE's own demasker (--demasker-steps 0) reads h_phi of whole programs: the default prior samples those;
+    the answer's registers need a demasker fine-tuned on them, and --guide may not differ from --target."""
+    args = T.parse_args(argv(run, tmp_path / "p"))
+    assert (args.target, args.guide, args.demasker_steps) == ("program", "program", 0)
+    assert T.parse_args(argv(run, tmp_path / "p", "--target", "answer", "--demasker-steps", "2")).guide == "answer"
+    for flags, fix in ((["--target", "answer"], "pass --target program"),
+                       (["--guide", "answer"], "drop --guide"),
+                       (["--target", "answer", "--demasker-steps", "2", "--guide", "program"], "drop --guide")):
+        with pytest.raises(SystemExit) as stop:
+            T.main(argv(run, tmp_path / "p", *flags))
+        assert stop.value.code == 2 and fix in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_record_pairs_the_prior_with_its_encoder_and_demasker(run, tmp_path):
+    """prompted.json carries the target, the demasker it pairs with and the AE encoder's fingerprint; loading
+    checks them against the run that decodes."""
+    from dataprep.latent_data import encoder_fingerprint
+    out = tmp_path / "p"
+    T.main(argv(run, out, "--steps", "2", "--target", "answer", "--demasker-steps", "1"))
+    settings = json.loads((out / "prompted.json").read_text())
+    assert (settings["target"], settings["guide"], settings["demasker"]) == ("answer", "answer", "ae")
+    assert settings["encoder_fingerprint"] == encoder_fingerprint(run["ae"] / "encoder")
+    assert PR.load_prompted_prior(out).target == PR.load_prompted_prior(out, ae=out / "ae").target == "answer"
+    with pytest.raises(ValueError, match="guided by the registers of the program"):
+        PR.load_prompted_prior(out, ae=run["ae"])  # the AE's own demasker: trained on whole programs
+
+
+# ------------------------------------------------------------------------------------------------
+# --resume, torchrun, two tokenizers
+# ------------------------------------------------------------------------------------------------
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def records(folder):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_bit_exact_in_either_phase(run, tmp_path):
+    """4 prior + 3 demasker steps straight == stopped at step 2 (the prior), resumed to step 6 (the demasker's
+    second), resumed to the end: every weight, EMA and log record identical."""
+    common = ("--steps", "4", "--demasker-steps", "3", "--warmup-steps", "1", "--log-interval", "1",
+              "--save-interval", "100")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    T.main(argv(run, straight, *common))
+    T.main(argv(run, split, *common, "--stop-at", "2"))
+    assert not (split / "prompted.json").exists() and not (split / "dit").exists()
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        PR.load_prompted_prior(split)
+    T.main(argv(run, split, *common, "--resume", "--stop-at", "6"))
+    assert (split / "demasker_state").is_dir() and not (split / "prompted.json").exists()
+    T.main(["--ae", str(run["ae"]), "--pairs", str(run["pairs"]), "--out-dir", str(split), "--resume"])  # its flags
+    for part in ("dit", "kappa", "ae/demasker", "train_state/dit", "train_state/kappa", "demasker_state"):
+        assert same_weights(straight / part, split / part), part
+    assert records(straight) == records(split)
+    assert [r["step"] for r in records(split) if r["type"] == "demasker"] == [1, 2, 3]
+    with pytest.raises(FileExistsError, match="--resume"):
+        T.main(argv(run, straight, *common))
+
+
+def test_resume_refuses_changed_flags_and_another_autoencoder(run, tmp_path, capsys):
     import shutil
-    ae = tmp_path / "ae"
-    shutil.copytree(run["ae"], ae)
-    shutil.copy(ae / "tokenizer.json", ae / "encoder_tokenizer.json")
-    with pytest.raises(ValueError, match="one shared tokenizer"):
-        T.main(["--ae", str(ae), "--pairs", str(run["pairs"]), "--out-dir", str(tmp_path / "p")])
+    out = tmp_path / "p"
+    T.main(argv(run, out, "--steps", "3", "--stop-at", "1", "--lr", "2e-3"))
+    with pytest.raises(SystemExit) as stop:
+        T.main(argv(run, out, "--resume", "--lr", "1e-2"))
+    assert stop.value.code == 2 and "--lr: run 0.002, now 0.01" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(run["ae"], other)
+    encoder = Encoder.from_pretrained(str(other / "encoder"))
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)
+    encoder.save_pretrained(other / "encoder")
+    before = (out / "args.json").read_text()
+    with pytest.raises(ValueError, match="encoder of --ae .* differ from the ones the run .* was trained on"):
+        T.main(["--ae", str(other), "--pairs", str(run["pairs"]), "--out-dir", str(out), "--resume"])
+    assert (out / "args.json").read_text() == before  # refused before anything is written
+    T.main(["--ae", str(run["ae"]), "--pairs", str(run["pairs"]), "--out-dir", str(out), "--resume"])
+    assert json.loads((out / "args.json").read_text())["lr"] == 2e-3 and (out / "prompted.json").is_file()
+
+
+def _rank_main(rank, world_size, port, args):
+    """One torchrun-like rank (gloo) running experiments/train_prompted.main."""
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    T.main(args)
+
+
+def test_two_ranks_match_one_process(run, tmp_path):
+    """The same script under torchrun: 2 gloo ranks, DDP, each rank half of every global batch, end with the
+    one-process weights (prior, h_kappa and the fine-tuned demasker) and losses."""
+    import socket
+
+    import torch.multiprocessing as mp
+    flags = ("--steps", "3", "--demasker-steps", "2", "--warmup-steps", "1", "--log-interval", "1", "--device", "cpu")
+    T.main(argv(run, tmp_path / "one", *flags))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_main, args=(2, port, argv(run, tmp_path / "two", *flags)), nprocs=2, join=True)
+    for part in ("dit", "kappa", "ae/demasker"):
+        one, two = weights(tmp_path / "one" / part), weights(tmp_path / "two" / part)
+        assert one.keys() == two.keys()
+        worst = max((one[k] - two[k]).abs().max().item() for k in one)
+        assert worst < 1e-5, (part, worst)
+    losses = lambda folder: [r["loss"] for r in records(folder) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    PR.load_prompted_prior(tmp_path / "two")
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers(run, tmp_path_factory):
+    """The AE of `run` with an encoder of its own tokenizer (a smaller BPE: demasker ids would not even fit it)."""
+    root = tmp_path_factory.mktemp("two")
+    own = train_tokenizer([p.program for p in P.load_pairs(run["pairs"], "train")] * 3, vocab_size=270)
+    ae = root / "ae"
+    Demasker.from_pretrained(str(run["ae"] / "demasker")).save_pretrained(ae / "demasker")
+    run["tokenizer"].save(str(ae / "tokenizer.json"))
+    own.save(str(ae / "encoder_tokenizer.json"))
+    torch.manual_seed(1)
+    encoder = Encoder(EncoderConfig.tiny(vocab_size=own.vocab_size, hidden_size=D, num_registers=K,
+                                         pad_token_id=own.pad_id, eos_token_id=own.eos_id))
+    encoder.save_pretrained(ae / "encoder")
+    return {"ae": ae, "encoder_tokenizer": own}
+
+
+def test_two_tokenizers_encoder_reads_its_own_tokens(run, two_tokenizers, tmp_path):
+    """With the encoder's own tokenizer, h_phi and h_kappa read encoder tokens and h(x^(r)) the cross-tokenizer
+    view of the demasker canvas; the record carries the view and the prompted generators use it."""
+    from dataprep.cross_tokenizer import CrossTokenizerView
+    out = tmp_path / "p"
+    T.main(["--ae", str(two_tokenizers["ae"]), "--pairs", str(run["pairs"]), "--out-dir", str(out), "--seq-len", "64",
+            "--num-registers", str(K), "--batch-size", "8", "--steps", "2", "--xt-drop", "0", "--target", "answer",
+            "--demasker-steps", "1"])
+    settings = json.loads((out / "prompted.json").read_text())
+    assert not settings["shared_tokenizer"] and settings["cross_tokenizer"]["slots_per_token"] > 0
+    assert (out / "ae" / "encoder_tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="prompt_rows"):  # demasker-token prompts would be silently wrong
+        PR.load_prompted_prior(out)
+    pprior = PR.load_prompted_prior(out, encoder_prompts=True)
+    assert isinstance(pprior.prior.view, CrossTokenizerView)
+    tokenizer, own = run["tokenizer"], two_tokenizers["encoder_tokenizer"]
+    prompt = 'def f(x):\n    """Multiply x by 3 and add 4."""'
+    prompt_ids, prompt_mask = PR.prompt_rows(pprior, [prompt], tokenizer)
+    assert prompt_ids[0, :int(prompt_mask.sum())].tolist() == own.encode(prompt) + [own.eos_id]
+    views = []
+    real = pprior.prior.view
+    pprior.prior.view = lambda ids, masked, length=None: views.append(1) or real(ids, masked, length)
+    canvas, n = P.prompt_canvas(prompt, tokenizer, 40, tokenizer.mask_id)
+    demasker = Demasker.from_pretrained(str(out / "ae" / "demasker")).eval()
+    tokens, report = PR.conwithindisc_prompted(demasker, pprior, canvas[None], prompt_ids, prompt_mask, steps=6,
+                                               prior_steps=2, refresh_prior_steps=2)
+    assert views == [1] and report["encoder_calls"] == 1 and torch.equal(tokens[0, :n], canvas[:n])

@@ -147,3 +147,77 @@ def test_bad_canvases_are_refused(models):
         PR.base_prompted(demasker, full)
     with pytest.raises(ValueError, match="conditional prior"):
         PR.infill(demasker, G.Prior(cond_prior.dit, K), full)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading: a prompted prior pairs with one autoencoder and one kind of demasker
+# ------------------------------------------------------------------------------------------------
+
+
+def saved_runs(tmp_path, models, target="program"):
+    """By hand, the folders the trainers write: an AE run (train_ae.py: encoder/, demasker/), a demasker fine-tuned
+    on the answer's registers (experiments/train_prompted.py's OUT/ae) and a prompted prior of `target` paired with
+    the one guided by that target. Returns (ae, tuned, prompted)."""
+    import json
+    import shutil
+
+    from dataprep.latent_data import encoder_fingerprint
+    demasker, pprior, _ = models
+    ae, tuned, prompted = tmp_path / "ae", tmp_path / "tuned", tmp_path / "prompted"
+    demasker.save_pretrained(ae / "demasker")
+    pprior.prior.encoder.save_pretrained(ae / "encoder")
+    shutil.copytree(ae, tuned)
+    (tuned / "args.json").write_text(json.dumps({"fine_tuned_by": PR.FINE_TUNED_BY, "guide": "answer"}))
+    pprior.prior.dit.save_pretrained(prompted / "dit")
+    pprior.kappa.save_pretrained(prompted / "kappa")
+    settings = {"ae": str(ae), "encoder_fingerprint": encoder_fingerprint(ae / "encoder"), "target": target,
+                "guide": target, "demasker": str(ae if target == "program" else tuned), "num_registers": K,
+                "cond_registers": K, "kappa_registers": 4, "max_offset": 0.2, "block_offsets": True,
+                "shared_tokenizer": True, "seq_len": L, "encoder_seq_len": L}
+    (prompted / PR.PROMPTED_SETTINGS_FILE).write_text(json.dumps(settings))
+    return ae, tuned, prompted
+
+
+@pytest.mark.parametrize("target", ["program", "answer"])
+def test_a_prompted_prior_decodes_only_with_a_demasker_guided_by_its_target(models, tmp_path, target):
+    """The AE's own demasker read h_phi of whole programs; a fine-tuned one records its guide. The prior's target
+    must match the demasker that decodes (`ae`), else it would decode from registers it was never trained on."""
+    ae, tuned, prompted = saved_runs(tmp_path, models, target)
+    right, wrong = (ae, tuned) if target == "program" else (tuned, ae)
+    for decoder in (right, None):  # None: the demasker prompted.json pairs it with
+        pprior = PR.load_prompted_prior(prompted, ae=decoder)
+        assert pprior.target == target and pprior.prior.encoder.cfg.num_registers == K
+    with pytest.raises(ValueError, match=f"samples the registers of the {target}.*guided by the registers of the") as e:
+        PR.load_prompted_prior(prompted, ae=wrong)
+    assert str(right) in str(e.value) and f"--target {'answer' if target == 'program' else 'program'}" in str(e.value)
+    assert PR.demasker_guide(ae) == "program" and PR.demasker_guide(tuned) == "answer"
+
+
+def test_a_prompted_prior_refuses_another_encoder_and_a_record_without_its_fingerprint(models, tmp_path):
+    import json
+    import shutil
+
+    from encoder import Encoder
+    ae, _, prompted = saved_runs(tmp_path, models)
+    other = tmp_path / "other"
+    shutil.copytree(ae, other)
+    encoder = Encoder.from_pretrained(str(other / "encoder"))
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)
+    encoder.save_pretrained(other / "encoder")
+    with pytest.raises(ValueError, match="has another encoder") as e:
+        PR.load_prompted_prior(prompted, ae=other)
+    assert str(other) in str(e.value) and str(ae) in str(e.value)
+    record = prompted / PR.PROMPTED_SETTINGS_FILE
+    settings = json.loads(record.read_text())
+    del settings["encoder_fingerprint"]
+    record.write_text(json.dumps(settings))
+    for decoder in (None, ae):
+        with pytest.raises(ValueError, match="records no encoder fingerprint.*experiments.train_prompted.*--overwrite"):
+            PR.load_prompted_prior(prompted, ae=decoder)
+
+
+def test_a_run_stopped_before_its_end_is_named_with_resume(tmp_path):
+    (tmp_path / "p" / "train_state").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="--resume --out-dir"):
+        PR.load_prompted_prior(tmp_path / "p")
