@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from infra.atomic import write_text
-from dataprep.corpus import SPLITS, default_corpus_dir, find_source_files, normalised_hash, split_of
+from dataprep.corpus import (SPLITS, default_corpus_dir, find_source_files, jsonl_record, normalised_hash,
+                             split_of, warn_skipped_lines)
 
 SPAN_MARKER = "<|span|>"
 
@@ -95,11 +96,16 @@ def collect_pairs(source=None, include_tests=False, val_fraction=0.05, test_frac
     exactly as the token cache (corpus.split_of); the first copy of a duplicated (prompt, answer) is kept."""
     source = Path(source) if source else default_corpus_dir()
     if source.is_file():
-        documents = []
-        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                record = json.loads(line)
-                documents.append((record.get("path", f"line{number}"), lambda r=record: r["text"]))
+        documents, skipped = [], []
+        for number, raw in enumerate(source.read_bytes().splitlines()):
+            if raw.strip():
+                record, why = jsonl_record(raw, number)  # the corpus reader's checks, line by line
+                if record is None:
+                    skipped.append((number + 1, why))
+                else:
+                    documents.append((record["path"], lambda r=record: r["text"]))
+        if skipped:
+            warn_skipped_lines(source, skipped)
     elif source.is_dir():
         files = find_source_files(source, include_tests)[:max_files] if max_files else find_source_files(source,
                                                                                                          include_tests)
@@ -142,7 +148,19 @@ def load_pairs(folder, split):
     path = Path(folder) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; build the pairs with `python -m dataprep.prompts --out {folder}`")
-    return [Pair(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if line.strip():
+            try:
+                fields = json.loads(line)
+                pairs.append(Pair(**{name: fields[name] for name in ("path", "prompt", "answer")}))
+                if not all(isinstance(v, str) for v in (pairs[-1].path, pairs[-1].prompt, pairs[-1].answer)):
+                    raise TypeError("a field is not a string")
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path} line {number} is not a pair written by dataprep.prompts (an object with "
+                                 f"string \"path\", \"prompt\", \"answer\"; {type(error).__name__}: {error}); fix "
+                                 f"or delete the line, or rebuild with `python -m dataprep.prompts --out {folder}`") from None
+    return pairs
 
 
 # ------------------------------------------------------------------------------------------------

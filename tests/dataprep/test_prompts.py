@@ -141,3 +141,22 @@ def test_cli_writes_the_splits(tmp_path, capsys):
     P.main(["--out", str(tmp_path / "pairs"), "--corpus", str(tmp_path / "src")])
     counts = json.loads(capsys.readouterr().out)
     assert counts["pairs"] == 2 and sum(counts[s] for s in ("train", "val", "test")) == 2
+
+
+def test_hand_edited_pairs_and_corpus_lines_are_named(tmp_path, capsys):
+    import json
+    import pytest
+    from dataprep import prompts as P
+    good = {"path": "a.py", "prompt": "def f():\n    \"\"\"Doc.\"\"\"", "answer": "    return 1"}
+    (tmp_path / "test.jsonl").write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"test.jsonl line 2 is not a pair .*rebuild with"):
+        P.load_pairs(tmp_path, "test")
+    (tmp_path / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"path": "b.py", "prompt": 3}) + "\n")
+    with pytest.raises(ValueError, match=r"line 2 is not a pair"):
+        P.load_pairs(tmp_path, "test")
+    corpus = tmp_path / "corpus.jsonl"
+    program = 'def g(x):\n    """Add one."""\n    return x + 1\n'
+    corpus.write_text(json.dumps({"text": program, "path": "g.py"}) + "\n[1, 2]\n" + json.dumps({"path": 4}) + "\n")
+    pairs, _ = P.collect_pairs(corpus, val_fraction=0.0, test_fraction=0.0)
+    assert sum(len(v) for v in pairs.values()) == 1
+    assert "2 line(s) give no program" in capsys.readouterr().err
