@@ -146,9 +146,9 @@ def check_priors(args):
     loaded: the record must carry the fingerprint of the autoencoder's encoder (generators.load_prior compares it
     with --ckpt's; without one nothing shows which registers the prior samples), and its tokenizer layout (one
     shared tokenizer, or the encoder's own) must be the autoencoder run's. SystemExit naming the file and the fix."""
-    from generators import PRIOR_SETTINGS_FILE
+    from generators import PRIOR_SETTINGS_FILE, _ae_checkpoint
 
-    ae = Path(args.ckpt) / "checkpoint" if (Path(args.ckpt) / "checkpoint" / "encoder").is_dir() else Path(args.ckpt)
+    ae = _ae_checkpoint(args.ckpt)
     for flag in ("--prior", "--cond-prior"):
         folder = used(args, flag)
         record = Path(folder) / PRIOR_SETTINGS_FILE if folder else None

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from infra.atomic import read_json
-from generators import (Prior, _clock, _first, embed_canvas, nfe_report, param_count, refresh_steps,
+from generators import (Prior, _ae_checkpoint, _clock, _first, embed_canvas, nfe_report, param_count, refresh_steps,
                         sample_registers)
 from mdm import _model_device, _resolve_mask_id, mdm_loop
 
@@ -132,7 +132,7 @@ def check_pairing(folder, settings, decoder):
     if not recorded:
         raise ValueError(f"{folder / PROMPTED_SETTINGS_FILE} records no encoder fingerprint, so nothing shows which "
                          f"autoencoder its registers belong to; " + _retrain(folder, settings))
-    ae_dir = decoder / "checkpoint" if (decoder / "checkpoint" / "encoder").is_dir() else decoder
+    ae_dir = _ae_checkpoint(decoder)
     if not (ae_dir / "encoder").is_dir():
         raise FileNotFoundError(f"{decoder} holds no encoder/ (nor checkpoint/encoder/); pass the train_ae.py run the "
                                 f"prompted prior {folder} was trained on ({settings.get('ae')}), or its fine-tuned "
