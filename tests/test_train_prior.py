@@ -17,6 +17,7 @@ from dataprep import latent_data as LD
 import train_prior as T
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
+from tiny_models import copy_with_other_encoder
 from latent_dit import DiTConfig, LatentDiT
 from schedules import alpha_bar, register_times
 
@@ -306,12 +307,7 @@ def test_resume_refuses_changed_flags_and_another_encoder(run, tmp_path, capsys)
         train(run, out, "--resume", "--lr", "1e-2", "--num-registers", "4")
     message = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--lr: run 0.002, now 0.01" in message and "--num-registers: run 8, now 4" in message
-    other = tmp_path / "other_ae"
-    shutil.copytree(run["ae"], other)
-    encoder = Encoder.from_pretrained(str(other / "encoder"))
-    with torch.no_grad():
-        next(encoder.parameters()).add_(1.0)
-    encoder.save_pretrained(other / "encoder")
+    other = copy_with_other_encoder(run["ae"], tmp_path / "other_ae")
     with pytest.raises(ValueError, match="is not the one this prior was trained on") as error:
         T.main(["--ae", str(other), "--out-dir", str(out), "--resume", "--quiet", "--bank-cache", str(run["root"] / "banks")])
     assert str(other / "encoder") in str(error.value) and str(run["ae"].resolve()) in str(error.value)

@@ -1,5 +1,8 @@
 """Random tiny models shared by the generator tests (test_generators.py, test_prompting.py): a demasker-sized
-DiT prior that does not predict exactly zero, and an encoder matching a demasker's vocabulary."""
+DiT prior that does not predict exactly zero, an encoder matching a demasker's vocabulary, and a copy of an AE run
+with another encoder (the provenance tests of the trainers)."""
+
+from pathlib import Path
 
 import torch
 
@@ -28,3 +31,15 @@ def tiny_encoder(demasker_cfg, seed, registers=K):
     c = demasker_cfg
     return Encoder(EncoderConfig.tiny(vocab_size=c.vocab_size, hidden_size=D, num_registers=registers,
                                       pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id)).eval()
+
+
+def copy_with_other_encoder(ae, folder):
+    """A copy of the AE run folder `ae` at `folder` whose encoder/ weights differ (its first tensor + 1): another
+    encoder fingerprint, for the provenance tests."""
+    import shutil
+    shutil.copytree(ae, folder)
+    encoder = Encoder.from_pretrained(str(Path(folder) / "encoder"))
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)
+    encoder.save_pretrained(Path(folder) / "encoder")
+    return folder

@@ -17,6 +17,7 @@ from dataprep import prompts as P
 from experiments import train_prompted as T
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
+from tiny_models import copy_with_other_encoder
 from latent_dit import DiTConfig, LatentDiT
 from dataprep.tokenization import train_tokenizer
 from train_prior import prior_loss
@@ -227,18 +228,12 @@ def test_resume_is_bit_exact_in_either_phase(run, tmp_path):
 
 
 def test_resume_refuses_changed_flags_and_another_autoencoder(run, tmp_path, capsys):
-    import shutil
     out = tmp_path / "p"
     T.main(argv(run, out, "--steps", "3", "--stop-at", "1", "--lr", "2e-3"))
     with pytest.raises(SystemExit) as stop:
         T.main(argv(run, out, "--resume", "--lr", "1e-2"))
     assert stop.value.code == 2 and "--lr: run 0.002, now 0.01" in capsys.readouterr().err
-    other = tmp_path / "other"
-    shutil.copytree(run["ae"], other)
-    encoder = Encoder.from_pretrained(str(other / "encoder"))
-    with torch.no_grad():
-        next(encoder.parameters()).add_(1.0)
-    encoder.save_pretrained(other / "encoder")
+    other = copy_with_other_encoder(run["ae"], tmp_path / "other")
     before = (out / "args.json").read_text()
     with pytest.raises(ValueError, match="encoder of --ae .* differ from the ones the run .* was trained on"):
         T.main(["--ae", str(other), "--pairs", str(run["pairs"]), "--out-dir", str(out), "--resume"])
