@@ -41,7 +41,8 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (evaluation/metri
                               copy given the clean h(x) (cosine / MSE to h_phi(x), CER), beside the oracle h_phi(x),
                               the all-[M] condition and the unconditional prior (evaluation/consistency.py)
 
-Every subcommand writes OUT/NAME.json (settings, checkpoints, command, results), appends a section to
+Every subcommand writes OUT/NAME.json (NAME: the subcommand, or --name for a second run of it into the same OUT;
+settings, checkpoints, command, results), appends a section to
 OUT/REPORT.md and, when matplotlib is importable, draws OUT/NAME.png. Several subcommands share one OUT; an
 existing NAME.json of the same subcommand is refused before any work unless --overwrite, and one process at a
 time writes it (infra/run_folder.claim_result). Generated texts are scored with the
@@ -134,14 +135,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with claim_result(args.out, args.command, args.overwrite):  # infra/run_folder.py: NAME.json kept unless --overwrite
+    name = args.name or args.command  # the record's name (--name: a second run of one subcommand beside the first)
+    with claim_result(args.out, name, args.overwrite):  # infra/run_folder.py: NAME.json kept unless --overwrite
         ctx = Context(args, needs_data=args.command not in NO_DATA)
         title, run = EXPERIMENTS[args.command]
         try:
             result, text, panels = run(ctx)
             record = None
             if ctx.env.is_main and result is not None:
-                record = write_outputs(ctx, args.command, title, result, text, panels)
+                record = write_outputs(ctx, name, title, result, text, panels)
         except BaseException:
             D.cleanup(ctx.env, barrier=False)
             raise

@@ -6,6 +6,7 @@ message naming the flag (exit status 2) before any checkpoint is loaded.
 """
 
 import argparse
+import re
 
 import torch
 
@@ -59,14 +60,19 @@ def parse_args(argv=None):
     a("--factors", type=float, nargs="+", help="speed, base-decoding: f of Fast-dLLM's factor rule (the n most "
       "confident with (n + 1)(1 - c_(n)) < f), one row each (default: 1.0)")
     a("--caches", nargs="+", choices=["prefix", "dual"], default=[], help="speed: extra base MDM rows at NFE = L "
-      "with the approximate key/value cache (extensions/kv_cache.py; semi-autoregressive blocks only), for its cost and speed")
-    a("--methods", nargs="*", choices=["conthendisc", "conwithindisc"], default=None, help="speed: only these "
+      "with the approximate key/value cache (extensions/kv_cache.py), for its cost and speed")
+    a("--cache-block-length", type=int, default=32, help="speed: the --caches rows (and an uncached row beside them) "
+      "decode the base MDM with its chosen remasking and EOS handling in semi-autoregressive blocks of this length "
+      "(the cache reuses keys / values within a block; Fast-dLLM's blocks are 32), the largest that fits L if not")
+    a("--methods", nargs="*", choices=["conthendisc", "conwithindisc"], default=None, help="speed, fig6: only these "
       "guided methods beside the base MDM (default: both; the flag with no name: the base MDM alone)")
     a("--k-priors", nargs="*", help="fig11: priors trained with different --num-registers (default: --prior)")
     a("--scorer", help="experiments/train_scorer.py output folder, or a Qwen3 causal LM folder / hub id (Gen-PPL, MAUVE)")
     a("--data", help="dataprep/data.py cache (default: the 'data' recorded in the AE run's args.json)")
     a("--out", default="results", help="output folder for NAME.json, REPORT.md and plots (shared by subcommands; "
       "an existing NAME.json of this subcommand is refused unless --overwrite)")
+    a("--name", help="the record's name: OUT/NAME.json, NAME.png (default: the subcommand). A second run of one "
+      "subcommand into the same OUT, e.g. fig6 --name fig6-hmu --cond-prior runs/cprior_mu beside fig6")
     a("--overwrite", action="store_true", help="replace this subcommand's NAME.json / NAME.png in --out (kept until "
       "the new result is complete; REPORT.md gets a new section)")
     a("--preset", choices=sorted(PRESETS), default="tiny", help="sample counts and sweeps: tiny (minutes on CPU), "
@@ -178,7 +184,7 @@ def keep_arg(text):
 COUNTS = ("num", "batch_size", "lengths", "length", "nfe", "blocks", "steps", "registers", "prior_steps",
           "refresh_prior_steps", "mauve_seeds", "prdc_k", "trap_pairs", "trap_choices", "trap_steps", "trap_samples",
           "fig6_num", "trap_prior_steps", "guided_max_nfe",
-          "bootstrap_restarts", "cadd_latents", "timing_batch")
+          "bootstrap_restarts", "cadd_latents", "timing_batch", "cache_block_length")
 
 
 def check_numbers(parser, args):
@@ -218,6 +224,8 @@ def check_numbers(parser, args):
     for value in args.revealed_shares:
         if not 0 < value < 1:
             parser.error(f"--revealed-shares must lie in (0, 1) (the copy row is r = 1), got {value}")
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        parser.error(f"--name must be a plain file name (letters, digits, '_', '.', '-'), got {args.name!r}")
     try:  # a symlink, FIFO, device or file where the folder goes: refused before anything is loaded
         check_folder(args.out, "--out")
     except OSError as error:  # a file in the way, a read-only or full location

@@ -25,8 +25,8 @@ from pathlib import Path
 from infra.atomic import read_json, write_text
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ORDER = ("fig4", "table1", "table2", "fig7", "fig8", "base-decoding", "fig6", "speed", "fig9", "prdc", "fig11",
-         "marginal-trap", "prompt", "cadd")
+ORDER = ("fig4", "table1", "table2", "fig7", "fig8", "base-decoding", "fig6", "speed", "speed-cache", "fig9", "prdc",
+         "fig11", "marginal-trap", "consistency", "fig6-hmu", "consistency-hmu", "prompt", "cadd")
 
 
 def section(record, image):

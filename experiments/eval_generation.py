@@ -257,8 +257,10 @@ def run_fig6(ctx):
         reference_features, ceiling = real_reference(ctx, length, ctx.gen_num)
         steps_list = nfe_grid(ctx, length)
         methods = [("base", {})] + ([("base-equal", {})] if ctx.args.base_equal else [])
-        methods.append(("conthendisc", {"prior": prior}))
-        if cond_prior is not None:
+        guided = ctx.args.methods if ctx.args.methods is not None else ["conthendisc", "conwithindisc"]  # --methods
+        if "conthendisc" in guided:
+            methods.append(("conthendisc", {"prior": prior}))
+        if cond_prior is not None and "conwithindisc" in guided:
             methods.append(("conwithindisc", {"prior": prior, "cond_prior": cond_prior}))
         guided_steps = [s for s in steps_list if s <= (ctx.args.guided_max_nfe or length)]
         if not guided_steps:

@@ -32,7 +32,7 @@ import math
 
 from evaluation import match
 from evaluation.report import fmt_ci, md_table, panel
-from experiments.eval_base import base_setting
+from experiments.eval_base import base_sampler, base_setting
 from experiments.eval_context import (nfe_grid, real_reference, register_keep, sampler_decoding, score_texts,
                                       sharded_samples, temperature)
 from experiments.eval_generation import ceiling_text, match_tests, method_sampler, replicate_count, speedup_entry
@@ -52,15 +52,34 @@ def decodings(ctx, length):
     return settings
 
 
+def cache_setting(ctx, length):
+    """The base's chosen setting (remasking, EOS handling) in semi-autoregressive blocks of --cache-block-length
+    (the largest length <= it that divides L): the approximate key/value cache reuses keys and values within
+    a block, so in one block it would recompute everything at every step."""
+    block = max(b for b in range(1, min(ctx.args.cache_block_length, length) + 1) if length % b == 0)
+    return {**base_setting(ctx, length), "block_length": block}
+
+
+def cache_rows(ctx, length):
+    """With --caches: the base MDM at NFE = L in blocks (cache_setting) without a cache, then with each cache
+    (extensions/kv_cache.py): its quality cost and speed against the same blocks."""
+    if not ctx.args.caches:
+        return []
+    block = cache_setting(ctx, length)["block_length"]
+    return [(f"fixed, blocks of {block}" + (f", cache {mode}" if mode != "none" else ""), length,
+             sampler_decoding(ctx, cache=mode)) for mode in ["none", *ctx.args.caches]]
+
+
 def quality_rows(ctx, methods, length, temp, reference_features):
     """Pass 1: the scored rows and, beside each, its sampler (for the timing pass); rank 0 (empty elsewhere)."""
     settings = decodings(ctx, length)
-    # the approximate key/value cache (extensions/kv_cache.py): extra base rows at NFE = L, for its quality cost and speed
-    cached = [(f"fixed, cache {mode}", length, sampler_decoding(ctx, cache=mode)) for mode in (ctx.args.caches or [])]
     rows, samplers = [], []
     for method, kwargs in methods:
-        for label, steps, decoding in settings + (cached if method == "base" else []):
-            sampler = method_sampler(ctx, method, length, steps, temp, decoding=decoding, **kwargs)
+        for label, steps, decoding in settings + (cache_rows(ctx, length) if method == "base" else []):
+            if "block" in label:  # a cache row: the base in semi-AR blocks (cache_setting)
+                sampler = base_sampler(ctx, cache_setting(ctx, length), length, steps, temp, decoding)
+            else:
+                sampler = method_sampler(ctx, method, length, steps, temp, decoding=decoding, **kwargs)
             texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, sampler, f"{method} {label} L={length}",
                                                 with_stats=True)
             if texts is None:
@@ -69,16 +88,21 @@ def quality_rows(ctx, methods, length, temp, reference_features):
                    "tokens_per_step": length / max(stats["demasker_calls"], 1e-9),
                    **score_texts(ctx, texts, reference_features), "examples": texts[:2]}
             if method == "base":
-                row["setting"] = base_setting(ctx, length, decoding.rule != "fixed")
+                row["setting"] = (cache_setting(ctx, length) if "block" in label else
+                                  base_setting(ctx, length, decoding.rule != "fixed"))
             rows.append(row)
             samplers.append(sampler)
     return rows, samplers
 
 
 def curve_name(row):
-    """'conthendisc threshold', 'base fixed', 'base cache dual': one curve per method and rule."""
+    """'conthendisc threshold', 'base fixed', 'base blocks', 'base cache dual': one curve per method and rule."""
     rule = row["decoding"].split()[0].rstrip(",")
-    return f"{row['method']} {'cache ' + row['decoding'].split()[-1] if 'cache' in row['decoding'] else rule}"
+    if "cache" in row["decoding"]:
+        rule = "cache " + row["decoding"].split()[-1]
+    elif "blocks of" in row["decoding"]:
+        rule = "blocks"
+    return f"{row['method']} {rule}"
 
 
 def curves_of(rows):

@@ -16,18 +16,24 @@
 #                         registers: as many demasker updates as the guided one) and CADD (--cadd, docs/beyond.md);
 #                         experiments/train_scorer.py, the Gen-PPL / MAUVE reference LM, and eval.py marginal-trap (it trains
 #                         its own models) on the core the base MDM leaves free
-#   3. train_prior.py     unconditional (Alg. 5), conditional (Alg. 4), unconditional without block offsets; beside
-#                         them eval.py base-decoding (it needs only the base MDM and the scorer)
-#   4. eval.py            two lanes side by side: fig6 fig11 fig4 fig7 fig9 prdc | table1 table2 fig8 speed cadd
+#   3. train_prior.py     unconditional (Alg. 5), conditional (Alg. 4), unconditional without block offsets, the
+#                         conditional prior with a jointly trained h_mu (--train-cond-encoder, docs/conditioning.md);
+#                         experiments/train_prompted.py, the prompted prior of App. H on dataprep/prompts.py's pairs;
+#                         beside them eval.py base-decoding (it needs only the base MDM and the scorer)
+#   4. eval.py            two lanes side by side: fig6 fig6-hmu fig11 fig4 fig7 fig9 prdc | table1 table2 fig8 cadd
+#                         consistency consistency-hmu prompt marginal-trap; then alone (timed): speed speed-cache
 #                         -> OUT/results/*.json, *.png, REPORT.md (an experiment that needs base-decoding's choice
-#                         waits for it when another lane runs it)
+#                         waits for it when another lane runs it). NAME-hmu: the same subcommand with the h_mu
+#                         conditional prior (eval.py --name); speed-cache: the base with the approximate key/value
+#                         cache (docs/decoding.md)
 #   5. evaluation/results_section.py OUT/results/RESULTS.md and docs/results/*.png; RESULTS_PAGE=docs/results.md
 #                         also replaces that page's records (between its markers) with it
 # Env: AE_FROM_BASE (1 | 0: guided demaskers from scratch), PRESET (tiny | small), DEVICE (cpu | cuda), OUT
 #      (runs/PRESET), STAGES (default "1 2 3 4 5"), EVALS (the eval.py subcommands to run), REDO_EVALS (1: rerun
 #      evals whose JSON exists), RESULTS_PAGE (the page whose records stage 5 rewrites); AE_STEPS_OVERRIDE (the
 #      base MDM's steps), FT_STEPS_OVERRIDE (each fine-tune's; tiny: 1000, half the base's, for the 60-minute budget),
-#      PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM, SELECT_NUM (base-decoding, 64), FIG11_NUM (64), CADD_NUM (128)
+#      PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM, SELECT_NUM (base-decoding, 64), FIG11_NUM (64), CADD_NUM (128),
+#      PROMPTED_STEPS / PROMPTED_FT_STEPS (the prompted prior's and its demasker fine-tune's, 600 / 300), PROMPT_NUM (48)
 #      shrink the budget (a smoke test of the whole chain: all at a few steps / samples).
 # The tiny preset's evaluation budget: fig6 sweeps the guided methods up to NFE 64 (GUIDED_MAX_NFE); speed runs every
 # method on a fine NFE grid (SPEED_NFE: 1 2 3 4 6 8 12 16 24 32 64 L, the curves of evaluation/match.py) with
@@ -40,8 +46,10 @@ PRESET=${PRESET:-tiny}
 DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-runs/$PRESET}
 STAGES=${STAGES:-1 2 3 4 5}
-ALL_EVALS="fig4 table1 table2 fig7 fig8 base-decoding fig6 speed fig9 prdc fig11 marginal-trap cadd consistency"
-ABLATIONS=1  # the runs that only the ablations need: no latent noise, equal-budget base, CADD, no block offsets
+ALL_EVALS="fig4 table1 table2 fig7 fig8 base-decoding fig6 fig6-hmu speed speed-cache fig9 prdc fig11 marginal-trap cadd
+           consistency consistency-hmu prompt"
+ABLATIONS=1  # the runs that only the ablations and the beyond-the-headline tables need: no latent noise,
+             # equal-budget base, CADD, no block offsets, the h_mu conditional prior, the prompted prior
 EVAL_PRESET=$PRESET
 export PYTHONUNBUFFERED=1
 case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset's budget (smoke tests)
@@ -99,13 +107,22 @@ SCORER_RUN=${SCORER_RUN:-$OUT/scorer}  # PRESET=ratio can share tiny's: SCORER_R
 runs=(--ae "$OUT/ae" --base "$OUT/base" --scorer "$SCORER_RUN" --data "$DATA" --out "$R" --preset $EVAL_PRESET
       --device $DEVICE --threads $THREADS "${EVAL_NUM[@]}")  # 1 thread per lane on CPU: 2 each is 3x slower
 priors=(--prior "$OUT/prior" --cond-prior "$OUT/cprior")
-declare -A extra=(
+declare -A subcommand=([fig6-hmu]=fig6 [consistency-hmu]=consistency [speed-cache]=speed)  # else the name itself
+declare -A extra=(  # flags given later than runs / priors replace theirs (argparse: the last one wins)
   [fig7]="--ae-no-noise $OUT/ae_no_noise"
   [base-decoding]="--num ${SELECT_NUM:-64}"
   [fig6]="--base-decoding $R/base-decoding.json --base-equal $OUT/base_equal --guided-max-nfe $GUIDED_MAX_NFE"
   [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $SPEED_NFE --thresholds $THRESHOLDS"
   [fig11]="--prior-no-offsets $OUT/prior_no_offsets --num ${FIG11_NUM:-64}"
   [cadd]="--cadd-run $OUT/cadd --base-decoding $R/base-decoding.json --lengths $L --nfe $CADD_NFE --num ${CADD_NUM:-128} --cadd-trap"
+  # h_phi against h_mu (docs/conditioning.md): ConWithinDisc with the jointly trained conditioning encoder beside
+  # fig6's base (same seed: the same base rows) at L, and its consistency beside the h_phi prior's
+  [fig6-hmu]="--cond-prior $OUT/cprior_mu --methods conwithindisc --base-decoding $R/base-decoding.json --lengths $L --guided-max-nfe $GUIDED_MAX_NFE"
+  [consistency-hmu]="--cond-prior $OUT/cprior_mu"
+  # App. H (docs/beyond.md): prompts with the prompted prior and its fine-tuned demasker; infilling with cprior
+  [prompt]="--ae $OUT/prompted/ae --prompted-prior $OUT/prompted --pairs $OUT/pairs --length $L --nfe 8 32 --num ${PROMPT_NUM:-48}"
+  # the approximate key/value cache: the base at NFE = L in blocks of 32, without / with the prefix and dual caches
+  [speed-cache]="--base-decoding $R/base-decoding.json --length $L --nfe $L --thresholds 0.9 --methods --caches prefix dual"
 )
 wants() { [[ " $EVALS " == *" $1 "* ]]; }
 evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each logged; skip those already written;
@@ -113,14 +130,16 @@ evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each log
   mkdir -p "$R"
   for experiment in "$@"; do
     wants "$experiment" || continue
+    local command=${subcommand[$experiment]:-$experiment}
     if [[ -f $R/$experiment.json && -z ${REDO_EVALS:-} ]]; then echo "$experiment: $R/$experiment.json exists, reused"; continue; fi
-    if [[ $experiment == fig6 || $experiment == speed || $experiment == cadd ]] && wants base-decoding; then  # its choice
+    if [[ $command == fig6 || $command == speed || $command == cadd ]] && wants base-decoding; then  # its choice
       until [[ -f $R/base-decoding.json || -f $R/base-decoding.failed ]]; do sleep 5; done
     fi
     stage "$lane eval.py $experiment"
     rm -f "$R/$experiment.failed"
     # shellcheck disable=SC2086
-    python eval.py "$experiment" ${REDO_EVALS:+--overwrite} "${runs[@]}" "${priors[@]}" ${extra[$experiment]:-} > "$OUT/eval_$experiment.log" 2>&1 \
+    python eval.py "$command" --name "$experiment" ${REDO_EVALS:+--overwrite} "${runs[@]}" "${priors[@]}" ${extra[$experiment]:-} \
+      > "$OUT/eval_$experiment.log" 2>&1 \
       || { echo "eval.py $experiment failed: $OUT/eval_$experiment.log"; tail -n 5 "$OUT/eval_$experiment.log"
            touch "$R/$experiment.failed"; failed+=("$experiment"); continue; }
     grep -v '^\s*$' "$OUT/eval_$experiment.log" | tail -n 1
@@ -163,7 +182,7 @@ if has 2; then
 fi
 
 if has 3; then
-  stage "3. priors: unconditional, conditional, unconditional without block offsets ($PRIOR_STEPS steps each)"
+  stage "3. priors: unconditional, conditional, unconditional without block offsets, conditional with h_mu ($PRIOR_STEPS steps each); the prompted prior"
   prior=(--preset tiny --ae "$OUT/ae" --data "$DATA" --max-steps $PRIOR_STEPS --device $DEVICE --threads $THREADS
          --quiet "${PRIOR_MODEL[@]}")
   background "$OUT/prior.log" train "$OUT/prior" train_state python train_prior.py "${prior[@]}" --out-dir "$OUT/prior"
@@ -171,17 +190,28 @@ if has 3; then
     python train_prior.py "${prior[@]}" --out-dir "$OUT/prior_no_offsets" --no-block-offsets
   has 4 && wants base-decoding && background "$OUT/lane_select.log" early 3.select base-decoding  # base + scorer only
   log_to "$OUT/cprior.log" train "$OUT/cprior" train_state python train_prior.py "${prior[@]}" --out-dir "$OUT/cprior" --conditional
+  if [[ $ABLATIONS == 1 ]]; then
+    # App. H: prompt/answer pairs of the corpus (signature + docstring -> body), the prompted prior (Eq. 12) and
+    # the guided demasker fine-tuned on prompt + masked answer (docs/beyond.md)
+    [[ -f $OUT/pairs/test.jsonl ]] || log_to "$OUT/pairs.log" python -m dataprep.prompts --out "$OUT/pairs"
+    background "$OUT/prompted.log" train "$OUT/prompted" train_state python -m experiments.train_prompted --ae "$OUT/ae" \
+      --pairs "$OUT/pairs" --out-dir "$OUT/prompted" --seq-len $L --steps ${PROMPTED_STEPS:-600} \
+      --demasker-steps ${PROMPTED_FT_STEPS:-300} --device $DEVICE --threads $THREADS --log-interval 100
+    # ConWithinDisc's conditioning encoder trained with the prior (Sec. 4.3.2 comment iii; docs/conditioning.md)
+    log_to "$OUT/cprior_mu.log" train "$OUT/cprior_mu" train_state python train_prior.py "${prior[@]}" \
+      --out-dir "$OUT/cprior_mu" --conditional --train-cond-encoder
+  fi
   wait_all
 fi
 
 if has 4; then
   # Two lanes side by side, one thread each, balanced by the measured time of each experiment (tiny, 2 cores)
   rm -f "$R"/*.failed
-  background "$OUT/lane_generation.log" evaluate 4.a base-decoding fig6 fig11 fig4 fig7 fig9 prdc
-  log_to "$OUT/lane_other.log" evaluate 4.b table1 table2 fig8 cadd consistency marginal-trap
+  background "$OUT/lane_generation.log" evaluate 4.a base-decoding fig6 fig6-hmu fig11 fig4 fig7 fig9 prdc
+  log_to "$OUT/lane_other.log" evaluate 4.b table1 table2 fig8 cadd consistency consistency-hmu prompt marginal-trap
   wait_all
   # speed alone on the machine: its timing pass times every row back to back (experiments/eval_timing.py)
-  log_to "$OUT/lane_speed.log" evaluate 4.c speed
+  log_to "$OUT/lane_speed.log" evaluate 4.c speed speed-cache
   cat "$OUT"/lane_*.log
 fi
 

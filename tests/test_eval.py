@@ -19,6 +19,7 @@ from dataprep.latent_data import encoder_fingerprint
 from demasker import Demasker, DemaskerConfig
 from encoder import Encoder, EncoderConfig
 from latent_dit import DiTConfig, LatentDiT
+from experiments import eval_speed as S
 from experiments.train_scorer import save_scorer
 
 K, WIDTH, L = 4, 32, 32
@@ -210,6 +211,27 @@ def test_fig6_guided_max_nfe_stops_only_the_guided_sweep(runs):
     assert "swept up to NFE 4 (--guided-max-nfe)" in (root / "results" / "REPORT.md").read_text()
     with pytest.raises(SystemExit, match="below the smallest NFE"):
         _run(runs, "fig6", "--lengths", "16", "--nfe", "4", "16", "--bootstrap", "0", "--guided-max-nfe", "2")
+
+
+def test_fig6_named_run_beside_the_first_keeps_both_records(runs):
+    """--name writes a second fig6 record into the same OUT (fig6-hmu beside fig6); --methods keeps only the
+    named guided method beside the base MDM, whose rows (same seed) are the first run's."""
+    root, common = runs
+    out = root / "results"
+    flags = ["--lengths", "16", "--nfe", "4", "16", "--bootstrap", "0", "--out", str(out), "--overwrite"]
+    first = E.main(["fig6", *common, *flags])
+    second = E.main(["fig6", *common, *flags, "--name", "fig6-hmu", "--methods", "conwithindisc"])
+    saved = json.loads((out / "fig6-hmu.json").read_text())
+    assert saved["experiment"] == "fig6-hmu" and json.loads((out / "fig6.json").read_text())["experiment"] == "fig6"
+    assert "## fig6-hmu:" in (out / "REPORT.md").read_text()
+    rows = second["results"]["lengths"]["16"]["rows"]
+    assert sorted({r["method"] for r in rows}) == ["base", "conwithindisc"]
+    base = [(r["steps"], r["gen_ppl"]) for r in rows if r["method"] == "base"]
+    assert base == [(r["steps"], r["gen_ppl"]) for r in first["results"]["lengths"]["16"]["rows"] if r["method"] == "base"]
+    with pytest.raises(FileExistsError, match="fig6-hmu.json already exists"):  # claimed like any other record
+        E.main(["fig6", *common, *flags[:-1], "--name", "fig6-hmu"])
+    with pytest.raises(SystemExit):
+        E.main(["fig6", *common, *flags, "--name", "../elsewhere"])
 
 
 def test_fig6_without_bootstrap_has_no_intervals(runs):
@@ -435,19 +457,24 @@ def test_speed_subcommand_rows_and_headline(runs):
 
 
 def test_speed_base_only_with_cached_rows(runs):
-    """--methods with no name: the base MDM alone; --caches adds its NFE = L rows with the approximate cache
-    (semi-AR blocks of 8 here), same NFE as the uncached row."""
+    """--methods with no name: the base MDM alone; --caches adds its NFE = L rows in semi-AR blocks of
+    --cache-block-length (the base chose one block here) without and with the approximate cache, same NFE as
+    the uncached row; each its own curve, the reference still the base's chosen setting."""
     root, _ = runs
-    chosen = root / "base-decoding-block8.json"
-    chosen.write_text(json.dumps({"chosen": {"16": {"remasking": "low_confidence", "block_length": 8,
+    chosen = root / "base-decoding-one-block.json"
+    chosen.write_text(json.dumps({"chosen": {"16": {"remasking": "low_confidence", "block_length": None,
                                                     "eos": "as trained"}}}))
     result = _run(runs, "speed", "--length", "16", "--nfe", "16", "--thresholds", "0.9", "--methods",
-                  "--caches", "prefix", "dual", "--base-decoding", str(chosen))
+                  "--caches", "prefix", "dual", "--cache-block-length", "8", "--base-decoding", str(chosen))
     by = {r["decoding"]: r for r in result["rows"]}
     assert {r["method"] for r in result["rows"]} == {"base"}
-    assert set(by) == {"fixed", "threshold 0.9", "factor 1.0", "fixed, cache prefix", "fixed, cache dual"}
-    assert by["fixed, cache dual"]["nfe"] == by["fixed"]["nfe"] == 16
-    assert result["headline"]["reference"]["nfe"] == 16
+    assert set(by) == {"fixed", "threshold 0.9", "factor 1.0", "fixed, blocks of 8", "fixed, blocks of 8, cache prefix",
+                       "fixed, blocks of 8, cache dual"}
+    assert by["fixed, blocks of 8, cache dual"]["nfe"] == by["fixed"]["nfe"] == 16
+    assert by["fixed, blocks of 8, cache dual"]["setting"]["block_length"] == 8 and by["fixed"]["setting"]["block_length"] is None
+    assert result["headline"]["reference"]["nfe"] == 16 and result["headline"]["reference"]["decoding"] == "fixed"
+    names = {S.curve_name(r) for r in result["rows"]}
+    assert {"base fixed", "base blocks", "base cache prefix", "base cache dual"} <= names
 
 
 def test_speed_times_every_row_apart_and_reads_the_curves(runs):
