@@ -7,7 +7,8 @@
 #                                                   an encoder of 0.068 and priors of 0.049 / 0.061 of its parameters
 #                                                   (paper: Qwen3-0.6B / LLaDA-8B = 0.074, DiT 409M / 8B = 0.051), so
 #                                                   that a prior draw weighs in NFE what it does in the paper; base,
-#                                                   AE, the two priors, base-decoding and speed only
+#                                                   AE, the two priors, base-decoding and speed only (64 samples
+#                                                   per point: its speed stage alone takes about half an hour)
 #
 # Stages (each reuses a finished run in OUT; delete it to start over):
 #   1. dataprep/data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each)
@@ -63,7 +64,7 @@ case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset'
   ratio) L=128; VOCAB=2048; AE_STEPS=2000; FT_STEPS=1000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
          GUIDED_MAX_NFE=64; THRESHOLDS="0.5 0.7 0.9"; CADD_NFE="8 32 64"
          MODEL=(--encoder-width 32 --encoder-layers 2 --demasker-width 128 --demasker-layers 4)
-         PRIOR_MODEL=(--hidden-size 40 --depth 2 --num-heads 2); SCORER=(--preset tiny); EVAL_NUM=()
+         PRIOR_MODEL=(--hidden-size 40 --depth 2 --num-heads 2); SCORER=(--preset tiny); EVAL_NUM=(--num 64)
          ALL_EVALS="base-decoding speed"; ABLATIONS=0; EVAL_PRESET=tiny ;;
   *) echo "PRESET must be tiny, small or ratio"; exit 2 ;;
 esac
