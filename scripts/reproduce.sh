@@ -68,7 +68,7 @@ case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset'
          ALL_EVALS="base-decoding speed"; ABLATIONS=0; EVAL_PRESET=tiny ;;
   *) echo "PRESET must be tiny, small or ratio"; exit 2 ;;
 esac
-EVALS=${EVALS:-$ALL_EVALS}
+EVALS=$(echo ${EVALS:-$ALL_EVALS})  # one line, single spaces: `wants` matches " name "
 SPEED_NFE=${SPEED_NFE:-1 2 3 4 6 8 12 16 24 32 64 $L}
 DATA=${DATA:-$OUT/data}  # PRESET=ratio can share tiny's: DATA=runs/tiny/data (same L and vocabulary)
 AE_STEPS=${AE_STEPS_OVERRIDE:-$AE_STEPS}; PRIOR_STEPS=${PRIOR_STEPS_OVERRIDE:-$PRIOR_STEPS}
