@@ -54,3 +54,27 @@ def test_reading_order_names_every_root_file():
 def test_the_root_holds_only_the_reading_path():
     root_files = sorted(p.name for p in ROOT.glob("*.py"))
     assert len(root_files) <= 14, f"{len(root_files)} .py files at the root ({root_files}): put support in a folder"
+
+
+def heading_anchors(page):
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens, -1, -2 ... for
+    repeats."""
+    anchors, seen = set(), {}
+    for line in FENCE.sub("", page.read_text()).splitlines():
+        match = re.match(r"#{1,6}\s+(.*)", line)
+        if not match:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_anchor_names_a_heading():
+    broken = []
+    for page in pages():
+        for target in relative_links(page):
+            path, sep, anchor = target.partition("#")
+            if sep and path.endswith(".md") and anchor not in heading_anchors(page.parent / path):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, "links to headings that do not exist:\n" + "\n".join(broken)
