@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from evaluation.nfe import clock
 from sample import batch_seed
@@ -60,14 +61,18 @@ def timing_pass(ctx, samplers, repeats, batch, warmup=True):
     """Time every sampler R times, interleaved (module docstring). samplers: make_batch callables, one per row.
     Returns (per-row timing dicts, the pass's record)."""
     loads, seconds, nfes = [load()], [[] for _ in samplers], [[] for _ in samplers]
+    progress = tqdm(total=len(samplers) * (repeats + bool(warmup)), desc="timing pass", leave=False)
     if warmup:
         for make_batch in samplers:
             timed_call(ctx, make_batch, 0, batch)
+            progress.update()
     for repeat in range(repeats):
         for index in round_order(len(samplers), repeat):
             value, nfe = timed_call(ctx, samplers[index], repeat, batch)
             seconds[index].append(value)
             nfes[index].append(nfe)
+            progress.update()
+    progress.close()
     loads.append(load())
     rows = [{"median": float(np.median(s)), "interval": [float(min(s)), float(max(s))], "repeats": s,
              "nfe": float(np.mean(n))} for s, n in zip(seconds, nfes)]
