@@ -141,6 +141,9 @@ def parse_args(argv=None):
     a("--trap-choices", type=int, default=4, help="marginal-trap: subjects per slot (A)")
     a("--trap-steps", type=int, help="marginal-trap: training steps per model (default: the preset's)")
     a("--trap-samples", type=int, help="marginal-trap: samples per point (default: the preset's)")
+    a("--trap-conditionings", nargs="+", choices=["frozen", "hmu", "xt"], help="marginal-trap: what ConWithinDisc's "
+      "conditional prior reads of the canvas, one row each: frozen h_phi (Alg. 4), hmu (an encoder trained with the "
+      "prior, Sec. 4.3.2 comment iii), xt (the canvas itself, comment ii; docs/conditioning.md); default: frozen hmu")
     a("--trap-prior-steps", type=int, help="marginal-trap: training steps of each prior on the trap's register bank "
       "(ConThenDisc, ConWithinDisc; default: 2 x --trap-steps)")
     a("--cadd-run", help="cadd: a train_ae.py --no-registers --cadd run (CADD's latents at [M], no registers)")

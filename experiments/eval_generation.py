@@ -484,7 +484,8 @@ def run_marginal_trap(ctx):
                                seed=ctx.args.seed, trials=ctx.get("trap_trials"),
                                thresholds=ctx.args.thresholds or marginal_trap.THRESHOLDS,
                                prior_steps=ctx.get("prior_steps"), refresh_prior_steps=ctx.get("refresh_prior_steps"),
-                               prior_train_steps=ctx.args.trap_prior_steps)
+                               prior_train_steps=ctx.args.trap_prior_steps,
+                               conditionings=ctx.args.trap_conditionings or marginal_trap.DEFAULT_CONDITIONINGS)
     text, panels = marginal_trap.report(result)
     return result, text, panels
 

@@ -111,6 +111,7 @@ priors=(--prior "$OUT/prior" --cond-prior "$OUT/cprior")
 declare -A subcommand=([fig6-hmu]=fig6 [consistency-hmu]=consistency [speed-cache]=speed)  # else the name itself
 declare -A extra=(  # flags given later than runs / priors replace theirs (argparse: the last one wins)
   [fig7]="--ae-no-noise $OUT/ae_no_noise"
+  [marginal-trap]="--trap-conditionings frozen hmu xt"  # every conditioning the paper names (docs/conditioning.md)
   [base-decoding]="--num ${SELECT_NUM:-64}"
   [fig6]="--base-decoding $R/base-decoding.json --base-equal $OUT/base_equal --guided-max-nfe $GUIDED_MAX_NFE"
   [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $SPEED_NFE --thresholds $THRESHOLDS"

@@ -350,6 +350,17 @@ def test_marginal_trap_needs_no_data_or_checkpoints(tmp_path):
     record = E.main(["marginal-trap", "--trap-pairs", "2", "--trap-choices", "2", "--trap-steps", "3",
                      "--trap-samples", "4", "--device", "cpu", "--out", str(tmp_path / "results")])
     assert record["data"] is None and len(record["results"]["rows"]) == 3
+    assert "conwithindisc_hmu_random" in record["results"]["rows"][0]  # the default: frozen and h_mu rows
+
+
+def test_marginal_trap_rows_per_conditioning(tmp_path):
+    """--trap-conditionings picks ConWithinDisc's rows: x_t alone gives its row and neither h_phi's nor h_mu's."""
+    record = E.main(["marginal-trap", "--trap-pairs", "2", "--trap-choices", "2", "--trap-steps", "3",
+                     "--trap-samples", "4", "--device", "cpu", "--out", str(tmp_path / "results"),
+                     "--trap-conditionings", "xt"])
+    row = record["results"]["rows"][0]
+    assert "conwithindisc_xt_random" in row and not any(k.startswith(("conwithindisc_random", "conwithindisc_hmu"))
+                                                          for k in row)
 
 
 def test_missing_inputs_raise_clear_errors(runs):
