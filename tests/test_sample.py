@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import sample as S
+from unwritable import UNWRITABLE, make_unwritable
 
 V, MASK = 37, 36
 
@@ -721,25 +722,18 @@ def test_output_locations_are_checked_before_any_sampling(tmp_path, capsys):
     S.parse_args(["--ckpt", str(tmp_path / "no_run"), "--out", str(tmp_path / "new" / "deeper" / "s.jsonl")])
 
 
-@pytest.mark.parametrize("case", ["under a file", "not writable", "full"])
+@pytest.mark.parametrize("case", UNWRITABLE)
 def test_an_out_that_cannot_be_written_is_refused_before_any_sampling(tmp_path, capsys, monkeypatch, case):
     """A file where a parent folder must be (it raised a raw NotADirectoryError), a folder that is not writable (a
     read-only mount; stood in for here, as root writes anywhere) or a full disk: refused before a model is loaded."""
-    from infra import run_folder as RF
     out = tmp_path / "runs" / "s.jsonl"
-    if case == "under a file":
-        (tmp_path / "runs").write_text("mine")
-    elif case == "not writable":
-        monkeypatch.setattr(RF, "_writable", lambda folder: False)
-    else:
-        monkeypatch.setattr(RF, "_free_bytes", lambda folder: 100)
+    phrase = make_unwritable(case, tmp_path / "runs", monkeypatch, free_bytes=100)
     for flag in ("--out", "--trace"):
         with pytest.raises(SystemExit):
             S.parse_args(["--ckpt", str(tmp_path / "no_run"), flag, str(out)])
         message = capsys.readouterr().err
         assert f"{flag} {out}" in message and "nothing was sampled" in message
-        assert {"under a file": "runs is a regular file, not a folder", "not writable": "is not writable",
-                "full": "is full (100 bytes free)"}[case] in message
+        assert phrase in message
 
 
 def test_a_disk_that_fills_during_sampling_names_the_out_and_keeps_the_old_file(tmp_path, monkeypatch):

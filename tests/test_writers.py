@@ -24,6 +24,7 @@ from experiments import train_prompted
 from experiments import train_scorer
 from infra import atomic
 from infra import run_folder as RF
+from unwritable import UNWRITABLE, make_unwritable
 
 SEQ_LEN = 32
 
@@ -238,7 +239,7 @@ def test_a_symlink_fifo_or_file_is_refused_before_any_work(inputs, tmp_path, mon
     assert _tree(target) == {"precious": b"keep"} and sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
 
 
-@pytest.mark.parametrize("case", ["under a file", "not writable", "full", "parent not writable"])
+@pytest.mark.parametrize("case", [*UNWRITABLE, "parent not writable"])
 @pytest.mark.parametrize("name", WRITER_NAMES)
 def test_a_location_that_cannot_be_written_is_refused_before_any_work(inputs, tmp_path, monkeypatch, capsys, name,
                                                                       case):
@@ -248,26 +249,23 @@ def test_a_location_that_cannot_be_written_is_refused_before_any_work(inputs, tm
     w = WRITERS[name]
     out = tmp_path / "runs" / "out"
     (tmp_path / "runs").mkdir()
-    if case == "under a file":
-        out = tmp_path / "runs" / "a_file" / "out"
-        (tmp_path / "runs" / "a_file").write_text("mine")
-    elif case == "not writable":
-        monkeypatch.setattr(RF, "_writable", lambda folder: False)
-    elif case == "full":
-        monkeypatch.setattr(RF, "_free_bytes", lambda folder: 0)
-    else:  # the run folder is there and writable, its parent (the lock and --overwrite's staging go there) is not
-        if name == "eval":
+    if case == "parent not writable":  # the run folder is there and writable, its parent (the lock and
+        if name == "eval":              # --overwrite's staging go there) is not
             pytest.skip("eval.py's lock sits inside --out")
         out.mkdir()
         monkeypatch.setattr(RF, "_writable", lambda folder: Path(folder) != out.parent)
+        phrase = f"{out.parent} is not writable"
+    else:
+        if case == "under a file":
+            out = tmp_path / "runs" / "a_file" / "out"
+        phrase = make_unwritable(case, out.parent, monkeypatch)
     w["work"](monkeypatch)  # the refusal must come before any work
     with pytest.raises((OSError, SystemExit)) as refused:
         w["run"](inputs, out)
     message = str(refused.value) + capsys.readouterr().err
     assert str(out) in message and "nothing was written" in message
     assert "a writable folder with free space" in message
-    assert {"under a file": "a_file is a regular file, not a folder", "not writable": "is not writable",
-            "full": "is full (0 bytes free)", "parent not writable": f"{out.parent} is not writable"}[case] in message
+    assert phrase in message
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == (["out"] if case == "parent not writable" else
                                                                     ["a_file"] if case == "under a file" else [])
 

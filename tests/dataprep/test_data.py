@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dataprep import data
+from unwritable import UNWRITABLE, make_unwritable
 
 
 def write_corpus(root, n_files=24):
@@ -475,24 +476,17 @@ def test_a_build_that_waited_for_one_with_other_settings_is_refused(tmp_path, co
     assert build(out, corpus, seq_len=48)["seq_len"] == 48  # run again: the cache is replaced, as asked
 
 
-@pytest.mark.parametrize("case", ["under a file", "not writable", "full"])
+@pytest.mark.parametrize("case", UNWRITABLE)
 def test_an_output_location_that_cannot_be_written_is_refused_before_the_build(tmp_path, corpus, monkeypatch, case,
                                                                              capsys):
-    from infra import run_folder as RF
     target = tmp_path / "runs" / "cache"
-    if case == "under a file":
-        (tmp_path / "runs").write_text("a file")
-    elif case == "not writable":
-        monkeypatch.setattr(RF, "_writable", lambda folder: False)
-    else:
-        monkeypatch.setattr(RF, "_free_bytes", lambda folder: 0)
+    phrase = make_unwritable(case, tmp_path / "runs", monkeypatch)
     monkeypatch.setattr(data, "_build_into", lambda *a, **k: pytest.fail("the build started"))
     with pytest.raises(SystemExit) as refused:
         data.main(["--out", str(target), "--corpus", str(corpus), "--seq-len", "64", "--vocab-size", "300"])
     message = str(refused.value)
     assert str(target) in message and "nothing was written" in message and "a writable folder with free space" in message
-    assert {"under a file": "runs is a regular file, not a folder", "not writable": "is not writable",
-            "full": "is full (0 bytes free)"}[case] in message
+    assert phrase in message
     assert not target.exists() and not (tmp_path / "runs" / ".cache.lock").exists()
 
 
