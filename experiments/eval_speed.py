@@ -61,23 +61,24 @@ def cache_setting(ctx, length):
 
 
 def cache_rows(ctx, length):
-    """With --caches: the base MDM at NFE = L in blocks (cache_setting) without a cache, then with each cache
-    (extensions/kv_cache.py): its quality cost and speed against the same blocks."""
+    """With --caches: (label, steps, decoding, base setting) of the base MDM at NFE = L in blocks (cache_setting)
+    without a cache, then with each cache (extensions/kv_cache.py): its quality cost and speed against the same
+    blocks."""
     if not ctx.args.caches:
         return []
-    block = cache_setting(ctx, length)["block_length"]
-    return [(f"fixed, blocks of {block}" + (f", cache {mode}" if mode != "none" else ""), length,
-             sampler_decoding(ctx, cache=mode)) for mode in ["none", *ctx.args.caches]]
+    setting = cache_setting(ctx, length)
+    return [(f"fixed, blocks of {setting['block_length']}" + (f", cache {mode}" if mode != "none" else ""), length,
+             sampler_decoding(ctx, cache=mode), setting) for mode in ["none", *ctx.args.caches]]
 
 
 def quality_rows(ctx, methods, length, temp, reference_features):
     """Pass 1: the scored rows and, beside each, its sampler (for the timing pass); rank 0 (empty elsewhere)."""
-    settings = decodings(ctx, length)
+    settings = [(*row, None) for row in decodings(ctx, length)]  # None: the method's own setting
     rows, samplers = [], []
     for method, kwargs in methods:
-        for label, steps, decoding in settings + (cache_rows(ctx, length) if method == "base" else []):
-            if "block" in label:  # a cache row: the base in semi-AR blocks (cache_setting)
-                sampler = base_sampler(ctx, cache_setting(ctx, length), length, steps, temp, decoding)
+        for label, steps, decoding, setting in settings + (cache_rows(ctx, length) if method == "base" else []):
+            if setting is not None:  # a cache row: the base in semi-AR blocks
+                sampler = base_sampler(ctx, setting, length, steps, temp, decoding)
             else:
                 sampler = method_sampler(ctx, method, length, steps, temp, decoding=decoding, **kwargs)
             texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, sampler, f"{method} {label} L={length}",
@@ -88,8 +89,7 @@ def quality_rows(ctx, methods, length, temp, reference_features):
                    "tokens_per_step": length / max(stats["demasker_calls"], 1e-9),
                    **score_texts(ctx, texts, reference_features), "examples": texts[:2]}
             if method == "base":
-                row["setting"] = (cache_setting(ctx, length) if "block" in label else
-                                  base_setting(ctx, length, decoding.rule != "fixed"))
+                row["setting"] = setting or base_setting(ctx, length, decoding.rule != "fixed")
             rows.append(row)
             samplers.append(sampler)
     return rows, samplers
