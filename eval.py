@@ -119,6 +119,9 @@ EXPERIMENTS = {name: (TITLES[name], RUNS[name]) for name in TITLES}  # subcomman
 def write_outputs(ctx, name, title, result, text, panels):
     """OUT/NAME.json, a section of OUT/REPORT.md and OUT/NAME.png (report.write_experiment)."""
     command = "python eval.py " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "eval.py" else None
+    quality_pass = result.get("quality_pass") if isinstance(result, dict) else None
+    if quality_pass and quality_pass.get("command") and command:  # speed --timing-only: both commands, in order
+        command = quality_pass["command"] + "\n" + command
     scorer_info = None
     if ctx.args.scorer and (Path(ctx.args.scorer) / "scorer.json").is_file():
         scorer_info = read_json(Path(ctx.args.scorer) / "scorer.json", "retrain it with experiments/train_scorer.py")
@@ -136,7 +139,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.name or args.command  # the record's name (--name: a second run of one subcommand beside the first)
-    with claim_result(args.out, name, args.overwrite):  # infra/run_folder.py: NAME.json kept unless --overwrite
+    # --timing-only rewrites the speed record it times (experiments/eval_speed.quality_record checks it first)
+    with claim_result(args.out, name, args.overwrite or args.timing_only):  # infra/run_folder.py: NAME.json kept unless --overwrite
         ctx = Context(args, needs_data=args.command not in NO_DATA)
         title, run = EXPERIMENTS[args.command]
         try:

@@ -54,11 +54,11 @@ def parse_args(argv=None):
     a("--length-priors", nargs="*", metavar="L=DIR", help="fig6: a prior per generation length (the paper: K = 8 at "
       "L = 512, K = 16 at L = 1024); lengths not named use --prior")
     a("--length-cond-priors", nargs="*", metavar="L=DIR", help="fig6: a conditional prior per length (else --cond-prior)")
-    a("--thresholds", type=float, nargs="+", help="speed: confidence thresholds tau of the adaptive rule "
-      "(default: 0.5 0.7 0.9 0.99); base-decoding: its threshold rows (default: 0.5 0.7 0.9); marginal-trap: its "
+    a("--thresholds", type=float, nargs="*", help="speed: confidence thresholds tau of the adaptive rule "
+      "(default: 0.5 0.7 0.9 0.99; the flag alone: no threshold rows); base-decoding: its threshold rows (default: 0.5 0.7 0.9); marginal-trap: its "
       "threshold rows (default: 0.1 0.3 0.5 0.7 0.9 0.99)")
-    a("--factors", type=float, nargs="+", help="speed, base-decoding: f of Fast-dLLM's factor rule (the n most "
-      "confident with (n + 1)(1 - c_(n)) < f), one row each (default: 1.0)")
+    a("--factors", type=float, nargs="*", help="speed, base-decoding: f of Fast-dLLM's factor rule (the n most "
+      "confident with (n + 1)(1 - c_(n)) < f), one row each (default: 1.0; speed, the flag alone: no factor rows)")
     a("--caches", nargs="+", choices=["prefix", "dual"], default=[], help="speed: extra base MDM rows at NFE = L "
       "with the approximate key/value cache (extensions/kv_cache.py), for its cost and speed")
     a("--cache-block-length", type=int, default=32, help="speed: the --caches rows (and an uncached row beside them) "
@@ -93,10 +93,14 @@ def parse_args(argv=None):
       "prior over all of them: --keep 512=8 1024=16); default: every register the prior models, as sample.py")
     a("--timing-repeats", type=int, help="speed: repeats of the timing pass after the quality rows, every row timed "
       "interleaved with the others (experiments/eval_timing.py; default: the preset's, 5; 0 = no timing pass)")
+    a("--timing-only", action="store_true", help="speed: no quality pass; time the rows of OUT/NAME.json, the record "
+      "of the same command run earlier with --timing-repeats 0 (e.g. beside other jobs), alone on the machine, and "
+      "rewrite it with the timing pass and the wall-clock speedups (scripts/reproduce.sh); refused when its flags "
+      "differ from these other than --threads and the timing flags")
     a("--timing-batch", type=int, help="speed: samples per timed batch (default: the preset's batch size)")
-    a("--guided-max-nfe", type=int, help="fig6: sweep ConThenDisc / ConWithinDisc only up to this NFE (default: "
-      "the length, as the base); the speedup is decided at the bottom of the grid, and a CPU budget can skip their "
-      "costliest points (scripts/reproduce.sh at tiny: 64; speed has them at NFE = L)")
+    a("--guided-max-nfe", type=int, help="fig6, speed: sweep ConThenDisc / ConWithinDisc only up to this NFE "
+      "(default: the length, as the base); the speedup is decided at the bottom of the grid, and a CPU budget can "
+      "skip their costliest points (scripts/reproduce.sh at tiny: 64)")
     a("--blocks", type=int, nargs="+", help="table1/table2: block lengths (default: L/8, L/4, L/2, L); "
       "base-decoding (fixed and adaptive rows), cadd --cadd-select: semi-autoregressive block lengths tried beside "
       "the whole sequence (default: 32)")
@@ -104,6 +108,10 @@ def parse_args(argv=None):
       "the setting chosen per length in FILE (OUT/base-decoding.json of `eval.py base-decoding`: remasking, block "
       "length, EOS handling; its chosen_adaptive for speed's threshold / factor rows); default: --remasking, one "
       "block. The guided methods keep --remasking and one block")
+    a("--rows-from", metavar="FILE", help="fig6: take the fixed-schedule rows that a speed record (OUT/speed.json) "
+      "sampled with the same checkpoints, seeds, sample count and scoring flags at one of these lengths, instead of "
+      "sampling them again (the same samples bit for bit; refused when other flags differ). scripts/reproduce.sh "
+      "passes it: fig6 at L = 128 repeats speed's rows")
     a("--fig6-num", type=int, help="base-decoding: samples per point of the fig6 run whose reference programs the "
       "selection set must avoid (default: the preset's generation samples)")
     a("--selection-split", choices=["auto", "val", "train"], default="auto", help="base-decoding: real programs "
@@ -207,6 +215,11 @@ def check_numbers(parser, args):
         parser.error("--keep takes one bare K (every length) at most; name the others as L=K")
     if args.timing_repeats is not None and args.timing_repeats < 0:
         parser.error(f"--timing-repeats must be >= 0 (0 = no timing pass), got {args.timing_repeats}")
+    if args.timing_only and args.command != "speed":
+        parser.error(f"--timing-only times the rows of a speed record; eval.py {args.command} has no timing pass")
+    if args.timing_only and args.timing_repeats == 0:
+        parser.error("--timing-only with --timing-repeats 0 would time nothing: give --timing-repeats >= 1 (or leave "
+                     "it out: the preset's 5)")
     if args.bootstrap is not None and args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0 (0 = no intervals), got {args.bootstrap}")
     if args.threads < 0:

@@ -77,16 +77,59 @@ def method_sampler(ctx, method, length, steps, temp, prior=None, cond_prior=None
     return run
 
 
-def sweep(ctx, label, length, make_sampler, steps_list, reference_features):
-    """Rows {"method", "steps", "nfe", metrics...} of one method over the NFE grid (rank 0; None elsewhere)."""
+def sweep(ctx, label, length, make_sampler, steps_list, reference_features, reused=None):
+    """Rows {"method", "steps", "nfe", metrics...} of one method over the NFE grid (rank 0; None elsewhere);
+    reused: {steps: row} already sampled and scored by another record (reused_rows), taken as they are."""
     rows = []
     for steps in steps_list:
+        if steps in (reused or {}):
+            rows.append(reused[steps])
+            continue
         texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, make_sampler(steps),
                                             f"{label} L={length} steps={steps}", with_stats=True)
         if texts is not None:  # nfe: the paper's count (parameter ratio); nfe_flops: ours; wall-clock beside
             rows.append({"method": label, "steps": steps, "nfe": nfe, **stats,
                          **score_texts(ctx, texts, reference_features), "examples": texts[:2]})
     return rows
+
+
+# Flags that change no fixed-schedule generation row (or that reused_rows compares per method): a --rows-from record
+# may differ from this run in these; any other difference refuses the reuse
+ROW_FREE_FLAGS = {"command", "name", "out", "overwrite", "threads", "lengths", "length", "nfe", "nfe_grid",
+                  "thresholds", "factors", "caches", "cache_block_length", "methods", "guided_max_nfe",
+                  "timing_repeats", "timing_batch", "timing_only", "rows_from", "base_equal", "base", "prior",
+                  "cond_prior", "length_priors", "length_cond_priors", "func"}
+ROW_CHECKPOINTS = {"base": ("base",), "conthendisc": ("prior",), "conwithindisc": ("prior", "cond_prior")}
+SPEED_ONLY_KEYS = ("decoding", "tokens_per_step", "setting", "timing")
+
+
+def reused_rows(ctx, length, folders):
+    """--rows-from FILE (a speed record): {method: {steps: row}} of its fixed-schedule rows at this length whose
+    samples are the ones this run would draw: the same flags but for ROW_FREE_FLAGS, the same sample count, and
+    for each method the same checkpoints (folders: {"base", "prior", "cond_prior"} of this length). The rows are
+    bit for bit what sweep would make (same seeds per batch, same reference programs): fig6 samples the rest."""
+    if not ctx.args.rows_from:
+        return {}
+    from infra.atomic import read_json
+    fix = "drop --rows-from, or give the speed record of a run with these checkpoints and flags"
+    record = read_json(ctx.args.rows_from, fix)
+    results = record.get("results") or {}
+    if record.get("experiment") is None or "rows" not in results or "length" not in results:
+        raise SystemExit(f"--rows-from {ctx.args.rows_from}: not a speed record (eval.py speed): {fix}")
+    earlier, now = record.get("settings", {}), vars(ctx.args)
+    changed = sorted(k for k in set(now) | set(earlier) if k not in ROW_FREE_FLAGS and earlier.get(k) != now.get(k))
+    if changed or results.get("num_samples") != ctx.gen_num:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed) or f"--num ({results.get('num_samples')} there)"
+        raise SystemExit(f"--rows-from {ctx.args.rows_from}: sampled with other flags ({flags}): {fix}")
+    if results["length"] != length:
+        return {}
+    out = {}
+    for row in results["rows"]:
+        method = row["method"]
+        same = method in ROW_CHECKPOINTS and all(earlier.get(f) == folders.get(f) for f in ROW_CHECKPOINTS[method])
+        if row["decoding"] == "fixed" and same:
+            out.setdefault(method, {})[row["steps"]] = {k: v for k, v in row.items() if k not in SPEED_ONLY_KEYS}
+    return out
 
 
 def replicate_value(row, key, b=None):
@@ -266,22 +309,31 @@ def run_fig6(ctx):
         if not guided_steps:
             raise SystemExit(f"eval.py fig6: --guided-max-nfe {ctx.args.guided_max_nfe} is below the smallest NFE of "
                              f"the grid ({steps_list[0]}): raise it or extend --nfe down to it")
+        reused = reused_rows(ctx, length, {"base": ctx.args.base, "prior": per_length.get(length, ctx.args.prior),
+                                           "cond_prior": cond_folder})
         rows = []
         for method, kwargs in methods:
             rows += sweep(ctx, method, length, lambda s, m=method, k=kwargs: method_sampler(ctx, m, length, s, temp, **k),
-                          steps_list if method in BASES else guided_steps, reference_features)
+                          steps_list if method in BASES else guided_steps, reference_features, reused.get(method))
         if ctx.env.is_main:
             entry = {"rows": rows, "real": ceiling, "speedup": speedups(rows, length),
                      "keep": register_keep(ctx, length), "registers_read": register_keep(ctx, length) or
                      prior.num_registers, "curves": curve_match(rows, length)}
             if guided_steps != steps_list:
                 entry["guided_max_nfe"] = max(guided_steps)
+            if reused:
+                entry["rows_from"] = {"record": str(ctx.args.rows_from),
+                                      "rows": {m: sorted(by_steps) for m, by_steps in reused.items()}}
             text = speedup_text(entry["speedup"], length)
             if entry["curves"]:
                 text += "\n\n" + match.rule_text(entry["curves"]) + "\n\n" + match.curves_text(entry["curves"])
             if guided_steps != steps_list:
                 text += (f"\n\nThe guided methods were swept up to NFE {max(guided_steps)} (--guided-max-nfe); a match "
                          f"above it is not measured here.")
+            if reused:
+                text += (f"\n\nRows taken from {ctx.args.rows_from} (--rows-from; the same samples, not drawn again): "
+                         + "; ".join(f"{m} at NFE steps {', '.join(map(str, sorted(by_steps)))}"
+                                     for m, by_steps in reused.items()) + ".")
             if ctx.args.base_equal:  # the second reference: the same speedups against the equal-budget base
                 entry["speedup_equal_budget"] = speedups(rows, length, "base-equal")
                 text += "\n\n" + speedup_text(entry["speedup_equal_budget"], length)

@@ -42,13 +42,17 @@ THRESHOLDS = [0.5, 0.7, 0.9, 0.99]
 FACTORS = [1.0]
 
 
-def decodings(ctx, length):
-    """(label, steps, mdm.Decoding) of each row of a method: the fixed schedule over the grid, then the rules."""
-    settings = [("fixed", steps, sampler_decoding(ctx)) for steps in nfe_grid(ctx, length, kind="fine")]
+def decodings(ctx, length, method="base"):
+    """(label, steps, mdm.Decoding) of each row of a method: the fixed schedule over the grid (a guided method's
+    only up to --guided-max-nfe), then the rules (--thresholds / --factors given with no value: none)."""
+    grid = nfe_grid(ctx, length, kind="fine")
+    if method != "base":
+        grid = [steps for steps in grid if steps <= (ctx.args.guided_max_nfe or length)]
+    settings = [("fixed", steps, sampler_decoding(ctx)) for steps in grid]
     settings += [(f"threshold {tau}", length, sampler_decoding(ctx, rule="threshold", threshold=tau))
-                 for tau in (ctx.args.thresholds or THRESHOLDS)]
+                 for tau in (THRESHOLDS if ctx.args.thresholds is None else ctx.args.thresholds)]
     settings += [(f"factor {f}", length, sampler_decoding(ctx, rule="factor", factor=f))
-                 for f in (ctx.args.factors or FACTORS)]
+                 for f in (FACTORS if ctx.args.factors is None else ctx.args.factors)]
     return settings
 
 
@@ -71,28 +75,67 @@ def cache_rows(ctx, length):
              sampler_decoding(ctx, cache=mode), setting) for mode in ["none", *ctx.args.caches]]
 
 
-def quality_rows(ctx, methods, length, temp, reference_features):
-    """Pass 1: the scored rows and, beside each, its sampler (for the timing pass); rank 0 (empty elsewhere)."""
-    settings = [(*row, None) for row in decodings(ctx, length)]  # None: the method's own setting
-    rows, samplers = [], []
+def row_plan(ctx, methods, length, temp):
+    """(method, decoding label, steps, base setting or None, sampler) of every row, in the record's order."""
+    plan = []
     for method, kwargs in methods:
+        settings = [(*row, None) for row in decodings(ctx, length, method)]  # None: the method's own setting
         for label, steps, decoding, setting in settings + (cache_rows(ctx, length) if method == "base" else []):
             if setting is not None:  # a cache row: the base in semi-AR blocks
                 sampler = base_sampler(ctx, setting, length, steps, temp, decoding)
             else:
                 sampler = method_sampler(ctx, method, length, steps, temp, decoding=decoding, **kwargs)
-            texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, sampler, f"{method} {label} L={length}",
-                                                with_stats=True)
-            if texts is None:
-                continue
-            row = {"method": method, "decoding": label, "steps": steps, "nfe": nfe, **stats,
-                   "tokens_per_step": length / max(stats["demasker_calls"], 1e-9),
-                   **score_texts(ctx, texts, reference_features), "examples": texts[:2]}
-            if method == "base":
-                row["setting"] = setting or base_setting(ctx, length, decoding.rule != "fixed")
-            rows.append(row)
-            samplers.append(sampler)
-    return rows, samplers
+                setting = base_setting(ctx, length, decoding.rule != "fixed") if method == "base" else None
+            plan.append((method, label, steps, setting, sampler))
+    return plan
+
+
+def quality_rows(ctx, plan, length, reference_features):
+    """Pass 1: every planned row sampled and scored; rank 0 (empty elsewhere)."""
+    rows = []
+    for method, label, steps, setting, sampler in plan:
+        texts, nfe, stats = sharded_samples(ctx, ctx.gen_num, sampler, f"{method} {label} L={length}",
+                                            with_stats=True)
+        if texts is None:
+            continue
+        row = {"method": method, "decoding": label, "steps": steps, "nfe": nfe, **stats,
+               "tokens_per_step": length / max(stats["demasker_calls"], 1e-9),
+               **score_texts(ctx, texts, reference_features), "examples": texts[:2]}
+        if setting is not None:
+            row["setting"] = setting
+        rows.append(row)
+    return rows
+
+
+# Flags that change neither the rows nor their samples: a --timing-only run may differ from the quality pass in these
+TIMING_ONLY_FREE = ("timing_only", "timing_repeats", "timing_batch", "threads", "overwrite")
+
+
+def quality_record(ctx, plan):
+    """--timing-only: the record OUT/NAME.json of a speed quality pass with the same flags and the same rows."""
+    from pathlib import Path
+
+    from infra.atomic import read_json
+    path = Path(ctx.args.out) / f"{ctx.args.name or 'speed'}.json"
+    fix = "run the same command without --timing-only (with --timing-repeats 0) first"
+    if not path.is_file():
+        raise SystemExit(f"eval.py speed --timing-only: no quality record {path} to time: {fix}")
+    record = read_json(path, fix)
+    if record.get("experiment") != (ctx.args.name or "speed") or "rows" not in (record.get("results") or {}):
+        raise SystemExit(f"eval.py speed --timing-only: {path} is not a speed record: {fix}")
+    earlier, now = record.get("settings", {}), vars(ctx.args)
+    changed = sorted(k for k in now if k not in TIMING_ONLY_FREE and k != "func" and earlier.get(k) != now[k])
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} ({earlier.get(k)!r} there, {now[k]!r} here)" for k in changed)
+        raise SystemExit(f"eval.py speed --timing-only: {path} was sampled with other flags: {flags}; time it "
+                         f"with the quality pass's flags, or {fix}")
+    rows = record["results"]["rows"]
+    planned = [(method, label, steps) for method, label, steps, *_ in plan]
+    recorded = [(r["method"], r["decoding"], r["steps"]) for r in rows]
+    if planned != recorded:
+        raise SystemExit(f"eval.py speed --timing-only: {path} has other rows than these flags make "
+                         f"({len(recorded)} recorded, {len(planned)} planned): {fix}")
+    return record
 
 
 def curve_name(row):
@@ -124,13 +167,19 @@ def run_speed(ctx):
     prior = ctx.prior(ctx.args.prior)
     cond_prior = ctx.prior(ctx.args.cond_prior, "--cond-prior") if ctx.args.cond_prior else None
     temp = temperature(ctx, 1.0)
-    reference_features, ceiling = real_reference(ctx, length, ctx.gen_num)
     methods = [("base", {}), ("conthendisc", {"prior": prior})]
     if cond_prior is not None:
         methods.append(("conwithindisc", {"prior": prior, "cond_prior": cond_prior}))
     if ctx.args.methods is not None:  # a subset (the base is always kept: it is the reference)
         methods = [(m, kw) for m, kw in methods if m == "base" or m in ctx.args.methods]
-    rows, samplers = quality_rows(ctx, methods, length, temp, reference_features)
+    plan = row_plan(ctx, methods, length, temp)
+    samplers = [sampler for *_, sampler in plan]
+    if ctx.args.timing_only:  # the rows of an earlier quality pass (--timing-repeats 0), timed here, alone
+        earlier = quality_record(ctx, plan)
+        rows, ceiling = earlier["results"]["rows"], earlier["results"]["real"]
+    else:
+        reference_features, ceiling = real_reference(ctx, length, ctx.gen_num)
+        rows = quality_rows(ctx, plan, length, reference_features)
     if not ctx.env.is_main:
         return None, None, None
     timing = None
@@ -145,6 +194,8 @@ def run_speed(ctx):
     result = {"length": length, "temperature": temp, "num_samples": ctx.gen_num, "bootstrap": ctx.get("bootstrap"),
               "keep": keep, "registers_read": keep or prior.num_registers, "rows": rows, "real": ceiling,
               "timing": timing, "headline": headline, "matches": point_matches(rows, length)}
+    if ctx.args.timing_only:
+        result["quality_pass"] = {k: earlier.get(k) for k in ("command", "created", "git_commit")}
     text = "\n\n".join([ceiling_text(ceiling), timing_text(timing),
                         match.rule_text(headline) if headline else "No base MDM rows: no reference.",
                         rows_table(rows), match.curves_text(headline) if headline else "",

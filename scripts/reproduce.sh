@@ -55,14 +55,14 @@ EVAL_PRESET=$PRESET
 export PYTHONUNBUFFERED=1
 case $PRESET in  # AE_STEPS, PRIOR_STEPS, SCORER_STEPS, NUM override the preset's budget (smoke tests)
   tiny)  L=128; VOCAB=2048; AE_STEPS=2000; FT_STEPS=1000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
-         GUIDED_MAX_NFE=64; THRESHOLDS="0.5 0.7 0.9"; CADD_NFE="8 32 64"
+         GUIDED_MAX_NFE=64; THRESHOLDS="0.9"; CADD_NFE="8 32 64"
          MODEL=(); PRIOR_MODEL=(); SCORER=(--preset tiny); EVAL_NUM=() ;;
   small) L=256; VOCAB=4096; AE_STEPS=4000; FT_STEPS=4000; PRIOR_STEPS=4000; BATCH=64; THREADS=0
          GUIDED_MAX_NFE=$L; THRESHOLDS="0.5 0.7 0.9 0.99"; CADD_NFE="8 32 $L"
          MODEL=(--encoder-width 256 --encoder-layers 4 --demasker-width 256 --demasker-layers 4)
          PRIOR_MODEL=(--hidden-size 256 --depth 4 --num-heads 4); SCORER=(--preset small); EVAL_NUM=() ;;
   ratio) L=128; VOCAB=2048; AE_STEPS=2000; FT_STEPS=1000; PRIOR_STEPS=2000; BATCH=32; THREADS=1
-         GUIDED_MAX_NFE=64; THRESHOLDS="0.5 0.7 0.9"; CADD_NFE="8 32 64"
+         GUIDED_MAX_NFE=64; THRESHOLDS="0.9"; CADD_NFE="8 32 64"
          MODEL=(--encoder-width 32 --encoder-layers 2 --demasker-width 128 --demasker-layers 4)
          PRIOR_MODEL=(--hidden-size 40 --depth 2 --num-heads 2); SCORER=(--preset tiny); EVAL_NUM=(--num 64)
          ALL_EVALS="base-decoding speed"; ABLATIONS=0; EVAL_PRESET=tiny ;;
@@ -104,6 +104,8 @@ log_to() { local log=$1; shift; "$@" > "$log" 2>&1; }
 
 # The evaluations (stage 4; marginal-trap and base-decoding start earlier, on cores that training leaves free)
 R=$OUT/results
+# the timing passes run alone: on CPU both cores (every row timed with the same threads; the record says how many)
+TIMING_THREADS=${TIMING_THREADS:-$([[ $DEVICE == cpu ]] && echo 2 || echo "$THREADS")}
 SCORER_RUN=${SCORER_RUN:-$OUT/scorer}  # PRESET=ratio can share tiny's: SCORER_RUN=runs/tiny/scorer
 runs=(--ae "$OUT/ae" --base "$OUT/base" --scorer "$SCORER_RUN" --data "$DATA" --out "$R" --preset $EVAL_PRESET
       --device $DEVICE --threads $THREADS "${EVAL_NUM[@]}")  # 1 thread per lane on CPU: 2 each is 3x slower
@@ -114,7 +116,7 @@ declare -A extra=(  # flags given later than runs / priors replace theirs (argpa
   [marginal-trap]="--trap-conditionings frozen hmu xt"  # every conditioning the paper names (docs/conditioning.md)
   [base-decoding]="--num ${SELECT_NUM:-64}"
   [fig6]="--base-decoding $R/base-decoding.json --base-equal $OUT/base_equal --guided-max-nfe $GUIDED_MAX_NFE"
-  [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $SPEED_NFE --thresholds $THRESHOLDS"
+  [speed]="--base-decoding $R/base-decoding.json --length $L --nfe $SPEED_NFE --thresholds $THRESHOLDS --guided-max-nfe $GUIDED_MAX_NFE"
   [fig11]="--prior-no-offsets $OUT/prior_no_offsets --num ${FIG11_NUM:-64}"
   [cadd]="--cadd-run $OUT/cadd --base-decoding $R/base-decoding.json --lengths $L --nfe $CADD_NFE --num ${CADD_NUM:-128} --cadd-trap"
   # h_phi against h_mu (docs/conditioning.md): ConWithinDisc with the jointly trained conditioning encoder beside
@@ -124,7 +126,8 @@ declare -A extra=(  # flags given later than runs / priors replace theirs (argpa
   # App. H (docs/beyond.md): prompts with the prompted prior and its fine-tuned demasker; infilling with cprior
   [prompt]="--ae $OUT/prompted/ae --prompted-prior $OUT/prompted --pairs $OUT/pairs --length $L --nfe 8 32 --num ${PROMPT_NUM:-48}"
   # the approximate key/value cache: the base at NFE = L in blocks of 32, without / with the prefix and dual caches
-  [speed-cache]="--base-decoding $R/base-decoding.json --length $L --nfe $L --thresholds 0.9 --methods --caches prefix dual"
+  # (beside the reference, the base's chosen setting at NFE = L; no adaptive rows: speed has them)
+  [speed-cache]="--base-decoding $R/base-decoding.json --length $L --nfe $L --thresholds --factors --methods --caches prefix dual"
 )
 wants() { [[ " $EVALS " == *" $1 "* ]]; }
 evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each logged; skip those already written;
@@ -134,6 +137,11 @@ evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each log
     wants "$experiment" || continue
     local command=${subcommand[$experiment]:-$experiment}
     if [[ -f $R/$experiment.json && -z ${REDO_EVALS:-} ]]; then echo "$experiment: $R/$experiment.json exists, reused"; continue; fi
+    local quality_only=()  # speed's rows are sampled here, beside the other lane; timed later, alone (time_alone)
+    [[ $command == speed ]] && quality_only=(--timing-repeats 0)
+    # fig6 at L takes the rows speed sampled there (eval.py fig6 --rows-from: the same samples, not drawn again);
+    # scripts/reproduce.sh runs speed before fig6 in one lane
+    [[ $command == fig6 && -f $R/speed.json && ! -f $R/speed.failed ]] && quality_only=(--rows-from "$R/speed.json")
     if [[ $command == fig6 || $command == speed || $command == cadd ]] && wants base-decoding; then  # its choice
       until [[ -f $R/base-decoding.json || -f $R/base-decoding.failed ]]; do sleep 5; done
     fi
@@ -141,7 +149,7 @@ evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each log
     rm -f "$R/$experiment.failed"
     # shellcheck disable=SC2086
     python eval.py "$command" --name "$experiment" ${REDO_EVALS:+--overwrite} "${runs[@]}" "${priors[@]}" ${extra[$experiment]:-} \
-      > "$OUT/eval_$experiment.log" 2>&1 \
+      "${quality_only[@]}" > "$OUT/eval_$experiment.log" 2>&1 \
       || { echo "eval.py $experiment failed: $OUT/eval_$experiment.log"; tail -n 5 "$OUT/eval_$experiment.log"
            touch "$R/$experiment.failed"; failed+=("$experiment"); continue; }
     grep -v '^\s*$' "$OUT/eval_$experiment.log" | tail -n 1
@@ -149,6 +157,22 @@ evaluate() {  # evaluate LANE_NAME experiments...: one after the other, each log
   [[ ${#failed[@]} == 0 ]] || { echo "lane $lane: failed: ${failed[*]}"; return 1; }
 }
 early() { evaluate "$@" || echo "stage 4 runs it again"; }  # an evaluation started beside training never stops it
+timed() { python -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["results"].get("timing") else 1)' "$1"; }
+time_alone() {  # time_alone speed records...: the timing pass of each (eval.py speed --timing-only), one after the
+  local failed=()  # other, alone on the machine: every row of a record timed back to back (experiments/eval_timing.py)
+  for experiment in "$@"; do
+    wants "$experiment" && [[ -f $R/$experiment.json ]] || continue
+    if timed "$R/$experiment.json" && [[ -z ${REDO_EVALS:-} ]]; then echo "$experiment: timed earlier, reused"; continue; fi
+    stage "4.c eval.py $experiment --timing-only"
+    # shellcheck disable=SC2086
+    python eval.py speed --name "$experiment" --timing-only "${runs[@]}" "${priors[@]}" ${extra[$experiment]:-} \
+      --threads "$TIMING_THREADS" > "$OUT/time_$experiment.log" 2>&1 \
+      || { echo "eval.py $experiment --timing-only failed: $OUT/time_$experiment.log"; tail -n 5 "$OUT/time_$experiment.log"
+           failed+=("$experiment"); continue; }
+    grep -v '^\s*$' "$OUT/time_$experiment.log" | tail -n 1
+  done
+  [[ ${#failed[@]} == 0 ]] || { echo "timing: failed: ${failed[*]}"; return 1; }
+}
 
 if has 1; then
   stage "1. data ($DATA)"
@@ -163,6 +187,8 @@ if has 2; then
   background "$OUT/scorer.log" once "$SCORER_RUN" python -m experiments.train_scorer --data "$DATA" --out "$SCORER_RUN" \
     --device $DEVICE --threads $THREADS "${SCORER[@]}"
   has 4 && wants marginal-trap && background "$OUT/lane_trap.log" early 2.trap marginal-trap  # its own models
+  # App. H's prompt/answer pairs (stage 3's prompted prior) on the same free core
+  [[ $ABLATIONS == 1 && ! -f $OUT/pairs/test.jsonl ]] && background "$OUT/pairs.log" python -m dataprep.prompts --out "$OUT/pairs"
   log_to "$OUT/base.log" train "$OUT/base" checkpoint python train_ae.py "${ae[@]}" --out-dir "$OUT/base" --no-registers
   # As in the paper (guided LLaDA fine-tuned from LLaDA-8B-Base), the guided demaskers start from the base
   # MDM's weights (AE_FROM_BASE=0: from scratch, side by side with the base). The equal-budget base continues
@@ -191,7 +217,8 @@ if has 3; then
   [[ $ABLATIONS == 1 ]] && background "$OUT/prior_no_offsets.log" train "$OUT/prior_no_offsets" train_state \
     python train_prior.py "${prior[@]}" --out-dir "$OUT/prior_no_offsets" --no-block-offsets
   has 4 && wants base-decoding && background "$OUT/lane_select.log" early 3.select base-decoding  # base + scorer only
-  log_to "$OUT/cprior.log" train "$OUT/cprior" train_state python train_prior.py "${prior[@]}" --out-dir "$OUT/cprior" --conditional
+  background "$OUT/cprior.log" train "$OUT/cprior" train_state python train_prior.py "${prior[@]}" --out-dir "$OUT/cprior" \
+    --conditional
   if [[ $ABLATIONS == 1 ]]; then
     # App. H: prompt/answer pairs of the corpus (signature + docstring -> body), the prompted prior (Eq. 12) and
     # the guided demasker fine-tuned on prompt + masked answer (docs/beyond.md)
@@ -200,20 +227,21 @@ if has 3; then
       --pairs "$OUT/pairs" --out-dir "$OUT/prompted" --seq-len $L --steps ${PROMPTED_STEPS:-600} \
       --demasker-steps ${PROMPTED_FT_STEPS:-300} --device $DEVICE --threads $THREADS --log-interval 100
     # ConWithinDisc's conditioning encoder trained with the prior (Sec. 4.3.2 comment iii; docs/conditioning.md)
-    log_to "$OUT/cprior_mu.log" train "$OUT/cprior_mu" train_state python train_prior.py "${prior[@]}" \
+    background "$OUT/cprior_mu.log" train "$OUT/cprior_mu" train_state python train_prior.py "${prior[@]}" \
       --out-dir "$OUT/cprior_mu" --conditional --train-cond-encoder
   fi
   wait_all
 fi
 
 if has 4; then
-  # Two lanes side by side, one thread each, balanced by the measured time of each experiment (tiny, 2 cores)
+  # Two lanes side by side, one thread each, balanced by the measured time of each experiment (tiny, 2 cores);
+  # speed's rows are sampled and scored in the lanes, then timed alone on the machine
   rm -f "$R"/*.failed
-  background "$OUT/lane_generation.log" evaluate 4.a base-decoding fig6 fig6-hmu fig11 fig4 fig7 fig9 prdc
-  log_to "$OUT/lane_other.log" evaluate 4.b table1 table2 fig8 cadd consistency consistency-hmu prompt marginal-trap
+  background "$OUT/lane_generation.log" evaluate 4.a base-decoding speed fig6 fig6-hmu
+  log_to "$OUT/lane_other.log" evaluate 4.b speed-cache table1 table2 fig8 cadd consistency consistency-hmu prompt fig11 \
+    fig4 fig7 fig9 prdc marginal-trap
   wait_all
-  # speed alone on the machine: its timing pass times every row back to back (experiments/eval_timing.py)
-  log_to "$OUT/lane_speed.log" evaluate 4.c speed speed-cache
+  log_to "$OUT/lane_timing.log" time_alone speed speed-cache
   cat "$OUT"/lane_*.log
 fi
 

@@ -519,6 +519,65 @@ def test_speed_times_every_row_apart_and_reads_the_curves(runs):
     assert quiet["timing"] is None and not any("timing" in r for r in quiet["rows"])
 
 
+def test_speed_timing_only_times_an_earlier_quality_pass(runs):
+    """The quality pass beside other jobs (--timing-repeats 0), the timing pass later, alone (--timing-only): the
+    same rows and scores, each timed, both commands in the record; other flags than the quality pass's refused.
+    --thresholds / --factors alone: no adaptive rows; --guided-max-nfe caps the guided methods' grid."""
+    root, common = runs
+    flags = ["--length", "16", "--nfe", "2", "4", "16", "--thresholds", "--factors", "--methods", "conthendisc",
+             "--guided-max-nfe", "4", "--name", "speed-split"]
+    out = root / "results"
+    E.main(["speed", *common, "--out", str(out), "--overwrite", *flags, "--timing-repeats", "0"])
+    first = json.loads((out / "speed-split.json").read_text())
+    quality, quality_created = first["results"], first["created"]
+    assert [(r["method"], r["decoding"], r["steps"]) for r in quality["rows"]] == \
+        [("base", "fixed", 2), ("base", "fixed", 4), ("base", "fixed", 16), ("conthendisc", "fixed", 2),
+         ("conthendisc", "fixed", 4)]
+    assert quality["timing"] is None
+    E.main(["speed", *common, "--out", str(out), *flags, "--timing-only", "--timing-repeats", "2",
+            "--timing-batch", "2"])
+    saved = json.loads((out / "speed-split.json").read_text())
+    timed = saved["results"]
+    assert timed["timing"]["repeats"] == 2 and all(len(r["timing"]["repeats"]) == 2 for r in timed["rows"])
+    for before, after in zip(quality["rows"], timed["rows"]):
+        assert {k: v for k, v in after.items() if k != "timing"} == before
+    assert timed["headline"]["curves"]["base fixed"]["timed"]
+    assert timed["quality_pass"]["created"] == json.loads(json.dumps(quality_created))
+    changed = [*flags[:-2], "--name", "speed-split", "--seed", "1", "--timing-only"]
+    with pytest.raises(SystemExit, match="--seed"):
+        E.main(["speed", *common, "--out", str(out), *changed])
+    with pytest.raises(SystemExit, match="no quality record"):
+        E.main(["speed", *common, "--out", str(out), *flags[:-2], "--name", "speed-none", "--timing-only"])
+    assert json.loads((out / "speed-split.json").read_text()) == saved  # refusals change nothing
+    with pytest.raises(SystemExit):
+        E.main(["fig6", *common, "--out", str(out), "--timing-only"])
+
+
+def test_fig6_rows_from_a_speed_record_are_the_rows_it_would_sample(runs):
+    """fig6 --rows-from speed.json: the speed record's fixed rows at that length (same checkpoints and flags) are
+    taken, not drawn again, and equal what fig6 samples itself; other flags refuse the reuse."""
+    root, common = runs
+    out = root / "results"
+    E.main(["speed", *common, "--out", str(out), "--overwrite", "--name", "speed-rows", "--length", "16",
+            "--nfe", "4", "16", "--thresholds", "--timing-repeats", "0"])
+    speed = out / "speed-rows.json"
+    fig6 = ["fig6", *common, "--out", str(out), "--overwrite", "--lengths", "16", "--nfe", "4", "16"]
+    drawn = E.main([*fig6, "--name", "fig6-drawn"])["results"]["lengths"]["16"]
+    taken = E.main([*fig6, "--name", "fig6-taken", "--rows-from", str(speed)])["results"]["lengths"]["16"]
+    assert taken["rows_from"]["rows"] == {"base": [4, 16], "conthendisc": [4, 16], "conwithindisc": [4, 16]}
+    timing = ("seconds_per_sample", "bootstrap_seconds")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in drawn["rows"]] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in taken["rows"]]
+    with pytest.raises(SystemExit, match="--seed"):
+        E.main([*fig6, "--name", "fig6-refused", "--rows-from", str(speed), "--seed", "3"])
+    import shutil
+    if not (root / "cprior_copy").exists():
+        shutil.copytree(root / "cprior", root / "cprior_copy")
+    other = E.main([*fig6, "--name", "fig6-other-prior", "--rows-from", str(speed), "--cond-prior",
+                    str(root / "cprior_copy")])  # not the conditional prior speed sampled with: its rows are drawn
+    assert set(other["results"]["lengths"]["16"]["rows_from"]["rows"]) == {"base", "conthendisc"}
+
+
 def test_timing_pass_interleaves_rows_and_pairs_repeats():
     """Repeat r runs every row once, rotated by r, on the seeds of quality batch r; one warm-up round first."""
     import types
