@@ -14,6 +14,7 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (evaluation/metri
                               speedup = NFE_base(L) / the smallest NFE at which a guided method matches the
                               base MDM's quality at NFE = L (MAUVE, Gen-PPL, and both; "matches" below),
                               with the time-to-quality (wall-clock) speedup beside it, each with an interval
+                              (--rows-from OUT/speed.json: speed's fixed rows at a shared length, not drawn again)
   Fig. 9      fig9            PSNR(g(z_t, t), z_0) vs t, unconditional vs conditional prior (r = 0.5)
   App. E      prdc            PRDC (k = 5) per register index, averaged, for both priors' samples
   Fig. 11     fig11           ablations: number of registers K (one prior per K), refresh fraction
@@ -27,7 +28,8 @@ Paper map (arXiv 2603.20210) -> subcommand -> what it measures (evaluation/metri
                               setting per L goes to OUT/base-decoding.json, which fig6 / speed take with
                               --base-decoding (experiments/eval_base.py)
   Sec. 5      speed           quality vs NFE (a fine NFE grid) and wall-clock with fixed, threshold and factor
-                              decoding, then a separate timing pass (experiments/eval_timing.py); the headline
+                              decoding, then a separate timing pass (experiments/eval_timing.py; or later, alone
+                              on the machine: --timing-only on the record of a --timing-repeats 0 run); the headline
                               read on the curves by the matched-quality rule of evaluation/match.py
                               (experiments/eval_speed.py)
   CADD        cadd            beyond the paper (experiments/eval_cadd.py): base MDM vs CADD (per-token latents,

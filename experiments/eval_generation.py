@@ -121,6 +121,10 @@ def reused_rows(ctx, length, folders):
     if changed or results.get("num_samples") != ctx.gen_num:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed) or f"--num ({results.get('num_samples')} there)"
         raise SystemExit(f"--rows-from {ctx.args.rows_from}: sampled with other flags ({flags}): {fix}")
+    stale = newer_than(record.get("created"), [now.get("ae"), now.get("scorer"), *folders.values()])
+    if stale:
+        raise SystemExit(f"--rows-from {ctx.args.rows_from}: {stale} changed after the record was made "
+                         f"({record.get('created')}): {fix}")
     if results["length"] != length:
         return {}
     out = {}
@@ -130,6 +134,20 @@ def reused_rows(ctx, length, folders):
         if row["decoding"] == "fixed" and same:
             out.setdefault(method, {})[row["steps"]] = {k: v for k, v in row.items() if k not in SPEED_ONLY_KEYS}
     return out
+
+
+def newer_than(created, folders):
+    """The first of `folders` holding a file modified after the ISO time `created` (a record's), else None."""
+    import datetime
+    from pathlib import Path
+    if not created:
+        return "(a record without its creation time)"
+    made = datetime.datetime.fromisoformat(created).timestamp() + 1  # the record's time is rounded to seconds
+    for folder in folders:
+        if folder and Path(folder).is_dir() and any(f.stat().st_mtime > made for f in Path(folder).rglob("*")
+                                                    if f.is_file() and not f.name.startswith(".")):
+            return folder
+    return None
 
 
 def replicate_value(row, key, b=None):

@@ -14,7 +14,9 @@ guided methods keep one block (the paper's setting) and read the first --keep re
 Three passes:
 1. quality: every row sampled (--num, sharded over ranks) and scored (MAUVE, Gen-PPL, bootstrap replicates);
 2. timing (experiments/eval_timing.py): every row's sampler timed again, alone, interleaved, --timing-repeats
-   times on one batch: median seconds per sample with [min, max];
+   times on one batch: median seconds per sample with [min, max]. --timing-only runs this pass alone on the rows
+   of the record an earlier run with the same flags wrote with --timing-repeats 0 (quality_record checks it), so
+   that the quality pass can share the machine and the timing pass need not (scripts/reproduce.sh);
 3. matched quality (evaluation/match.py, its rule written in the report before the numbers): one curve per
    method and rule, the speedup read where a curve first reaches the base at NFE = L (its point value),
    interpolated in log NFE, intervals over the bootstrap replicates at level 1 - 0.05/m (Bonferroni over the m

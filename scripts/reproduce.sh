@@ -21,8 +21,11 @@
 #                         conditional prior with a jointly trained h_mu (--train-cond-encoder, docs/conditioning.md);
 #                         experiments/train_prompted.py, the prompted prior of App. H on dataprep/prompts.py's pairs;
 #                         beside them eval.py base-decoding (it needs only the base MDM and the scorer)
-#   4. eval.py            two lanes side by side: fig6 fig6-hmu fig11 fig4 fig7 fig9 prdc | table1 table2 fig8 cadd
-#                         consistency consistency-hmu prompt marginal-trap; then alone (timed): speed speed-cache
+#   4. eval.py            two lanes side by side: speed fig6 fig6-hmu | speed-cache table1 table2 fig8 cadd consistency
+#                         consistency-hmu prompt fig11 fig4 fig7 fig9 prdc marginal-trap (speed and speed-cache
+#                         sampled and scored with --timing-repeats 0; fig6 takes speed's rows at L = 128 with
+#                         --rows-from, the same samples); then alone on the machine, on both cores, the timing passes
+#                         (eval.py speed --timing-only: every row of speed and speed-cache timed back to back)
 #                         -> OUT/results/*.json, *.png, REPORT.md (an experiment that needs base-decoding's choice
 #                         waits for it when another lane runs it). NAME-hmu: the same subcommand with the h_mu
 #                         conditional prior (eval.py --name); speed-cache: the base with the approximate key/value
@@ -35,10 +38,12 @@
 #      base MDM's steps), FT_STEPS_OVERRIDE (each fine-tune's; tiny: 1000, half the base's, for the 60-minute budget),
 #      PRIOR_STEPS_OVERRIDE, SCORER_STEPS, NUM, SELECT_NUM (base-decoding, 64), FIG11_NUM (64), CADD_NUM (128),
 #      PROMPTED_STEPS / PROMPTED_FT_STEPS (the prompted prior's and its demasker fine-tune's, 600 / 300), PROMPT_NUM (48)
-#      shrink the budget (a smoke test of the whole chain: all at a few steps / samples).
-# The tiny preset's evaluation budget: fig6 sweeps the guided methods up to NFE 64 (GUIDED_MAX_NFE); speed runs every
-# method on a fine NFE grid (SPEED_NFE: 1 2 3 4 6 8 12 16 24 32 64 L, the curves of evaluation/match.py) with
-# thresholds 0.5 0.7 0.9, then times every row alone on the machine; CADD is compared at NFE 8 32 64.
+#      shrink the budget (a smoke test of the whole chain: all at a few steps / samples); SPEED_NFE (speed's grid),
+#      TIMING_THREADS (torch threads of the timing passes; CPU: 2, the whole 2-core machine).
+# The tiny preset's evaluation budget: fig6 and speed sweep the guided methods up to NFE 64 (GUIDED_MAX_NFE); speed
+# runs every method on a fine NFE grid (SPEED_NFE: 1 2 3 4 6 8 12 16 24 32 64 L, the curves of evaluation/match.py)
+# with Fast-dLLM's threshold 0.9 and factor 1.0 (small: thresholds 0.5 0.7 0.9 0.99), then times every row alone on
+# the machine; CADD is compared at NFE 8 32 64.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root
 source scripts/env.sh  # the packages: reuse what is importable, else create or reuse .venv

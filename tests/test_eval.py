@@ -570,6 +570,11 @@ def test_fig6_rows_from_a_speed_record_are_the_rows_it_would_sample(runs):
         [{k: v for k, v in r.items() if k not in timing} for r in taken["rows"]]
     with pytest.raises(SystemExit, match="--seed"):
         E.main([*fig6, "--name", "fig6-refused", "--rows-from", str(speed), "--seed", "3"])
+    record = json.loads(speed.read_text())
+    stale = root / "speed-stale.json"
+    stale.write_text(json.dumps({**record, "created": "2020-01-01T00:00:00"}))  # checkpoints trained after it
+    with pytest.raises(SystemExit, match="changed after the record was made"):
+        E.main([*fig6, "--name", "fig6-refused", "--rows-from", str(stale)])
     import shutil
     if not (root / "cprior_copy").exists():
         shutil.copytree(root / "cprior", root / "cprior_copy")
