@@ -327,12 +327,16 @@ def run_fig6(ctx):
         if not guided_steps:
             raise SystemExit(f"eval.py fig6: --guided-max-nfe {ctx.args.guided_max_nfe} is below the smallest NFE of "
                              f"the grid ({steps_list[0]}): raise it or extend --nfe down to it")
-        reused = reused_rows(ctx, length, {"base": ctx.args.base, "prior": per_length.get(length, ctx.args.prior),
-                                           "cond_prior": cond_folder})
+        grids = {method: steps_list if method in BASES else guided_steps for method, _ in methods}
+        available = reused_rows(ctx, length, {"base": ctx.args.base, "prior": per_length.get(length, ctx.args.prior),
+                                              "cond_prior": cond_folder})
+        reused = {m: {s: row for s, row in by_steps.items() if s in grids[m]}  # only the rows this run sweeps
+                  for m, by_steps in available.items() if m in grids}
+        reused = {m: by_steps for m, by_steps in reused.items() if by_steps}
         rows = []
         for method, kwargs in methods:
             rows += sweep(ctx, method, length, lambda s, m=method, k=kwargs: method_sampler(ctx, m, length, s, temp, **k),
-                          steps_list if method in BASES else guided_steps, reference_features, reused.get(method))
+                          grids[method], reference_features, reused.get(method))
         if ctx.env.is_main:
             entry = {"rows": rows, "real": ceiling, "speedup": speedups(rows, length),
                      "keep": register_keep(ctx, length), "registers_read": register_keep(ctx, length) or

@@ -581,6 +581,8 @@ def test_fig6_rows_from_a_speed_record_are_the_rows_it_would_sample(runs):
     other = E.main([*fig6, "--name", "fig6-other-prior", "--rows-from", str(speed), "--cond-prior",
                     str(root / "cprior_copy")])  # not the conditional prior speed sampled with: its rows are drawn
     assert set(other["results"]["lengths"]["16"]["rows_from"]["rows"]) == {"base", "conthendisc"}
+    one = E.main([*fig6, "--name", "fig6-one", "--rows-from", str(speed), "--methods", "conwithindisc"])
+    assert one["results"]["lengths"]["16"]["rows_from"]["rows"] == {"base": [4, 16], "conwithindisc": [4, 16]}
 
 
 def test_timing_pass_interleaves_rows_and_pairs_repeats():
