@@ -8,7 +8,7 @@
 #                                                   (paper: Qwen3-0.6B / LLaDA-8B = 0.074, DiT 409M / 8B = 0.051), so
 #                                                   that a prior draw weighs in NFE what it does in the paper; base,
 #                                                   AE, the two priors, base-decoding and speed only (64 samples
-#                                                   per point: its speed stage alone takes about half an hour)
+#                                                   per point: its stage 4 takes about 25 min on 2 cores)
 #
 # Stages (each reuses a finished run in OUT; delete it to start over):
 #   1. dataprep/data.py            stdlib programs, BPE, memmapped tokens (val/test 10% each)
