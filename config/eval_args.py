@@ -61,7 +61,8 @@ def parse_args(argv=None):
       "confident with (n + 1)(1 - c_(n)) < f), one row each (default: 1.0; speed, the flag alone: no factor rows)")
     a("--caches", nargs="+", choices=["prefix", "dual"], default=[], help="speed: extra base MDM rows at NFE = L "
       "with the approximate key/value cache (extensions/kv_cache.py), for its cost and speed")
-    a("--cache-block-length", type=int, default=32, help="speed: the --caches rows (and an uncached row beside them) "
+    a("--cache-block-length", type=int, default=32, help="speed: the --caches rows (and an uncached row beside them, "
+      "unless the base's chosen setting already uses these blocks) "
       "decode the base MDM with its chosen remasking and EOS handling in semi-autoregressive blocks of this length "
       "(the cache reuses keys / values within a block; Fast-dLLM's blocks are 32), the largest that fits L if not")
     a("--methods", nargs="*", choices=["conthendisc", "conwithindisc"], default=None, help="speed, fig6: only these "

@@ -34,7 +34,7 @@ import math
 
 from evaluation import match
 from evaluation.report import fmt_ci, md_table, panel
-from experiments.eval_base import base_sampler, base_setting
+from experiments.eval_base import base_sampler, base_setting, configuration
 from experiments.eval_context import (nfe_grid, real_reference, register_keep, sampler_decoding, score_texts,
                                       sharded_samples, temperature)
 from experiments.eval_generation import ceiling_text, match_tests, method_sampler, replicate_count, speedup_entry
@@ -68,13 +68,15 @@ def cache_setting(ctx, length):
 
 def cache_rows(ctx, length):
     """With --caches: (label, steps, decoding, base setting) of the base MDM at NFE = L in blocks (cache_setting)
-    without a cache, then with each cache (extensions/kv_cache.py): its quality cost and speed against the same
-    blocks."""
+    without a cache (unless the base's chosen setting already is these blocks: then its fixed row is that row), then
+    with each cache (extensions/kv_cache.py): its quality cost and speed against the same blocks."""
     if not ctx.args.caches:
         return []
     setting = cache_setting(ctx, length)
+    # the base's own setting already in these blocks: its fixed row at NFE = L is the uncached row (not sampled twice)
+    own = configuration(setting) == configuration(base_setting(ctx, length))
     return [(f"fixed, blocks of {setting['block_length']}" + (f", cache {mode}" if mode != "none" else ""), length,
-             sampler_decoding(ctx, cache=mode), setting) for mode in ["none", *ctx.args.caches]]
+             sampler_decoding(ctx, cache=mode), setting) for mode in ([] if own else ["none"]) + ctx.args.caches]
 
 
 def row_plan(ctx, methods, length, temp):

@@ -488,6 +488,19 @@ def test_speed_base_only_with_cached_rows(runs):
     assert {"base fixed", "base blocks", "base cache prefix", "base cache dual"} <= names
 
 
+def test_speed_cache_rows_reuse_the_base_row_when_it_already_runs_in_those_blocks(runs):
+    """The base's chosen setting already in blocks of --cache-block-length: its fixed row at NFE = L is the
+    uncached row, so no 'blocks of' row repeats it; the cache rows keep those blocks."""
+    root, _ = runs
+    chosen = root / "base-decoding-blocks-of-8.json"
+    chosen.write_text(json.dumps({"chosen": {"16": {"remasking": "low_confidence", "block_length": 8,
+                                                    "eos": "as trained"}}}))
+    result = _run(runs, "speed", "--length", "16", "--nfe", "16", "--thresholds", "--factors", "--methods",
+                  "--caches", "dual", "--cache-block-length", "8", "--base-decoding", str(chosen))
+    assert [r["decoding"] for r in result["rows"]] == ["fixed", "fixed, blocks of 8, cache dual"]
+    assert result["rows"][0]["setting"]["block_length"] == result["rows"][1]["setting"]["block_length"] == 8
+
+
 def test_speed_times_every_row_apart_and_reads_the_curves(runs):
     """speed: the fine NFE grid by default (6 steps: 3 over 2 blocks of 8 for the chosen semi-AR base), a timing
     pass after the quality rows (every row --timing-repeats times), the curve rule (evaluation/match.py) as the
