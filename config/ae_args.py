@@ -176,11 +176,8 @@ def parse_args(argv=None):
         p.error("set --max-steps or --epochs")
     check_numbers(p, args)
     if saved is not None:
-        differences = guards.resume_differences(saved, vars(args), RESUME_MUTABLE)
-        try:
-            guards.refuse_changed_flags(differences, Path(args.out_dir) / CHECKPOINT, RESUME_MUTABLE[2:])
-        except ValueError as error:
-            p.error(str(error))
+        guards.refuse_changed_resume_flags(p, saved, args, RESUME_MUTABLE, Path(args.out_dir) / CHECKPOINT,
+                                           RESUME_MUTABLE[2:])
     return args
 
 

@@ -118,11 +118,7 @@ def parse_args(argv=None):
         p.error("--train-cond-encoder needs --conditional")
     check_numbers(p, args)
     if saved is not None:
-        try:
-            guards.refuse_changed_flags(guards.resume_differences(saved, vars(args), RESUME_MUTABLE),
-                                        Path(args.out_dir), RESUME_MUTABLE[2:])
-        except ValueError as error:
-            p.error(str(error))
+        guards.refuse_changed_resume_flags(p, saved, args, RESUME_MUTABLE, Path(args.out_dir), RESUME_MUTABLE[2:])
     return args
 
 

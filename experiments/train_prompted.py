@@ -354,11 +354,7 @@ def parse_args(argv=None):
     args.kappa_registers = args.kappa_registers or args.num_registers
     args.encoder_seq_len = args.encoder_seq_len or args.seq_len
     if saved is not None:
-        try:
-            guards.refuse_changed_flags(guards.resume_differences(saved, vars(args), RESUME_MUTABLE),
-                                        Path(args.out_dir), RESUME_MUTABLE[4:])
-        except ValueError as error:
-            p.error(str(error))
+        guards.refuse_changed_resume_flags(p, saved, args, RESUME_MUTABLE, Path(args.out_dir), RESUME_MUTABLE[4:])
     return args
 
 

@@ -193,6 +193,15 @@ def refuse_changed_flags(differences, where, mutable):
     raise ValueError("\n".join(lines))
 
 
+def refuse_changed_resume_flags(parser, saved, args, mutable, where, listed):
+    """A CLI's --resume check: parser.error with refuse_changed_flags' message when a flag outside `mutable`
+    differs from the saved run's args (resume_differences); `listed`: the mutable flags the message names."""
+    try:
+        refuse_changed_flags(resume_differences(saved, vars(args), mutable), where, listed)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 # ------------------------------------------------------------------------------------------------
 # Extras that must never fail a save
 # ------------------------------------------------------------------------------------------------
