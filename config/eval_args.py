@@ -7,6 +7,7 @@ message naming the flag (exit status 2) before any checkpoint is loaded.
 
 import argparse
 import re
+from pathlib import Path
 
 import torch
 
@@ -181,7 +182,18 @@ def parse_args(argv=None):
         commands.add_parser(name, parents=[common], help=title, description=title)
     args = parser.parse_args(argv)
     check_numbers(parser, args)
+    check_input_files(parser, args)
     return args
+
+
+def check_input_files(parser, args):
+    """The JSON records a flag reads (--base-decoding, --rows-from) must be files, checked before any work."""
+    made_by = {"base_decoding": "`python eval.py base-decoding ... --out OUT` writes OUT/base-decoding.json",
+               "rows_from": "`python eval.py speed ... --out OUT` writes OUT/speed.json"}
+    for name, how in made_by.items():
+        path = getattr(args, name)
+        if path and not Path(path).is_file():
+            parser.error(f"--{name.replace('_', '-')} {path}: no such file ({how})")
 
 
 def keep_arg(text):

@@ -111,13 +111,14 @@ def reused_rows(ctx, length, folders):
     if not ctx.args.rows_from:
         return {}
     from infra.atomic import read_json
+    from infra.guards import resume_differences
     fix = "drop --rows-from, or give the speed record of a run with these checkpoints and flags"
-    record = read_json(ctx.args.rows_from, fix)
+    record = ctx.cached(("rows_from", ctx.args.rows_from), lambda: read_json(ctx.args.rows_from, fix))  # per length
     results = record.get("results") or {}
     if record.get("experiment") is None or "rows" not in results or "length" not in results:
         raise SystemExit(f"--rows-from {ctx.args.rows_from}: not a speed record (eval.py speed): {fix}")
-    earlier, now = record.get("settings", {}), vars(ctx.args)
-    changed = sorted(k for k in set(now) | set(earlier) if k not in ROW_FREE_FLAGS and earlier.get(k) != now.get(k))
+    earlier, now = record.get("settings", {}), vars(ctx.args)  # a flag the record lacks counts as None
+    changed = [k for k, _, _ in resume_differences({k: earlier.get(k) for k in now}, now, ROW_FREE_FLAGS)]
     if changed or results.get("num_samples") != ctx.gen_num:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed) or f"--num ({results.get('num_samples')} there)"
         raise SystemExit(f"--rows-from {ctx.args.rows_from}: sampled with other flags ({flags}): {fix}")

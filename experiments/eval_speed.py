@@ -120,6 +120,7 @@ def quality_record(ctx, plan):
     from pathlib import Path
 
     from infra.atomic import read_json
+    from infra.guards import resume_differences
     path = Path(ctx.args.out) / f"{ctx.args.name or 'speed'}.json"
     fix = "run the same command without --timing-only (with --timing-repeats 0) first"
     if not path.is_file():
@@ -127,10 +128,10 @@ def quality_record(ctx, plan):
     record = read_json(path, fix)
     if record.get("experiment") != (ctx.args.name or "speed") or "rows" not in (record.get("results") or {}):
         raise SystemExit(f"eval.py speed --timing-only: {path} is not a speed record: {fix}")
-    earlier, now = record.get("settings", {}), vars(ctx.args)
-    changed = sorted(k for k in now if k not in TIMING_ONLY_FREE and k != "func" and earlier.get(k) != now[k])
+    earlier, now = record.get("settings", {}), vars(ctx.args)  # a flag the record lacks counts as None
+    changed = resume_differences({k: earlier.get(k) for k in now}, now, (*TIMING_ONLY_FREE, "func"))
     if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} ({earlier.get(k)!r} there, {now[k]!r} here)" for k in changed)
+        flags = ", ".join(f"--{k.replace('_', '-')} ({old!r} there, {new!r} here)" for k, old, new in changed)
         raise SystemExit(f"eval.py speed --timing-only: {path} was sampled with other flags: {flags}; time it "
                          f"with the quality pass's flags, or {fix}")
     rows = record["results"]["rows"]

@@ -126,7 +126,8 @@ def resume_differences(saved, current, mutable):
 
 
 def _normal(value):
-    return list(value) if isinstance(value, tuple) else value
+    """A value as its JSON record reads back: tuples (at any depth) as lists."""
+    return [_normal(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)

@@ -538,7 +538,7 @@ def test_speed_timing_only_times_an_earlier_quality_pass(runs):
     --thresholds / --factors alone: no adaptive rows; --guided-max-nfe caps the guided methods' grid."""
     root, common = runs
     flags = ["--length", "16", "--nfe", "2", "4", "16", "--thresholds", "--factors", "--methods", "conthendisc",
-             "--guided-max-nfe", "4", "--name", "speed-split"]
+             "--guided-max-nfe", "4", "--keep", "2", "--name", "speed-split"]  # --keep: tuples, lists in JSON
     out = root / "results"
     E.main(["speed", *common, "--out", str(out), "--overwrite", *flags, "--timing-repeats", "0"])
     first = json.loads((out / "speed-split.json").read_text())
@@ -566,6 +566,14 @@ def test_speed_timing_only_times_an_earlier_quality_pass(runs):
         E.main(["fig6", *common, "--out", str(out), "--timing-only"])
 
 
+@pytest.mark.parametrize("flag", ["--rows-from", "--base-decoding"])
+def test_a_missing_record_flag_is_refused_before_any_work(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit):
+        E.parse_args(["fig6", flag, str(tmp_path / "absent.json"), "--out", str(tmp_path / "out")])
+    assert f"{flag} {tmp_path / 'absent.json'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_fig6_rows_from_a_speed_record_are_the_rows_it_would_sample(runs):
     """fig6 --rows-from speed.json: the speed record's fixed rows at that length (same checkpoints and flags) are
     taken, not drawn again, and equal what fig6 samples itself; other flags refuse the reuse."""
@@ -577,6 +585,11 @@ def test_fig6_rows_from_a_speed_record_are_the_rows_it_would_sample(runs):
     fig6 = ["fig6", *common, "--out", str(out), "--overwrite", "--lengths", "16", "--nfe", "4", "16"]
     drawn = E.main([*fig6, "--name", "fig6-drawn"])["results"]["lengths"]["16"]
     taken = E.main([*fig6, "--name", "fig6-taken", "--rows-from", str(speed)])["results"]["lengths"]["16"]
+    keep = ["--keep", "2", "--nfe", "16", "--methods", "conthendisc"]  # tuples in args, lists in the record
+    E.main(["speed", *common, "--out", str(out), "--overwrite", "--name", "speed-keep", "--length", "16",
+            "--thresholds", "--factors", "--timing-repeats", "0", *keep])
+    kept = E.main([*fig6, "--name", "fig6-keep", "--rows-from", str(out / "speed-keep.json"), *keep])
+    assert kept["results"]["lengths"]["16"]["rows_from"]["rows"] == {"base": [16], "conthendisc": [16]}
     assert taken["rows_from"]["rows"] == {"base": [4, 16], "conthendisc": [4, 16], "conwithindisc": [4, 16]}
     timing = ("seconds_per_sample", "bootstrap_seconds")
     assert [{k: v for k, v in r.items() if k not in timing} for r in drawn["rows"]] == \
